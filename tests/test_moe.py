@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from pregate.errors import PregateError
+from pregate.moe import MoEForCausalLM, Routing, RoutingPlan, Segment, build_moe_from_dense, load_moe, save_moe
+from tests.conftest import tiny_hf_model
+
+
+def partition(num_channels: int, num_experts: int, shared: int, seed: int = 0):
+    """Random disjoint shared + routed channel sets covering every channel (uneven expert widths)."""
+    perm = torch.randperm(num_channels, generator=torch.Generator().manual_seed(seed))
+    rest = perm[shared:]
+    cuts = sorted(torch.randint(1, len(rest), (num_experts - 1,), generator=torch.Generator().manual_seed(seed + 1)).tolist())
+    return perm[:shared], list(torch.tensor_split(rest, cuts))
+
+
+def build(hf, num_experts=3, shared=20, seed=0):
+    n, i = hf.config.num_hidden_layers, hf.config.intermediate_size
+    parts = [partition(i, num_experts, shared, seed + l) for l in range(n)]
+    return build_moe_from_dense(hf, [p[0] for p in parts], [p[1] for p in parts])
+
+
+def test_full_remain_rate_equals_dense(hf_model):
+    # remain_rate = 1.0: every domain keeps every channel, so shared = all and routed experts are empty
+    n, i = hf_model.config.num_hidden_layers, hf_model.config.intermediate_size
+    empty = torch.zeros(0, dtype=torch.long)
+    moe = build_moe_from_dense(hf_model, [torch.arange(i)] * n, [[empty] * 4 for _ in range(n)])
+    ids = torch.randint(0, 97, (2, 11))
+    routing = Routing.top1(torch.randint(0, 4, (22,)))
+    torch.testing.assert_close(moe(ids, routing), hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_covering_every_channel_equal_dense(hf_model):
+    moe = build(hf_model)
+    ids = torch.randint(0, 97, (2, 13))
+    out = moe(ids, Routing.all_experts(ids.numel(), 3))
+    torch.testing.assert_close(out, hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_single_expert_routing_differs_from_dense():
+    hf = tiny_hf_model()
+    moe = build(hf)
+    ids = torch.randint(0, 97, (1, 9))
+    out = moe(ids, Routing.top1(torch.zeros(9, dtype=torch.long)))
+    assert not torch.allclose(out, hf(ids).logits, atol=1e-3)
+
+
+def test_grouped_path_equals_per_token_loop():
+    hf = tiny_hf_model(seed=3)
+    moe = build(hf, num_experts=4)
+    mlp = moe.layers[1].mlp
+    x = torch.randn(17, 48)
+    ids = torch.randint(0, 4, (17, 2))
+    ids[:, 1] = (ids[:, 0] + 1 + torch.randint(0, 3, (17,))) % 4  # two distinct experts per token
+    w = torch.rand(17, 2)
+    got = mlp(x, RoutingPlan(Routing(ids, w), 4))
+    for t in range(17):
+        want = mlp.down_proj(mlp.act(mlp.gate_proj(x[t])) * mlp.up_proj(x[t]))
+        for k in range(2):
+            e = int(ids[t, k])
+            want = want + w[t, k] * (mlp.expert(e, x[t : t + 1])[0] @ mlp.w_down[e].T)
+        torch.testing.assert_close(got[t], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_cached_decode_equals_full_recompute(model_type):
+    hf = tiny_hf_model(model_type, seed=1)
+    moe = build(hf)
+    ids = torch.randint(0, 97, (1, 14))
+    experts = torch.randint(0, 3, (14,))
+    full = moe(ids, Routing.top1(experts))[0]
+    cache = moe.new_cache(capacity=4)  # small capacity: growth is exercised too
+    pieces, start = [], 0
+    for n in (5, 3, 1, 1, 2, 1, 1):  # a prompt in chunks, then single decode tokens
+        seg = [Segment(n, cache)]
+        pieces.append(moe.forward_packed(ids[0, start : start + n], seg, Routing.top1(experts[start : start + n])))
+        start += n
+    torch.testing.assert_close(torch.cat(pieces), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 14
+
+
+def test_packed_sequences_equal_separate_runs():
+    hf = tiny_hf_model(seed=2)
+    moe = build(hf)
+    a, b = torch.randint(0, 97, (7,)), torch.randint(0, 97, (4,))
+    ea, eb = torch.randint(0, 3, (7,)), torch.randint(0, 3, (4,))
+    ca, cb = moe.new_cache(), moe.new_cache()
+    moe.forward_packed(a[:5], [Segment(5, ca)], Routing.top1(ea[:5]))
+    # one step packs a's 2 remaining tokens (with past) and all of b (no past)
+    packed = moe.forward_packed(torch.cat([a[5:], b]), [Segment(2, ca), Segment(4, cb)], Routing.top1(torch.cat([ea[5:], eb])))
+    torch.testing.assert_close(packed[:2], moe(a[None], Routing.top1(ea))[0, 5:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[2:], moe(b[None], Routing.top1(eb))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_roundtrip(tmp_path):
+    hf = tiny_hf_model("qwen2")
+    moe = build(hf)
+    save_moe(moe, tmp_path)
+    again = load_moe(tmp_path)
+    ids = torch.randint(0, 97, (1, 6))
+    r = Routing.top1(torch.randint(0, 3, (6,)))
+    torch.testing.assert_close(again(ids, r), moe(ids, r))
+    assert again.config.expert_channels == moe.config.expert_channels
+
+
+def test_load_rejects_foreign_and_truncated(tmp_path):
+    with pytest.raises(PregateError, match="not a pregate MoE"):
+        load_moe(tmp_path)
+    hf = tiny_hf_model()
+    moe = build(hf)
+    save_moe(moe, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(PregateError, match="truncated"):
+        load_moe(tmp_path)
+
+
+def test_expert_ids_out_of_range():
+    moe = build(tiny_hf_model())
+    with pytest.raises(PregateError, match="expert ids"):
+        moe(torch.randint(0, 97, (1, 3)), Routing.top1(torch.tensor([0, 1, 3])))
+
+
+def test_expert_scores_shape_and_mass():
+    moe = build(tiny_hf_model())
+    scores = moe.expert_scores(torch.randint(0, 97, (2, 5)))
+    assert scores.shape == (3, 10, 3)
+    assert (scores > 0).all()
