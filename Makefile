@@ -10,6 +10,9 @@ setup: $(STAMP)
 
 # torch first, pinned to the CPU wheel, so nothing later pulls a CUDA build.
 $(STAMP): requirements.txt requirements-data.txt pyproject.toml
+	@# Python's own docs are the prose of the c4/common_crawl stand-ins; without them those domains shrink.
+	@test -d /usr/share/doc/python3.11/html || (apt-get update -qq && apt-get install -y -qq python3.11-doc) \
+		|| echo "warning: could not install python3.11-doc; c4 and common_crawl fall back to smaller corpora"
 	test -d .venv || python3 -m venv .venv
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt

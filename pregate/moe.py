@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,16 @@ class MoEConfig:
             raise PregateError(f"pregate MoE format version {data.get('version')} is not supported (need {FORMAT_VERSION})")
         fields = {k: v for k, v in data.items() if k not in ("format", "version")}
         return cls(**fields)
+
+
+ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [R, H], up [R, H], down [H, R]
+
+
+class ExpertSource(Protocol):
+    """Where routed-expert weights come from during a forward (an offloading store implements this)."""
+
+    def begin_layer(self, layer: int, experts: list[int]) -> None: ...  # the experts this layer will use, in order
+    def fetch(self, layer: int, expert: int) -> ExpertWeights: ...  # blocks until resident
 
 
 # ----------------------------------------------------------------------------------------- routing
@@ -269,22 +280,35 @@ class MoEMLP(nn.Module):
     def num_experts(self) -> int:
         return self.w_gate.shape[0]
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+    def expert(self, e: int, x: torch.Tensor, weights: ExpertWeights | None = None) -> torch.Tensor:
         """Routed expert e on x [n, H] -> channel activations [n, R] (before down_proj)."""
-        return self.act(x @ self.w_gate[e].T) * (x @ self.w_up[e].T)
+        gate, up = (self.w_gate[e], self.w_up[e]) if weights is None else weights[:2]
+        return self.act(x @ gate.T) * (x @ up.T)
 
-    def forward(self, x: torch.Tensor, plan: RoutingPlan | None, scores: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H] -> [T, H]. If `scores` [T, E] is given, add each expert's activation mass sum|a| per token."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        plan: RoutingPlan | None,
+        scores: torch.Tensor | None = None,
+        fetch: "Callable[[int], ExpertWeights] | None" = None,
+    ) -> torch.Tensor:
+        """x [T, H] -> [T, H]. If `scores` [T, E] is given, add each expert's activation mass sum|a| per token.
+
+        fetch(e) -> (gate [R, H], up [R, H], down [H, R]) supplies expert weights from elsewhere (an offloading
+        store); by default they are this module's own stacked parameters.
+        """
         out = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         if plan is None or not plan.groups or self.w_gate.shape[1] == 0:
             return out
         xs = x[plan.order]  # [T*K, H] grouped by expert
         ys = []
         for e, start, end in plan.groups:
-            a = self.expert(e, xs[start:end])  # [n, R]
+            weights = None if fetch is None else fetch(e)
+            a = self.expert(e, xs[start:end], weights)  # [n, R]
             if scores is not None:
                 scores[plan.order[start:end], e] += a.detach().abs().sum(-1).float()
-            ys.append((a @ self.w_down[e].T) * plan.weights[start:end, None].to(a.dtype))
+            down = self.w_down[e] if weights is None else weights[2]
+            ys.append((a @ down.T) * plan.weights[start:end, None].to(a.dtype))
         return out.index_add(0, plan.order, torch.cat(ys))
 
 
@@ -341,13 +365,15 @@ class MoEForCausalLM(nn.Module):
         layer_router=None,
         scores: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        expert_source: ExpertSource | None = None,
     ) -> torch.Tensor:
         """input_ids [T] packed by segment -> logits [T, V] (or only at rows `logits_at`).
 
         routing: one Routing for all layers (pre-gating), or None with `layer_router(layer, h [T, H]) ->
         Routing` for a conventional per-layer gate. scores [L, T, E], when given, receives each expert's
-        activation mass per layer (distillation targets and oracle routing). Caches advance by each
-        segment's length.
+        activation mass per layer (distillation targets and oracle routing). expert_source, when given,
+        supplies routed-expert weights (offloading); it is told each layer's experts before they run.
+        Caches advance by each segment's length.
         """
         if sum(s.length for s in segments) != input_ids.shape[0]:
             raise PregateError("segment lengths must add up to the number of tokens")
@@ -361,7 +387,11 @@ class MoEForCausalLM(nn.Module):
             layer_plan = plan
             if layer_router is not None:
                 layer_plan = RoutingPlan(layer_router(i, x), self.num_experts)
-            h = h + layer.mlp(x, layer_plan, None if scores is None else scores[i])
+            fetch = None
+            if expert_source is not None and layer_plan is not None:
+                expert_source.begin_layer(i, [e for e, _, _ in layer_plan.groups])
+                fetch = lambda e, i=i: expert_source.fetch(i, e)
+            h = h + layer.mlp(x, layer_plan, None if scores is None else scores[i], fetch)
         for s in segments:
             if s.cache is not None:
                 s.cache.advance(s.length)

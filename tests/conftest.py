@@ -35,3 +35,41 @@ def tiny_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
 @pytest.fixture(params=["llama", "qwen2"])
 def hf_model(request):
     return tiny_hf_model(request.param)
+
+
+TEXTS = {
+    "alpha": ["the quick brown fox jumps over the lazy dog. " * 20 + f"story {i}." for i in range(40)],
+    "beta": [f"def f{i}(x):\n    return x * {i} + 1\n" * 12 for i in range(40)],
+}
+
+
+def tiny_tokenizer(tmp_path):
+    """A real byte-level BPE tokenizer trained here on the tiny domains, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([t for docs in TEXTS.values() for t in docs], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A local HF checkpoint dir (tiny random Llama + real tokenizer) and two registered text domains."""
+    from pregate import data
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    model = tiny_hf_model("llama", vocab_size=len(tokenizer))
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    for name, docs in TEXTS.items():
+        folder = tmp_path / f"corpus-{name}"
+        folder.mkdir()
+        for i, text in enumerate(docs):
+            (folder / f"{i}.txt").write_text(text)
+        data.register_domain(name, folder)
+    return path

@@ -1,0 +1,608 @@
+"""Torch-free continuous-batching scheduler with pre-gated (known-in-advance) experts.
+
+Pre-gating routes every token the moment it exists, so each queued token's primary expert is known
+before the step runs. The scheduler uses that to group decode tokens by expert (Read-ME Algorithm 1).
+
+Step protocol (one step at a time, vLLM-v1 style)::
+
+    sched.add_request(Request(...))          # any time; waits until its KV reservation fits
+    while sched.has_work():
+        out = sched.schedule()               # SchedulerOutput: at most one item per running request
+        result = runner.execute(out)         # StepResult: sampled experts + finished request ids
+        done = sched.update(out, result)     # finished requests (their KV reservation is freed)
+
+Token positions: a request's sequence is its P prompt tokens (positions 0..P-1) followed by its generated
+tokens (positions P, P+1, ...). A prefill item covers a contiguous range of not-yet-computed prompt
+tokens; the item that completes the prompt produces the first generated token. A decode item feeds the
+last sampled (not yet fed) generated token and produces the next one. With top-k routing only the
+primary expert id of each token is used here.
+
+Memory model: admission reserves ``P + max_new_tokens`` KV tokens for the whole life of a request
+(no preemption), so a running request can always finish. Admission is strict FCFS in ``add_request``
+order (no overtaking: a large request at the head is never starved by small ones behind it).
+
+No torch here: requests, items and results are plain dataclasses (tested in a subprocess).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Literal, Mapping, Protocol, Sequence
+
+from pregate.errors import PregateError
+
+POLICY_NAMES = ("expert-aware", "decode-first", "prefill-first", "fcfs")
+
+
+class SchedulerError(PregateError):
+    """Bad scheduler input: a request that can never run, a bad config, or a broken step protocol."""
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Request:
+    """One generation request as the scheduler sees it: expert ids only, no tensors.
+
+    The engine keeps token ids / KV tensors elsewhere, keyed by ``request_id``. The fields below the
+    comment are owned by the scheduler; callers read them but never write them.
+    """
+
+    request_id: str
+    prompt_experts: list[int]  # primary expert of each prompt token (len = prompt length P)
+    max_new_tokens: int
+    arrival_time: float = 0.0
+    # state the scheduler maintains:
+    num_prefilled: int = 0  # prompt tokens whose KV exists
+    output_experts: list[int] = field(default_factory=list)  # expert of each generated token
+    num_fed: int = 0  # generated tokens already fed back through the model
+    finished: bool = False
+    waited_steps: int = 0  # consecutive steps it had runnable work but was not scheduled
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_experts)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_experts)
+
+    @property
+    def kv_reserved(self) -> int:
+        """KV tokens reserved at admission: the longest the sequence can ever get."""
+        return self.prompt_len + self.max_new_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_prefilled < self.prompt_len
+
+    @property
+    def runnable(self) -> bool:
+        """Has work for the next step: prompt tokens left, or a sampled token not yet fed."""
+        return not self.finished and (self.in_prefill or self.num_fed < self.num_generated)
+
+    @property
+    def decode_expert(self) -> int:
+        """Expert of the pending decode token (only valid when out of prefill and runnable)."""
+        return self.output_experts[self.num_fed]
+
+
+@dataclass(frozen=True)
+class ScheduledItem:
+    """Work for one request in one step: a prefill chunk or a single decode token."""
+
+    request_id: str
+    kind: Literal["prefill", "decode"]
+    start: int  # position of the first token of this item in the request's sequence
+    num_tokens: int
+    experts: tuple[int, ...]  # primary expert per token of this item
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The batch for one step. ``items`` are in admission (arrival) order."""
+
+    items: tuple[ScheduledItem, ...]
+    step: int
+
+    @property
+    def experts(self) -> frozenset[int]:
+        return frozenset(e for it in self.items for e in it.experts)
+
+    @property
+    def unique_experts(self) -> int:
+        """Distinct routed experts in the step: each one's weights are read once per step."""
+        return len(self.experts)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(it.num_tokens for it in self.items)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(it.num_tokens for it in self.items if it.kind == "prefill")
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(it.num_tokens for it in self.items if it.kind == "decode")
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(it.request_id for it in self.items)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.items
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the runner reports after executing a SchedulerOutput.
+
+    ``sampled``: request_id -> primary expert of the token just sampled, for every item that produced a
+    token (the item completing a prompt, and every decode item). It may be omitted only for a request
+    that is also in ``finished`` (its last token is never fed, so its expert is not needed).
+    ``finished``: requests that hit a stop condition (eos, stop string, max tokens); any running
+    request may be listed (e.g. a client abort), not only those in this step.
+    """
+
+    sampled: Mapping[str, int]
+    finished: frozenset[str] = frozenset()
+
+
+@dataclass
+class SchedulerConfig:
+    """Batching and memory budgets; identical for every policy so only the ordering differs."""
+
+    policy: str = "expert-aware"  # one of POLICY_NAMES
+    token_budget: int = 256  # max tokens per step (prefill + decode)
+    max_running: int = 32  # max admitted requests
+    kv_capacity_tokens: int = 16384  # KV budget over running requests (prompt + max_new_tokens each)
+    max_wait_steps: int = 4  # expert-aware: a runnable request is skipped at most this many steps in a row
+    prefill_chunk: int = 512  # longest prefill chunk per item
+    # expert-aware only: a decode queue whose expert is not already in the batch is started only if it
+    # holds at least this many tokens (smaller ones wait, bounded by max_wait_steps). 1 = never hold back.
+    min_queue_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise SchedulerError(
+                f"SchedulerConfig.policy={self.policy!r} is unknown; use one of {', '.join(POLICY_NAMES)}"
+            )
+        for name in ("token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk", "min_queue_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SchedulerError(f"SchedulerConfig.{name}={value!r} must be an integer >= 1")
+        w = self.max_wait_steps
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise SchedulerError(f"SchedulerConfig.max_wait_steps={w!r} must be an integer >= 0")
+
+    @property
+    def waiting_bound_guaranteed(self) -> bool:
+        """True when expert-aware can always honour max_wait_steps (see ExpertAwarePolicy)."""
+        return self.max_running <= self.token_budget * (self.max_wait_steps + 1)
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+class Batch:
+    """A step under construction: at most one item per request, a token budget, the experts present."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.left = config.token_budget
+        self.chunk = config.prefill_chunk
+        self.prefill: dict[str, int] = {}  # request_id -> tokens of its prefill chunk
+        self.decode: set[str] = set()
+        self.present: set[int] = set()
+
+    def has(self, r: Request) -> bool:
+        return r.request_id in self.prefill or r.request_id in self.decode
+
+    def add_decode(self, r: Request) -> bool:
+        if self.left < 1 or self.has(r):
+            return False
+        self.decode.add(r.request_id)
+        self.present.add(r.decode_expert)
+        self.left -= 1
+        return True
+
+    def add_prefill(self, r: Request, cap: int | None = None) -> int:
+        """Add (or grow) r's prefill chunk by up to ``cap`` tokens; returns tokens added."""
+        have = self.prefill.get(r.request_id, 0)
+        n = min(self.chunk, r.prompt_len - r.num_prefilled) - have
+        n = min(n, self.left, cap if cap is not None else n)
+        if n <= 0:
+            return 0
+        lo = r.num_prefilled + have
+        self.prefill[r.request_id] = have + n
+        self.present.update(r.prompt_experts[lo : lo + n])
+        self.left -= n
+        return n
+
+    def add_next(self, r: Request, cap: int | None = None) -> bool:
+        """Add r's next item (its prefill chunk or its decode token)."""
+        return self.add_prefill(r, cap) > 0 if r.in_prefill else self.add_decode(r)
+
+    def items(self, order: Sequence[Request]) -> tuple[ScheduledItem, ...]:
+        out: list[ScheduledItem] = []
+        for r in order:
+            if r.request_id in self.prefill:
+                n, s = self.prefill[r.request_id], r.num_prefilled
+                out.append(ScheduledItem(r.request_id, "prefill", s, n, tuple(r.prompt_experts[s : s + n])))
+            elif r.request_id in self.decode:
+                pos = r.prompt_len + r.num_fed
+                out.append(ScheduledItem(r.request_id, "decode", pos, 1, (r.decode_expert,)))
+        return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------- policies
+
+
+class BatchPolicy(Protocol):
+    """Picks one step's work. ``runnable`` is in admission order; returns a filled Batch."""
+
+    name: ClassVar[str]
+
+    def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch: ...
+
+
+class FcfsPolicy:
+    """Order: arrival. Each runnable request's next item (prefill chunk or decode token) in turn."""
+
+    name: ClassVar[str] = "fcfs"
+
+    def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
+        # Rule: walk requests in arrival order, add each one's next item, stop when the budget is full.
+        b = Batch(config)
+        for r in runnable:
+            if b.left == 0:
+                break
+            b.add_next(r)
+        return b
+
+
+class DecodeFirstPolicy:
+    """Order: all decode tokens (arrival order), then prefill chunks (arrival order). DeepSpeed-FastGen."""
+
+    name: ClassVar[str] = "decode-first"
+
+    def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
+        # Rule: decodes FCFS, then prefill chunks FCFS in the remaining budget.
+        b = Batch(config)
+        for r in runnable:
+            if not r.in_prefill:
+                b.add_decode(r)
+        for r in runnable:
+            if r.in_prefill:
+                b.add_prefill(r)
+        return b
+
+
+class PrefillFirstPolicy:
+    """Order: prefill chunks (arrival order), then decode tokens (arrival order). vLLM/TGI-style."""
+
+    name: ClassVar[str] = "prefill-first"
+
+    def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
+        # Rule: prefill chunks FCFS, then decodes FCFS in the remaining budget.
+        b = Batch(config)
+        for r in runnable:
+            if r.in_prefill:
+                b.add_prefill(r)
+        for r in runnable:
+            if not r.in_prefill:
+                b.add_decode(r)
+        return b
+
+
+def _overdue(runnable: Sequence[Request], config: SchedulerConfig) -> list[Request]:
+    """The fewest most-waited requests that must run now so max_wait_steps stays reachable.
+
+    Request r has slack d_r = max_wait_steps - waited_steps steps left. After this step, the unserved
+    requests with slack <= j must fit in the next j steps (>= 1 token each), i.e. count <= B*j for every
+    j >= 1, and the ones with slack 0 must run now. Serving the M earliest-deadline requests, with
+    M = max_j(|{d_r <= j}| - B*j), is the least that achieves both (earliest-deadline-first).
+    """
+    w, budget = config.max_wait_steps, config.token_budget
+    by_deadline = sorted(
+        range(len(runnable)), key=lambda i: (max(0, w - runnable[i].waited_steps), i)
+    )
+    slacks = [max(0, w - runnable[i].waited_steps) for i in by_deadline]
+    need, count = 0, 0
+    for j in range(w + 1):
+        while count < len(slacks) and slacks[count] <= j:
+            count += 1
+        need = max(need, count - budget * j)
+    need = min(need, budget)  # best effort when the bound is infeasible (see waiting_bound_guaranteed)
+    return [runnable[i] for i in by_deadline[:need]]
+
+
+class ExpertAwarePolicy:
+    """Read-ME Algorithm 1 for decode tokens, plus bounded waiting and a prefill rule.
+
+    Order within a step:
+      1. Overdue requests (``_overdue``: earliest deadline first, the fewest needed to keep every
+         runnable request within ``max_wait_steps``), one token minimum each; prefill ones may grow.
+      2. Prefill chunks, FCFS, only in the room the pending decode tokens leave (decodes keep priority,
+         as in decode-first). A prompt's tokens span many experts and cannot be split by expert
+         (attention needs the whole prefix), so a chunk is taken whole and its experts count as present.
+      3. Free riders: decode queues of experts already present, largest first (no new expert loaded).
+      4. Algorithm 1 on the other decode queues (one queue per expert of the pending decode token):
+         whole queues largest first while they fit, then one partial queue, then stop. Queues with fewer
+         than ``min_queue_tokens`` tokens are held back unless the batch is still empty (default 1:
+         none is).
+      5. Work conservation: budget still left goes to prefill chunks (FCFS), then to any decode
+         queue whose expert is now present.
+    Ties: larger queue, then the queue holding the longest-waiting request, then lower expert id;
+    within a partial queue, longest-waiting first, then arrival.
+
+    Guarantees: no request waits more than ``max_wait_steps`` consecutive steps while runnable when
+    ``max_running <= token_budget * (max_wait_steps + 1)`` (``config.waiting_bound_guaranteed``); beyond
+    that, longest-waiting first (best effort). Budget is never left unused while runnable work whose
+    experts are all present remains. With the default ``min_queue_tokens=1`` nothing is held back to save
+    experts: when all decode tokens fit the budget they all run (expert grouping only bites when the
+    decode queues exceed the budget), because skipping a request delays it by a whole step while a
+    step's cost grows only by one expert's weight read.
+    """
+
+    name: ClassVar[str] = "expert-aware"
+
+    def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
+        # Rule: overdue first; prefill in the room decodes leave; decode queues of present experts;
+        # Algorithm 1 (largest whole queues, one partial, stop); leftover -> prefill, then free riders.
+        b = Batch(config)
+        overdue = _overdue(runnable, config)
+        for r in overdue:  # one token each first, so every overdue request fits
+            b.add_next(r, cap=1)
+        for r in overdue:
+            if r.in_prefill:
+                b.add_prefill(r)
+
+        pending_decodes = sum(1 for r in runnable if not r.in_prefill and not b.has(r))
+        room = b.left - pending_decodes
+        for r in runnable:
+            if room <= 0:
+                break
+            if r.in_prefill and not b.has(r):
+                room -= b.add_prefill(r, cap=room)
+
+        self._take_queues(runnable, b, config.min_queue_tokens)
+        for r in runnable:
+            if r.in_prefill:
+                b.add_prefill(r)
+        self._take_queues(runnable, b, min_tokens=None)  # only queues of present experts
+        return b
+
+    @staticmethod
+    def _take_queues(runnable: Sequence[Request], b: Batch, min_tokens: int | None) -> None:
+        """Free riders, then Algorithm 1. ``min_tokens=None``: free riders only."""
+        queues: dict[int, list[Request]] = {}
+        for r in runnable:
+            if not r.in_prefill and not b.has(r):
+                queues.setdefault(r.decode_expert, []).append(r)
+        for q in queues.values():
+            q.sort(key=lambda r: -r.waited_steps)  # stable: arrival order among equals
+
+        def rank(e: int) -> tuple[int, int, int]:
+            return (-len(queues[e]), -queues[e][0].waited_steps, e)
+
+        present = sorted((e for e in queues if e in b.present), key=rank)
+        for e in present:
+            for r in queues[e]:
+                b.add_decode(r)
+        if min_tokens is None:
+            return
+        for e in sorted((e for e in queues if e not in b.present), key=rank):
+            if b.left == 0:
+                break  # Algorithm 1: after a partial queue the budget is full; stop
+            if len(queues[e]) < min_tokens and (b.prefill or b.decode):
+                continue  # held back; never when the batch is still empty (no idle steps)
+            for r in queues[e]:  # whole queue if it fits, else the partial queue that fills the budget
+                if not b.add_decode(r):
+                    break
+
+
+POLICIES: dict[str, Callable[[], BatchPolicy]] = {
+    p.name: p for p in (ExpertAwarePolicy, DecodeFirstPolicy, PrefillFirstPolicy, FcfsPolicy)
+}
+assert tuple(POLICIES) == POLICY_NAMES
+
+
+def make_policy(name: str) -> BatchPolicy:
+    """Policy object by name; an unknown name raises SchedulerError listing the valid ones."""
+    if name not in POLICIES:
+        raise SchedulerError(f"unknown scheduling policy {name!r}; use one of {', '.join(POLICY_NAMES)}")
+    return POLICIES[name]()
+
+
+# --------------------------------------------------------------------------------------- scheduler
+
+
+class Scheduler:
+    """Admission (FCFS, KV reservation) + one batching policy + the step protocol."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.policy = make_policy(config.policy)
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, Request] = {}  # admission order
+        self._kv_used = 0
+        self._step = 0
+        self._pending: SchedulerOutput | None = None  # scheduled, not yet updated
+
+    # -- state
+    @property
+    def running(self) -> list[Request]:
+        return list(self._running.values())
+
+    @property
+    def waiting(self) -> list[Request]:
+        return list(self._waiting)
+
+    @property
+    def kv_used_tokens(self) -> int:
+        """KV tokens reserved by running requests (always <= kv_capacity_tokens)."""
+        return self._kv_used
+
+    @property
+    def num_steps(self) -> int:
+        return self._step
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # -- input
+    def add_request(self, req: Request, now: float | None = None) -> None:
+        """Queue a request. ``now`` (if given) becomes its arrival_time.
+
+        Raises SchedulerError for a request that can never run (empty prompt, max_new_tokens < 1,
+        prompt + max_new_tokens > kv_capacity_tokens, bad expert ids, duplicate id, non-fresh state).
+        A request that fits only later waits in FCFS order.
+        """
+        rid = req.request_id
+        if not req.prompt_experts:
+            raise SchedulerError(f"request {rid!r}: empty prompt; send at least one prompt token")
+        if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
+            raise SchedulerError(f"request {rid!r}: max_new_tokens={req.max_new_tokens!r} must be >= 1")
+        if req.kv_reserved > self.config.kv_capacity_tokens:
+            raise SchedulerError(
+                f"request {rid!r}: prompt {req.prompt_len} + max_new_tokens {req.max_new_tokens} = "
+                f"{req.kv_reserved} tokens exceeds kv_capacity_tokens={self.config.kv_capacity_tokens}; "
+                "shorten the prompt, lower max_new_tokens or raise kv_capacity_tokens"
+            )
+        bad = next((e for e in req.prompt_experts if not isinstance(e, int) or e < 0), None)
+        if bad is not None:
+            raise SchedulerError(f"request {rid!r}: prompt expert id {bad!r} must be an int >= 0")
+        if rid in self._running or any(w.request_id == rid for w in self._waiting):
+            raise SchedulerError(f"request id {rid!r} is already queued or running; ids must be unique")
+        if req.num_prefilled or req.output_experts or req.num_fed or req.finished or req.waited_steps:
+            raise SchedulerError(f"request {rid!r} carries scheduler state; submit a fresh Request")
+        if now is not None:
+            req.arrival_time = now
+        self._waiting.append(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Drop a waiting or running request (e.g. client disconnect); frees its KV. None if unknown.
+
+        Not allowed for a request in the scheduled-but-not-updated step: report it in
+        StepResult.finished instead.
+        """
+        if self._pending is not None and request_id in self._pending.request_ids:
+            raise SchedulerError(f"request {request_id!r} is in step {self._pending.step}; finish it via update()")
+        for w in self._waiting:
+            if w.request_id == request_id:
+                self._waiting.remove(w)
+                w.finished = True
+                return w
+        if request_id in self._running:
+            return self._release(request_id)
+        return None
+
+    # -- protocol
+    def schedule(self) -> SchedulerOutput:
+        """The next step. Empty only when nothing is runnable (no waiting and no running requests)."""
+        # Rule: admit waiting requests FCFS while their KV reservation (prompt + max_new_tokens) fits and
+        # fewer than max_running run; then the policy picks <= 1 item per running request within
+        # token_budget; every runnable request not picked has waited_steps += 1, picked ones reset to 0.
+        if self._pending is not None:
+            raise SchedulerError(f"step {self._pending.step} was scheduled but not updated; call update() first")
+        self._admit()
+        runnable = [r for r in self._running.values() if r.runnable]
+        batch = self.policy.select(runnable, self.config)
+        out = SchedulerOutput(batch.items(runnable), self._step)
+        assert out.num_tokens <= self.config.token_budget
+        assert out.items or not runnable, "a policy left every runnable request out"
+        for r in runnable:
+            r.waited_steps = 0 if batch.has(r) else r.waited_steps + 1
+        if out.items:
+            self._pending = out
+            self._step += 1
+        return out
+
+    def update(self, out: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Apply a step's result: advance positions, record sampled experts, finish requests.
+
+        Returns the requests finished in this step (in admission order), whose KV is now free. A request
+        also finishes on its own once it has max_new_tokens generated tokens.
+        """
+        if self._pending is None or out is not self._pending:
+            raise SchedulerError(
+                f"update() got step {out.step}, but the step awaiting update is "
+                f"{None if self._pending is None else self._pending.step}; call update once per schedule()"
+            )
+        producers = {  # items that produce a new token: prompt-completing chunks and decodes
+            it.request_id
+            for it in out.items
+            if it.kind == "decode" or it.start + it.num_tokens == self._running[it.request_id].prompt_len
+        }
+        extra = set(result.sampled) - producers
+        if extra:
+            raise SchedulerError(
+                f"StepResult.sampled has {sorted(extra)!r}, which produced no token in step {out.step}; "
+                "report a sampled expert only for items completing a prompt and for decode items"
+            )
+        unknown = set(result.finished) - set(self._running)
+        if unknown:
+            raise SchedulerError(f"StepResult.finished has {sorted(unknown)!r}, which are not running")
+        for rid in producers:
+            e = result.sampled.get(rid)
+            if e is None and rid not in result.finished:
+                raise SchedulerError(
+                    f"request {rid!r} produced a token in step {out.step} but StepResult.sampled has no "
+                    "expert for it; report it (or list the request in finished)"
+                )
+            if e is not None and (not isinstance(e, int) or e < 0):
+                raise SchedulerError(f"StepResult.sampled[{rid!r}]={e!r} must be an expert id >= 0")
+        # validated: apply (a rejected result leaves the scheduler unchanged, so it can be retried)
+        for it in out.items:
+            r = self._running[it.request_id]
+            if it.kind == "prefill":
+                assert it.start == r.num_prefilled
+                r.num_prefilled += it.num_tokens
+            else:
+                assert it.start == r.prompt_len + r.num_fed
+                r.num_fed += 1
+            if it.request_id in result.sampled:
+                r.output_experts.append(result.sampled[it.request_id])
+        self._pending = None
+        done = [
+            rid
+            for rid, r in self._running.items()
+            if rid in result.finished or r.num_generated >= r.max_new_tokens
+        ]
+        return [self._release(rid) for rid in done]
+
+    # -- internals
+    def _admit(self) -> None:
+        cfg = self.config
+        while self._waiting and len(self._running) < cfg.max_running:
+            head = self._waiting[0]
+            if self._kv_used + head.kv_reserved > cfg.kv_capacity_tokens:
+                break  # strict FCFS: nobody overtakes the head
+            self._waiting.popleft()
+            self._running[head.request_id] = head
+            self._kv_used += head.kv_reserved
+
+    def _release(self, rid: str) -> Request:
+        r = self._running.pop(rid)
+        r.finished = True
+        self._kv_used -= r.kv_reserved
+        assert self._kv_used >= 0
+        return r
+
+
+def run_steps(
+    sched: Scheduler, step_fn: Callable[[SchedulerOutput], StepResult], max_steps: int = 1_000_000
+) -> Iterable[tuple[SchedulerOutput, list[Request]]]:
+    """Drive ``sched`` with ``step_fn`` (a runner) until it has no work; yields (output, finished)
+    per step. Requests added to ``sched`` between steps (by the consumer) are picked up."""
+    for _ in range(max_steps):
+        if not sched.has_work():
+            return
+        out = sched.schedule()
+        assert not out.is_empty
+        yield out, sched.update(out, step_fn(out))
+    raise SchedulerError(f"scheduler still had work after max_steps={max_steps} steps")
