@@ -25,6 +25,28 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_domains(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--add-domain",
+        action="append",
+        metavar="NAME=PATH",
+        help="register your own domain from a folder of .txt/.md files or a JSONL file with a \"text\" field (repeatable)",
+    )
+
+
+def _register_domains(specs: list[str] | None) -> dict[str, str]:
+    from pregate import data
+
+    added = {}
+    for spec in specs or []:
+        name, _, where = spec.partition("=")
+        if not name or not where:
+            raise PregateError(f"--add-domain expects NAME=PATH, got {spec!r}")
+        data.register_domain(name, where)
+        added[name] = str(Path(where).resolve())
+    return added
+
+
 def _write_json(path: str | None, obj: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -38,11 +60,7 @@ def _write_json(path: str | None, obj: dict) -> None:
 def cmd_data(args) -> None:
     from pregate import data
 
-    for path in args.add or []:
-        name, _, where = path.partition("=")
-        if not where:
-            raise PregateError(f"--add expects NAME=PATH, got {path!r}")
-        data.register_domain(name, where)
+    _register_domains(args.add_domain)
     rows = data.describe_domains()
     if args.json:
         _write_json(args.json, {"domains": rows})
@@ -67,8 +85,11 @@ def cmd_refactor(args) -> None:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
+    custom = _register_domains(args.add_domain)
+    if custom and args.domains is None:
+        raise PregateError("with --add-domain, also list the experts' domains with --domains (built-in and your own)")
     cfg = RefactorConfig(**base)
-    out = refactor(args.base, args.out, cfg, force=args.force, cache=args.cache_dir)
+    out = refactor(args.base, args.out, cfg, force=args.force, cache=args.cache_dir, custom_domains=custom)
     record = json.loads((out / "refactor.json").read_text())
     ch = record["channels_per_layer"]
     print(f"wrote MoE checkpoint {out} (same-size dense control in {out / 'control'})")
@@ -84,6 +105,7 @@ def cmd_refactor(args) -> None:
 def cmd_eval_ppl(args) -> None:
     from pregate.evaluate import PplConfig, evaluate_ppl, format_table
 
+    _register_domains(args.add_domain)
     cfg = PplConfig(
         domains=args.domains,
         tokens_per_domain=args.tokens_per_domain,
@@ -95,6 +117,34 @@ def cmd_eval_ppl(args) -> None:
     result = evaluate_ppl(args.model, cfg, cache=args.cache_dir)
     print(format_table(result))
     _write_json(args.json, result)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+_TRAIN_FLAGS = ("rounds", "router_steps", "expert_steps", "batch_size", "seq_len", "router_lr", "expert_lr",
+                "head", "top_k", "loss", "tokens_per_domain", "seed")
+
+
+def cmd_train(args) -> None:
+    from pregate.train import TrainConfig, read_state, train
+
+    flags = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    flags.update({k: v for k, v in (("layerwise", args.layerwise), ("expert_distill", args.distill)) if v})
+    if args.no_control:
+        flags["train_control"] = False
+    if args.resume and not args.preset:  # continue with the saved options; given flags must agree with them
+        base = read_state(args.out)["config"]
+    else:
+        base = TrainConfig.preset(args.preset or "cpu").to_dict()
+    cfg = TrainConfig(**{**base, **flags})
+    out = train(args.model, args.out, cfg, resume=args.resume, force=args.force, cache=args.cache_dir)
+    log = json.loads((out / "train_log.json").read_text())
+    for s in log["stages"]:
+        extra = f"  router acc {s['last_acc']:.2f}" if "last_acc" in s else ""
+        print(f"round {s['round'] + 1} {s['stage']:7s} loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}  "
+              f"{s['tokens_per_s']:.0f} tok/s  {s['seconds']:.0f} s{extra}")
+    print(f"wrote {out} (router, MoE{', control' if cfg.train_control else ''}, train_log.json, loss.png); "
+          f"evaluate with `pregate eval ppl {out}`")
 
 
 # ----------------------------------------------------------------------------------------- demo
@@ -114,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("data", help="list the domain corpora, their sources and sizes, and which are stand-ins")
-    p.add_argument("--add", action="append", metavar="NAME=PATH", help="also register a domain from a folder of text files or a JSONL file")
+    _add_domains(p)
     p.add_argument("--json", help="also write the listing as JSON to this file")
     p.set_defaults(func=cmd_data)
 
@@ -132,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights (default bfloat16)")
     p.add_argument("--batch-size", type=_positive_int, help="blocks per forward pass while collecting statistics")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (only once the new checkpoint is complete)")
+    _add_domains(p)
     _add_cache(p)
     p.set_defaults(func=cmd_refactor)
 
@@ -143,10 +194,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-domain", type=_positive_int, default=4096, help="test-split tokens per domain (default 4096)")
     p.add_argument("--block-len", type=_positive_int, default=512)
     p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--variants", nargs="+", help="subset of: dense moe_domain moe_oracle moe_random control")
+    p.add_argument("--variants", nargs="+", help="subset of: dense moe_domain moe_oracle moe_random control moe_router control_trained")
     p.add_argument("--seed", type=int, default=0, help="seed of the random routing")
+    _add_domains(p)
     _add_cache(p)
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("train", help="train the router and experts (alternating rounds) and the same-size dense control")
+    p.add_argument("model", help="a MoE checkpoint directory written by `pregate refactor`")
+    p.add_argument("--out", required=True, help="output directory (checkpointed after every stage)")
+    p.add_argument("--preset", choices=["cpu", "paper", "tiny"], help="starting values for the options below (default: cpu)")
+    p.add_argument("--rounds", type=_positive_int, help="router+expert rounds")
+    p.add_argument("--router-steps", type=_positive_int, help="router steps per round")
+    p.add_argument("--expert-steps", type=_positive_int, help="expert steps per round")
+    p.add_argument("--batch-size", type=_positive_int, help="global batch (rows of --seq-len tokens)")
+    p.add_argument("--seq-len", type=_positive_int)
+    p.add_argument("--router-lr", type=float, help="peak router lr of round 1 (default 5e-4)")
+    p.add_argument("--expert-lr", type=float, help="peak backbone lr of round 1 (default 5e-5)")
+    p.add_argument("--head", choices=["softmax", "dselect"], help="router head (dselect: DSelect-k, use with --top-k)")
+    p.add_argument("--top-k", type=_positive_int, help="experts per token")
+    p.add_argument("--loss", choices=["graded", "kl"], help="router distillation loss (default graded)")
+    p.add_argument("--tokens-per-domain", type=_positive_int, help="train-split tokens per domain in the batch pool")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--layerwise", action="store_true", help="train per-layer gates (baseline) instead of the pre-gating router")
+    p.add_argument("--distill", action="store_true", help="expert stages also distil the dense parent's logits")
+    p.add_argument("--no-control", action="store_true", help="do not train the same-size dense control")
+    p.add_argument("--resume", action="store_true", help="continue --out after its last completed stage")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_cache(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job end to end on the packaged SmolLM2-135M: refactor, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="where checkpoints, JSON and plots go (default runs/demo)")

@@ -7,7 +7,11 @@ Variants (all on the same test-split blocks of every domain):
               the dense parent produced for it (summed over layers): the router's distillation target and
               an upper bound for any token-level router.
 - moe_random: a uniformly random expert per token (seeded): the floor.
-- control:    the same-size dense control (as many channels per token as the MoE activates).
+- control:    the same-size dense control (as many channels per token as the MoE activates); for a
+              checkpoint written by `pregate train`, the untrained one of the parent MoE it was trained from.
+- moe_router: (trained checkpoints) routed by the trained router, its top-k experts with its weights.
+- control_trained: (trained checkpoints) the control trained with the same tokens and recipe (<model>/control).
+Variants a checkpoint cannot provide (no router, no control) are left out of the table.
 Perplexity = exp(mean next-token cross-entropy over all predicted positions of the blocks).
 
 Legend: B blocks, n block length, T = B*n tokens, L layers, E experts, I MLP channels.
@@ -30,7 +34,7 @@ from pregate.extract import CONTROL_DIR
 from pregate.moe import MoEForCausalLM, Routing, load_moe
 from pregate.stats import capture_mlp_inputs
 
-VARIANTS = ("dense", "moe_domain", "moe_oracle", "moe_random", "control")
+VARIANTS = ("dense", "moe_domain", "moe_oracle", "moe_random", "control", "moe_router", "control_trained")
 
 
 @dataclass
@@ -115,13 +119,18 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
         raise PregateError(f"{moe_dir} does not record its base model; was it written by `pregate refactor`?")
     dense, tokenizer = hub.load_dense(base, torch.float32, cache)
     experts = moe.config.expert_names
+    for name, path in moe.config.provenance.get("custom_domains", {}).items():
+        if name not in data.available_domains() and Path(path).exists():
+            data.register_domain(name, path)  # the user's own domain, recorded at refactor time
     domains = cfg.domains or experts
     for d in domains:
         data.domain_info(d)
+    parent = moe.config.provenance.get("parent")  # set by `pregate train`: the MoE it was trained from
     control = None
     if "control" in cfg.variants:
-        control_dir = Path(moe_dir) / CONTROL_DIR
+        control_dir = (Path(parent) if parent else Path(moe_dir)) / CONTROL_DIR
         control = load_moe(control_dir, torch.float32) if control_dir.is_dir() else None
+    trained_runs = _trained_runs(moe_dir, moe, cfg.variants) if parent else {}
     masks = expert_masks(moe, dense.config.intermediate_size) if "moe_oracle" in cfg.variants else None
     gen = torch.Generator().manual_seed(cfg.seed)
     table = {}
@@ -137,6 +146,7 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
             runs["moe_random"] = lambda ids, _o: moe(ids, Routing.top1(torch.randint(0, moe.num_experts, (ids.numel(),), generator=gen)))
         if control is not None:
             runs["control"] = lambda ids, _o: control(ids, None)
+        runs.update(trained_runs)
         for name, make in (extra_runs or {}).items():
             runs[name] = make(d)
         result = domain_perplexities(blocks, runs, dense, masks, cfg.batch_size, desc=f"perplexity {d}")
@@ -150,6 +160,21 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
         "split": "test",
         "activated_channels": {"moe": moe.config.activated_channels(), "dense": dense.config.intermediate_size},
     }
+
+
+def _trained_runs(moe_dir: str | Path, moe: MoEForCausalLM, variants: list[str]) -> dict[str, Callable]:
+    """moe_router and control_trained for a `pregate train` output directory (when present)."""
+    from pregate.train import ROUTER_CONFIG, load_router, routing_for
+
+    runs: dict[str, Callable] = {}
+    if "moe_router" in variants and (Path(moe_dir) / ROUTER_CONFIG).is_file():
+        router = load_router(moe_dir)
+        runs["moe_router"] = lambda ids, _o: moe(ids, *routing_for(router, ids))
+    control_dir = Path(moe_dir) / CONTROL_DIR
+    if "control_trained" in variants and control_dir.is_dir():
+        trained = load_moe(control_dir, torch.float32)
+        runs["control_trained"] = lambda ids, _o: trained(ids, None)
+    return runs
 
 
 def format_table(result: dict) -> str:

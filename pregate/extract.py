@@ -83,8 +83,13 @@ def collect_statistics(hf_model, tokenizer, cfg: RefactorConfig) -> torch.Tensor
     )
 
 
-def refactor(base: str, out: str | Path, cfg: RefactorConfig, force: bool = False, cache: str | None = None) -> Path:
-    """Refactor dense `base` into a MoE checkpoint at `out` (and its same-size dense control in out/control)."""
+def refactor(
+    base: str, out: str | Path, cfg: RefactorConfig, force: bool = False, cache: str | None = None, custom_domains: dict | None = None
+) -> Path:
+    """Refactor dense `base` into a MoE checkpoint at `out` (and its same-size dense control in out/control).
+
+    custom_domains {name: path}: user domains (already registered) to record, so evaluation can find them again.
+    """
     out = Path(out)
     if out.exists() and not force:  # fail before minutes of statistics, not after
         raise PregateError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -100,6 +105,7 @@ def refactor(base: str, out: str | Path, cfg: RefactorConfig, force: bool = Fals
         "domains": cfg.domains,
         "tokens_per_domain": cfg.tokens_per_domain,
         "remain_rate": cfg.remain_rate,
+        "custom_domains": {d: p for d, p in (custom_domains or {}).items() if d in cfg.domains},
         "refactor_config": cfg.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

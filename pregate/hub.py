@@ -111,8 +111,9 @@ def resolve(name_or_path: str, cache: str | Path | None = None) -> Path:
     if name_or_path in PACKAGED:
         out = cache_dir(cache) / "models" / name_or_path
         if not (out / "config.json").is_file():
+            gguf = packaged_gguf(name_or_path)
             print(f"converting packaged {name_or_path} GGUF to safetensors in {out} (once, ~30 s)")
-            convert_gguf(packaged_gguf(name_or_path), out)
+            convert_gguf(gguf, out)
         return out
     path = Path(name_or_path)
     if path.is_file() and path.suffix == ".gguf":

@@ -29,7 +29,7 @@ def plot_perplexity(result: dict, path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("test perplexity (log scale, lower is better)")
     ax.set_title(f"{result.get('base', '')}: {result['tokens_per_domain']} test tokens per domain")
-    ax.legend(fontsize=8, ncols=3)
+    ax.legend(fontsize=8, ncols=len(variants), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

