@@ -1,0 +1,371 @@
+"""`pregate bench serve`: every batching policy on the same ShareGPT trace and model, side by side.
+
+What runs, in one process on one model: the pregate MoE engine under each scheduling policy; the dense
+parent served by the same engine (fcfs, no routing); and Hugging Face `generate` on the dense parent with
+static batches of the same concurrency (the baseline a user would pick). Every run replays the trace in
+real time: a request joins when its arrival time has passed on the wall clock. Runs are interleaved and
+repeated (the order rotates every repeat) so machine noise spreads over all of them; the report is the
+median over repeats of every metric.
+
+Routing: the router of the MoE checkpoint (`pregate train` writes it). A checkpoint without one gets a
+router distilled here for a few dozen steps on the MoE's own expert scores (`distill_router`), which is
+enough to give realistic expert queues; the benchmark says which it used.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pregate.engine import Engine, SamplingParams
+from pregate.errors import PregateError
+from pregate.metrics import RequestMetrics, StepRecord, summarize
+from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
+from pregate.router import PreGatingRouter, RouterConfig, distill_graded
+from pregate.scheduler import POLICY_NAMES, SchedulerConfig, SchedulerError
+from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_workload
+
+DENSE = "dense-fcfs"  # the dense parent in the same engine
+HF = "hf-static"  # HF generate, static batches of max_running requests
+
+
+class BenchError(PregateError):
+    """Bad benchmark options."""
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark: the trace, the budgets every policy shares, and what to compare."""
+
+    policies: list[str] = field(default_factory=lambda: list(POLICY_NAMES))
+    requests: int = 32
+    rate: float | None = 4.0  # requests/s (Poisson); None = all at t=0
+    seed: int = 0
+    token_budget: int = 16
+    max_running: int = 32
+    kv_capacity_tokens: int = 16384
+    max_wait_steps: int = 4
+    prefill_chunk: int = 256
+    max_prompt_tokens: int = 256
+    max_output_tokens: int = 64
+    repeats: int = 2
+    dtype: str = "float32"  # measured faster than bfloat16 on the 2-core CPU (docs/serving.md)
+    dense: bool = True
+    hf: bool = True
+    router_steps: int = 40  # only when the checkpoint has no trained router
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICY_NAMES]
+        if unknown or not self.policies:
+            raise BenchError(f"policies={self.policies!r}: use one or more of {', '.join(POLICY_NAMES)}")
+        for name in ("requests", "token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk",
+                     "max_prompt_tokens", "max_output_tokens", "repeats", "router_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise BenchError(f"BenchConfig.{name}={v!r} must be an integer >= 1")
+        if self.rate is not None and not self.rate > 0:
+            raise BenchError(f"rate={self.rate!r} must be > 0 requests/s (omit it for all at t=0)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
+
+    def scheduler(self, policy: str) -> SchedulerConfig:
+        return SchedulerConfig(policy=policy, token_budget=self.token_budget, max_running=self.max_running,
+                               kv_capacity_tokens=self.kv_capacity_tokens, max_wait_steps=self.max_wait_steps,
+                               prefill_chunk=self.prefill_chunk)
+
+
+@dataclass
+class RunResult:
+    requests: list[RequestMetrics]
+    steps: list[StepRecord]
+    failed: dict[str, str]
+
+    def summary(self) -> dict:
+        return summarize(self.requests, self.steps)
+
+
+# ----------------------------------------------------------------------------------------- routers
+
+
+def distill_router(moe: MoEForCausalLM, tokenizer, steps: int = 40, seq_len: int = 128, batch: int = 4,
+                   seed: int = 0, progress: Callable[[str], None] = print) -> PreGatingRouter:
+    """A paper-shaped router distilled for `steps` steps on the MoE's own expert scores (train split of
+    its domains, `distill_graded`). A stand-in for `pregate train` so a bare MoE can be benchmarked."""
+    from pregate import data
+
+    torch.manual_seed(seed)
+    base = moe.config.base
+    router = PreGatingRouter(RouterConfig.preset("readme", vocab_size=base["vocab_size"], num_experts=moe.num_experts))
+    router.init_embedding_from(moe.embed_tokens.weight.float())
+    domains = list(moe.config.provenance.get("domains") or moe.config.expert_names)
+    pool = torch.cat([data.token_blocks(tokenizer, d, "train", seq_len * batch * 2, seq_len) for d in domains])
+    opt = torch.optim.AdamW(router.parameters(), lr=5e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        ids = pool[torch.randint(len(pool), (batch,), generator=g)]
+        with torch.no_grad():
+            scores = moe.expert_scores(ids).float().permute(1, 0, 2)  # [T, L, E]
+        loss = distill_graded(router(ids).reshape(-1, moe.num_experts), scores)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i % 10 == 0 or i == steps - 1:
+            progress(f"  distilling a router: step {i + 1}/{steps}, loss {loss.item():.3f}")
+    return router.eval()
+
+
+def load_parts(model_dir: str | Path, cfg: BenchConfig, progress: Callable[[str], None] = print):
+    """(MoE, tokenizer, router, how the router was obtained)."""
+    from transformers import AutoTokenizer
+
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    moe = load_moe(model_dir, dtype)
+    if moe.num_experts == 0:
+        raise BenchError(f"{model_dir} has no routed experts; give a MoE checkpoint from `pregate refactor`/`train`")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if (Path(model_dir) / "router_config.json").is_file():
+        from pregate.train import load_router
+
+        router = load_router(model_dir)
+        if not isinstance(router, PreGatingRouter):
+            raise BenchError(f"{model_dir} holds a layer-wise gate; serving needs a pre-gating router")
+        return moe, tokenizer, router, f"trained ({model_dir}/router.safetensors)"
+    progress(f"{model_dir} has no trained router; distilling one for {cfg.router_steps} steps")
+    moe32 = load_moe(model_dir, torch.float32)
+    router = distill_router(moe32, tokenizer, cfg.router_steps, seed=cfg.seed, progress=progress)
+    return moe, tokenizer, router, f"distilled here for {cfg.router_steps} steps (no trained router)"
+
+
+# ----------------------------------------------------------------------------------------- replay
+
+
+def replay(engine: Engine, trace: list[WorkloadRequest]) -> RunResult:
+    """Serve `trace` in real time: a request is added once its arrival time has passed; returns metrics."""
+    pending = sorted(trace, key=lambda r: r.arrival_time)
+    t0 = engine.metrics.clock()
+    i = 0
+    while i < len(pending) or engine.has_work():
+        now = engine.metrics.clock()
+        while i < len(pending) and t0 + pending[i].arrival_time <= now:
+            r = pending[i]
+            params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
+            try:
+                engine.add_request(r.prompt, params, request_id=r.request_id, arrival_time=t0 + r.arrival_time)
+            except PregateError as err:
+                engine.failed[r.request_id] = str(err)
+            i += 1
+        if engine.has_work():
+            engine.step()
+        elif i < len(pending):
+            time.sleep(max(0.0, t0 + pending[i].arrival_time - engine.metrics.clock()))
+        for rid in [m.request_id for m in engine.metrics.requests]:
+            engine.result(rid)  # drop finished outputs: only their metrics matter here
+    return RunResult(list(engine.metrics.requests), list(engine.metrics.steps), dict(engine.failed))
+
+
+@torch.no_grad()
+def replay_hf_static(hf, tokenizer, trace: list[WorkloadRequest], batch_size: int) -> RunResult:
+    """HF `generate` with static batches: when idle, take up to batch_size arrived requests, left-pad,
+    generate the longest output length of the batch (greedy); every request ends with its batch."""
+    pending = sorted(trace, key=lambda r: r.arrival_time)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0, i, done, steps = time.perf_counter(), 0, [], []
+    while i < len(pending):
+        now = time.perf_counter()
+        if t0 + pending[i].arrival_time > now:
+            time.sleep(t0 + pending[i].arrival_time - now)
+            continue
+        batch = []
+        while i < len(pending) and len(batch) < batch_size and t0 + pending[i].arrival_time <= now:
+            batch.append(pending[i])
+            i += 1
+        ids = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in batch]
+        width = max(map(len, ids))
+        x = torch.tensor([[pad] * (width - len(s)) + s for s in ids])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
+        n = max(r.output_len for r in batch)
+        start = time.perf_counter()
+        hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+        end = time.perf_counter()
+        steps.append(StepRecord(len(steps), start, end, len(batch) * (width + n), 0, len(batch) * width, len(batch) * n))
+        # static batching returns nothing before the batch ends: first token = finish = batch end
+        done += [RequestMetrics(r.request_id, t0 + r.arrival_time, end, end, r.output_len) for r in batch]
+    return RunResult(done, steps, {})
+
+
+# ----------------------------------------------------------------------------------------- the benchmark
+
+
+METRICS = {  # table column -> (summary key, field)
+    "norm_mean": ("normalized_latency", "mean"), "norm_p50": ("normalized_latency", "p50"),
+    "norm_p95": ("normalized_latency", "p95"), "norm_p99": ("normalized_latency", "p99"),
+    "norm_max": ("normalized_latency", "max"), "ttft_mean": ("ttft", "mean"), "ttft_p95": ("ttft", "p95"),
+    "tpot_mean": ("tpot", "mean"), "throughput": ("throughput", None),
+    "experts_per_step": ("unique_experts_per_step_mean", None), "tokens_per_step": ("tokens_per_step_mean", None),
+    "step_time_mean": ("step_time_mean", None), "makespan": ("makespan", None),
+}
+
+
+def flat_metrics(summary: dict) -> dict[str, float | None]:
+    out = {}
+    for name, (key, sub) in METRICS.items():
+        v = summary.get(key)
+        out[name] = (v or {}).get(sub) if sub else v
+    return out
+
+
+def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | None = None,
+              progress: Callable[[str], None] = print) -> dict:
+    """Run the benchmark; returns {"policies": {name: {metric: median}}, "workload": {...}, "runs": ...}."""
+    moe, tokenizer, router, router_note = load_parts(model_dir, cfg, progress)
+    if trace_path is not None and Path(trace_path).is_file():
+        trace = load_trace(trace_path)
+        source = f"trace {trace_path}"
+    else:
+        count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
+        trace = sharegpt_workload(cfg.requests, cfg.rate, cfg.seed, count, cfg.max_prompt_tokens,
+                                  cfg.max_output_tokens, pool=max(500, 20 * cfg.requests))
+        source = "ShareGPT first turns"
+        if trace_path is not None:
+            save_trace(trace_path, trace)
+    names = list(cfg.policies)
+    hf = dense = None
+    if cfg.dense or cfg.hf:
+        from pregate import hub
+
+        dtype = next(moe.parameters()).dtype
+        hf = hub.load_dense(moe.config.provenance["base"], dtype)[0]
+        n, i = hf.config.num_hidden_layers, hf.config.intermediate_size
+        dense = build_moe_from_dense(hf, [torch.arange(i)] * n, [[] for _ in range(n)]) if cfg.dense else None
+    names += [DENSE] * cfg.dense + [HF] * cfg.hf
+
+    def one(name: str) -> RunResult:
+        if name == HF:
+            return replay_hf_static(hf, tokenizer, trace, cfg.max_running)
+        if name == DENSE:
+            return replay(Engine(dense, tokenizer, None, cfg.scheduler("fcfs")), trace)
+        return replay(Engine(moe, tokenizer, router, cfg.scheduler(name)), trace)
+
+    progress(f"warm-up ({len(trace)} requests, router: {router_note})")
+    warm = trace[:2]
+    for m in (moe, dense):
+        if m is not None:
+            replay(Engine(m, tokenizer, router if m is moe else None, cfg.scheduler("fcfs")),
+                   [WorkloadRequest(r.request_id, r.prompt, 4) for r in warm])
+    runs: dict[str, list[RunResult]] = {n: [] for n in names}
+    for rep in range(cfg.repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]  # rotate: no run is always first
+        for name in order:
+            t = time.perf_counter()
+            res = one(name)
+            runs[name].append(res)
+            s = flat_metrics(res.summary())
+            progress(f"repeat {rep + 1}/{cfg.repeats} {name:14s} {time.perf_counter() - t:6.1f} s  "
+                     f"norm mean {s['norm_mean'] * 1e3:7.1f} ms/tok  p95 {s['norm_p95'] * 1e3:7.1f}  "
+                     f"experts/step {s['experts_per_step'] or 0:.2f}" + (f"  failed {len(res.failed)}" if res.failed else ""))
+    policies = {}
+    for name, rs in runs.items():
+        flats = [flat_metrics(r.summary()) for r in rs]
+        policies[name] = {k: (statistics.median(v) if (v := [f[k] for f in flats if f[k] is not None]) else None) for k in METRICS}
+        policies[name]["failed"] = max(len(r.failed) for r in rs)
+    if HF in policies:
+        policies[HF]["tpot_mean"] = None  # static batches return every token at the batch's end
+    prompt_lens = [r.prompt_tokens or 0 for r in trace]
+    workload = {
+        "source": source, "requests": len(trace), "rate": cfg.rate, "seed": cfg.seed,
+        "prompt_tokens_mean": sum(prompt_lens) / len(trace), "output_tokens_mean": sum(r.output_len for r in trace) / len(trace),
+        "last_arrival": max(r.arrival_time for r in trace), "model": str(model_dir), "router": router_note,
+        "config": asdict(cfg), "threads": torch.get_num_threads(),
+    }
+    return {"policies": policies, "workload": workload, "runs": runs}
+
+
+def format_table(result: dict) -> str:
+    cols = [("norm_mean", 1e3), ("norm_p50", 1e3), ("norm_p95", 1e3), ("norm_p99", 1e3), ("norm_max", 1e3),
+            ("ttft_mean", 1), ("tpot_mean", 1e3), ("throughput", 1), ("experts_per_step", 1)]
+    head = f"{'policy':14s}" + "".join(f"{c:>12s}" for c, _ in cols[:-1]) + f"{'experts/step':>14s}"
+    lines = [head, "(normalized latency and TPOT in ms/token, TTFT in s, throughput in generated tok/s)"]
+    for name, m in result["policies"].items():
+        lines.append(f"{name:14s}" + "".join(f"{m[c] * s:12.2f}" if m[c] is not None else f"{'-':>12s}" for c, s in cols[:-1])
+                     + f"{m['experts_per_step'] or 0:14.2f}")
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict, json_path: str | Path) -> list[Path]:
+    """The JSON (without raw runs, plus per-request normalized latencies) and the PNG plots beside it."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    runs = result["runs"]
+    out = {"policies": result["policies"], "workload": result["workload"],
+           "normalized_latency_samples": {n: [m.normalized_latency for m in rs[0].requests] for n, rs in runs.items()}}
+    json_path.write_text(json.dumps(out, indent=1))
+    return [json_path, *plot_bench(runs, json_path.with_suffix(""))]
+
+
+def plot_bench(runs: dict[str, list[RunResult]], stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, rs in runs.items():
+        xs = sorted(m.normalized_latency * 1e3 for r in rs for m in r.requests)
+        ax.plot(xs, [(k + 1) / len(xs) for k in range(len(xs))], label=name, lw=1.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("normalized latency (ms per generated token, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("Latency CDF per policy (all repeats)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(stem.with_name(stem.name + "_latency_cdf.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, rs in runs.items():
+        steps = [s for r in rs for s in r.steps if s.num_prefill_tokens == 0 and s.unique_experts > 0]
+        if not steps:
+            continue
+        ax.scatter([s.unique_experts + (hash(name) % 7 - 3) * 0.03 for s in steps], [s.duration * 1e3 for s in steps], s=6, alpha=0.3, label=name)
+    by_e: dict[int, list[float]] = {}
+    for rs in (runs[n] for n in runs if n not in (DENSE, HF)):
+        for r in rs:
+            for s in r.steps:
+                if s.num_prefill_tokens == 0:
+                    by_e.setdefault(s.unique_experts, []).append(s.duration * 1e3)
+    if by_e:
+        es = sorted(by_e)
+        ax.plot(es, [statistics.median(by_e[e]) for e in es], "k-o", label="median (MoE policies)")
+    ax.set_xlabel("unique experts in the step")
+    ax.set_ylabel("step latency (ms)")
+    ax.set_title("Decode-step latency vs unique experts (Read-ME Fig. 3b)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(stem.with_name(stem.name + "_step_vs_experts.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def bench_serve(model_dir: str | Path, json_path: str | Path, cfg: BenchConfig, trace_path: str | Path | None = None) -> dict:
+    """The library function behind `pregate bench serve`: run, print the table, write JSON + plots."""
+    if not Path(model_dir).is_dir():
+        raise BenchError(f"{model_dir} is not a directory; give a MoE checkpoint from `pregate refactor` or `pregate train`")
+    try:
+        result = run_bench(model_dir, cfg, trace_path)
+    except SchedulerError as err:
+        raise BenchError(str(err)) from None
+    print(format_table(result))
+    for p in write_outputs(result, json_path):
+        print(f"wrote {p}")
+    return result

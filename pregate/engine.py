@@ -1,0 +1,471 @@
+"""The serving engine: continuous batching of a pregate MoE with pre-gating.
+
+One engine step (vLLM-v1 style, the protocol of `pregate.scheduler`):
+
+    out = scheduler.schedule()                 # which requests run, how many of their tokens
+    pack every item into one flat token stream, one `Segment` (with the request's KVCache) per item
+    logits = model.forward_packed(stream, segments, routing=stored expert ids/weights of those tokens,
+                                  logits_at=rows that produce a token)
+    sample each producing request's next token, route it at once (router.step on that one token)
+    scheduler.update(out, StepResult(sampled={request: expert of the new token}, finished=...))
+
+Pre-gating: a request's prompt is routed when it is added (router.step over the whole prompt with the
+request's own RouterCache), and each generated token right after it is sampled, so the scheduler knows
+the expert of every queued token before it runs. The MoE groups the step's tokens by expert once per
+forward (`RoutingPlan`) and reuses that grouping in every layer.
+
+Memory and admission are the scheduler's: a request reserves prompt + max_tokens KV tokens; one that fits
+only later waits, one that can never fit is rejected with the scheduler's reason. Bad requests fail alone:
+`add_request` raises `RequestError` before anything is queued, `generate` turns that into a failed
+`GenerationOutput` and serves the rest.
+
+Not thread-safe: drive one engine from one thread (an HTTP layer runs `step()` in a single loop).
+Legend: T tokens in the step's flat stream, K experts per token, V vocab, E routed experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from pregate.errors import PregateError
+from pregate.metrics import MetricsRecorder
+from pregate.moe import MoEForCausalLM, Routing, Segment
+from pregate.router import PreGatingRouter
+from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerError, SchedulerOutput, StepResult
+
+
+class RequestError(PregateError):
+    """A request the engine cannot serve (bad sampling parameters, empty or too long prompt, no room)."""
+
+
+class EngineError(PregateError):
+    """The engine cannot be built from these parts (model, router, tokenizer do not fit together)."""
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request. temperature 0 is greedy (top_p and seed are then irrelevant).
+
+    max_tokens: new tokens at most. stop: strings that end generation (the text is cut before the stop
+    string; the token that completed it is kept in token_ids). seed: per-request generator, so a seeded
+    request samples the same tokens whatever else is in its batches; None draws a fresh seed.
+    ignore_eos: keep generating past the end-of-sequence token (benchmarks replaying reference lengths).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        m = self.max_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise RequestError(f"SamplingParams.max_tokens={m!r} must be an integer >= 1")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
+            raise RequestError(f"SamplingParams.temperature={t!r} must be a finite number >= 0 (0 = greedy)")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise RequestError(f"SamplingParams.top_p={p!r} must lie in (0, 1] (1 = no nucleus cut)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise RequestError(f"SamplingParams.seed={self.seed!r} must be None or an integer >= 0")
+        bad = next((s for s in self.stop if not isinstance(s, str) or not s), None)
+        if bad is not None:
+            raise RequestError(f"SamplingParams.stop contains {bad!r}; stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from logits [V] (float32, CPU): argmax, or temperature + top-p (nucleus) sampling.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches top_p (at least one).
+    """
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        before = sorted_p.cumsum(0) - sorted_p  # mass strictly above each token
+        sorted_p[before >= params.top_p] = 0  # the first token always stays (before = 0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+@dataclass
+class RequestOutput:
+    """A streaming event: what one request produced in one step (new tokens, new text), or its end."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "length", "stop", "eos", "abort" or "error"
+    error: str | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """The whole result of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "length", "stop", "eos", "abort" or "error"
+    expert_ids: list[int] = field(default_factory=list)  # primary expert of each fed generated token
+    error: str | None = None
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Sequence:
+    """The engine's per-request state: token ids, routing, caches, sampler, streamed text."""
+
+    rid: str
+    params: SamplingParams
+    tokens: list[int]  # prompt then generated ids
+    prompt_len: int
+    route_ids: torch.Tensor  # [P + max_tokens, K] long; rows of routed tokens are valid
+    route_w: torch.Tensor  # [P + max_tokens, K] float32
+    kv: object  # the model's KVCache
+    rcache: object | None  # the router's RouterCache (None: no routed experts)
+    generator: torch.Generator | None
+    callback: OutputCallback | None
+    text: str = ""  # generated text (stop string cut off once found)
+    sent: int = 0  # characters of text already streamed
+    finish_reason: str | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+
+class Engine:
+    """Continuous-batching runner of a `MoEForCausalLM` under a `Scheduler` policy, with pre-gating.
+
+    model: the MoE (or a dense parent built with 0 routed experts; routing is then None).
+    tokenizer: a Hugging Face tokenizer (needed for text prompts, text output and stop strings).
+    router: a `PreGatingRouter` over the model's vocabulary and routed experts; required when the model
+    has routed experts. scheduler_config: budgets and policy. clock: the metrics clock (injectable).
+    """
+
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        tokenizer=None,
+        router: PreGatingRouter | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        device: str | torch.device | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.scheduler = Scheduler(self.scheduler_config)
+        base = model.config.base
+        if model.num_experts > 0:
+            if router is None:
+                raise EngineError(
+                    f"the model has {model.num_experts} routed experts, so the engine needs a router; "
+                    "pass a PreGatingRouter (e.g. pregate.train.load_router(checkpoint_dir))"
+                )
+            if not isinstance(router, PreGatingRouter):
+                raise EngineError(
+                    f"router is a {type(router).__name__}; pre-gating serving needs a PreGatingRouter "
+                    "(a layer-wise gate only knows a token's expert inside the backbone)"
+                )
+            if router.cfg.num_experts != model.num_experts or router.cfg.vocab_size != base["vocab_size"]:
+                raise EngineError(
+                    f"router (vocab {router.cfg.vocab_size}, {router.cfg.num_experts} experts) does not fit the "
+                    f"model (vocab {base['vocab_size']}, {model.num_experts} experts); use the router trained for it"
+                )
+            self.router: PreGatingRouter | None = router.to(self.device).eval()
+            self.top_k = router.cfg.top_k
+        else:
+            self.router, self.top_k = None, 1  # dense parent: nothing to route
+        # longest sequence: the backbone's positions and the router's cache (the last token is never routed)
+        self.max_context = int(base.get("max_position_embeddings") or 1 << 30)
+        if self.router is not None:
+            self.max_context = min(self.max_context, self.router.cfg.max_seq_len + 1)
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        eos = base.get("eos_token_id") if eos is None else eos
+        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.metrics = MetricsRecorder(clock)
+        self._seqs: dict[str, _Sequence] = {}
+        self._ids = itertools.count()
+        self._results: dict[str, GenerationOutput] = {}  # finished, not yet collected by generate/stream
+        self.failed: dict[str, str] = {}  # request_id -> reason, for requests rejected or failed
+
+    # -- input
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        callback: OutputCallback | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a prompt (text, or token ids) and route it; returns its request id.
+
+        Raises RequestError (nothing is queued) for an empty prompt, unknown token ids, a sequence longer
+        than the context, a request that can never fit the KV budget, or a duplicate id. callback (if
+        given) receives this request's RequestOutput events as they happen. arrival_time (metrics clock)
+        defaults to now; a trace replay passes the scheduled arrival so late polling counts as latency.
+        """
+        params = params or SamplingParams()
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._seqs or rid in self._results:
+            raise RequestError(f"request id {rid!r} is already in use; ids must be unique")
+        ids = self._encode(prompt, rid)
+        total = len(ids) + params.max_tokens
+        if total > self.max_context:
+            raise RequestError(
+                f"request {rid!r}: prompt {len(ids)} + max_tokens {params.max_tokens} = {total} tokens exceeds "
+                f"the context of {self.max_context}; shorten the prompt or lower max_tokens"
+            )
+        with torch.inference_mode():
+            route_ids, route_w, rcache, primary = self._route_prompt(ids, total)
+        req = Request(rid, primary, params.max_tokens)
+        try:
+            self.scheduler.add_request(req)
+        except SchedulerError as err:
+            raise RequestError(str(err)) from None
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else random.randrange(2**62))
+        self._seqs[rid] = _Sequence(
+            rid, params, list(ids), len(ids), route_ids, route_w, self.model.new_cache(capacity=total),
+            rcache, generator, callback,
+        )
+        self.metrics.on_arrival(rid, at=arrival_time)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now (e.g. its client went away); True if it was queued or running."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.abort(request_id)  # never inside a step: step() always updates before returning
+        self.metrics.on_abort(request_id)
+        self._finish(seq, "abort", [])
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns the events of every request that produced output or ended."""
+        if not self.scheduler.has_work():
+            return []
+        start = self.metrics.clock()
+        out = self.scheduler.schedule()
+        assert not out.is_empty
+        with torch.inference_mode():
+            logits = self._forward(out)  # [producers, V] float32 on CPU
+        sampled: dict[str, int] = {}
+        finished: set[str] = set()
+        events: list[RequestOutput] = []
+        new_tokens: dict[str, int] = {}
+        row = 0
+        for it in out.items:
+            seq = self._seqs[it.request_id]
+            if it.start + it.num_tokens < seq.prompt_len:
+                continue  # a prefill chunk that does not complete the prompt produces nothing
+            tok = sample_token(logits[row], seq.params, seq.generator)
+            row += 1
+            seq.tokens.append(tok)
+            new_tokens[seq.rid] = tok
+            reason = self._stop_reason(seq, tok)
+            if reason is not None:
+                seq.finish_reason = reason
+                finished.add(seq.rid)
+            else:
+                with torch.inference_mode():
+                    sampled[seq.rid] = self._route_token(seq, tok)
+        assert row == logits.shape[0]
+        now = self.metrics.clock()
+        for rid, tok in new_tokens.items():
+            self.metrics.on_token(rid, at=now)
+        done = self.scheduler.update(out, StepResult(sampled, frozenset(finished)))
+        self.metrics.on_step(
+            out.step, start, out.num_tokens, out.unique_experts if self.router is not None else 0,
+            out.num_prefill_tokens, out.num_decode_tokens, end=now,
+        )
+        done_ids = {r.request_id for r in done}
+        for rid, tok in new_tokens.items():
+            seq = self._seqs.get(rid)
+            if seq is None:
+                continue  # aborted by an earlier request's callback in this loop
+            if rid in done_ids:
+                seq.finish_reason = seq.finish_reason or "length"
+                self.metrics.on_finish(rid, at=now)
+                events.append(self._finish(seq, seq.finish_reason, [tok]))
+            else:
+                events.append(self._emit(seq, [tok]))
+        return events
+
+    # -- drivers
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        """Serve all prompts together until done; results in prompt order. A request that cannot be
+        served comes back with finish_reason "error" and the message in `error`; the others run."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise RequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts; give one or one per prompt")
+        rids: list[str] = []
+        for prompt, p in zip(prompts, plist):
+            rid = f"gen-{next(self._ids)}"
+            try:
+                self.add_request(prompt, p, request_id=rid)
+            except PregateError as err:
+                self.failed[rid] = str(err)
+                ids = list(prompt) if not isinstance(prompt, str) else []
+                self._results[rid] = GenerationOutput(rid, ids, [], "", "error", error=str(err))
+            rids.append(rid)
+        while any(r not in self._results for r in rids):
+            self.step()
+        return [self._results.pop(r) for r in rids]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Add one request and drive the engine (every request progresses) until it ends, yielding its
+        events as they happen. Raises RequestError before the first event if it cannot be served."""
+        rid = self.add_request(prompt, params, request_id)
+        while rid not in self._results:
+            for ev in self.step():
+                if ev.request_id == rid:
+                    yield ev
+        self._results.pop(rid)
+
+    def result(self, request_id: str) -> GenerationOutput | None:
+        """The finished result of a request added with add_request without a callback (removed once
+        read); None if not done. Requests with a callback keep no result (their events carried it all)."""
+        return self._results.pop(request_id, None)
+
+    # -- internals
+    def _encode(self, prompt: str | Sequence[int], rid: str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"request {rid!r}: a text prompt needs an engine built with a tokenizer; pass token ids")
+            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise RequestError(f"request {rid!r}: empty prompt; send at least one token")
+        vocab = self.model.config.base["vocab_size"]
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise RequestError(f"request {rid!r}: token id {bad} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _route_prompt(self, ids: list[int], total: int):
+        """Route the prompt at once: (ids [total, K], weights [total, K], router cache, primary experts)."""
+        route_ids = torch.zeros(total, self.top_k, dtype=torch.long, device=self.device)
+        route_w = torch.ones(total, self.top_k, dtype=torch.float32, device=self.device)
+        if self.router is None:
+            return route_ids, route_w, None, [0] * len(ids)
+        rcache = self.router.new_cache(1)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        e, w = self.router.route(self.router.step(x, rcache))  # [1, P, K]
+        route_ids[: len(ids)], route_w[: len(ids)] = e[0], w[0].float()
+        return route_ids, route_w, rcache, e[0, :, 0].tolist()
+
+    def _route_token(self, seq: _Sequence, tok: int) -> int:
+        """Route a just-sampled token with the request's router cache; returns its primary expert."""
+        if self.router is None:
+            return 0
+        pos = len(seq.tokens) - 1
+        x = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+        e, w = self.router.route(self.router.step(x, seq.rcache))  # [1, 1, K]
+        seq.route_ids[pos], seq.route_w[pos] = e[0, 0], w[0, 0].float()
+        return int(e[0, 0, 0])
+
+    def _forward(self, out: SchedulerOutput) -> torch.Tensor:
+        """One forward over the step's packed items -> logits of the token-producing rows [n, V]."""
+        ids, segments, rows, routes, weights = [], [], [], [], []
+        offset = 0
+        for it in out.items:
+            seq = self._seqs[it.request_id]
+            lo, hi = it.start, it.start + it.num_tokens
+            assert seq.kv.length == lo, "the scheduler and the KV cache disagree on the position"
+            ids.extend(seq.tokens[lo:hi])
+            segments.append(Segment(it.num_tokens, seq.kv))
+            routes.append(seq.route_ids[lo:hi])
+            weights.append(seq.route_w[lo:hi])
+            offset += it.num_tokens
+            if hi >= seq.prompt_len:
+                rows.append(offset - 1)
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
+        routing = Routing(torch.cat(routes), torch.cat(weights)) if self.router is not None else None
+        at = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits = self.model.forward_packed(x, segments, routing, logits_at=at)  # [n, V]
+        return logits.float().cpu()
+
+    def _stop_reason(self, seq: _Sequence, tok: int) -> str | None:
+        """Update the request's text and say why it stops now (None: it goes on)."""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            if seq.params.stop:
+                # only the tail can hold a new match: earlier text was checked in earlier steps
+                lo = max(0, len(seq.text) - max(len(s) for s in seq.params.stop))
+                hits = [i for s in seq.params.stop if (i := text.find(s, lo)) >= 0]
+                if hits:
+                    seq.text = text[: min(hits)]
+                    return "stop"
+            seq.text = text
+        if tok in self.eos_ids and not seq.params.ignore_eos:
+            return "eos"
+        if len(seq.generated) >= seq.params.max_tokens:
+            return "length"
+        return None
+
+    def _emit(self, seq: _Sequence, toks: list[int], finished: bool = False) -> RequestOutput:
+        # hold back a tail that could still grow into a stop string, so streamed text never shows one
+        hold = 0 if finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        upto = max(seq.sent, len(seq.text) - hold)
+        ev = RequestOutput(seq.rid, toks, seq.text[seq.sent : upto], finished, seq.finish_reason if finished else None)
+        seq.sent = upto
+        if seq.callback is not None:
+            try:
+                seq.callback(ev)
+            except Exception as err:  # a broken consumer ends its own request, never the engine
+                if not finished:
+                    self.failed[seq.rid] = f"output callback raised {type(err).__name__}: {err}"
+                    self.abort(seq.rid)
+        return ev
+
+    def _finish(self, seq: _Sequence, reason: str, toks: list[int]) -> RequestOutput:
+        seq.finish_reason = reason
+        del self._seqs[seq.rid]
+        if seq.callback is None:  # a streamed request's consumer already has everything: keep nothing
+            self._results[seq.rid] = GenerationOutput(
+                seq.rid, seq.tokens[: seq.prompt_len], seq.generated, seq.text, reason,
+                seq.route_ids[seq.prompt_len : len(seq.tokens) - 1, 0].tolist(),
+            )
+        return self._emit(seq, toks, finished=True)

@@ -1,0 +1,218 @@
+"""An OpenAI-compatible HTTP server over the engine (`pregate serve`).
+
+Thin by design: decode the request, hand it to the engine loop, encode the answer (JSON, or server-sent
+events when `stream` is true). The engine is not thread-safe, so one background thread owns it: HTTP
+handlers post commands to its inbox and receive events through an asyncio queue per request.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
+A request that the engine refuses (empty prompt, too long, bad sampling parameters) gets HTTP 400 with an
+OpenAI-style error body; the other requests are unaffected. A client that disconnects mid-stream aborts
+its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pregate.engine import Engine, RequestOutput, SamplingParams
+from pregate.errors import PregateError
+
+
+@dataclass
+class _Submit:
+    prompt: Any
+    params: SamplingParams
+    rid: str
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+
+
+class EngineLoop:
+    """Runs `engine.step()` on its own thread while there is work; commands arrive through an inbox."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pregate-engine", daemon=True)
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, prompt, params: SamplingParams, rid: str, loop, events: asyncio.Queue) -> None:
+        self.inbox.put(_Submit(prompt, params, rid, loop, events))
+
+    def abort(self, rid: str) -> None:
+        self.inbox.put(("abort", rid))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            block = not self.engine.has_work()
+            try:
+                while True:
+                    cmd = self.inbox.get(block=block, timeout=0.5 if block else None)
+                    block = False
+                    self._handle(cmd)
+            except queue.Empty:
+                pass
+            if self.engine.has_work():
+                self.engine.step()
+
+    def _handle(self, cmd) -> None:
+        if cmd is None:
+            return
+        if isinstance(cmd, tuple) and cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+            return
+
+        def deliver(ev: RequestOutput, cmd=cmd) -> None:
+            cmd.loop.call_soon_threadsafe(cmd.events.put_nowait, ev)
+
+        try:
+            self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.rid, callback=deliver)
+        except PregateError as err:
+            deliver(RequestOutput(cmd.rid, [], "", True, "error", error=str(err)))
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error"):
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+
+
+def _sampling(body: dict) -> SamplingParams:
+    stop = body.get("stop") or ()
+    return SamplingParams(
+        max_tokens=body.get("max_tokens") if body.get("max_tokens") is not None else 16,
+        temperature=body.get("temperature") if body.get("temperature") is not None else 1.0,
+        top_p=body.get("top_p") if body.get("top_p") is not None else 1.0,
+        seed=body.get("seed"),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+    )
+
+
+def build_app(engine: Engine, model_name: str = "pregate"):
+    """The FastAPI application; the engine loop starts with the app and stops with it."""
+    from contextlib import asynccontextmanager
+
+    runner = EngineLoop(engine)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        runner.start()
+        yield
+        runner.stop()
+
+    app = FastAPI(title="pregate", lifespan=lifespan)
+
+    async def run(prompt, body: dict, chat: bool):
+        try:
+            params = _sampling(body)
+        except PregateError as err:
+            return _error(400, str(err))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
+        events: asyncio.Queue = asyncio.Queue()
+        runner.submit(prompt, params, rid, asyncio.get_running_loop(), events)
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str, reason: str | None, delta: bool) -> dict:
+            if chat:
+                key = "delta" if delta else "message"
+                return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason}
+            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+
+        first = await events.get()
+        if first.error is not None:
+            return _error(400, first.error)
+
+        if not body.get("stream"):
+            text, ev, completion = first.new_text, first, len(first.new_token_ids)
+            while not ev.finished:
+                ev = await events.get()
+                text += ev.new_text
+                completion += len(ev.new_token_ids)
+            if ev.error is not None:
+                return _error(500, ev.error, "server_error")
+            n_prompt = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            return {
+                "id": rid, "object": obj, "created": created, "model": model_name,
+                "choices": [choice(text, _reason(ev.finish_reason), delta=False)],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion},
+            }
+
+        async def sse():
+            ev = first
+            chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+            try:
+                while True:
+                    reason = _reason(ev.finish_reason) if ev.finished else None
+                    if ev.new_text or ev.finished:
+                        payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name,
+                                   "choices": [choice(ev.new_text, reason, delta=True)]}
+                        yield f"data: {json.dumps(payload)}\n\n"
+                    if ev.finished:
+                        break
+                    ev = await events.get()
+                yield "data: [DONE]\n\n"
+            except asyncio.CancelledError:  # the client went away: free its slot
+                runner.abort(rid)
+                raise
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                return _error(400, "send one prompt per request (a list of several prompts is not supported)")
+            prompt = prompt[0]
+        if not isinstance(prompt, (str, list)):
+            return _error(400, "prompt must be a string or a list of token ids")
+        return await run(prompt, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await request.json()
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "messages must be a non-empty list of {role, content}")
+        tok = engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            return _error(400, "this model's tokenizer has no chat template; use /v1/completions")
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as err:  # a malformed message list is the client's mistake
+            return _error(400, f"cannot apply the chat template to these messages: {err}")
+        return await run(list(ids), body, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "pregate"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return app
+
+
+def _reason(reason: str | None) -> str | None:
+    """OpenAI's finish reasons: 'stop' (eos or a stop string) or 'length'."""
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason)

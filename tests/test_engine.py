@@ -1,0 +1,226 @@
+"""The serving engine on tiny float32 models: batched == one-by-one, dense == HF generate, sampling, errors."""
+
+import pytest
+import torch
+
+from pregate.engine import Engine, EngineError, RequestError, SamplingParams, sample_token
+from pregate.moe import Routing, build_moe_from_dense
+from pregate.router import PreGatingRouter, RouterConfig
+from pregate.scheduler import POLICY_NAMES, SchedulerConfig
+from tests.conftest import tiny_hf_model, tiny_tokenizer
+from tests.test_moe import build
+
+VOCAB = 97
+
+
+def tiny_router(num_experts: int = 3, seed: int = 0, top_k: int = 1) -> PreGatingRouter:
+    torch.manual_seed(seed)
+    router = PreGatingRouter(RouterConfig.preset("tiny", vocab_size=VOCAB, num_experts=num_experts, top_k=top_k))
+    with torch.no_grad():  # random but decisive: every expert gets tokens
+        for p in router.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    return router.eval()
+
+
+@pytest.fixture(scope="module")
+def moe_and_router():
+    return build(tiny_hf_model(seed=4), num_experts=3), tiny_router()
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = [1, 5, 17, 3, 40, 9, 2, 23][:n]
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
+
+
+@torch.no_grad()
+def reference_greedy(moe, router, ids: list[int], n: int) -> list[int]:
+    """One request alone, no KV cache: full recompute of the backbone and the router at every token."""
+    seq, out = list(ids), []
+    for _ in range(n):
+        x = torch.tensor([seq])
+        e, w = router.route(router(x))  # [1, L, K]
+        logits = moe(x, Routing(e[0], w[0].float()))
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        seq.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_batched_equals_one_by_one_greedy(moe_and_router, policy):
+    moe, router = moe_and_router
+    # a small token budget forces prefill chunking and expert-aware queue selection; 5 running at most
+    cfg = SchedulerConfig(policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6)
+    engine = Engine(moe, router=router, scheduler_config=cfg)
+    ps, lens = prompts(8), [6, 3, 9, 1, 7, 4, 8, 5]
+    rids = {}
+    for i in range(4):  # half at t=0 ...
+        rids[i] = engine.add_request(ps[i], SamplingParams(max_tokens=lens[i], ignore_eos=True))
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        if steps in (2, 3, 5, 9):  # ... the rest arrive mid-run
+            i = len(rids)
+            rids[i] = engine.add_request(ps[i], SamplingParams(max_tokens=lens[i], ignore_eos=True))
+    assert len(rids) == 8
+    for i, rid in rids.items():
+        got = engine.result(rid)
+        assert got.finish_reason == "length"
+        assert got.token_ids == reference_greedy(moe, router, ps[i], lens[i]), f"request {i}"
+        # pre-gating: each fed generated token's expert is the router's choice for it
+        assert len(got.expert_ids) == lens[i] - 1
+    summary = engine.metrics.summary()
+    assert summary["num_requests"] == 8
+    assert summary["generated_tokens"] == sum(lens)
+    assert max(s.num_tokens for s in engine.metrics.steps) <= 8
+    assert all(1 <= s.unique_experts <= 3 for s in engine.metrics.steps)
+
+
+def test_top2_routing_batched_equals_reference():
+    moe, router = build(tiny_hf_model(seed=5), num_experts=4), tiny_router(4, seed=1, top_k=2)
+    engine = Engine(moe, router=router, scheduler_config=SchedulerConfig(token_budget=16, policy="expert-aware"))
+    ps = prompts(4, seed=3)
+    outs = engine.generate(ps, SamplingParams(max_tokens=5, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.token_ids == reference_greedy(moe, router, p, 5)
+
+
+def test_dense_parent_equals_hf_generate():
+    hf = tiny_hf_model(seed=6)
+    n, i = hf.config.num_hidden_layers, hf.config.intermediate_size
+    dense = build_moe_from_dense(hf, [torch.arange(i)] * n, [[] for _ in range(n)])
+    engine = Engine(dense, scheduler_config=SchedulerConfig(policy="fcfs", token_budget=32))
+    ps = prompts(5, seed=7)
+    outs = engine.generate(ps, SamplingParams(max_tokens=12))
+    for p, o in zip(ps, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert o.token_ids == ref[0, len(p):].tolist()
+        assert o.finish_reason == ("eos" if o.token_ids[-1] == 2 else "length")
+    assert all(s.unique_experts == 0 for s in engine.metrics.steps)
+
+
+def test_stop_strings_and_max_tokens(tmp_path):
+    tok = tiny_tokenizer(tmp_path)
+    hf = tiny_hf_model(seed=11, vocab_size=len(tok))  # a seed whose greedy text is not all special tokens
+    moe = build(hf)
+    router = PreGatingRouter(RouterConfig.preset("tiny", vocab_size=len(tok), num_experts=3)).eval()
+    engine = Engine(moe, tok, router, SchedulerConfig(token_budget=64))
+    free = engine.generate(["the quick brown fox"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    text = free.text
+    assert len(text) >= 4
+    stop = text[-2:]  # a stop string that the unconstrained run produces late
+    streamed = []
+    rid = engine.add_request("the quick brown fox", SamplingParams(max_tokens=12, stop=[stop], ignore_eos=True),
+                             callback=streamed.append)
+    while engine.has_work():
+        engine.step()
+    assert engine.result(rid) is None  # streamed: the events are the result
+    got = engine.generate(["the quick brown fox"], SamplingParams(max_tokens=12, stop=[stop], ignore_eos=True))[0]
+    assert got.finish_reason == "stop"
+    assert got.text == text[: text.find(stop)] and got.text
+    assert got.token_ids == free.token_ids[: len(got.token_ids)] and len(got.token_ids) < 12
+    assert "".join(ev.new_text for ev in streamed) == got.text  # the stop string never streams
+    assert streamed[-1].finished and sum(len(ev.new_token_ids) for ev in streamed) == len(got.token_ids)
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(moe_and_router):
+    moe, router = moe_and_router
+    params = SamplingParams(max_tokens=10, temperature=1.3, top_p=0.9, seed=1234, ignore_eos=True)
+    p = prompts(3)[2]
+    alone = Engine(moe, router=router).generate([p], params)[0].token_ids
+    again = Engine(moe, router=router).generate([p], params)[0].token_ids
+    others = prompts(6, seed=9)
+    mixed = Engine(moe, router=router, scheduler_config=SchedulerConfig(token_budget=12, policy="expert-aware"))
+    outs = mixed.generate(others[:3] + [p] + others[3:], [SamplingParams(max_tokens=7, temperature=1.0, seed=s) for s in range(3)]
+                          + [params] + [SamplingParams(max_tokens=4) for _ in range(3)])
+    assert alone == again == outs[3].token_ids
+    other_seed = Engine(moe, router=router).generate([p], SamplingParams(max_tokens=10, temperature=1.3, top_p=0.9, seed=99, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 needs the second token; the tail is cut
+    draws = {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.1), g) for _ in range(50)}
+    assert draws == {0}
+    assert sample_token(logits, SamplingParams(), None) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(seed=-1), "seed"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(RequestError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_fail_alone(moe_and_router):
+    moe, router = moe_and_router
+    cfg = SchedulerConfig(token_budget=16, kv_capacity_tokens=100)
+    engine = Engine(moe, router=router, scheduler_config=cfg)
+    good = prompts(2)
+    outs = engine.generate(
+        [good[0], [], [7] * 255, good[1], [5, 500], [7] * 97],
+        SamplingParams(max_tokens=4, ignore_eos=True),
+    )
+    reasons = [o.finish_reason for o in outs]
+    assert reasons == ["length", "error", "error", "length", "error", "error"]
+    assert "empty prompt" in outs[1].error
+    assert "context" in outs[2].error  # 255 + 4 tokens > the tiny router's 256 positions (+1)
+    assert "vocabulary" in outs[4].error
+    assert "kv_capacity_tokens" in outs[5].error  # 97 + 4 can never fit 100 KV tokens
+    assert outs[0].token_ids == reference_greedy(moe, router, good[0], 4)
+    assert outs[3].token_ids == reference_greedy(moe, router, good[1], 4)
+    with pytest.raises(RequestError, match="text prompt needs"):
+        engine.add_request("hello")
+
+
+def test_broken_callback_aborts_only_its_request(moe_and_router):
+    moe, router = moe_and_router
+    engine = Engine(moe, router=router)
+    ps = prompts(2)
+
+    def broken(ev):
+        raise ValueError("client went away")
+
+    bad = engine.add_request(ps[0], SamplingParams(max_tokens=5, ignore_eos=True), callback=broken)
+    good = engine.add_request(ps[1], SamplingParams(max_tokens=5, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    assert engine.result(bad) is None and "client went away" in engine.failed[bad]
+    assert engine.result(good).token_ids == reference_greedy(moe, router, ps[1], 5)
+    assert [m.request_id for m in engine.metrics.requests] == [good]
+
+
+def test_stream_yields_tokens_as_they_come(moe_and_router):
+    moe, router = moe_and_router
+    engine = Engine(moe, router=router)
+    p = prompts(3)[1]
+    events = list(engine.stream(p, SamplingParams(max_tokens=6, ignore_eos=True)))
+    assert [len(e.new_token_ids) for e in events] == [1] * 6
+    assert [e.finished for e in events] == [False] * 5 + [True]
+    assert [t for e in events for t in e.new_token_ids] == reference_greedy(moe, router, p, 6)
+
+
+def test_engine_needs_a_fitting_router(moe_and_router):
+    moe, _ = moe_and_router
+    with pytest.raises(EngineError, match="needs a router"):
+        Engine(moe)
+    with pytest.raises(EngineError, match="does not fit"):
+        Engine(moe, router=tiny_router(num_experts=4))

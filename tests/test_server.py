@@ -1,0 +1,97 @@
+"""The HTTP server, end to end: a real uvicorn server on loopback and the real `openai` client."""
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import AutoTokenizer
+
+from pregate.config import RefactorConfig
+from pregate.engine import Engine, SamplingParams
+from pregate.extract import refactor
+from pregate.moe import load_moe
+from pregate.router import PreGatingRouter, RouterConfig
+from pregate.server import build_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tiny_checkpoint, tmp_path):
+    """(openai client, a second engine over the same model and router for reference answers)."""
+    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
+    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
+    model = load_moe(moe_dir)
+    tokenizer = AutoTokenizer.from_pretrained(moe_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    torch.manual_seed(0)
+    router = PreGatingRouter(RouterConfig.preset("tiny", vocab_size=model.config.base["vocab_size"], num_experts=2)).eval()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(Engine(model, tokenizer, router), "tiny-moe"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client, Engine(model, tokenizer, router)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+PROMPTS = ["the quick brown", "def f3(x):", "lazy dog jumps", "return x *"]
+
+
+def test_completion_equals_offline_generation(served):
+    client, engine = served
+    want = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8))[0]
+    got = client.completions.create(model="tiny-moe", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert got.choices[0].text == want.text
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.choices[0].finish_reason in ("length", "stop")
+
+
+def test_streaming_gives_the_same_text(served):
+    client, _ = served
+    full = client.completions.create(model="tiny-moe", prompt=PROMPTS[1], max_tokens=10, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model="tiny-moe", prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_concurrent_requests_equal_one_by_one(served):
+    client, engine = served
+    want = [o.text for o in engine.generate(PROMPTS, SamplingParams(max_tokens=6))]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: client.completions.create(model="m", prompt=p, max_tokens=6, temperature=0).choices[0].text, PROMPTS))
+    assert got == want
+
+
+def test_chat_streaming(served):
+    client, _ = served
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    full = client.chat.completions.create(model="m", messages=messages, max_tokens=5, temperature=0).choices[0].message.content
+    parts = client.chat.completions.create(model="m", messages=messages, max_tokens=5, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in parts) == full
+
+
+def test_bad_requests_fail_alone(served):
+    client, _ = served
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="m", prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="empty prompt"):
+        client.completions.create(model="m", prompt="", max_tokens=3)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="m", prompt="abc", max_tokens=0)
+    assert client.completions.create(model="m", prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
+    assert [m.id for m in client.models.list().data] == ["tiny-moe"]
