@@ -156,6 +156,170 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), cache=args.cache_dir, force=args.force)
 
 
+# ----------------------------------------------------------------------------------------- offloading
+
+
+def _group(sub, name: str, help: str):
+    """The sub-command group `name`, reused if another command already created it."""
+    if name in sub.choices:
+        return next(a for a in sub.choices[name]._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="KIND")
+
+
+def cmd_bench_cache(args) -> None:
+    from pregate.sim import format_cache_table, save_json
+    from pregate.store import CacheBenchConfig, bench_cache
+
+    cfg = CacheBenchConfig(requests=args.requests, max_prompt=args.max_prompt, max_output=args.max_output, seed=args.seed,
+                           capacities=tuple(args.k), bandwidth=args.bandwidth, depth=args.depth,
+                           token_budget=args.token_budget, max_running=args.max_running, router=args.router,
+                           measure=not args.no_measure)
+    out_dir = Path(args.json).parent if args.json else Path("runs/offload")
+    result = bench_cache(args.model, cfg, out_dir)
+    print(format_cache_table(result))
+    print(f"routing: {result['routing']}; plots, routed trace and reference string in {out_dir}")
+    if args.json:
+        save_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
+def cmd_trace_export(args) -> None:
+    from pregate.scheduler import SchedulerConfig
+    from pregate.sim import scheduled_steps, write_references
+    from pregate.workload import load_trace
+
+    moe_cfg = json.loads((Path(args.model) / "pregate_config.json").read_text()) if Path(args.model).is_dir() else None
+    if moe_cfg is None:
+        raise PregateError(f"{args.model} is not a MoE checkpoint directory (it gives the layer and expert counts)")
+    layers, experts = moe_cfg["base"]["num_hidden_layers"], moe_cfg["num_experts"]
+    if args.trace:
+        traces = load_trace(args.trace)
+    else:
+        from pregate.store import route_sharegpt
+
+        traces = [r.trace for r in route_sharegpt(args.model, args.requests, args.max_prompt, args.max_output, args.seed)[0]]
+    steps = scheduled_steps(traces, SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running))
+    path = write_references(args.out, steps, layers, experts, args.unit)
+    print(f"wrote {path}: {len(steps)} steps, unit {args.unit} (format: see pregate.sim.write_references)")
+
+
+def cmd_simulate(args) -> None:
+    from pregate.scheduler import SchedulerConfig
+    from pregate.sim import PRESETS, CostModel, SimConfig, save_json, simulate
+    from pregate.workload import load_trace
+
+    if args.cost:
+        data = json.loads(Path(args.cost).read_text())
+        data = data.get("measured", {}).get("cost_model", data)  # a bench cache JSON or a bare cost model
+        cost = CostModel(**data)
+    else:
+        cost = PRESETS[args.preset]()
+    traces = load_trace(args.trace)
+    scfg = SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running)
+    rows = []
+    print(f"cost model: {cost.source}\nk   prefetch  hit ratio  normalized latency (s/token)  stall (s)")
+    for k in args.k:
+        for prefetch in (False, True):
+            r = simulate(traces, cost, SimConfig(capacity=k, unit=args.unit, policy=args.cache_policy, prefetch=prefetch,
+                                                  depth=args.depth, scheduler=scfg))
+            nl = r.summary["normalized_latency"]["mean"]
+            rows.append({"k": k, "prefetch": prefetch, **r.to_dict()})
+            print(f"{k:<3d} {str(prefetch):<9s} {100 * r.cache.hit_ratio:6.1f}%    {nl:<28.4g}  {r.stall_s:.3g}")
+    if args.json:
+        save_json(args.json, {"cost_model": cost.to_dict(), "runs": rows})
+        print(f"wrote {args.json}")
+
+
+def _add_offload_commands(sub) -> None:
+    from pregate.eviction import POLICY_NAMES
+    from pregate.scheduler import POLICY_NAMES as SCHED_POLICIES
+    from pregate.sim import PRESETS, UNITS
+
+    def workload_args(p) -> None:
+        p.add_argument("--requests", type=_positive_int, default=24, help="ShareGPT requests (default 24)")
+        p.add_argument("--max-prompt", type=_positive_int, default=128, help="longest prompt in tokens (default 128)")
+        p.add_argument("--max-output", type=_positive_int, default=64, help="reference response tokens kept (default 64)")
+        p.add_argument("--seed", type=int, default=0)
+
+    def sched_args(p) -> None:
+        p.add_argument("--policy", choices=SCHED_POLICIES, default="expert-aware", help="batching policy (default expert-aware)")
+        p.add_argument("--token-budget", type=_positive_int, default=64, help="tokens per step (default 64)")
+        p.add_argument("--max-running", type=_positive_int, default=16, help="requests running at once (default 16)")
+
+    p = _group(sub, "bench", "measure serving systems").add_parser(
+        "cache", help="expert-cache hit ratios per policy and k, and latency with prefetching on/off")
+    p.add_argument("model", help="a MoE checkpoint directory")
+    p.add_argument("--json", help="write the results here (plots and traces go beside it)")
+    p.add_argument("--k", type=_positive_int, nargs="+", default=[2, 3, 4, 5], help="capacities in whole experts (default 2 3 4 5)")
+    p.add_argument("--bandwidth", type=float, default=1e9, help="bytes/s cap of the emulated slow tier (default 1e9)")
+    p.add_argument("--depth", type=_positive_int, default=1, help="layers prefetched ahead (default 1)")
+    p.add_argument("--router", help="directory of a trained router (default: the model's, else oracle routing)")
+    p.add_argument("--no-measure", action="store_true", help="only the cache simulation, no model runs")
+    workload_args(p)
+    sched_args(p)
+    p.set_defaults(func=cmd_bench_cache)
+
+    p = _group(sub, "trace", "routed traces and reference strings").add_parser(
+        "export", help="write the reference string the expert cache sees (step layer expert per line)")
+    p.add_argument("model", help="a MoE checkpoint directory (layer and expert counts; routes ShareGPT if no --trace)")
+    p.add_argument("--out", required=True, help="output text file")
+    p.add_argument("--trace", help="a routed trace JSONL (e.g. routed_trace.jsonl from `bench cache`)")
+    p.add_argument("--unit", choices=UNITS, default="expert", help="cache unit: whole expert or (layer, expert) slice")
+    workload_args(p)
+    sched_args(p)
+    p.set_defaults(func=cmd_trace_export)
+
+    p = sub.add_parser("simulate", help="replay a routed trace through the scheduler and expert cache with a cost model")
+    p.add_argument("trace", help="a routed trace JSONL (prompt_experts and output_experts per request)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b-a100", help="documented cost model (default llama2-7b-a100)")
+    p.add_argument("--cost", help="a cost model JSON, or a `bench cache` JSON (its calibrated model); overrides --preset")
+    p.add_argument("--k", type=_positive_int, nargs="+", default=[2, 3, 4, 5], help="capacities in units (default 2 3 4 5)")
+    p.add_argument("--unit", choices=UNITS, default="expert")
+    p.add_argument("--cache-policy", choices=POLICY_NAMES, default="belady")
+    p.add_argument("--depth", type=_positive_int, default=1, help="layers prefetched ahead (default 1)")
+    p.add_argument("--json", help="write the results here")
+    sched_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+# ----------------------------------------------------------------------------------------- serving
+
+
+def cmd_bench_serve(args) -> None:
+    from pregate.bench import BenchConfig, bench_serve
+
+    cfg = BenchConfig(policies=args.policies, requests=args.requests, rate=args.rate or None, seed=args.seed,
+                      token_budget=args.token_budget, max_running=args.max_running, repeats=args.repeats,
+                      max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output, dtype=args.dtype,
+                      dense=not args.no_dense, hf=not args.no_hf)
+    bench_serve(args.model, args.json, cfg, args.trace)
+
+
+def _add_serve_commands(sub) -> None:
+    from pregate.bench import BenchConfig
+    from pregate.scheduler import POLICY_NAMES as SCHED_POLICIES
+
+    d = BenchConfig()
+    p = _group(sub, "bench", "measure serving systems").add_parser(
+        "serve", help="every batching policy, the dense parent and HF generate on one ShareGPT trace, side by side")
+    p.add_argument("model", help="a MoE checkpoint directory (its trained router is used; none: one is distilled)")
+    p.add_argument("--json", required=True, help="write the results here (PNG plots go beside it)")
+    p.add_argument("--policies", nargs="+", choices=SCHED_POLICIES, default=list(SCHED_POLICIES))
+    p.add_argument("--requests", type=_positive_int, default=d.requests, help=f"ShareGPT requests (default {d.requests})")
+    p.add_argument("--rate", type=float, default=d.rate, help=f"Poisson arrivals per second (default {d.rate}); 0 = all at t=0")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--trace", help="JSONL trace: replayed if it exists, else the generated trace is saved there")
+    p.add_argument("--token-budget", type=_positive_int, default=d.token_budget, help=f"tokens per step, all policies (default {d.token_budget})")
+    p.add_argument("--max-running", type=_positive_int, default=d.max_running, help=f"concurrent requests, all runs (default {d.max_running})")
+    p.add_argument("--repeats", type=_positive_int, default=d.repeats, help=f"interleaved repeats; medians are reported (default {d.repeats})")
+    p.add_argument("--max-prompt", type=_positive_int, default=d.max_prompt_tokens, help=f"longest prompt in tokens (default {d.max_prompt_tokens})")
+    p.add_argument("--max-output", type=_positive_int, default=d.max_output_tokens, help=f"reference output tokens kept (default {d.max_output_tokens})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
+    p.add_argument("--no-hf", action="store_true", help="skip HF generate with static batches")
+    p.set_defaults(func=cmd_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pregate",
@@ -229,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     _add_cache(p)
     p.set_defaults(func=cmd_demo)
+    _add_offload_commands(sub)
+    _add_serve_commands(sub)
     return parser
 
 
