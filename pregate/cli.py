@@ -295,9 +295,19 @@ def cmd_bench_serve(args) -> None:
     bench_serve(args.model, args.json, cfg, args.trace)
 
 
+def cmd_serve(args) -> None:
+    from pregate.scheduler import SchedulerConfig
+    from pregate.server import serve
+
+    cfg = SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running,
+                          kv_capacity_tokens=args.kv_capacity, max_wait_steps=args.max_wait_steps)
+    serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name)
+
+
 def _add_serve_commands(sub) -> None:
     from pregate.bench import BenchConfig
     from pregate.scheduler import POLICY_NAMES as SCHED_POLICIES
+    from pregate.scheduler import SchedulerConfig
 
     d = BenchConfig()
     p = _group(sub, "bench", "measure serving systems").add_parser(
@@ -318,6 +328,23 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate with static batches")
     p.set_defaults(func=cmd_bench_serve)
+
+    s = SchedulerConfig()
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) over a trained MoE")
+    p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
+    p.add_argument("--router", help="directory holding the router, if not the model's own")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--name", help="model name the API reports (default: the directory's name)")
+    p.add_argument("--policy", choices=SCHED_POLICIES, default=s.policy, help=f"batching policy (default {s.policy})")
+    p.add_argument("--token-budget", type=_positive_int, default=s.token_budget, help=f"tokens per step (default {s.token_budget})")
+    p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
+    p.add_argument("--kv-capacity", type=_positive_int, default=s.kv_capacity_tokens,
+                   help=f"KV-cache budget in tokens over running requests (default {s.kv_capacity_tokens})")
+    p.add_argument("--max-wait-steps", type=int, default=s.max_wait_steps,
+                   help=f"expert-aware: longest a runnable request is skipped, in steps (default {s.max_wait_steps})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ events when `stream` is true). The engine is not thread-safe, so one background 
 handlers post commands to its inbox and receive events through an asyncio queue per request.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
+`serve(...)` (behind `pregate serve`) loads a trained checkpoint and runs this app under uvicorn.
 A request that the engine refuses (empty prompt, too long, bad sampling parameters) gets HTTP 400 with an
 OpenAI-style error body; the other requests are unaffected. A client that disconnects mid-stream aborts
 its request.
@@ -19,13 +20,17 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pregate.engine import Engine, RequestOutput, SamplingParams
 from pregate.errors import PregateError
+from pregate.scheduler import SchedulerConfig
 
 
 @dataclass
@@ -177,7 +182,9 @@ def build_app(engine: Engine, model_name: str = "pregate"):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await request.json()
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -189,7 +196,9 @@ def build_app(engine: Engine, model_name: str = "pregate"):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await request.json()
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _error(400, "messages must be a non-empty list of {role, content}")
@@ -213,6 +222,40 @@ def build_app(engine: Engine, model_name: str = "pregate"):
     return app
 
 
+async def _json_body(request: Request) -> dict | JSONResponse:
+    """The request's JSON object, or a 400 answer saying what is wrong with it."""
+    try:
+        body = await request.json()
+    except ValueError as err:
+        return _error(400, f"the request body is not valid JSON ({err})")
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object")
+    return body
+
+
 def _reason(reason: str | None) -> str | None:
     """OpenAI's finish reasons: 'stop' (eos or a stop string) or 'length'."""
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason)
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
+          router_dir: str | None = None, dtype: str = "float32", model_name: str | None = None) -> None:
+    """Serve a trained pregate MoE (`pregate train` output: MoE + router) until interrupted."""
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from pregate.config import parse_dtype
+    from pregate.moe import load_moe
+    from pregate.router import PreGatingRouter
+    from pregate.train import load_router
+
+    moe = load_moe(model_dir, parse_dtype(dtype))
+    router = load_router(router_dir or model_dir) if moe.num_experts else None
+    if router is not None and not isinstance(router, PreGatingRouter):
+        raise PregateError(f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained without --layerwise")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(moe, tokenizer, router, config or SchedulerConfig())
+    name = model_name or Path(model_dir).resolve().name
+    print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy {engine.scheduler_config.policy}, "
+          f"{torch.get_num_threads()} torch threads); Ctrl-C stops", flush=True)
+    uvicorn.run(build_app(engine, name), host=host, port=port, log_level="warning")

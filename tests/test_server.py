@@ -95,3 +95,51 @@ def test_bad_requests_fail_alone(served):
         client.completions.create(model="m", prompt="abc", max_tokens=0)
     assert client.completions.create(model="m", prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
     assert [m.id for m in client.models.list().data] == ["tiny-moe"]
+
+
+def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_path):
+    """`pregate serve` as a user runs it: a subprocess on a `pregate train` output, queried over HTTP."""
+    import subprocess
+    import sys
+
+    from pregate.train import TrainConfig, load_router, train
+
+    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
+    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
+    trained = train(moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pregate.cli", "serve", str(trained), "--port", str(port), "--name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert [m.id for m in client.models.list().data] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "no answer"
+                time.sleep(0.2)
+        got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0).choices[0].text
+        engine = Engine(load_moe(trained), AutoTokenizer.from_pretrained(trained), load_router(trained))
+        assert got == engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6))[0].text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_pregate_serve_refuses_a_model_without_router(tiny_checkpoint, tmp_path, capsys):
+    from pregate.cli import main
+
+    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))
+    assert main(["serve", str(moe_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "no trained router" in err and "pregate train" in err and "Traceback" not in err
+
+
+def test_broken_json_body_is_a_400(served):
+    client, _ = served
+    import httpx
+
+    r = httpx.post(f"{client.base_url}completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
