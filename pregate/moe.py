@@ -280,11 +280,6 @@ class MoEMLP(nn.Module):
     def num_experts(self) -> int:
         return self.w_gate.shape[0]
 
-    def expert(self, e: int, x: torch.Tensor, weights: ExpertWeights | None = None) -> torch.Tensor:
-        """Routed expert e on x [n, H] -> channel activations [n, R] (before down_proj)."""
-        gate, up = (self.w_gate[e], self.w_up[e]) if weights is None else weights[:2]
-        return self.act(x @ gate.T) * (x @ up.T)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -301,13 +296,16 @@ class MoEMLP(nn.Module):
         if plan is None or not plan.groups or self.w_gate.shape[1] == 0:
             return out
         xs = x[plan.order]  # [T*K, H] grouped by expert
+        if fetch is None:
+            # unbind, not w[e]: its backward stacks E gradients once instead of E full-size zero tensors
+            own = list(zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)))
         ys = []
         for e, start, end in plan.groups:
-            weights = None if fetch is None else fetch(e)
-            a = self.expert(e, xs[start:end], weights)  # [n, R]
+            gate, up, down = own[e] if fetch is None else fetch(e)  # [R, H], [R, H], [H, R]
+            xe = xs[start:end]
+            a = self.act(xe @ gate.T) * (xe @ up.T)  # [n, R]
             if scores is not None:
                 scores[plan.order[start:end], e] += a.detach().abs().sum(-1).float()
-            down = self.w_down[e] if weights is None else weights[2]
             ys.append((a @ down.T) * plan.weights[start:end, None].to(a.dtype))
         return out.index_add(0, plan.order, torch.cat(ys))
 
