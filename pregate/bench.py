@@ -50,7 +50,7 @@ class BenchConfig:
     token_budget: int = 16
     max_running: int = 32
     kv_capacity_tokens: int = 16384
-    max_wait_steps: int = 4
+    max_wait_steps: int = 2
     prefill_chunk: int = 256
     max_prompt_tokens: int = 256
     max_output_tokens: int = 64

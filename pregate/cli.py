@@ -391,10 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(p)
     p.set_defaults(func=cmd_eval_ppl)
 
+    from pregate.train import TRAIN_PRESETS
+
     p = sub.add_parser("train", help="train the router and experts (alternating rounds) and the same-size dense control")
     p.add_argument("model", help="a MoE checkpoint directory written by `pregate refactor`")
     p.add_argument("--out", required=True, help="output directory (checkpointed after every stage)")
-    p.add_argument("--preset", choices=["cpu", "paper", "tiny"], help="starting values for the options below (default: cpu)")
+    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), help="starting values for the options below (default: cpu)")
     p.add_argument("--rounds", type=_positive_int, help="router+expert rounds")
     p.add_argument("--router-steps", type=_positive_int, help="router steps per round")
     p.add_argument("--expert-steps", type=_positive_int, help="expert steps per round")

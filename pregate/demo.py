@@ -1,7 +1,8 @@
 """`make demo`: the main job end to end on the packaged SmolLM2-135M, on a 2-core CPU budget.
 
-Each stage writes into the output directory and is skipped on a second run when its output is complete
-(pass force=True to redo everything).
+refactor (7 domain experts + shared expert) -> train (router distillation, expert tuning, same-size control;
+the `demo` training preset) -> test perplexity of every variant -> table and plot. Each stage writes into
+the output directory and is skipped on a second run when its output is complete (force=True redoes all).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pregate.evaluate import PplConfig, evaluate_ppl, format_table
 from pregate.extract import refactor
 from pregate.moe import load_moe
 from pregate.plots import plot_perplexity
+from pregate.train import STATE_FILE, TrainConfig, train
 
 BASE = "smollm2-135m"
 EVAL_TOKENS = 2048
+TRAIN_PRESET = "demo"
 
 
 def _complete(moe_dir: Path) -> bool:
@@ -29,17 +32,33 @@ def _complete(moe_dir: Path) -> bool:
         return False
 
 
+def _trained(train_dir: Path, cfg: TrainConfig) -> bool:
+    try:
+        state = json.loads((train_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("config") == cfg.to_dict() and state["stages_done"] == len(state["stages"]) and _complete(train_dir)
+
+
 def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    moe_dir = out / "moe"
+    moe_dir, train_dir = out / "moe", out / "train"
     cfg = REFACTOR_PRESETS["demo"]
-    if force or not _complete(moe_dir):
-        print(f"[1/2] refactor {BASE} into 7 domain experts ({cfg.tokens_per_domain} train tokens per domain)")
+    rebuilt = force or not _complete(moe_dir)
+    if rebuilt:
+        print(f"[1/3] refactor {BASE} into 7 domain experts ({cfg.tokens_per_domain} train tokens per domain)")
         refactor(BASE, moe_dir, cfg, force=True, cache=cache)
     else:
-        print(f"[1/2] reuse {moe_dir} (pass --force to rebuild)")
-    print(f"[2/2] test perplexity, {EVAL_TOKENS} tokens per domain")
-    result = evaluate_ppl(moe_dir, PplConfig(tokens_per_domain=EVAL_TOKENS), cache=cache)
+        print(f"[1/3] reuse {moe_dir} (pass --force to rebuild)")
+    tcfg = TrainConfig.preset(TRAIN_PRESET)
+    if rebuilt or not _trained(train_dir, tcfg):
+        print(f"[2/3] train: {tcfg.rounds} round of {tcfg.router_steps} router + {tcfg.expert_steps} expert steps "
+              f"({tcfg.batch_size} x {tcfg.seq_len} tokens each), then the same-size control on the same tokens")
+        train(moe_dir, train_dir, tcfg, force=True, cache=cache)
+    else:
+        print(f"[2/3] reuse {train_dir} (pass --force to retrain)")
+    print(f"[3/3] test perplexity, {EVAL_TOKENS} tokens per domain")
+    result = evaluate_ppl(train_dir, PplConfig(tokens_per_domain=EVAL_TOKENS), cache=cache)
     (out / "ppl.json").write_text(json.dumps(result, indent=1))
     plot = plot_perplexity(result, out / "ppl.png")
     print()
@@ -47,5 +66,5 @@ def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
     print()
     print(f"activated MLP channels per token and layer: MoE {result['activated_channels']['moe']:.0f} "
           f"of {result['activated_channels']['dense']} dense (the control keeps the same number)")
-    print(f"wrote {out / 'ppl.json'} and {plot}")
+    print(f"wrote {out / 'ppl.json'}, {plot} and {train_dir / 'loss.png'}")
     return result

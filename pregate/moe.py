@@ -259,13 +259,16 @@ class Attention(nn.Module):
 class MoEMLP(nn.Module):
     """Shared expert on every token + each token's routed experts on their token groups.
 
-    Routed weights are stacked: gate/up [E, R, H], down [E, H, R]. An expert narrower than R has zero rows;
-    act(0) * 0 = 0, so padding adds nothing and receives no gradient.
+    Routed weights are stacked: gate/up [E, R, H], down [E, H, R]. An expert narrower than R has zero rows
+    at the end (act(0) * 0 = 0: padding adds nothing and receives no gradient); `widths` [E] are the true
+    widths, and only those rows are computed.
     `shared_index` [S] and `expert_index` [E, R] (-1 = padding) record which dense channels each holds.
     """
 
-    def __init__(self, hidden: int, shared: int, num_experts: int, routed_width: int, act: str):
+    def __init__(self, hidden: int, shared: int, widths: list[int], routed_width: int, act: str):
         super().__init__()
+        num_experts = len(widths)
+        self.widths = list(widths)
         self.act = ACTIVATIONS[act]
         self.gate_proj = nn.Linear(hidden, shared, bias=False)
         self.up_proj = nn.Linear(hidden, shared, bias=False)
@@ -302,8 +305,10 @@ class MoEMLP(nn.Module):
         ys = []
         for e, start, end in plan.groups:
             gate, up, down = own[e] if fetch is None else fetch(e)  # [R, H], [R, H], [H, R]
+            w = self.widths[e]
+            gate, up, down = gate[:w], up[:w], down[:, :w]  # the padding rows would only add zeros
             xe = xs[start:end]
-            a = self.act(xe @ gate.T) * (xe @ up.T)  # [n, R]
+            a = self.act(xe @ gate.T) * (xe @ up.T)  # [n, w]
             if scores is not None:
                 scores[plan.order[start:end], e] += a.detach().abs().sum(-1).float()
             ys.append((a @ down.T) * plan.weights[start:end, None].to(a.dtype))
@@ -311,13 +316,13 @@ class MoEMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, head_dim: int, shared: int, num_experts: int, routed_width: int):
+    def __init__(self, cfg: dict, head_dim: int, shared: int, widths: list[int], routed_width: int):
         super().__init__()
         eps = cfg["rms_norm_eps"]
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.self_attn = Attention(cfg, head_dim)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.mlp = MoEMLP(cfg["hidden_size"], shared, num_experts, routed_width, cfg.get("hidden_act", "silu"))
+        self.mlp = MoEMLP(cfg["hidden_size"], shared, widths, routed_width, cfg.get("hidden_act", "silu"))
 
 
 class MoEForCausalLM(nn.Module):
@@ -331,7 +336,7 @@ class MoEForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         r = config.routed_width
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.head_dim, s, config.num_experts, r) for s in config.shared_channels
+            DecoderLayer(cfg, self.head_dim, s, widths, r) for s, widths in zip(config.shared_channels, config.expert_channels)
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.tied = bool(cfg.get("tie_word_embeddings", False))

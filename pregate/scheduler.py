@@ -160,11 +160,12 @@ class SchedulerConfig:
     token_budget: int = 256  # max tokens per step (prefill + decode)
     max_running: int = 32  # max admitted requests
     kv_capacity_tokens: int = 16384  # KV budget over running requests (prompt + max_new_tokens each)
-    max_wait_steps: int = 4  # expert-aware: a runnable request is skipped at most this many steps in a row
+    max_wait_steps: int = 2  # expert-aware: a decoding request is skipped at most this many steps in a row
     prefill_chunk: int = 512  # longest prefill chunk per item
     # expert-aware only: a decode queue whose expert is not already in the batch is started only if it
-    # holds at least this many tokens (smaller ones wait, bounded by max_wait_steps). 1 = never hold back.
-    min_queue_tokens: int = 1
+    # holds at least this many tokens (smaller ones wait, bounded by max_wait_steps). 1 = never hold back;
+    # 2 (default) holds back lone tokens, whose expert would be read for one token (docs/serving.md).
+    min_queue_tokens: int = 2
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -298,8 +299,8 @@ class PrefillFirstPolicy:
         return b
 
 
-def _overdue(runnable: Sequence[Request], config: SchedulerConfig) -> list[Request]:
-    """The fewest most-waited requests that must run now so max_wait_steps stays reachable.
+def _overdue(decodes: Sequence[Request], config: SchedulerConfig) -> list[Request]:
+    """The fewest most-waited decode requests that must run now so max_wait_steps stays reachable.
 
     Request r has slack d_r = max_wait_steps - waited_steps steps left. After this step, the unserved
     requests with slack <= j must fit in the next j steps (>= 1 token each), i.e. count <= B*j for every
@@ -307,81 +308,69 @@ def _overdue(runnable: Sequence[Request], config: SchedulerConfig) -> list[Reque
     M = max_j(|{d_r <= j}| - B*j), is the least that achieves both (earliest-deadline-first).
     """
     w, budget = config.max_wait_steps, config.token_budget
-    by_deadline = sorted(
-        range(len(runnable)), key=lambda i: (max(0, w - runnable[i].waited_steps), i)
-    )
-    slacks = [max(0, w - runnable[i].waited_steps) for i in by_deadline]
+    by_deadline = sorted(range(len(decodes)), key=lambda i: (max(0, w - decodes[i].waited_steps), i))
+    slacks = [max(0, w - decodes[i].waited_steps) for i in by_deadline]
     need, count = 0, 0
     for j in range(w + 1):
         while count < len(slacks) and slacks[count] <= j:
             count += 1
         need = max(need, count - budget * j)
     need = min(need, budget)  # best effort when the bound is infeasible (see waiting_bound_guaranteed)
-    return [runnable[i] for i in by_deadline[:need]]
+    return [decodes[i] for i in by_deadline[:need]]
 
 
 class ExpertAwarePolicy:
     """Read-ME Algorithm 1 for decode tokens, plus bounded waiting and a prefill rule.
 
     Order within a step:
-      1. Overdue requests (``_overdue``: earliest deadline first, the fewest needed to keep every
-         runnable request within ``max_wait_steps``), one token minimum each; prefill ones may grow.
-      2. Prefill chunks, FCFS, only in the room the pending decode tokens leave (decodes keep priority,
-         as in decode-first). A prompt's tokens span many experts and cannot be split by expert
-         (attention needs the whole prefix), so a chunk is taken whole and its experts count as present.
-      3. Free riders: decode queues of experts already present, largest first (no new expert loaded).
-      4. Algorithm 1 on the other decode queues (one queue per expert of the pending decode token):
-         whole queues largest first while they fit, then one partial queue, then stop. Queues with fewer
-         than ``min_queue_tokens`` tokens are held back unless the batch is still empty (default 1:
-         none is).
-      5. Work conservation: budget still left goes to prefill chunks (FCFS), then to any decode
-         queue whose expert is now present.
-    Ties: larger queue, then the queue holding the longest-waiting request, then lower expert id;
-    within a partial queue, longest-waiting first, then arrival.
+      1. Overdue decodes (``_overdue``: earliest deadline first, the fewest needed to keep every decoding
+         request within ``max_wait_steps`` skipped steps in a row).
+      2. Free riders: decode queues of experts already present, largest first (no new expert loaded).
+      3. Algorithm 1 on the other decode queues (one queue per expert of the pending decode token): whole
+         queues largest first while they fit, then one partial queue, then stop. Queues with fewer than
+         ``min_queue_tokens`` tokens are held back (bounded by step 1) unless the batch is still empty.
+      4. Prefill chunks, FCFS, in the budget left (as in decode-first). A prompt's tokens span many experts
+         and cannot be split by expert (attention needs the whole prefix), so a chunk is taken whole and its
+         experts count as present.
+      5. Work conservation: budget still left goes to decode queues whose expert is now present.
+    Ties: larger queue, then the queue holding the longest-waiting request, then lower expert id; within a
+    partial queue, longest-waiting first, then arrival.
 
-    Guarantees: no request waits more than ``max_wait_steps`` consecutive steps while runnable when
-    ``max_running <= token_budget * (max_wait_steps + 1)`` (``config.waiting_bound_guaranteed``); beyond
-    that, longest-waiting first (best effort). Budget is never left unused while runnable work whose
-    experts are all present remains. With the default ``min_queue_tokens=1`` nothing is held back to save
-    experts: when all decode tokens fit the budget they all run (expert grouping only bites when the
-    decode queues exceed the budget), because skipping a request delays it by a whole step while a
-    step's cost grows only by one expert's weight read.
+    Why decodes keep priority over prompts, as in decode-first: requests admitted to decoding then run to
+    completion at one token per step. Pulling prompts in early (e.g. by bounding their wait too) grows the
+    decoding pool, which gives Algorithm 1 more to choose from and raises throughput, but every request then
+    advances more slowly (processor sharing), and mean and tail normalized latency get worse: measured in
+    the simulator, docs/serving.md. So the waiting bound covers decode tokens (time between tokens), and a
+    prompt waits FCFS for budget exactly as under decode-first.
+
+    Guarantees: no decoding request is skipped more than ``max_wait_steps`` consecutive steps when
+    ``max_running <= token_budget * (max_wait_steps + 1)`` (``config.waiting_bound_guaranteed``); beyond that,
+    longest-waiting first (best effort). With ``min_queue_tokens=1`` the budget is never left unused while
+    runnable work remains.
     """
 
     name: ClassVar[str] = "expert-aware"
 
     def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
-        # Rule: overdue first; prefill in the room decodes leave; decode queues of present experts;
-        # Algorithm 1 (largest whole queues, one partial, stop); leftover -> prefill, then free riders.
+        # Rule: overdue decodes; decode queues of present experts; Algorithm 1 (largest whole queues, one
+        # partial, stop; small queues held back); prefill chunks FCFS in what is left; then free riders.
         b = Batch(config)
-        overdue = _overdue(runnable, config)
-        for r in overdue:  # one token each first, so every overdue request fits
-            b.add_next(r, cap=1)
-        for r in overdue:
-            if r.in_prefill:
-                b.add_prefill(r)
-
-        pending_decodes = sum(1 for r in runnable if not r.in_prefill and not b.has(r))
-        room = b.left - pending_decodes
-        for r in runnable:
-            if room <= 0:
-                break
-            if r.in_prefill and not b.has(r):
-                room -= b.add_prefill(r, cap=room)
-
-        self._take_queues(runnable, b, config.min_queue_tokens)
+        decodes = [r for r in runnable if not r.in_prefill]
+        for r in _overdue(decodes, config):
+            b.add_decode(r)
+        self._take_queues(decodes, b, config.min_queue_tokens)
         for r in runnable:
             if r.in_prefill:
                 b.add_prefill(r)
-        self._take_queues(runnable, b, min_tokens=None)  # only queues of present experts
+        self._take_queues(decodes, b, min_tokens=None)  # only queues of present experts
         return b
 
     @staticmethod
-    def _take_queues(runnable: Sequence[Request], b: Batch, min_tokens: int | None) -> None:
+    def _take_queues(decodes: Sequence[Request], b: Batch, min_tokens: int | None) -> None:
         """Free riders, then Algorithm 1. ``min_tokens=None``: free riders only."""
         queues: dict[int, list[Request]] = {}
-        for r in runnable:
-            if not r.in_prefill and not b.has(r):
+        for r in decodes:
+            if not b.has(r):
                 queues.setdefault(r.decode_expert, []).append(r)
         for q in queues.values():
             q.sort(key=lambda r: -r.waited_steps)  # stable: arrival order among equals
