@@ -281,7 +281,7 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
         "source": source, "requests": len(trace), "rate": cfg.rate, "seed": cfg.seed,
         "prompt_tokens_mean": sum(prompt_lens) / len(trace), "output_tokens_mean": sum(r.output_len for r in trace) / len(trace),
         "last_arrival": max(r.arrival_time for r in trace), "model": str(model_dir), "router": router_note,
-        "config": asdict(cfg), "threads": torch.get_num_threads(),
+        "config": asdict(cfg), "threads": torch.get_num_threads(), "num_layers": len(moe.layers),
     }
     return {"policies": policies, "workload": workload, "runs": runs}
 
@@ -303,7 +303,11 @@ def write_outputs(result: dict, json_path: str | Path) -> list[Path]:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     runs = result["runs"]
     out = {"policies": result["policies"], "workload": result["workload"],
-           "normalized_latency_samples": {n: [m.normalized_latency for m in rs[0].requests] for n, rs in runs.items()}}
+           "normalized_latency_samples": {n: [m.normalized_latency for m in rs[0].requests] for n, rs in runs.items()},
+           # every MoE step of every repeat: what `pregate simulate --cost` fits its cost model to
+           "engine_steps": [{"duration": st.duration, "tokens": st.num_tokens, "experts": st.unique_experts,
+                             "rows": st.num_decode_tokens} for n, rs in runs.items() if n not in (DENSE, HF)
+                            for r in rs for st in r.steps]}
     json_path.write_text(json.dumps(out, indent=1))
     return [json_path, *plot_bench(runs, json_path.with_suffix(""))]
 

@@ -205,19 +205,36 @@ def cmd_trace_export(args) -> None:
 
 def cmd_simulate(args) -> None:
     from pregate.scheduler import SchedulerConfig
-    from pregate.sim import PRESETS, CostModel, SimConfig, save_json, simulate
+    from pregate.sim import PRESETS, SimConfig, compare_policies, cost_from_json, format_policy_table, save_json, simulate
     from pregate.workload import load_trace
 
     if args.cost:
-        data = json.loads(Path(args.cost).read_text())
-        data = data.get("measured", {}).get("cost_model", data)  # a bench cache JSON or a bare cost model
-        cost = CostModel(**data)
+        path = Path(args.cost)
+        if not path.is_file():
+            raise PregateError(f"--cost {path}: no such file")
+        try:
+            cost = cost_from_json(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise PregateError(f"--cost {path} is not JSON ({err})") from None
     else:
         cost = PRESETS[args.preset]()
     traces = load_trace(args.trace)
+    if args.requests is not None:
+        traces = traces[: args.requests]
     scfg = SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running)
+    print(f"cost model: {cost.source}")
+    if args.policies:
+        result = compare_policies(traces, cost, args.policies, scfg, args.rate, args.seed)
+        arrivals = "trace arrival times" if args.rate is None else f"Poisson {args.rate} req/s (seed {args.seed})"
+        print(f"{len(traces)} requests, {arrivals}, token budget {args.token_budget}, max running {args.max_running}, "
+              f"every expert resident (normalized latency in ms/token, simulated)")
+        print(format_policy_table(result, args.policies[0] if "decode-first" not in args.policies else "decode-first"))
+        if args.json:
+            save_json(args.json, {"cost_model": cost.to_dict(), "rate": args.rate, "requests": len(traces), "policies": result})
+            print(f"wrote {args.json}")
+        return
     rows = []
-    print(f"cost model: {cost.source}\nk   prefetch  hit ratio  normalized latency (s/token)  stall (s)")
+    print("k   prefetch  hit ratio  normalized latency (s/token)  stall (s)")
     for k in args.k:
         for prefetch in (False, True):
             r = simulate(traces, cost, SimConfig(capacity=k, unit=args.unit, policy=args.cache_policy, prefetch=prefetch,
@@ -228,6 +245,15 @@ def cmd_simulate(args) -> None:
     if args.json:
         save_json(args.json, {"cost_model": cost.to_dict(), "runs": rows})
         print(f"wrote {args.json}")
+
+
+def cmd_trace_route(args) -> None:
+    from pregate.store import route_sharegpt
+    from pregate.workload import save_trace
+
+    requests, how = route_sharegpt(args.model, args.requests, args.max_prompt, args.max_output, args.seed, args.router)
+    save_trace(args.out, [r.trace for r in requests])
+    print(f"wrote {args.out}: {len(requests)} ShareGPT requests, {how}")
 
 
 def _add_offload_commands(sub) -> None:
@@ -269,10 +295,24 @@ def _add_offload_commands(sub) -> None:
     sched_args(p)
     p.set_defaults(func=cmd_trace_export)
 
+    p = _group(sub, "trace", "routed traces and reference strings").add_parser(
+        "route", help="route ShareGPT prompts and reference answers token by token into a trace for `simulate`")
+    p.add_argument("model", help="a MoE checkpoint directory (its trained router is used, else oracle routing)")
+    p.add_argument("--out", required=True, help="output JSONL trace")
+    p.add_argument("--router", help="directory of a trained router (default: the model's own)")
+    workload_args(p)
+    p.set_defaults(func=cmd_trace_route)
+
     p = sub.add_parser("simulate", help="replay a routed trace through the scheduler and expert cache with a cost model")
     p.add_argument("trace", help="a routed trace JSONL (prompt_experts and output_experts per request)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b-a100", help="documented cost model (default llama2-7b-a100)")
-    p.add_argument("--cost", help="a cost model JSON, or a `bench cache` JSON (its calibrated model); overrides --preset")
+    p.add_argument("--cost", help="a cost model JSON, a `bench cache` JSON (its calibrated model) or a `bench serve` JSON "
+                   "(fitted to its measured engine steps); overrides --preset")
+    p.add_argument("--policies", nargs="+", choices=SCHED_POLICIES,
+                   help="compare these batching policies instead (every expert resident, no offloading)")
+    p.add_argument("--rate", type=float, help="with --policies: Poisson arrivals at this many requests/s (default: the trace's times)")
+    p.add_argument("--requests", type=_positive_int, help="use only the first N requests of the trace")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     p.add_argument("--k", type=_positive_int, nargs="+", default=[2, 3, 4, 5], help="capacities in units (default 2 3 4 5)")
     p.add_argument("--unit", choices=UNITS, default="expert")
     p.add_argument("--cache-policy", choices=POLICY_NAMES, default="belady")

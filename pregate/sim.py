@@ -27,14 +27,14 @@ import json
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pregate.errors import PregateError
 from pregate.eviction import POLICY_NAMES, ExpertCache, FutureView
 from pregate.metrics import MetricsRecorder
 from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult
-from pregate.workload import WorkloadRequest
+from pregate.workload import WorkloadRequest, poisson_arrivals
 
 UNITS = ("expert", "slice")
 TRACE_HEADER = "# pregate reference string v1"
@@ -551,6 +551,53 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
         for r in sched.update(out, result):
             rec.on_finish(r.request_id, at=now)
     return SimResult(rec.summary(), res.stats, steps, times, stall, loads)
+
+
+def compare_policies(trace: Sequence[WorkloadRequest], cost: CostModel, policies: Sequence[str],
+                     scheduler: SchedulerConfig, rate: float | None = None, seed: int = 0) -> dict[str, dict]:
+    """Every batching policy on the same routed trace with every expert resident (no offloading):
+    {policy: metrics} on the simulator's clock. rate: Poisson arrivals at this many requests/s (seed)
+    instead of the trace's own arrival times."""
+    if rate is not None:
+        trace = [replace(r, arrival_time=a) for r, a in zip(trace, poisson_arrivals(len(trace), rate, seed))]
+    reqs = _requests(trace)
+    experts = 1 + max(e for r in reqs for e in [*r.prompt_experts, *r.output_experts])
+    resident = replace(cost, bandwidth=1e18)  # loads never happen after the first touch
+    out = {}
+    for policy in policies:
+        r = simulate(reqs, resident, SimConfig(capacity=experts, scheduler=replace(scheduler, policy=policy), plan_ahead=False))
+        s = r.summary
+        out[policy] = {"norm_mean": s["normalized_latency"]["mean"], "norm_p95": s["normalized_latency"]["p95"],
+                       "norm_max": s["normalized_latency"]["max"], "ttft_mean": s["ttft"]["mean"],
+                       "throughput": s["throughput"], "experts_per_step": sum(map(len, r.steps)) / len(r.steps)}
+    return out
+
+
+def format_policy_table(result: dict[str, dict], baseline: str = "decode-first") -> str:
+    """compare_policies as text: normalized latency in ms/token, changes against `baseline`."""
+    lines = [f"{'policy':14s}{'norm mean':>11s}{'p95':>9s}{'max':>9s}{'TTFT (s)':>10s}{'tok/s':>8s}{'experts/step':>14s}"
+             f"   vs {baseline}: mean / p95 / max"]
+    base = result.get(baseline)
+    for p, m in result.items():
+        line = (f"{p:14s}{1e3 * m['norm_mean']:11.1f}{1e3 * m['norm_p95']:9.1f}{1e3 * m['norm_max']:9.1f}"
+                f"{m['ttft_mean']:10.2f}{m['throughput']:8.1f}{m['experts_per_step']:14.2f}")
+        if base and p != baseline:
+            line += "   " + " / ".join(f"{100 * (m[k] / base[k] - 1):+.1f}%" for k in ("norm_mean", "norm_p95", "norm_max"))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cost_from_json(data: dict) -> CostModel:
+    """A cost model from JSON: a bare CostModel, a `bench cache` result (its calibrated model), or a
+    `bench serve` result (least squares on its measured engine steps; no offloading terms)."""
+    if "engine_steps" in data:
+        layers = data["workload"]["num_layers"]
+        return calibrate(data["engine_steps"], layers, slice_bytes=1, bandwidth=1e18)
+    data = data.get("measured", {}).get("cost_model", data)
+    try:
+        return CostModel(**data)
+    except TypeError as err:
+        raise SimError(f"not a cost model, a `bench cache` or a `bench serve` JSON ({err})") from None
 
 
 # ------------------------------------------------------------------------------------ calibration
