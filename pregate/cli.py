@@ -383,7 +383,7 @@ def _add_serve_commands(sub) -> None:
                    help=f"KV-cache budget in tokens over running requests (default {s.kv_capacity_tokens})")
     p.add_argument("--max-wait-steps", type=int, default=s.max_wait_steps,
                    help=f"expert-aware: longest a runnable request is skipped, in steps (default {s.max_wait_steps})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="weight dtype (default bfloat16; attention is float32 on CPU)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -222,10 +222,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n * head_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim).transpose(0, 1)  # [N, T, D]
-        k = self.k_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)  # [G, T, D]
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
+        t, dtype = x.shape[0], cos.dtype  # the attention dtype (see attention_dtype)
+        q = self.q_proj(x).to(dtype).view(t, self.n_heads, self.head_dim).transpose(0, 1)  # [N, T, D]
+        k = self.k_proj(x).to(dtype).view(t, self.n_kv, self.head_dim).transpose(0, 1)  # [G, T, D]
+        v = self.v_proj(x).to(dtype).view(t, self.n_kv, self.head_dim).transpose(0, 1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         gqa = self.n_heads != self.n_kv
@@ -253,7 +253,7 @@ class Attention(nn.Module):
                 outs.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa)[0])
                 start = end
             out = torch.cat(outs, dim=1)  # [N, T, D]
-        return self.o_proj(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim).to(x.dtype))
 
 
 class MoEMLP(nn.Module):
@@ -347,9 +347,16 @@ class MoEForCausalLM(nn.Module):
     def num_experts(self) -> int:
         return self.config.num_experts
 
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        """dtype of RoPE, attention and the KV cache: float32 on CPU, where the half-precision attention
+        kernels are slower than float32 (weights stay in their dtype), else the weights' dtype."""
+        w = self.embed_tokens.weight
+        return torch.float32 if w.device.type == "cpu" else w.dtype
+
     def new_cache(self, capacity: int = 64) -> KVCache:
         w = self.embed_tokens.weight
-        return KVCache(len(self.layers), self.config.base["num_key_value_heads"], self.head_dim, w.dtype, w.device, capacity)
+        return KVCache(len(self.layers), self.config.base["num_key_value_heads"], self.head_dim, self.attention_dtype, w.device, capacity)
 
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self._inv_freq.to(positions.device)
@@ -382,7 +389,7 @@ class MoEForCausalLM(nn.Module):
             raise PregateError("segment lengths must add up to the number of tokens")
         positions = torch.cat([torch.arange(s.past, s.past + s.length) for s in segments]).to(input_ids.device)
         h = self.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rope(positions, h.dtype)
+        cos, sin = self.rope(positions, self.attention_dtype)
         plan = RoutingPlan(routing, self.num_experts) if routing is not None and self.num_experts else None
         for i, layer in enumerate(self.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, segments, i)
