@@ -51,6 +51,7 @@ class BenchConfig:
     max_running: int = 32
     kv_capacity_tokens: int = 16384
     max_wait_steps: int = 2
+    min_queue_tokens: int = 2
     prefill_chunk: int = 256
     max_prompt_tokens: int = 256
     max_output_tokens: int = 64
@@ -73,10 +74,15 @@ class BenchConfig:
             raise BenchError(f"rate={self.rate!r} must be > 0 requests/s (omit it for all at t=0)")
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
+        try:
+            self.scheduler(self.policies[0])  # budgets and expert-aware knobs, checked before any model loads
+        except SchedulerError as err:
+            raise BenchError(str(err)) from None
 
     def scheduler(self, policy: str) -> SchedulerConfig:
         return SchedulerConfig(policy=policy, token_budget=self.token_budget, max_running=self.max_running,
                                kv_capacity_tokens=self.kv_capacity_tokens, max_wait_steps=self.max_wait_steps,
+                               min_queue_tokens=self.min_queue_tokens,
                                prefill_chunk=self.prefill_chunk)
 
 

@@ -331,6 +331,7 @@ def cmd_bench_serve(args) -> None:
     cfg = BenchConfig(policies=args.policies, requests=args.requests, rate=args.rate or None, seed=args.seed,
                       token_budget=args.token_budget, max_running=args.max_running, repeats=args.repeats,
                       max_prompt_tokens=args.max_prompt, max_output_tokens=args.max_output, dtype=args.dtype,
+                      max_wait_steps=args.max_wait_steps, min_queue_tokens=args.min_queue_tokens,
                       dense=not args.no_dense, hf=not args.no_hf)
     bench_serve(args.model, args.json, cfg, args.trace)
 
@@ -340,8 +341,16 @@ def cmd_serve(args) -> None:
     from pregate.server import serve
 
     cfg = SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running,
-                          kv_capacity_tokens=args.kv_capacity, max_wait_steps=args.max_wait_steps)
+                          kv_capacity_tokens=args.kv_capacity, max_wait_steps=args.max_wait_steps,
+                          min_queue_tokens=args.min_queue_tokens)
     serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name)
+
+
+def _add_expert_aware_args(p: argparse.ArgumentParser, max_wait: int, min_queue: int) -> None:
+    p.add_argument("--max-wait-steps", type=int, default=max_wait,
+                   help=f"expert-aware: most consecutive steps a decoding request is skipped (default {max_wait})")
+    p.add_argument("--min-queue-tokens", type=_positive_int, default=min_queue,
+                   help=f"expert-aware: expert queues below this many tokens wait once a step is half full (default {min_queue}; 1 = never)")
 
 
 def _add_serve_commands(sub) -> None:
@@ -361,6 +370,7 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--trace", help="JSONL trace: replayed if it exists, else the generated trace is saved there")
     p.add_argument("--token-budget", type=_positive_int, default=d.token_budget, help=f"tokens per step, all policies (default {d.token_budget})")
     p.add_argument("--max-running", type=_positive_int, default=d.max_running, help=f"concurrent requests, all runs (default {d.max_running})")
+    _add_expert_aware_args(p, d.max_wait_steps, d.min_queue_tokens)
     p.add_argument("--repeats", type=_positive_int, default=d.repeats, help=f"interleaved repeats; medians are reported (default {d.repeats})")
     p.add_argument("--max-prompt", type=_positive_int, default=d.max_prompt_tokens, help=f"longest prompt in tokens (default {d.max_prompt_tokens})")
     p.add_argument("--max-output", type=_positive_int, default=d.max_output_tokens, help=f"reference output tokens kept (default {d.max_output_tokens})")
@@ -381,8 +391,7 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
     p.add_argument("--kv-capacity", type=_positive_int, default=s.kv_capacity_tokens,
                    help=f"KV-cache budget in tokens over running requests (default {s.kv_capacity_tokens})")
-    p.add_argument("--max-wait-steps", type=int, default=s.max_wait_steps,
-                   help=f"expert-aware: longest a runnable request is skipped, in steps (default {s.max_wait_steps})")
+    _add_expert_aware_args(p, s.max_wait_steps, s.min_queue_tokens)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="weight dtype (default bfloat16; attention is float32 on CPU)")
     p.set_defaults(func=cmd_serve)
 

@@ -71,3 +71,26 @@ def test_refactor_and_eval_from_the_command_line(tiny_checkpoint, tmp_path, caps
     assert "geo-mean" in capsys.readouterr().out
     assert main(args) == 2  # exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+
+
+def test_trace_route_then_simulate_policies(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from pregate.config import RefactorConfig
+    from pregate.extract import refactor
+    from pregate.workload import load_trace
+
+    moe = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))
+    trace = tmp_path / "routed.jsonl"
+    assert main(["trace", "route", str(moe), "--out", str(trace), "--requests", "6", "--max-prompt", "64", "--max-output", "8"]) == 0
+    assert "oracle routing" in capsys.readouterr().out  # no trained router in a refactored checkpoint
+    reqs = load_trace(trace)
+    assert len(reqs) == 6 and all(len(r.output_experts) == r.output_len and set(r.prompt_experts) <= {0, 1} for r in reqs)
+    out = tmp_path / "policies.json"
+    assert main(["simulate", str(trace), "--policies", "decode-first", "expert-aware", "--rate", "50", "--json", str(out)]) == 0
+    assert "vs decode-first" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["policies"]) == {"decode-first", "expert-aware"}
+    assert main(["simulate", str(trace), "--policies", "fcfs", "--cost", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["simulate", str(trace), "--policies", "fcfs", "--rate", "-1"]) == 2
+    assert "rate" in capsys.readouterr().err

@@ -149,3 +149,36 @@ def test_llama2_preset_shapes():
     c = llama2_7b_a100()
     assert c.num_layers == 32 and 120e6 < c.slice_bytes < 140e6  # ~64M fp16 params per (layer, expert)
     assert 4e-3 < c.load_s < 6e-3
+
+
+def test_compare_policies_serves_everyone_and_groups_experts():
+    from pregate.scheduler import POLICY_NAMES as SCHED_POLICIES
+    from pregate.sim import compare_policies, format_policy_table
+
+    cost = CostModel(num_layers=L, slice_bytes=1, bandwidth=1.0, token_layer_s=1e-4, expert_layer_s=1e-3, step_s=1e-3)
+    trace = routed_trace(n=60, seed=5)
+    result = compare_policies(trace, cost, SCHED_POLICIES, SchedulerConfig(token_budget=8, max_running=24), rate=200.0)
+    assert set(result) == set(SCHED_POLICIES)
+    for m in result.values():
+        assert m["norm_p95"] <= m["norm_max"] and m["throughput"] > 0
+    # identical work, so fewer experts per step means less simulated time
+    assert result["expert-aware"]["experts_per_step"] < result["decode-first"]["experts_per_step"]
+    assert result["expert-aware"]["throughput"] > result["decode-first"]["throughput"]
+    table = format_policy_table(result)
+    assert "vs decode-first" in table and "expert-aware" in table
+
+
+def test_cost_model_from_a_bench_serve_json():
+    from pregate.sim import cost_from_json
+
+    truth = dict(token=2e-4, expert=3e-3, row=1e-3, step=5e-3)
+    rng = random.Random(0)
+    steps = []
+    for _ in range(40):
+        t, e, r = rng.randint(1, 32), rng.randint(1, 7), rng.randint(1, 16)
+        steps.append({"duration": L * (t * truth["token"] + e * truth["expert"]) + r * truth["row"] + truth["step"],
+                      "tokens": t, "experts": e, "rows": r})
+    cost = cost_from_json({"engine_steps": steps, "workload": {"num_layers": L}})
+    assert cost.token_layer_s == pytest.approx(truth["token"]) and cost.expert_layer_s == pytest.approx(truth["expert"])
+    with pytest.raises(SimError, match="not a cost model"):
+        cost_from_json({"policies": {}})
