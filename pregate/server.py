@@ -239,7 +239,7 @@ def _reason(reason: str | None) -> str | None:
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
-          router_dir: str | None = None, dtype: str = "float32", model_name: str | None = None) -> None:
+          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None) -> None:
     """Serve a trained pregate MoE (`pregate train` output: MoE + router) until interrupted."""
     import uvicorn
     from transformers import AutoTokenizer

@@ -518,7 +518,11 @@ def plot_losses(log: dict, path: Path) -> Path:
     for model, style in (("moe", "tab:blue"), ("control", "tab:gray")):
         pts = [(e["x"], e["lm"]) for e in log["steps"] if e["model"] == model and "lm" in e]
         if pts:
-            top.plot(*zip(*pts), ".-", color=style, ms=3, lw=1, label=f"{model} LM loss" + (" (same tokens)" if model == "control" else ""))
+            xs, ys = zip(*pts)
+            top.plot(xs, ys, ".", color=style, ms=3, alpha=0.5)
+            # batches mix domains of very different difficulty: the trend is the running mean of 8 steps
+            smooth = [sum(ys[max(0, i - 7) : i + 1]) / len(ys[max(0, i - 7) : i + 1]) for i in range(len(ys))]
+            top.plot(xs, smooth, "-", color=style, lw=1.8, label=f"{model} LM loss, mean of 8 steps" + (" (same tokens)" if model == "control" else ""))
     acc = [(e["x"], e["acc"]) for e in log["steps"] if "acc" in e]
     if acc:
         bottom.plot(*zip(*acc), ".-", color="tab:orange", ms=3, lw=1)
