@@ -343,7 +343,7 @@ def cmd_serve(args) -> None:
     cfg = SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running,
                           kv_capacity_tokens=args.kv_capacity, max_wait_steps=args.max_wait_steps,
                           min_queue_tokens=args.min_queue_tokens)
-    serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name)
+    serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name, args.resident_experts, args.prefetch)
 
 
 def _add_expert_aware_args(p: argparse.ArgumentParser, max_wait: int, min_queue: int) -> None:
@@ -393,6 +393,10 @@ def _add_serve_commands(sub) -> None:
                    help=f"KV-cache budget in tokens over running requests (default {s.kv_capacity_tokens})")
     _add_expert_aware_args(p, s.max_wait_steps, s.min_queue_tokens)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="weight dtype (default bfloat16; attention is float32 on CPU)")
+    p.add_argument("--resident-experts", type=_positive_int,
+                   help="keep only this many whole routed experts in memory (Belady eviction; the rest are read "
+                        "from the checkpoint when a step needs them; docs/offloading.md)")
+    p.add_argument("--prefetch", action="store_true", help="with --resident-experts: load the next layers' experts while a layer computes")
     p.set_defaults(func=cmd_serve)
 
 

@@ -173,6 +173,10 @@ class Engine:
     tokenizer: a Hugging Face tokenizer (needed for text prompts, text output and stop strings).
     router: a `PreGatingRouter` over the model's vocabulary and routed experts; required when the model
     has routed experts. scheduler_config: budgets and policy. clock: the metrics clock (injectable).
+    expert_store: an `ExpertStore` over the model's checkpoint: routed experts then come from its fast tier
+    (at most k resident; `release_routed_experts` frees the model's own copies). Each step is planned into
+    the store as it is scheduled, so Belady sees the experts of the running step; units beyond it count
+    as never used again (evicted first, least recently used first).
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class Engine:
         scheduler_config: SchedulerConfig | None = None,
         device: str | torch.device | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        expert_store=None,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -210,6 +215,15 @@ class Engine:
             self.top_k = router.cfg.top_k
         else:
             self.router, self.top_k = None, 1  # dense parent: nothing to route
+        self.store = expert_store
+        if expert_store is not None:
+            dtype = next(model.parameters()).dtype
+            if self.router is None or (expert_store.num_experts, expert_store.num_layers) != (model.num_experts, len(model.layers)):
+                raise EngineError(f"the expert store ({expert_store.num_experts} experts, {expert_store.num_layers} layers) "
+                                  f"does not belong to this model ({model.num_experts} experts, {len(model.layers)} layers)")
+            if expert_store.dtype != dtype:
+                raise EngineError(f"the expert store holds {expert_store.dtype} weights, the model computes in {dtype}; "
+                                  f"load the model in {expert_store.dtype} (the checkpoint's dtype)")
         # longest sequence: the backbone's positions and the router's cache (the last token is never routed)
         self.max_context = int(base.get("max_position_embeddings") or 1 << 30)
         if self.router is not None:
@@ -424,7 +438,9 @@ class Engine:
         x = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         routing = Routing(torch.cat(routes), torch.cat(weights)) if self.router is not None else None
         at = torch.tensor(rows, dtype=torch.long, device=self.device)
-        logits = self.model.forward_packed(x, segments, routing, logits_at=at)  # [n, V]
+        if self.store is not None:  # the store's known future: this step's experts, in the order layers use them
+            self.store.plan([torch.unique(routing.expert_ids).tolist()])
+        logits = self.model.forward_packed(x, segments, routing, logits_at=at, expert_source=self.store)  # [n, V]
         return logits.float().cpu()
 
     def _stop_reason(self, seq: _Sequence, tok: int) -> str | None:

@@ -296,10 +296,12 @@ class MoEMLP(nn.Module):
         store); by default they are this module's own stacked parameters.
         """
         out = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        if plan is None or not plan.groups or self.w_gate.shape[1] == 0:
+        if plan is None or not plan.groups or not any(self.widths):
             return out
         xs = x[plan.order]  # [T*K, H] grouped by expert
         if fetch is None:
+            if self.w_gate.shape[1] == 0:
+                raise PregateError("this model's routed experts were released to an expert store; pass expert_source")
             # unbind, not w[e]: its backward stacks E gradients once instead of E full-size zero tensors
             own = list(zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)))
         ys = []
@@ -421,6 +423,20 @@ class MoEForCausalLM(nn.Module):
         scores = torch.zeros(len(self.layers), t, self.num_experts, device=input_ids.device)
         self.forward(input_ids, Routing.all_experts(t, self.num_experts, input_ids.device), scores=scores)
         return scores
+
+
+def release_routed_experts(model: MoEForCausalLM) -> int:
+    """Drop the stacked routed-expert weights from memory (an `ExpertStore` serves them from then on);
+    returns the bytes freed. Everything else (attention, shared experts, embeddings) stays."""
+    freed = 0
+    for layer in model.layers:
+        mlp = layer.mlp
+        for name in ("w_gate", "w_up", "w_down"):
+            w = getattr(mlp, name)
+            freed += w.numel() * w.element_size()
+            shape = (w.shape[0], w.shape[1], 0) if name == "w_down" else (w.shape[0], 0, w.shape[2])
+            setattr(mlp, name, nn.Parameter(w.new_empty(shape), requires_grad=False))
+    return freed
 
 
 def _inv_freq(cfg: dict) -> torch.Tensor:

@@ -239,23 +239,44 @@ def _reason(reason: str | None) -> str | None:
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
-          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None) -> None:
-    """Serve a trained pregate MoE (`pregate train` output: MoE + router) until interrupted."""
+          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None,
+          resident_experts: int | None = None, prefetch: bool = False) -> None:
+    """Serve a trained pregate MoE (`pregate train` output: MoE + router) until interrupted.
+
+    resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
+    step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
+    while a layer computes). The model then computes in the checkpoint's dtype."""
     import uvicorn
     from transformers import AutoTokenizer
 
     from pregate.config import parse_dtype
-    from pregate.moe import load_moe
+    from pregate.moe import load_moe, release_routed_experts
     from pregate.router import PreGatingRouter
     from pregate.train import load_router
 
-    moe = load_moe(model_dir, parse_dtype(dtype))
+    store, weights_dtype = None, parse_dtype(dtype)
+    if resident_experts is not None:
+        from pregate.store import ExpertStore, StoreConfig
+
+        store = ExpertStore(model_dir, StoreConfig(capacity=resident_experts, prefetch=prefetch))
+        if store.dtype != weights_dtype:
+            print(f"note: with --resident-experts the model computes in the checkpoint's {store.dtype}, not {dtype}")
+        weights_dtype = store.dtype
+    moe = load_moe(model_dir, weights_dtype)
     router = load_router(router_dir or model_dir) if moe.num_experts else None
     if router is not None and not isinstance(router, PreGatingRouter):
         raise PregateError(f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained without --layerwise")
+    if store is not None:
+        freed = release_routed_experts(moe)
+        print(f"expert offloading: {store.capacity} of {store.num_experts} experts resident, "
+              f"{freed / 2**20:.0f} MiB of routed-expert weights left on disk")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(moe, tokenizer, router, config or SchedulerConfig())
+    engine = Engine(moe, tokenizer, router, config or SchedulerConfig(), expert_store=store)
     name = model_name or Path(model_dir).resolve().name
     print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy {engine.scheduler_config.policy}, "
           f"{torch.get_num_threads()} torch threads); Ctrl-C stops", flush=True)
-    uvicorn.run(build_app(engine, name), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(build_app(engine, name), host=host, port=port, log_level="warning")
+    finally:
+        if store is not None:
+            store.close()

@@ -140,7 +140,7 @@ class ExpertStore:
             raise StoreError(f"{self.path} holds no stacked routed experts (layers.N.mlp.w_gate/w_up/w_down)")
         e, r, h = self._file.get_slice("layers.0.mlp.w_gate").get_shape()
         self.num_experts, self.width, self.hidden = e, r, h
-        dtype = self._file.get_slice("layers.0.mlp.w_gate")[0:1].dtype
+        self.dtype = dtype = self._file.get_slice("layers.0.mlp.w_gate")[0:1].dtype
         self.slice_bytes = 3 * r * h * torch.empty(0, dtype=dtype).element_size()
         unit_bytes = self.slice_bytes * (self.num_layers if config.unit == "expert" else 1)
         units = e if config.unit == "expert" else e * self.num_layers

@@ -224,3 +224,38 @@ def test_engine_needs_a_fitting_router(moe_and_router):
         Engine(moe)
     with pytest.raises(EngineError, match="does not fit"):
         Engine(moe, router=tiny_router(num_experts=4))
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_offloaded_engine_gives_the_same_tokens(moe_and_router, tmp_path, prefetch):
+    """Serving with k=1 of 3 experts resident (the rest read from the checkpoint file) changes nothing."""
+    from pregate.moe import load_moe, release_routed_experts, save_moe
+    from pregate.store import ExpertStore, StoreConfig
+
+    moe, router = moe_and_router
+    save_moe(moe, tmp_path)
+    cfg = SchedulerConfig(token_budget=8, max_running=5, prefill_chunk=6)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in Engine(moe, router=router, scheduler_config=cfg).generate(prompts(6), params)]
+    offloaded = load_moe(tmp_path)
+    assert release_routed_experts(offloaded) > 0
+    with ExpertStore(tmp_path, StoreConfig(capacity=1, prefetch=prefetch)) as store:
+        engine = Engine(offloaded, router=router, scheduler_config=cfg, expert_store=store)
+        assert [o.token_ids for o in engine.generate(prompts(6), params)] == want
+        assert store.stats.misses > 0 and store.stats.hits > 0
+    with pytest.raises(Exception, match="released to an expert store"):
+        offloaded(torch.tensor([[5, 6]]), Routing.top1(torch.tensor([0, 1])))
+
+
+def test_expert_store_must_match_the_model(moe_and_router, tmp_path):
+    from pregate.moe import save_moe
+    from pregate.store import ExpertStore, StoreConfig
+
+    moe, router = moe_and_router
+    save_moe(moe, tmp_path)
+    half = build(tiny_hf_model(seed=4), num_experts=3).to(torch.bfloat16)
+    with ExpertStore(tmp_path, StoreConfig(capacity=2)) as store:
+        with pytest.raises(EngineError, match="load the model in torch.float32"):
+            Engine(half, router=router, expert_store=store)
+        with pytest.raises(EngineError, match="does not belong to this model"):
+            Engine(build(tiny_hf_model(seed=4), num_experts=2), router=tiny_router(2), expert_store=store)

@@ -1,4 +1,5 @@
-"""End to end on the real packaged SmolLM2-135M (slow: ~2-4 minutes on 2 cores)."""
+"""The real packaged SmolLM2-135M: the equivalence contract (default tier, ~30 s including the one-time GGUF
+conversion) and refactoring + perplexity end to end (slow: ~2-4 minutes on 2 cores)."""
 
 import pytest
 import torch
@@ -9,9 +10,8 @@ from pregate.evaluate import PplConfig, evaluate_ppl
 from pregate.extract import refactor
 from pregate.moe import Routing, load_moe
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_smollm2_refactor_and_perplexity(tmp_path):
     cfg = RefactorConfig(tokens_per_domain=1024, block_len=256, dtype="float32")
     out = refactor("smollm2-135m", tmp_path / "moe", cfg)

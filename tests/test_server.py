@@ -97,8 +97,10 @@ def test_bad_requests_fail_alone(served):
     assert [m.id for m in client.models.list().data] == ["tiny-moe"]
 
 
-def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_path):
-    """`pregate serve` as a user runs it: a subprocess on a `pregate train` output, queried over HTTP."""
+@pytest.mark.parametrize("offload", [[], ["--resident-experts", "1", "--prefetch"]], ids=["resident", "offloaded"])
+def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_path, offload):
+    """`pregate serve` as a user runs it: a subprocess on a `pregate train` output, queried over HTTP;
+    with 1 of 2 experts resident (the other read from the checkpoint) the answer is the same."""
     import subprocess
     import sys
 
@@ -108,7 +110,8 @@ def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_pa
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
     trained = train(moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pregate.cli", "serve", str(trained), "--port", str(port), "--name", "tiny"],
+    proc = subprocess.Popen([sys.executable, "-m", "pregate.cli", "serve", str(trained), "--port", str(port), "--name", "tiny",
+                             "--dtype", "float32", *offload],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
