@@ -162,9 +162,10 @@ class SchedulerConfig:
     kv_capacity_tokens: int = 16384  # KV budget over running requests (prompt + max_new_tokens each)
     max_wait_steps: int = 2  # expert-aware: a decoding request is skipped at most this many steps in a row
     prefill_chunk: int = 512  # longest prefill chunk per item
-    # expert-aware only: a decode queue whose expert is not already in the batch is started only if it
-    # holds at least this many tokens (smaller ones wait, bounded by max_wait_steps). 1 = never hold back;
-    # 2 (default) holds back lone tokens, whose expert would be read for one token (docs/serving.md).
+    # expert-aware only: once a step is half full, a decode queue whose expert is not already in it is
+    # started only if it holds at least this many tokens (smaller ones wait, bounded by max_wait_steps).
+    # 1 = never hold back; 2 (default) holds back lone tokens, whose expert would be read for one token.
+    # It pays when tokens per step x cost of one expert read > step time (docs/serving.md).
     min_queue_tokens: int = 2
 
     def __post_init__(self) -> None:
