@@ -122,7 +122,7 @@ def cmd_eval_ppl(args) -> None:
 # ----------------------------------------------------------------------------------------- train
 
 _TRAIN_FLAGS = ("rounds", "router_steps", "expert_steps", "batch_size", "seq_len", "router_lr", "expert_lr",
-                "head", "top_k", "loss", "tokens_per_domain", "seed")
+                "head", "top_k", "loss", "tokens_per_domain", "seed", "control_budget")
 
 
 def cmd_train(args) -> None:
@@ -465,12 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layerwise", action="store_true", help="train per-layer gates (baseline) instead of the pre-gating router")
     p.add_argument("--distill", action="store_true", help="expert stages also distil the dense parent's logits")
     p.add_argument("--no-control", action="store_true", help="do not train the same-size dense control")
+    p.add_argument("--control-budget", choices=["tokens", "updates"],
+                   help="tokens (default): the control trains on the router- and expert-stage batches; updates: on the "
+                        "expert-stage batches only (as many backbone updates as the MoE)")
     p.add_argument("--resume", action="store_true", help="continue --out after its last completed stage")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_cache(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the main job end to end on the packaged SmolLM2-135M: refactor, evaluate, plot")
+    p = sub.add_parser("demo", help="the main job end to end on the packaged SmolLM2-135M: refactor, train, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="where checkpoints, JSON and plots go (default runs/demo)")
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     _add_cache(p)

@@ -224,10 +224,13 @@ def test_cli_train_then_eval_shows_router_and_trained_control(moe_dir, tmp_path,
     from pregate.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", str(moe_dir), "--out", str(out), "--preset", "tiny", "--rounds", "1"]) == 0
+    assert main(["train", str(moe_dir), "--out", str(out), "--preset", "tiny", "--rounds", "1", "--control-budget", "updates"]) == 0
     assert "router acc" in capsys.readouterr().out
     state = json.loads((out / "train_state.json").read_text())
     assert state["stages_done"] == 3 and state["config"]["rounds"] == 1
+    log = json.loads((out / "train_log.json").read_text())
+    control, expert = (next(s for s in log["stages"] if s["stage"] == k) for k in ("control", "expert"))
+    assert control["steps"] == expert["steps"] and control["tokens"] == expert["tokens"]  # --control-budget updates
     assert load_moe(out).config.provenance["parent"] == str(moe_dir.resolve())
     path = tmp_path / "ppl.json"
     assert main(["eval", "ppl", str(out), "--tokens-per-domain", "128", "--block-len", "64", "--json", str(path)]) == 0
