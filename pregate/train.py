@@ -162,7 +162,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's schedule (8 x (100 router + 200 expert steps)); the batch is ours (the paper: ~1B tokens).
     "paper": dict(rounds=8, router_steps=100, expert_steps=200, batch_size=16, seq_len=1024, tokens_per_domain=524288),
     # 2 CPU cores, SmolLM2-135M, 7 domains: 57k tokens per model, every pool block seen once; docs/training.md
-    # has the measured time. The router needs tens of steps to beat chance (40 steps at 5e-4: ~50 % agreement
+    # has the measured time. The router needs tens of steps to beat chance (40 steps at 5e-4: 41-49 % agreement
     # with the oracle; higher lrs were worse). The expert lr is 4x the paper's: the budget is ~20,000x smaller.
     "cpu": dict(rounds=2, router_steps=40, expert_steps=16, batch_size=2, seq_len=256, tokens_per_domain=8192,
                 expert_lr=2e-4),
