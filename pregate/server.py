@@ -254,6 +254,13 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
     from pregate.router import PreGatingRouter
     from pregate.train import load_router
 
+    import socket
+
+    with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise PregateError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
     store, weights_dtype = None, parse_dtype(dtype)
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig

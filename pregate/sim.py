@@ -590,6 +590,8 @@ def format_policy_table(result: dict[str, dict], baseline: str = "decode-first")
 def cost_from_json(data: dict) -> CostModel:
     """A cost model from JSON: a bare CostModel, a `bench cache` result (its calibrated model), or a
     `bench serve` result (least squares on its measured engine steps; no offloading terms)."""
+    if not isinstance(data, dict):
+        raise SimError(f"not a cost model, a `bench cache` or a `bench serve` JSON (a {type(data).__name__}, not an object)")
     if "engine_steps" in data:
         layers = data["workload"]["num_layers"]
         return calibrate(data["engine_steps"], layers, slice_bytes=1, bandwidth=1e18)

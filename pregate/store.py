@@ -434,8 +434,8 @@ def route_sharegpt(model_dir: str | Path, n: int, max_prompt: int, max_output: i
     from pregate.workload import WorkloadRequest, sharegpt_conversations
 
     model_dir = Path(model_dir)
+    model = model if model is not None else load_moe(model_dir)  # first: it refuses a wrong directory clearly
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = model if model is not None else load_moe(model_dir)
     router, how = None, "oracle routing (no trained router found: argmax over experts of the activation mass summed over layers)"
     for cand in [router_dir, model_dir] if router_dir else [model_dir]:
         if cand is not None and (Path(cand) / "router.safetensors").is_file():

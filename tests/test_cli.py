@@ -94,3 +94,8 @@ def test_trace_route_then_simulate_policies(tiny_checkpoint, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["simulate", str(trace), "--policies", "fcfs", "--rate", "-1"]) == 2
     assert "rate" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["simulate", str(trace), "--policies", "fcfs", "--cost", str(tmp_path / "list.json")]) == 2
+    assert "not a cost model" in capsys.readouterr().err
+    assert main(["trace", "route", str(tmp_path / "missing"), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "not a directory" in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
