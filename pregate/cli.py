@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except PregateError as err:
         print(f"pregate: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_status
     except KeyboardInterrupt:
         print("pregate: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,7 @@ Legend: T tokens in the step's flat stream, K experts per token, V vocab, E rout
 from __future__ import annotations
 
 import itertools
+import operator
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from pregate.detokenize import IncrementalDetokenizer
 from pregate.errors import PregateError
 from pregate.metrics import MetricsRecorder
 from pregate.moe import MoEForCausalLM, Routing, Segment
@@ -82,8 +84,9 @@ class SamplingParams:
         p = self.top_p
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
             raise RequestError(f"SamplingParams.top_p={p!r} must lie in (0, 1] (1 = no nucleus cut)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            raise RequestError(f"SamplingParams.seed={self.seed!r} must be None or an integer >= 0")
+        s = self.seed
+        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**64):
+            raise RequestError(f"SamplingParams.seed={s!r} must be None or an integer in [0, 2**64)")
         bad = next((s for s in self.stop if not isinstance(s, str) or not s), None)
         if bad is not None:
             raise RequestError(f"SamplingParams.stop contains {bad!r}; stop strings must be non-empty strings")
@@ -97,14 +100,18 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """One token id from logits [V] (float32, CPU): argmax, or temperature + top-p (nucleus) sampling.
 
     Top-p keeps the smallest set of most likely tokens whose probability reaches top_p (at least one).
+    Any temperature > 0 and top_p in (0, 1] work, however small: the logits are shifted so their maximum
+    is 0 before dividing (no overflow to inf), and the most likely token always stays in the nucleus.
     """
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         before = sorted_p.cumsum(0) - sorted_p  # mass strictly above each token
-        sorted_p[before >= params.top_p] = 0  # the first token always stays (before = 0)
+        cut = before >= params.top_p
+        cut[0] = False  # a top_p that underflows float32 still keeps the first token
+        sorted_p[cut] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -122,6 +129,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "length", "stop", "eos", "abort" or "error"
     error: str | None = None
+    internal_error: bool = False  # the error is the engine's fault, not the request's
 
 
 @dataclass
@@ -154,6 +162,7 @@ class _Sequence:
     rcache: object | None  # the router's RouterCache (None: no routed experts)
     generator: torch.Generator | None
     callback: OutputCallback | None
+    detok: IncrementalDetokenizer | None  # None: no tokenizer, no text
     text: str = ""  # generated text (stop string cut off once found)
     sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None
@@ -264,20 +273,22 @@ class Engine:
                 f"request {rid!r}: prompt {len(ids)} + max_tokens {params.max_tokens} = {total} tokens exceeds "
                 f"the context of {self.max_context}; shorten the prompt or lower max_tokens"
             )
+        # everything that can fail comes before the scheduler sees the request, so a failure leaves no trace
         with torch.inference_mode():
             route_ids, route_w, rcache, primary = self._route_prompt(ids, total)
-        req = Request(rid, primary, params.max_tokens)
-        try:
-            self.scheduler.add_request(req)
-        except SchedulerError as err:
-            raise RequestError(str(err)) from None
         generator = None
         if not params.greedy:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else random.randrange(2**62))
-        self._seqs[rid] = _Sequence(
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        seq = _Sequence(
             rid, params, list(ids), len(ids), route_ids, route_w, self.model.new_cache(capacity=total),
-            rcache, generator, callback,
+            rcache, generator, callback, detok,
         )
+        try:
+            self.scheduler.add_request(Request(rid, primary, params.max_tokens))
+        except SchedulerError as err:
+            raise RequestError(str(err)) from None
+        self._seqs[rid] = seq
         self.metrics.on_arrival(rid, at=arrival_time)
         return rid
 
@@ -302,11 +313,40 @@ class Engine:
         start = self.metrics.clock()
         out = self.scheduler.schedule()
         assert not out.is_empty
+        try:
+            sampled, finished, new_tokens = self._execute(out)
+        except Exception as err:  # our bug or a broken input inside the step: fail its requests, go on
+            return self._fail_step(out, f"internal error in engine step {out.step}: {type(err).__name__}: {err}")
+        now = self.metrics.clock()
+        for rid, tok in new_tokens.items():
+            self.metrics.on_token(rid, at=now)
+        done = self.scheduler.update(out, StepResult(sampled, frozenset(finished)))
+        self.metrics.on_step(
+            out.step, start, out.num_tokens, out.unique_experts if self.router is not None else 0,
+            out.num_prefill_tokens, out.num_decode_tokens, end=now,
+        )
+        done_ids = {r.request_id for r in done}
+        events: list[RequestOutput] = []
+        for rid, tok in new_tokens.items():
+            seq = self._seqs.get(rid)
+            if seq is None:
+                continue  # aborted by an earlier request's callback in this loop
+            if rid in done_ids:
+                seq.finish_reason = seq.finish_reason or "length"
+                self.metrics.on_finish(rid, at=now)
+                events.append(self._finish(seq, seq.finish_reason, [tok]))
+            else:
+                events.append(self._emit(seq, [tok]))
+        return events
+
+    def _execute(self, out: SchedulerOutput) -> tuple[dict[str, int], set[str], dict[str, int]]:
+        """Forward, sample and route one scheduled step: (sampled experts, finished ids, new tokens).
+
+        Changes only the step's own sequences, so a failure here can be confined to them."""
         with torch.inference_mode():
             logits = self._forward(out)  # [producers, V] float32 on CPU
         sampled: dict[str, int] = {}
         finished: set[str] = set()
-        events: list[RequestOutput] = []
         new_tokens: dict[str, int] = {}
         row = 0
         for it in out.items:
@@ -325,26 +365,29 @@ class Engine:
                 with torch.inference_mode():
                     sampled[seq.rid] = self._route_token(seq, tok)
         assert row == logits.shape[0]
-        now = self.metrics.clock()
-        for rid, tok in new_tokens.items():
-            self.metrics.on_token(rid, at=now)
-        done = self.scheduler.update(out, StepResult(sampled, frozenset(finished)))
-        self.metrics.on_step(
-            out.step, start, out.num_tokens, out.unique_experts if self.router is not None else 0,
-            out.num_prefill_tokens, out.num_decode_tokens, end=now,
-        )
-        done_ids = {r.request_id for r in done}
-        for rid, tok in new_tokens.items():
+        return sampled, finished, new_tokens
+
+    def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
+        """End every request of a failed step with an error event and free its KV; the rest go on."""
+        self.scheduler.update(out, StepResult({}, frozenset(out.request_ids)))
+        events = []
+        for rid in out.request_ids:
             seq = self._seqs.get(rid)
             if seq is None:
-                continue  # aborted by an earlier request's callback in this loop
-            if rid in done_ids:
-                seq.finish_reason = seq.finish_reason or "length"
-                self.metrics.on_finish(rid, at=now)
-                events.append(self._finish(seq, seq.finish_reason, [tok]))
-            else:
-                events.append(self._emit(seq, [tok]))
+                continue
+            self.failed[rid] = message
+            self.metrics.on_abort(rid)
+            events.append(self._finish(seq, "error", [], error=message, internal=True))
         return events
+
+    def fail_all(self, message: str) -> None:
+        """End every queued and running request with an internal error and start from an empty
+        scheduler (the engine loop's last resort when a step failed outside its own guard)."""
+        for rid in list(self._seqs):
+            self.failed[rid] = message
+            self.metrics.on_abort(rid)
+            self._finish(self._seqs[rid], "error", [], error=message, internal=True)
+        self.scheduler = Scheduler(self.scheduler_config)
 
     # -- drivers
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
@@ -387,9 +430,17 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"request {rid!r}: a text prompt needs an engine built with a tokenizer; pass token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise RequestError(f"request {rid!r}: the prompt is not valid Unicode text ({err.reason})") from None
             ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
         else:
-            ids = [int(i) for i in prompt]
+            ids = []
+            for i in prompt:  # integers only: a float, bool, None or nested list is the client's mistake
+                if isinstance(i, bool) or not hasattr(i, "__index__"):
+                    raise RequestError(f"request {rid!r}: token ids must be integers, got {i!r}")
+                ids.append(operator.index(i))
         if not ids:
             raise RequestError(f"request {rid!r}: empty prompt; send at least one token")
         vocab = self.model.config.base["vocab_size"]
@@ -445,11 +496,13 @@ class Engine:
 
     def _stop_reason(self, seq: _Sequence, tok: int) -> str | None:
         """Update the request's text and say why it stops now (None: it goes on)."""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        if seq.detok is not None:
+            old = len(seq.text)
+            seq.detok.add([tok])
+            text = seq.detok.text
             if seq.params.stop:
                 # only the tail can hold a new match: earlier text was checked in earlier steps
-                lo = max(0, len(seq.text) - max(len(s) for s in seq.params.stop))
+                lo = max(0, old - max(len(s) for s in seq.params.stop))
                 hits = [i for s in seq.params.stop if (i := text.find(s, lo)) >= 0]
                 if hits:
                     seq.text = text[: min(hits)]
@@ -461,11 +514,14 @@ class Engine:
             return "length"
         return None
 
-    def _emit(self, seq: _Sequence, toks: list[int], finished: bool = False) -> RequestOutput:
-        # hold back a tail that could still grow into a stop string, so streamed text never shows one
-        hold = 0 if finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+    def _emit(
+        self, seq: _Sequence, toks: list[int], finished: bool = False, error: str | None = None, internal: bool = False
+    ) -> RequestOutput:
+        # hold back only a tail that could still grow into a stop string, so streamed text never shows one
+        hold = 0 if finished else _stop_prefix_len(seq.text, seq.params.stop)
         upto = max(seq.sent, len(seq.text) - hold)
-        ev = RequestOutput(seq.rid, toks, seq.text[seq.sent : upto], finished, seq.finish_reason if finished else None)
+        reason = seq.finish_reason if finished else None
+        ev = RequestOutput(seq.rid, toks, seq.text[seq.sent : upto], finished, reason, error, internal)
         seq.sent = upto
         if seq.callback is not None:
             try:
@@ -476,12 +532,28 @@ class Engine:
                     self.abort(seq.rid)
         return ev
 
-    def _finish(self, seq: _Sequence, reason: str, toks: list[int]) -> RequestOutput:
+    def _finish(
+        self, seq: _Sequence, reason: str, toks: list[int], error: str | None = None, internal: bool = False
+    ) -> RequestOutput:
         seq.finish_reason = reason
         del self._seqs[seq.rid]
+        if seq.detok is not None and reason not in ("stop", "error"):
+            seq.detok.finish()  # an incomplete last character: as the offline decode shows it
+            seq.text = seq.detok.text
         if seq.callback is None:  # a streamed request's consumer already has everything: keep nothing
             self._results[seq.rid] = GenerationOutput(
                 seq.rid, seq.tokens[: seq.prompt_len], seq.generated, seq.text, reason,
-                seq.route_ids[seq.prompt_len : len(seq.tokens) - 1, 0].tolist(),
+                seq.route_ids[seq.prompt_len : len(seq.tokens) - 1, 0].tolist(), error=error,
             )
-        return self._emit(seq, toks, finished=True)
+        return self._emit(seq, toks, finished=True, error=error, internal=internal)
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string (0: none)."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest

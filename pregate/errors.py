@@ -3,3 +3,5 @@
 
 class PregateError(Exception):
     """A mistake the user can fix (bad input, missing file, wrong option); the message says how."""
+
+    exit_status = 2  # what `pregate` exits with after printing the message

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +32,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pregate.engine import Engine, RequestOutput, SamplingParams
 from pregate.errors import PregateError
 from pregate.scheduler import SchedulerConfig
+
+log = logging.getLogger("pregate.server")
+GRACEFUL_S = 10  # seconds open requests get to finish on shutdown (SIGTERM, Ctrl-C)
+
+
+class EngineStopped(PregateError):
+    """The engine thread died, so the server exited; `pregate serve` exits with status 1."""
+
+    exit_status = 1
+EVENT_POLL_S = 1.0  # how often a waiting handler checks that the engine thread is still alive
 
 
 @dataclass
@@ -43,22 +54,35 @@ class _Submit:
 
 
 class EngineLoop:
-    """Runs `engine.step()` on its own thread while there is work; commands arrive through an inbox."""
+    """Runs `engine.step()` on its own thread while there is work; commands arrive through an inbox.
+
+    Nothing a request does can end this thread: a request the engine refuses fails alone (400), an
+    unexpected error while adding one fails it alone (500), and the engine confines an error inside a
+    step to that step's requests. If the thread ever stops anyway, `error` says why, every request still
+    waiting gets an error event, and `on_death` (the server's exit hook) is called.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.inbox: queue.Queue = queue.Queue()
+        self.error: str | None = None  # why the engine thread stopped; None while it is healthy
+        self.on_death: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pregate-engine", daemon=True)
+        self._waiting: dict[str, _Submit] = {}  # every admitted request whose end is not yet delivered
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
 
     def start(self) -> "EngineLoop":
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
         self._stop.set()
         self.inbox.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
 
     def submit(self, prompt, params: SamplingParams, rid: str, loop, events: asyncio.Queue) -> None:
         self.inbox.put(_Submit(prompt, params, rid, loop, events))
@@ -67,47 +91,124 @@ class EngineLoop:
         self.inbox.put(("abort", rid))
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            block = not self.engine.has_work()
-            try:
-                while True:
-                    cmd = self.inbox.get(block=block, timeout=0.5 if block else None)
-                    block = False
-                    self._handle(cmd)
-            except queue.Empty:
-                pass
-            if self.engine.has_work():
-                self.engine.step()
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_work()
+                try:
+                    while True:
+                        cmd = self.inbox.get(block=block, timeout=0.5 if block else None)
+                        block = False
+                        self._handle(cmd)
+                except queue.Empty:
+                    pass
+                if self.engine.has_work():
+                    self._step()
+        except BaseException as err:  # the engine itself is broken: say so, answer everyone, exit
+            self.error = f"the engine stopped: {type(err).__name__}: {err}"
+            log.exception("engine thread stopped")
+        finally:
+            self._drain()
+            if self.error is not None and self.on_death is not None:
+                self.on_death()
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()  # confines an error inside the step to that step's requests
+        except Exception as err:  # the guard itself failed: end every request, keep serving new ones
+            log.exception("engine step failed outside its own guard")
+            self.engine.fail_all(f"internal error: {type(err).__name__}: {err}")
 
     def _handle(self, cmd) -> None:
         if cmd is None:
             return
         if isinstance(cmd, tuple) and cmd[0] == "abort":
-            self.engine.abort(cmd[1])
+            try:
+                self.engine.abort(cmd[1])
+            except Exception:  # an abort that fails leaves the request to finish on its own
+                log.exception("aborting request %s failed", cmd[1])
             return
 
         def deliver(ev: RequestOutput, cmd=cmd) -> None:
+            if ev.finished:
+                self._waiting.pop(cmd.rid, None)
             cmd.loop.call_soon_threadsafe(cmd.events.put_nowait, ev)
 
+        self._waiting[cmd.rid] = cmd
         try:
             self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.rid, callback=deliver)
         except PregateError as err:
             deliver(RequestOutput(cmd.rid, [], "", True, "error", error=str(err)))
+        except Exception as err:  # our bug, found by this request: it alone fails
+            log.exception("adding request %s failed", cmd.rid)
+            message = f"internal error: {type(err).__name__}: {err}"
+            deliver(RequestOutput(cmd.rid, [], "", True, "error", error=message, internal_error=True))
+
+    def _drain(self) -> None:
+        """Give every request still waiting an error event, so no handler waits forever."""
+        message = self.error or "the server is shutting down"
+        for rid, cmd in list(self._waiting.items()):
+            ev = RequestOutput(rid, [], "", True, "error", error=message, internal_error=True)
+            try:
+                cmd.loop.call_soon_threadsafe(cmd.events.put_nowait, ev)
+            except RuntimeError:
+                pass  # that handler's event loop is already closed
+        self._waiting.clear()
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error"):
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    """An answer in OpenAI's error shape: {"error": {message, type, param, code}}."""
+    body = {"message": message, "type": kind, "param": param, "code": str(status)}
+    return JSONResponse(status_code=status, content={"error": body})
+
+
+def _event_error(ev: RequestOutput) -> JSONResponse:
+    if ev.internal_error:
+        return _error(500, ev.error or "internal error", "server_error")
+    return _error(400, ev.error or "bad request")
+
+
+class BadField(PregateError):
+    """A request field with a wrong type or value; `param` names it for OpenAI's error object."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+MAX_STOP_STRINGS = 4  # as OpenAI
 
 
 def _sampling(body: dict) -> SamplingParams:
-    stop = body.get("stop") or ()
-    return SamplingParams(
-        max_tokens=body.get("max_tokens") if body.get("max_tokens") is not None else 16,
-        temperature=body.get("temperature") if body.get("temperature") is not None else 1.0,
-        top_p=body.get("top_p") if body.get("top_p") is not None else 1.0,
-        seed=body.get("seed"),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-    )
+    """SamplingParams from the request body; BadField names the field that is wrong."""
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP_STRINGS:
+            raise BadField("stop", f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        stop = tuple(stop)
+    else:
+        raise BadField("stop", f"stop must be a string or a list of strings, got {stop!r:.80}")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadField("stream", f"stream must be true or false, got {stream!r:.80}")
+    fields = {
+        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "seed": body.get("seed"),
+    }
+    defaults = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": None}
+    values = {k: defaults[k] if v is None else v for k, v in fields.items()}
+    try:
+        return SamplingParams(stop=stop, **values)
+    except PregateError as err:
+        name = next((k for k in fields if f".{k}=" in str(err)), None)
+        if name == "max_tokens" and body.get("max_completion_tokens") is not None:
+            name = "max_completion_tokens"
+        raise BadField(name, str(err)) from None
 
 
 def build_app(engine: Engine, model_name: str = "pregate"):
@@ -127,8 +228,8 @@ def build_app(engine: Engine, model_name: str = "pregate"):
     async def run(prompt, body: dict, chat: bool):
         try:
             params = _sampling(body)
-        except PregateError as err:
-            return _error(400, str(err))
+        except BadField as err:
+            return _error(400, str(err), param=err.param)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
         events: asyncio.Queue = asyncio.Queue()
         runner.submit(prompt, params, rid, asyncio.get_running_loop(), events)
@@ -141,18 +242,28 @@ def build_app(engine: Engine, model_name: str = "pregate"):
                 return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason}
             return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
 
-        first = await events.get()
+        async def next_event() -> RequestOutput:
+            # never wait forever: if the engine thread has stopped, no event will come
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=EVENT_POLL_S)
+                except asyncio.TimeoutError:
+                    if not runner.alive:
+                        return RequestOutput(rid, [], "", True, "error", error=runner.error or "the engine stopped",
+                                             internal_error=True)
+
+        first = await next_event()
         if first.error is not None:
-            return _error(400, first.error)
+            return _event_error(first)
 
         if not body.get("stream"):
             text, ev, completion = first.new_text, first, len(first.new_token_ids)
             while not ev.finished:
-                ev = await events.get()
+                ev = await next_event()
                 text += ev.new_text
                 completion += len(ev.new_token_ids)
             if ev.error is not None:
-                return _error(500, ev.error, "server_error")
+                return _event_error(ev)
             n_prompt = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             return {
                 "id": rid, "object": obj, "created": created, "model": model_name,
@@ -165,6 +276,11 @@ def build_app(engine: Engine, model_name: str = "pregate"):
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
             try:
                 while True:
+                    if ev.error is not None:  # the request failed mid-stream: say so, then end the stream
+                        kind = "server_error" if ev.internal_error else "invalid_request_error"
+                        err = {"message": ev.error, "type": kind, "param": None, "code": "500" if ev.internal_error else "400"}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        break
                     reason = _reason(ev.finish_reason) if ev.finished else None
                     if ev.new_text or ev.finished:
                         payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name,
@@ -172,7 +288,7 @@ def build_app(engine: Engine, model_name: str = "pregate"):
                         yield f"data: {json.dumps(payload)}\n\n"
                     if ev.finished:
                         break
-                    ev = await events.get()
+                    ev = await next_event()
                 yield "data: [DONE]\n\n"
             except asyncio.CancelledError:  # the client went away: free its slot
                 runner.abort(rid)
@@ -186,12 +302,13 @@ def build_app(engine: Engine, model_name: str = "pregate"):
         if isinstance(body, JSONResponse):
             return body
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        # OpenAI's batch forms: a list of strings, a list of token lists; one of either is one prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                return _error(400, "send one prompt per request (a list of several prompts is not supported)")
+                return _error(400, "send one prompt per request (a list of several prompts is not supported)", param="prompt")
             prompt = prompt[0]
         if not isinstance(prompt, (str, list)):
-            return _error(400, "prompt must be a string or a list of token ids")
+            return _error(400, "prompt must be a string or a list of token ids", param="prompt")
         return await run(prompt, body, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -217,7 +334,11 @@ def build_app(engine: Engine, model_name: str = "pregate"):
 
     @app.get("/health")
     async def health():
+        if not runner.alive:
+            return _error(503, runner.error or "the engine is not running", "server_error")
         return {"status": "ok"}
+
+    app.state.runner = runner
 
     return app
 
@@ -257,6 +378,8 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
     import socket
 
     with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
+        # as uvicorn binds: a restart right after a stop must not trip over the old TIME_WAIT connections
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as err:
@@ -282,8 +405,16 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
     name = model_name or Path(model_dir).resolve().name
     print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy {engine.scheduler_config.policy}, "
           f"{torch.get_num_threads()} torch threads); Ctrl-C stops", flush=True)
+    app = build_app(engine, name)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S)
+    )
+    runner = app.state.runner
+    runner.on_death = lambda: setattr(server, "should_exit", True)  # a supervisor restarts us on exit 1
     try:
-        uvicorn.run(build_app(engine, name), host=host, port=port, log_level="warning")
+        server.run()
     finally:
         if store is not None:
             store.close()
+    if runner.error is not None:
+        raise EngineStopped(f"{runner.error}; the server stopped (exit status 1 so a supervisor can restart it)")

@@ -1,0 +1,155 @@
+"""The server survives its clients and its own bugs: a real engine with injected faults behind real HTTP."""
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from pregate.engine import Engine
+from pregate.moe import build_moe_from_dense
+from pregate.server import build_app
+from tests.conftest import tiny_hf_model, tiny_tokenizer
+from tests.test_server import free_port
+
+POISON_TEXT = "poison"
+
+
+@pytest.fixture
+def faulty_server(tmp_path):
+    """(base url, engine, app, fault) of a real server whose model raises when fault["when"](input_ids) is
+    true: by default, when a step holds a token of POISON_TEXT."""
+    tok = tiny_tokenizer(tmp_path)
+    hf = tiny_hf_model(seed=3, vocab_size=len(tok))
+    n, width = hf.config.num_hidden_layers, hf.config.intermediate_size
+    engine = Engine(build_moe_from_dense(hf, [torch.arange(width)] * n, [[] for _ in range(n)]), tok)
+    poison = set(tok(POISON_TEXT, add_special_tokens=False)["input_ids"])
+    real = engine.model.forward_packed
+    fault = {"when": lambda ids: bool(poison & set(ids.tolist()))}
+
+    def forward_packed(input_ids, *args, **kwargs):
+        if fault["when"](input_ids):
+            raise RuntimeError("injected fault")
+        return real(input_ids, *args, **kwargs)
+
+    engine.model.forward_packed = forward_packed
+    app = build_app(engine, "tiny")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", engine, app, fault
+    server.should_exit = True
+    thread.join(timeout=15)
+
+
+def complete(url, timeout=30, **body):
+    body = {"model": "tiny", "max_tokens": 4, "temperature": 0, **body}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+
+
+def assert_openai_error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["code"] == str(status)
+    return err
+
+
+def test_a_fault_in_a_step_is_a_500_and_the_server_goes_on(faulty_server):
+    url, engine, _, fault = faulty_server
+    err = assert_openai_error(complete(url, prompt=f"the {POISON_TEXT} quick"), 500)
+    assert err["type"] == "server_error" and "injected fault" in err["message"]
+    calls = iter(range(100))
+    fault["when"] = lambda ids: next(calls) == 1  # the second step: mid-stream
+    body = {"prompt": "the lazy dog", "stream": True, "max_tokens": 8, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and "injected fault" not in lines[0]  # a token came, then the fault
+    assert "injected fault" in lines[-2] and '"error"' in lines[-2]  # an error event ...
+    assert lines[-1] == "data: [DONE]"  # ... then the stream ends as every stream does
+    fault["when"] = lambda ids: False
+    assert complete(url, prompt="the quick brown").status_code == 200
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert engine.scheduler.kv_used_tokens == 0
+
+
+def test_a_fault_while_adding_is_a_500_for_that_request_alone(faulty_server):
+    url, engine, _, fault = faulty_server
+    real = engine._route_prompt
+
+    def route(ids, total):
+        if len(ids) == 7:
+            raise KeyError("injected admission fault")
+        return real(ids, total)
+
+    engine._route_prompt = route
+    err = assert_openai_error(complete(url, prompt=[5, 6, 7, 8, 9, 10, 11]), 500)
+    assert "injected admission fault" in err["message"]
+    assert complete(url, prompt=[5, 6, 7]).status_code == 200
+
+
+def test_a_dead_engine_thread_answers_everyone_and_health_says_so(faulty_server):
+    url, engine, app, _ = faulty_server
+    died = threading.Event()
+    app.state.runner.on_death = died.set
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fatal fault")
+
+    engine.step = broken  # the step guard fails ...
+    engine.fail_all = broken  # ... and so does its last resort: the thread dies
+    t0 = time.time()
+    err = assert_openai_error(complete(url, prompt="the quick"), 500)
+    assert "injected fatal fault" in err["message"] and time.time() - t0 < 10
+    assert died.wait(5)
+    assert_openai_error(httpx.get(f"{url}/health"), 503)
+    assert_openai_error(complete(url, prompt="the quick"), 500)  # later requests do not hang either
+
+
+BAD_REQUESTS = [
+    ({"prompt": [[5, 6], [7, 8]]}, "prompt"),  # OpenAI's list-of-token-lists batch form
+    ({"prompt": [5, None, 7]}, None),
+    ({"prompt": [5, "x", 7]}, None),
+    ({"prompt": [5, 1e300]}, None),
+    ({"prompt": [5, 2.0]}, None),
+    ({"prompt": [True]}, None),
+    ({"prompt": [5, 10**30]}, None),
+    ({"prompt": "lone \ud800 surrogate"}, None),
+    ({"prompt": "x", "seed": 2**64}, "seed"),
+    ({"prompt": "x", "stop": 5}, "stop"),
+    ({"prompt": "x", "stop": {"a": 1}}, "stop"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stream": "false"}, "stream"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "max_completion_tokens": 0}, "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_REQUESTS, ids=[str(i) for i in range(len(BAD_REQUESTS))])
+def test_malformed_requests_are_400s_and_the_next_request_works(faulty_server, body, param):
+    url, _, _, _ = faulty_server
+    r = httpx.post(f"{url}/v1/completions", content=_json(body), headers={"content-type": "application/json"})
+    err = assert_openai_error(r, 400)
+    assert err["param"] == param
+    assert complete(url, prompt="the quick").status_code == 200
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-45, 1.0), (1.0, 1e-46), (1e-40, 1e-40)])
+def test_float32_underflowing_sampling_parameters_are_served(faulty_server, temperature, top_p):
+    url, _, _, _ = faulty_server
+    r = complete(url, prompt="the quick", temperature=temperature, top_p=top_p)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
+def _json(body) -> bytes:
+    import json
+
+    return json.dumps(body).encode()  # keeps a lone surrogate as the \\ud800 escape that clients send
