@@ -3,7 +3,8 @@
 One engine step (vLLM-v1 style, the protocol of `pregate.scheduler`):
 
     out = scheduler.schedule()                 # which requests run, how many of their tokens
-    pack every item into one flat token stream, one `Segment` (with the request's KVCache) per item
+    pack every item into one flat token stream, one `Segment` (the request's slot in the engine's KV
+    cache) per item
     logits = model.forward_packed(stream, segments, routing=stored expert ids/weights of those tokens,
                                   logits_at=rows that produce a token)
     sample each producing request's next token, route it at once (router.step on that one token)
@@ -158,7 +159,7 @@ class _Sequence:
     prompt_len: int
     route_ids: torch.Tensor  # [P + max_tokens, K] long; rows of routed tokens are valid
     route_w: torch.Tensor  # [P + max_tokens, K] float32
-    kv: object  # the model's KVCache
+    slot: int  # the request's slot in the engine's KV cache
     rcache: object | None  # the router's RouterCache (None: no routed experts)
     generator: torch.Generator | None
     callback: OutputCallback | None
@@ -242,6 +243,7 @@ class Engine:
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.metrics = MetricsRecorder(clock)
         self._seqs: dict[str, _Sequence] = {}
+        self.kv = model.new_cache(capacity=64, slots=8)  # one cache for every request, a slot each; grows
         self._ids = itertools.count()
         self._results: dict[str, GenerationOutput] = {}  # finished, not yet collected by generate/stream
         self.failed: dict[str, str] = {}  # request_id -> reason, for requests rejected or failed
@@ -281,13 +283,13 @@ class Engine:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else random.randrange(2**62))
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         seq = _Sequence(
-            rid, params, list(ids), len(ids), route_ids, route_w, self.model.new_cache(capacity=total),
-            rcache, generator, callback, detok,
+            rid, params, list(ids), len(ids), route_ids, route_w, -1, rcache, generator, callback, detok,
         )
         try:
             self.scheduler.add_request(Request(rid, primary, params.max_tokens))
         except SchedulerError as err:
             raise RequestError(str(err)) from None
+        seq.slot = self.kv.acquire(total)  # the scheduler reserved its KV; this is where it lives
         self._seqs[rid] = seq
         self.metrics.on_arrival(rid, at=arrival_time)
         return rid
@@ -478,9 +480,9 @@ class Engine:
         for it in out.items:
             seq = self._seqs[it.request_id]
             lo, hi = it.start, it.start + it.num_tokens
-            assert seq.kv.length == lo, "the scheduler and the KV cache disagree on the position"
+            assert self.kv.lengths[seq.slot] == lo, "the scheduler and the KV cache disagree on the position"
             ids.extend(seq.tokens[lo:hi])
-            segments.append(Segment(it.num_tokens, seq.kv))
+            segments.append(Segment(it.num_tokens, self.kv, seq.slot))
             routes.append(seq.route_ids[lo:hi])
             weights.append(seq.route_w[lo:hi])
             offset += it.num_tokens
@@ -537,6 +539,7 @@ class Engine:
     ) -> RequestOutput:
         seq.finish_reason = reason
         del self._seqs[seq.rid]
+        self.kv.release(seq.slot)
         if seq.detok is not None and reason not in ("stop", "error"):
             seq.detok.finish()  # an incomplete last character: as the offline decode shows it
             seq.text = seq.detok.text

@@ -84,7 +84,7 @@ class MoEConfig:
         return cls(**fields)
 
 
-ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [R, H], up [R, H], down [H, R]
+ExpertWeights = tuple[torch.Tensor, torch.Tensor]  # gate|up [2R, H] (see MoEMLP), down transposed [R, H]
 
 
 class ExpertSource(Protocol):
@@ -164,124 +164,237 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class KVCache:
-    """Keys and values of one sequence for every layer, grown in place (capacity doubles)."""
+    """Keys and values of up to S sequences ("slots") for every layer: k[l], v[l] [S, G, C, D].
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, device=None, capacity: int = 64):
-        self.k = [torch.empty(num_kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty_like(t) for t in self.k]
-        self.length = 0  # tokens whose K/V are stored in every layer
+    Slot s holds lengths[s] tokens. A one-sequence cache (`model.new_cache()`) is slot 0; the serving
+    engine owns one cache for all its requests, gives each a slot at admission (`acquire`) and frees it
+    at the end (`release`), so decode rows of every request share one tensor and one attention call per
+    layer, and memory is reused across requests instead of growing with every burst. Buffers start as
+    zeros (a masked-out position must be finite: 0 * NaN would poison the attention output), and grow
+    (slots and capacity double) only when a request needs more than any before it.
+    """
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [G, n, D] after the cached ones; return all keys and values [G, length + n, D]."""
-        n, end = k.shape[1], self.length + k.shape[1]
-        if end > self.k[layer].shape[1]:
-            cap = max(end, 2 * self.k[layer].shape[1])
-            for store in (self.k, self.v):
-                old = store[layer]
-                new = old.new_empty(old.shape[0], cap, old.shape[2])
-                new[:, : self.length] = old[:, : self.length]
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, device=None,
+                 capacity: int = 64, slots: int = 1):
+        shape = (slots, num_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.lengths = [0] * slots
+        self._free = list(range(slots - 1, -1, -1)) if slots > 1 else []  # slot 0 of a 1-slot cache is in use
+
+    @property
+    def length(self) -> int:
+        """Tokens cached in slot 0 (the whole story for a one-sequence cache)."""
+        return self.lengths[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def num_slots(self) -> int:
+        return self.k[0].shape[0]
+
+    def acquire(self, capacity: int) -> int:
+        """A free slot that can hold `capacity` tokens (lowest first, so used slots stay compact)."""
+        if not self._free:
+            self._grow(slots=2 * self.num_slots)
+        self._free.sort(reverse=True)
+        slot = self._free.pop()
+        self.reserve(capacity)
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def reserve(self, capacity: int) -> None:
+        """Make every slot hold at least `capacity` tokens."""
+        if capacity > self.capacity:
+            self._grow(capacity=max(capacity, 2 * self.capacity))
+
+    def _grow(self, slots: int | None = None, capacity: int | None = None) -> None:
+        s, c = slots or self.num_slots, capacity or self.capacity
+        for store in (self.k, self.v):
+            for layer, old in enumerate(store):
+                new = old.new_zeros(s, old.shape[1], c, old.shape[3])
+                new[: old.shape[0], :, : old.shape[2]] = old
                 store[layer] = new
-        self.k[layer][:, self.length : end] = k
-        self.v[layer][:, self.length : end] = v
-        return self.k[layer][:, :end], self.v[layer][:, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def nbytes(self) -> int:
-        return sum(t.element_size() * t[:, : self.length].numel() for t in self.k + self.v)
+        if s > len(self.lengths):
+            self._free.extend(range(s - 1, len(self.lengths) - 1, -1))
+            self.lengths.extend([0] * (s - len(self.lengths)))
 
 
 @dataclass
 class Segment:
-    """A contiguous run of one sequence's tokens inside the flat stream; cache None means no past."""
+    """A contiguous run of one sequence's tokens inside the flat stream; cache None means no past.
+    slot: the sequence's slot in `cache` (0 for a one-sequence cache)."""
 
     length: int
     cache: KVCache | None = None
+    slot: int = 0
 
     @property
     def past(self) -> int:
-        return self.cache.length if self.cache is not None else 0
+        return self.cache.lengths[self.slot] if self.cache is not None else 0
+
+
+class AttentionPlan:
+    """How the step's segments attend, worked out once per forward and reused by every layer.
+
+    Decode rows (one new token with a cache) that share a cache are attended together: one call per
+    layer over the slot range they span, each row masked to its own length. Every other segment
+    (prefill chunks, caches of their own) is attended alone.
+    """
+
+    def __init__(self, segments: list[Segment], device):
+        self.segments = segments
+        self.equal_batch = all(s.cache is None for s in segments) and len({s.length for s in segments}) == 1
+        self.starts = []
+        start = 0
+        for seg in segments:
+            self.starts.append(start)
+            start += seg.length
+        by_cache: dict[int, list[int]] = {}
+        for i, seg in enumerate(segments):
+            if seg.length == 1 and seg.cache is not None:
+                by_cache.setdefault(id(seg.cache), []).append(i)
+        self.batched = [idx for idx in by_cache.values() if len(idx) > 1]
+        grouped = {i for idx in self.batched for i in idx}
+        self.alone = [i for i in range(len(segments)) if i not in grouped]
+        self.groups = [self._decode_group(idx, device) for idx in self.batched]
+
+    def _decode_group(self, idx: list[int], device) -> tuple:
+        segs = [self.segments[i] for i in idx]
+        slots = [s.slot for s in segs]
+        lo, hi = min(slots), max(slots) + 1
+        span = max(s.past for s in segs) + 1
+        lengths = torch.ones(hi - lo, dtype=torch.long)  # slots in the range that do not decode: 1 (finite)
+        for s in segs:
+            lengths[s.slot - lo] = s.past + 1
+        mask = (torch.arange(span)[None, :] < lengths[:, None])[:, None, None, :].to(device)  # [S', 1, 1, L]
+        rows = torch.tensor([self.starts[i] for i in idx], device=device)
+        slot_t = torch.tensor(slots, device=device)
+        pos = torch.tensor([s.past for s in segs], device=device)
+        return segs[0].cache, rows, slot_t, pos, lo, hi, span, mask
 
 
 class Attention(nn.Module):
+    """Llama attention with q/k/v fused into one projection at load time (`qkv_proj`; checkpoints keep
+    the parent's q_proj/k_proj/v_proj names, which load_state_dict fuses and state_dict splits)."""
+
     def __init__(self, cfg: dict, head_dim: int):
         super().__init__()
         h, n, g = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
         bias = bool(cfg.get("attention_bias", False)) or cfg["model_type"] == "qwen2"
         self.n_heads, self.n_kv, self.head_dim = n, g, head_dim
-        self.q_proj = nn.Linear(h, n * head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, g * head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, g * head_dim, bias=bias)
+        self.qkv_proj = nn.Linear(h, (n + 2 * g) * head_dim, bias=bias)
         self.o_proj = nn.Linear(n * head_dim, h, bias=False)
+        self.register_load_state_dict_pre_hook(_fuse_qkv)
+        self.register_state_dict_post_hook(_split_qkv)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
         t, dtype = x.shape[0], cos.dtype  # the attention dtype (see attention_dtype)
-        q = self.q_proj(x).to(dtype).view(t, self.n_heads, self.head_dim).transpose(0, 1)  # [N, T, D]
-        k = self.k_proj(x).to(dtype).view(t, self.n_kv, self.head_dim).transpose(0, 1)  # [G, T, D]
-        v = self.v_proj(x).to(dtype).view(t, self.n_kv, self.head_dim).transpose(0, 1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        gqa = self.n_heads != self.n_kv
-        if all(s.cache is None for s in segments) and len({s.length for s in segments}) == 1:
+        n, g, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x).to(dtype).view(t, n + 2 * g, d)  # [T, N + 2G, D]
+        qk = qkv[:, : n + g]
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once (sin carries the sign)
+        q = qk[:, :n].transpose(0, 1)  # [N, T, D]
+        k = qk[:, n:].transpose(0, 1)  # [G, T, D]
+        v = qkv[:, n + g :].transpose(0, 1)  # [G, T, D]
+        gqa = n != g
+        segments = plan.segments
+        if plan.equal_batch:
             # Fast path (training, equal-length batches): one batched causal attention.
-            b, n = len(segments), segments[0].length
-            qb = q.view(self.n_heads, b, n, self.head_dim).transpose(0, 1)
-            kb = k.view(self.n_kv, b, n, self.head_dim).transpose(0, 1)
-            vb = v.view(self.n_kv, b, n, self.head_dim).transpose(0, 1)
+            b, m = len(segments), segments[0].length
+            qb = q.reshape(n, b, m, d).transpose(0, 1)
+            kb = k.reshape(g, b, m, d).transpose(0, 1)
+            vb = v.reshape(g, b, m, d).transpose(0, 1)
             out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)  # [B, N, L, D]
-            out = out.transpose(0, 1).reshape(self.n_heads, t, self.head_dim)
+            out = out.transpose(0, 1).reshape(n, t, d)
         else:
-            outs, start = [], 0
-            for seg in segments:
+            out = q.new_empty(n, t, d)
+            for cache, rows, slots, pos, lo, hi, span, mask in plan.groups:
+                kl, vl = cache.k[layer], cache.v[layer]  # [S, G, C, D]
+                kl[slots, :, pos] = k[:, rows].transpose(0, 1)  # the new tokens' keys, [B, G, D]
+                vl[slots, :, pos] = v[:, rows].transpose(0, 1)
+                qs = q.new_zeros(hi - lo, n, 1, d)
+                qs[slots - lo, :, 0] = q[:, rows].transpose(0, 1)
+                o = F.scaled_dot_product_attention(qs, kl[lo:hi, :, :span], vl[lo:hi, :, :span],
+                                                   attn_mask=mask, enable_gqa=gqa)  # [S', N, 1, D]
+                out[:, rows] = o[slots - lo, :, 0].transpose(0, 1)
+            for i in plan.alone:
+                seg, start = segments[i], plan.starts[i]
                 end = start + seg.length
                 qs, ks, vs = q[:, start:end], k[:, start:end], v[:, start:end]
+                past = seg.past
                 if seg.cache is not None:
-                    ks, vs = seg.cache.append(layer, ks, vs)
-                past = ks.shape[1] - seg.length
+                    kl, vl = seg.cache.k[layer][seg.slot], seg.cache.v[layer][seg.slot]  # [G, C, D]
+                    kl[:, past : past + seg.length] = ks
+                    vl[:, past : past + seg.length] = vs
+                    ks, vs = kl[:, : past + seg.length], vl[:, : past + seg.length]
                 if seg.length == 1:
                     mask = None  # one new token sees everything cached
                 else:
                     # query i sits at position past + i and sees keys 0..past + i
-                    mask = torch.ones(seg.length, ks.shape[1], dtype=torch.bool, device=x.device).tril(past)
-                outs.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa)[0])
-                start = end
-            out = torch.cat(outs, dim=1)  # [N, T, D]
-        return self.o_proj(out.transpose(0, 1).reshape(t, self.n_heads * self.head_dim).to(x.dtype))
+                    mask = torch.ones(seg.length, past + seg.length, dtype=torch.bool, device=x.device).tril(past)
+                out[:, start:end] = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask,
+                                                                   enable_gqa=gqa)[0]
+        return self.o_proj(out.transpose(0, 1).reshape(t, n * d).to(x.dtype))
+
+
+def _fuse_qkv(module, state, prefix, *args) -> None:
+    """Checkpoint names (q_proj, k_proj, v_proj) -> the fused qkv_proj."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{p}_proj.{kind}" for p in "qkv"]
+        if all(name in state for name in names):
+            state[f"{prefix}qkv_proj.{kind}"] = torch.cat([state.pop(name) for name in names])
+
+
+def _split_qkv(module, state, prefix, *args) -> None:
+    """The fused qkv_proj -> checkpoint names, so saved checkpoints keep the parent's layout."""
+    n, g, d = module.n_heads, module.n_kv, module.head_dim
+    for kind in ("weight", "bias"):
+        fused = state.pop(f"{prefix}qkv_proj.{kind}", None)
+        if fused is not None:
+            q, k, v = fused.split([n * d, g * d, g * d])
+            state[f"{prefix}q_proj.{kind}"], state[f"{prefix}k_proj.{kind}"], state[f"{prefix}v_proj.{kind}"] = q, k, v
 
 
 class MoEMLP(nn.Module):
     """Shared expert on every token + each token's routed experts on their token groups.
 
-    Routed weights are stacked: gate/up [E, R, H], down [E, H, R]. An expert narrower than R has zero rows
-    at the end (act(0) * 0 = 0: padding adds nothing and receives no gradient); `widths` [E] are the true
-    widths, and only those rows are computed.
-    `shared_index` [S] and `expert_index` [E, R] (-1 = padding) record which dense channels each holds.
+    In memory, what runs together is fused (at load time, so checkpoints keep their layout):
+    - shared expert: `gate_up_proj` [2S, H] (gate rows, then up rows) and `down_proj` [H, S];
+    - routed experts: `w_gate_up` [E, 2R, H], where expert e of true width w holds its gate rows in
+      [0, w) and its up rows in [w, 2w), and `w_down_t` [E, R, H] (down, transposed), rows [0, w) used.
+      So expert e is two contiguous blocks, `w_gate_up[e, :2w]` and `w_down_t[e, :w]`: no slicing copy,
+      no strided read, and the zero padding past the true width is never read.
+    Checkpoint names: gate_proj/up_proj/down_proj and w_gate/w_up [E, R, H], w_down [E, H, R] (padding rows
+    zero: act(0) * 0 = 0). `shared_index` [S] and `expert_index` [E, R] (-1 = padding) record which dense
+    channels each holds.
     """
 
     def __init__(self, hidden: int, shared: int, widths: list[int], routed_width: int, act: str):
         super().__init__()
         num_experts = len(widths)
         self.widths = list(widths)
+        self.shared = shared
         self.act = ACTIVATIONS[act]
-        self.gate_proj = nn.Linear(hidden, shared, bias=False)
-        self.up_proj = nn.Linear(hidden, shared, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * shared, bias=False)
         self.down_proj = nn.Linear(shared, hidden, bias=False)
-        self.w_gate = nn.Parameter(torch.zeros(num_experts, routed_width, hidden))
-        self.w_up = nn.Parameter(torch.zeros(num_experts, routed_width, hidden))
-        self.w_down = nn.Parameter(torch.zeros(num_experts, hidden, routed_width))
+        self.w_gate_up = nn.Parameter(torch.zeros(num_experts, 2 * routed_width, hidden))
+        self.w_down_t = nn.Parameter(torch.zeros(num_experts, routed_width, hidden))
         self.register_buffer("shared_index", torch.zeros(shared, dtype=torch.long))
         self.register_buffer("expert_index", torch.full((num_experts, routed_width), -1, dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_fuse_mlp)
+        self.register_state_dict_post_hook(_split_mlp)
 
     @property
     def num_experts(self) -> int:
-        return self.w_gate.shape[0]
+        return self.w_gate_up.shape[0]
 
     def forward(
         self,
@@ -292,29 +405,68 @@ class MoEMLP(nn.Module):
     ) -> torch.Tensor:
         """x [T, H] -> [T, H]. If `scores` [T, E] is given, add each expert's activation mass sum|a| per token.
 
-        fetch(e) -> (gate [R, H], up [R, H], down [H, R]) supplies expert weights from elsewhere (an offloading
-        store); by default they are this module's own stacked parameters.
+        fetch(e) -> (gate|up [2R, H], down transposed [R, H]), in this module's fused layout, supplies expert
+        weights from elsewhere (an offloading store); by default they are this module's own parameters.
         """
-        out = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gu = self.gate_up_proj(x)  # [T, 2S]
+        out = self.down_proj(self.act(gu[:, : self.shared]) * gu[:, self.shared :])
         if plan is None or not plan.groups or not any(self.widths):
             return out
         xs = x[plan.order]  # [T*K, H] grouped by expert
         if fetch is None:
-            if self.w_gate.shape[1] == 0:
+            if self.w_gate_up.shape[1] == 0:
                 raise PregateError("this model's routed experts were released to an expert store; pass expert_source")
-            # unbind, not w[e]: its backward stacks E gradients once instead of E full-size zero tensors
-            own = list(zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)))
+            if torch.is_grad_enabled() and self.w_gate_up.requires_grad:
+                # unbind, not w[e]: its backward stacks E gradients once instead of E full-size zero tensors
+                own = list(zip(self.w_gate_up.unbind(0), self.w_down_t.unbind(0)))
+            else:
+                own = None
         ys = []
         for e, start, end in plan.groups:
-            gate, up, down = own[e] if fetch is None else fetch(e)  # [R, H], [R, H], [H, R]
             w = self.widths[e]
-            gate, up, down = gate[:w], up[:w], down[:, :w]  # the padding rows would only add zeros
             xe = xs[start:end]
-            a = self.act(xe @ gate.T) * (xe @ up.T)  # [n, w]
+            if fetch is not None:
+                gate_up, down_t = fetch(e)
+            elif own is not None:
+                gate_up, down_t = own[e]
+            else:
+                gate_up, down_t = self.w_gate_up[e], self.w_down_t[e]
+            h = xe @ gate_up[: 2 * w].T  # [n, 2w]: two contiguous blocks, nothing copied
+            a = self.act(h[:, :w]) * h[:, w:]  # [n, w]
+            y = a @ down_t[:w]  # [n, H]
             if scores is not None:
                 scores[plan.order[start:end], e] += a.detach().abs().sum(-1).float()
-            ys.append((a @ down.T) * plan.weights[start:end, None].to(a.dtype))
+            ys.append(y * plan.weights[start:end, None].to(a.dtype))
         return out.index_add(0, plan.order, torch.cat(ys))
+
+
+def _fuse_mlp(module, state, prefix, *args) -> None:
+    """Checkpoint names -> the fused in-memory layout (see MoEMLP)."""
+    gate, up = state.pop(f"{prefix}gate_proj.weight", None), state.pop(f"{prefix}up_proj.weight", None)
+    if gate is not None and up is not None:
+        state[f"{prefix}gate_up_proj.weight"] = torch.cat([gate, up])
+    names = [f"{prefix}{n}" for n in ("w_gate", "w_up", "w_down")]
+    if all(n in state for n in names):
+        wg, wu, wd = (state.pop(n) for n in names)  # [E, R, H], [E, R, H], [E, H, R]
+        gate_up = wg.new_zeros(wg.shape[0], 2 * wg.shape[1], wg.shape[2])
+        for e, w in enumerate(module.widths[: wg.shape[0]] if wg.shape[1] else []):
+            gate_up[e, :w], gate_up[e, w : 2 * w] = wg[e, :w], wu[e, :w]
+        state[f"{prefix}w_gate_up"], state[f"{prefix}w_down_t"] = gate_up, wd.transpose(1, 2).contiguous()
+
+
+def _split_mlp(module, state, prefix, *args) -> None:
+    """The fused layout -> checkpoint names (gate_proj/up_proj, w_gate/w_up/w_down)."""
+    fused = state.pop(f"{prefix}gate_up_proj.weight", None)
+    if fused is not None:
+        state[f"{prefix}gate_proj.weight"], state[f"{prefix}up_proj.weight"] = fused.chunk(2)
+    gate_up, down_t = state.pop(f"{prefix}w_gate_up", None), state.pop(f"{prefix}w_down_t", None)
+    if gate_up is not None and down_t is not None:
+        r = gate_up.shape[1] // 2
+        wg = gate_up.new_zeros(gate_up.shape[0], r, gate_up.shape[2])
+        wu = torch.zeros_like(wg)
+        for e, w in enumerate(module.widths if r else []):
+            wg[e, :w], wu[e, :w] = gate_up[e, :w], gate_up[e, w : 2 * w]
+        state[f"{prefix}w_gate"], state[f"{prefix}w_up"], state[f"{prefix}w_down"] = wg, wu, down_t.transpose(1, 2)
 
 
 class DecoderLayer(nn.Module):
@@ -356,15 +508,20 @@ class MoEForCausalLM(nn.Module):
         w = self.embed_tokens.weight
         return torch.float32 if w.device.type == "cpu" else w.dtype
 
-    def new_cache(self, capacity: int = 64) -> KVCache:
+    def new_cache(self, capacity: int = 64, slots: int = 1) -> KVCache:
+        """A KV cache for one sequence (slot 0), or a pool of `slots` for the serving engine."""
         w = self.embed_tokens.weight
-        return KVCache(len(self.layers), self.config.base["num_key_value_heads"], self.head_dim, self.attention_dtype, w.device, capacity)
+        g = self.config.base["num_key_value_heads"]
+        return KVCache(len(self.layers), g, self.head_dim, self.attention_dtype, w.device, capacity, slots)
 
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] for x * cos + roll(x, D/2) * sin, which is HF's x * cos + rotate_half(x) * sin:
+        rolling swaps the halves, so the first half of sin carries rotate_half's minus sign."""
         inv_freq = self._inv_freq.to(positions.device)
         freqs = positions[:, None].float() * inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[None], emb.sin().to(dtype)[None]  # [1, T, D]
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [T, 1, D]
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.embed_tokens.weight.T if self.tied else self.lm_head(h)
@@ -389,12 +546,16 @@ class MoEForCausalLM(nn.Module):
         """
         if sum(s.length for s in segments) != input_ids.shape[0]:
             raise PregateError("segment lengths must add up to the number of tokens")
+        for s in segments:
+            if s.cache is not None:
+                s.cache.reserve(s.past + s.length)
         positions = torch.cat([torch.arange(s.past, s.past + s.length) for s in segments]).to(input_ids.device)
         h = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rope(positions, self.attention_dtype)
+        attention = AttentionPlan(segments, input_ids.device)
         plan = RoutingPlan(routing, self.num_experts) if routing is not None and self.num_experts else None
         for i, layer in enumerate(self.layers):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, segments, i)
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attention, i)
             x = layer.post_attention_layernorm(h)
             layer_plan = plan
             if layer_router is not None:
@@ -406,7 +567,7 @@ class MoEForCausalLM(nn.Module):
             h = h + layer.mlp(x, layer_plan, None if scores is None else scores[i], fetch)
         for s in segments:
             if s.cache is not None:
-                s.cache.advance(s.length)
+                s.cache.lengths[s.slot] += s.length
         h = self.norm(h)
         return self.lm_logits(h if logits_at is None else h[logits_at])
 
@@ -431,11 +592,10 @@ def release_routed_experts(model: MoEForCausalLM) -> int:
     freed = 0
     for layer in model.layers:
         mlp = layer.mlp
-        for name in ("w_gate", "w_up", "w_down"):
+        for name in ("w_gate_up", "w_down_t"):
             w = getattr(mlp, name)
             freed += w.numel() * w.element_size()
-            shape = (w.shape[0], w.shape[1], 0) if name == "w_down" else (w.shape[0], 0, w.shape[2])
-            setattr(mlp, name, nn.Parameter(w.new_empty(shape), requires_grad=False))
+            setattr(mlp, name, nn.Parameter(w.new_empty(w.shape[0], 0, w.shape[2]), requires_grad=False))
     return freed
 
 

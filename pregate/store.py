@@ -1,7 +1,8 @@
 """Tiered expert store: at most k units of routed-expert weights in a fast tier, the rest in a slow tier.
 
 Implements `pregate.moe.ExpertSource`: `forward_packed(..., expert_source=store)` calls
-`begin_layer(layer, experts)` then `fetch(layer, e) -> (gate [R, H], up [R, H], down [H, R])`.
+`begin_layer(layer, experts)` then `fetch(layer, e) -> (gate|up [2R, H], down transposed [R, H])`, the layout
+MoEMLP computes with (the file keeps the checkpoint layout; a load packs it).
 
 Tiers. CPU (what tests run): slow tier = the checkpoint's safetensors file, each slice read with real
 I/O (`safe_open(...).get_slice(...)[e]`) into preallocated fast-tier buffers; an optional bandwidth cap
@@ -160,11 +161,16 @@ class ExpertStore:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise StoreError("StoreConfig.device='cuda' but no CUDA device is available; use device='cpu'")
         n = self.res.num_slots
-        self._gate = torch.zeros(n, r, h, dtype=dtype, device=self.device)  # the fast tier
-        self._up = torch.zeros_like(self._gate)
-        self._down = torch.zeros(n, h, r, dtype=dtype, device=self.device)
-        self._stage = (torch.zeros(r, h, dtype=dtype, device=self.device), torch.zeros(r, h, dtype=dtype, device=self.device),
-                       torch.zeros(h, r, dtype=dtype, device=self.device))
+        # true width of every expert: what the fused layout packs (see MoEMLP), from the checkpoint itself
+        self.widths = [(self._file.get_tensor(f"layers.{l}.mlp.expert_index") >= 0).sum(1).tolist()
+                       for l in range(self.num_layers)]
+        # the fast tier holds experts as the model computes them: gate|up [2R, H] and down transposed [R, H]
+        self._gate_up = torch.zeros(n, 2 * r, h, dtype=dtype, device=self.device)
+        self._down_t = torch.zeros(n, r, h, dtype=dtype, device=self.device)
+        self._stage = (torch.zeros(2 * r, h, dtype=dtype, device=self.device),
+                       torch.zeros(r, h, dtype=dtype, device=self.device))  # a slice that is not resident
+        self._raw = (torch.zeros(r, h, dtype=dtype, device=self.device), torch.zeros(r, h, dtype=dtype, device=self.device),
+                     torch.zeros(h, r, dtype=dtype, device=self.device))  # one slice as the file holds it
         self._cv = threading.Condition()
         self._io = threading.Lock()  # one link: transfers never overlap each other
         self._plan: dict[int, int | None] = {}
@@ -230,7 +236,7 @@ class ExpertStore:
                     if res.content[p] == key and p not in res.inflight:
                         if self._host is not None:
                             torch.cuda.current_stream(self.device).wait_event(self._events[p])
-                        return self._gate[p], self._up[p], self._down[p]
+                        return self._gate_up[p], self._down_t[p]
                     want = res.want.get(p)
                     if p not in res.inflight and want is not None and want[:2] == key:
                         res.start_load(p, *key)  # on demand (or ahead of the loader)
@@ -247,20 +253,25 @@ class ExpertStore:
             self._stall += time.perf_counter() - t0
 
     # -- transfers
-    def _copy(self, key: tuple[int, int], dst: tuple[torch.Tensor, ...]) -> None:
-        """Read one slice from the slow tier into dst (gate, up, down), honouring the bandwidth cap."""
+    def _copy(self, key: tuple[int, int], dst: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Read one slice from the slow tier into dst (gate|up, down transposed), honouring the bandwidth cap."""
         layer, e = key
         with self._io:
             t0 = time.perf_counter()
             if self._host is not None:
-                for d, s in zip(dst, self._host[layer]):
+                for d, s in zip(self._raw, self._host[layer]):
                     d.copy_(s[e], non_blocking=True)
             else:  # real I/O straight into the buffer (get_slice + copy_ was 100x slower here)
-                for d, name in zip(dst, _KEYS):
+                for d, name in zip(self._raw, _KEYS):
                     base, per = self._offsets[(layer, name)]
                     got = os.preadv(self._fd, [d.view(-1).view(torch.uint8).numpy()], base + e * per)
                     if got != per:
                         raise StoreError(f"short read from {self.path} (layer {layer}, expert {e}): truncated checkpoint?")
+            gate, up, down = self._raw
+            w = self.widths[layer][e]
+            dst[0][:w].copy_(gate[:w])
+            dst[0][w : 2 * w].copy_(up[:w])
+            dst[1].copy_(down.T)
             if self.config.bandwidth and self._host is None:
                 time.sleep(max(0.0, self.slice_bytes / self.config.bandwidth - (time.perf_counter() - t0)))
             self._load_s += time.perf_counter() - t0
@@ -273,10 +284,10 @@ class ExpertStore:
             if self._host is not None:
                 with torch.cuda.stream(self._stream):
                     self._stream.wait_event(self._released)
-                    self._copy(key, (self._gate[p], self._up[p], self._down[p]))
+                    self._copy(key, (self._gate_up[p], self._down_t[p]))
                     self._events[p].record(self._stream)
             else:
-                self._copy(key, (self._gate[p], self._up[p], self._down[p]))
+                self._copy(key, (self._gate_up[p], self._down_t[p]))
         except BaseException as err:
             with self._cv:
                 self.res.inflight.pop(p, None)

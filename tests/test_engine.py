@@ -259,3 +259,48 @@ def test_expert_store_must_match_the_model(moe_and_router, tmp_path):
             Engine(half, router=router, expert_store=store)
         with pytest.raises(EngineError, match="does not belong to this model"):
             Engine(build(tiny_hf_model(seed=4), num_experts=2), router=tiny_router(2), expert_store=store)
+
+
+def test_a_decode_step_makes_one_attention_call_per_layer(moe_and_router, monkeypatch):
+    """B decoding requests share the engine's KV cache, so each layer attends to all of them at once."""
+    import pregate.moe
+
+    moe, router = moe_and_router
+    engine = Engine(moe, router=router, scheduler_config=SchedulerConfig(policy="decode-first", token_budget=64))
+    ps = prompts(6)
+    for p in ps:
+        engine.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.step()  # admits all six and starts their prompts
+    while any(r.in_prefill for r in engine.scheduler.running):
+        engine.step()
+    calls, inside = [], []
+    real_attention, real_forward = pregate.moe.F.scaled_dot_product_attention, engine.model.forward_packed
+
+    def attention(*args, **kwargs):  # the router attends too: count only the backbone's calls
+        calls.extend(inside)
+        return real_attention(*args, **kwargs)
+
+    def forward(*args, **kwargs):
+        inside.append(1)
+        try:
+            return real_forward(*args, **kwargs)
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(pregate.moe.F, "scaled_dot_product_attention", attention)
+    monkeypatch.setattr(engine.model, "forward_packed", forward)
+    out = engine.step()
+    assert len(out) == 6  # six decode rows in this step ...
+    assert len(calls) == len(moe.layers)  # ... and one attention call per layer
+
+
+def test_kv_slots_are_reused_across_bursts(moe_and_router):
+    moe, router = moe_and_router
+    engine = Engine(moe, router=router, scheduler_config=SchedulerConfig(token_budget=64, max_running=4))
+    shapes = []
+    for burst in range(3):
+        outs = engine.generate(prompts(8, seed=burst), SamplingParams(max_tokens=3, ignore_eos=True))
+        assert all(o.finish_reason == "length" for o in outs)
+        shapes.append(tuple(engine.kv.k[0].shape))
+    assert shapes[0] == shapes[-1] and shapes[0][0] <= 8  # no growth after the first burst
+    assert sorted(engine.kv._free) == list(range(engine.kv.num_slots))  # every slot returned

@@ -54,12 +54,13 @@ def test_grouped_path_equals_per_token_loop():
     ids[:, 1] = (ids[:, 0] + 1 + torch.randint(0, 3, (17,))) % 4  # two distinct experts per token
     w = torch.rand(17, 2)
     got = mlp(x, RoutingPlan(Routing(ids, w), 4))
+    sd = mlp.state_dict()  # the checkpoint layout, independent of the fused in-memory one
     for t in range(17):
-        want = mlp.down_proj(mlp.act(mlp.gate_proj(x[t])) * mlp.up_proj(x[t]))
+        want = (mlp.act(x[t] @ sd["gate_proj.weight"].T) * (x[t] @ sd["up_proj.weight"].T)) @ sd["down_proj.weight"].T
         for k in range(2):
             e = int(ids[t, k])
-            a = mlp.act(x[t] @ mlp.w_gate[e].T) * (x[t] @ mlp.w_up[e].T)
-            want = want + w[t, k] * (a @ mlp.w_down[e].T)
+            a = mlp.act(x[t] @ sd["w_gate"][e].T) * (x[t] @ sd["w_up"][e].T)
+            want = want + w[t, k] * (a @ sd["w_down"][e].T)
         torch.testing.assert_close(got[t], want, atol=1e-5, rtol=1e-5)
 
 
@@ -127,3 +128,25 @@ def test_expert_scores_shape_and_mass():
     scores = moe.expert_scores(torch.randint(0, 97, (2, 5)))
     assert scores.shape == (3, 10, 3)
     assert (scores > 0).all()
+
+
+def test_fused_layout_keeps_the_checkpoint_layout(tmp_path):
+    """In memory q/k/v and gate|up are fused; state_dict and save_moe still give the parent's names,
+    and loading them back gives the same model."""
+    from pregate.moe import load_moe, save_moe
+
+    hf = tiny_hf_model("qwen2", seed=5)  # biases on q/k/v
+    moe = build(hf, num_experts=3)
+    sd = moe.state_dict()
+    for name in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "v_proj.bias"):
+        assert f"layers.0.self_attn.{name}" in sd
+    for name in ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "w_gate", "w_up", "w_down"):
+        assert f"layers.0.mlp.{name}" in sd
+    assert not any("qkv_proj" in k or "gate_up" in k or "w_down_t" in k for k in sd)
+    assert sd["layers.0.self_attn.q_proj.weight"].equal(hf.model.layers[0].self_attn.q_proj.weight)
+    save_moe(moe, tmp_path)
+    again = load_moe(tmp_path)
+    ids = torch.randint(0, 97, (2, 9))
+    e = torch.randint(0, 3, (18,))
+    torch.testing.assert_close(again(ids, Routing.top1(e)), moe(ids, Routing.top1(e)), atol=0, rtol=0)
+    assert all(again.state_dict()[k].equal(v) for k, v in sd.items())
