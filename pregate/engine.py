@@ -7,7 +7,7 @@ One engine step (vLLM-v1 style, the protocol of `pregate.scheduler`):
     cache) per item
     logits = model.forward_packed(stream, segments, routing=stored expert ids/weights of those tokens,
                                   logits_at=rows that produce a token)
-    sample each producing request's next token, route it at once (router.step on that one token)
+    sample each producing request's next token; route all of them at once (router.step_tokens)
     scheduler.update(out, StepResult(sampled={request: expert of the new token}, finished=...))
 
 Pre-gating: a request's prompt is routed when it is added (router.step over the whole prompt with the
@@ -350,6 +350,7 @@ class Engine:
         sampled: dict[str, int] = {}
         finished: set[str] = set()
         new_tokens: dict[str, int] = {}
+        to_route: list[_Sequence] = []  # requests that go on: their new token is routed below, together
         row = 0
         for it in out.items:
             seq = self._seqs[it.request_id]
@@ -364,9 +365,10 @@ class Engine:
                 seq.finish_reason = reason
                 finished.add(seq.rid)
             else:
-                with torch.inference_mode():
-                    sampled[seq.rid] = self._route_token(seq, tok)
+                to_route.append(seq)
         assert row == logits.shape[0]
+        with torch.inference_mode():
+            sampled.update(self._route_tokens(to_route))
         return sampled, finished, new_tokens
 
     def _fail_step(self, out: SchedulerOutput, message: str) -> list[RequestOutput]:
@@ -463,15 +465,17 @@ class Engine:
         route_ids[: len(ids)], route_w[: len(ids)] = e[0], w[0].float()
         return route_ids, route_w, rcache, e[0, :, 0].tolist()
 
-    def _route_token(self, seq: _Sequence, tok: int) -> int:
-        """Route a just-sampled token with the request's router cache; returns its primary expert."""
-        if self.router is None:
-            return 0
-        pos = len(seq.tokens) - 1
-        x = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-        e, w = self.router.route(self.router.step(x, seq.rcache))  # [1, 1, K]
-        seq.route_ids[pos], seq.route_w[pos] = e[0, 0], w[0, 0].float()
-        return int(e[0, 0, 0])
+    def _route_tokens(self, seqs: list[_Sequence]) -> dict[str, int]:
+        """Route each request's just-sampled token, all in one router step; returns primary experts."""
+        if self.router is None or not seqs:
+            return {s.rid: 0 for s in seqs}
+        x = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long, device=self.device)
+        e, w = self.router.route(self.router.step_tokens(x, [s.rcache for s in seqs]))  # [B, K]
+        w = w.float()
+        for i, seq in enumerate(seqs):
+            pos = len(seq.tokens) - 1
+            seq.route_ids[pos], seq.route_w[pos] = e[i], w[i]
+        return dict(zip((s.rid for s in seqs), e[:, 0].tolist()))
 
     def _forward(self, out: SchedulerOutput) -> torch.Tensor:
         """One forward over the step's packed items -> logits of the token-producing rows [n, V]."""

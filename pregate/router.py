@@ -311,12 +311,21 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: RouterCache | None, layer: int) -> Tensor:
-        """x [B, L, D], cos/sin [L, Dh] for the new positions -> [B, L, D]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: RouterCache | list[RouterCache] | None,
+                layer: int) -> Tensor:
+        """x [B, L, D], cos/sin [L, Dh] for the new positions -> [B, L, D].
+
+        cache a list: row b is one new token of its own sequence (cache[b], batch 1), cos/sin [B, 1, 1, Dh]."""
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = q * cos + _rotate_half(q) * sin  # [B, H, L, Dh]
         k = k * cos + _rotate_half(k) * sin
+        if isinstance(cache, list):  # rows of different sequences: projections batched, attention per row
+            ys = []
+            for i, c in enumerate(cache):
+                ki, vi = c._append(layer, k[i : i + 1], v[i : i + 1])
+                ys.append(F.scaled_dot_product_attention(q[i : i + 1], ki, vi))
+            return self.out(torch.cat(ys).transpose(1, 2).reshape(b, length, -1))
         past = 0
         if cache is not None:
             past = cache.length
@@ -455,6 +464,32 @@ class PreGatingRouter(nn.Module):
         Attends over the cached keys/values and appends the new ones; the prefix is never recomputed.
         """
         return self._logits(self.features(input_ids, cache))
+
+    def step_tokens(self, tokens: Tensor, caches: list[RouterCache]) -> Tensor:
+        """One new token for each of B sequences at once: tokens [B], caches[b] (batch 1) -> logits [B, E].
+
+        What the serving engine calls once per step for every sampled token; equals B calls of `step`
+        (float32: within 1e-5). Each sequence keeps its own cache and length."""
+        ids = self._check_ids(tokens.reshape(-1, 1))  # [B, 1]
+        if len(caches) != ids.shape[0]:
+            raise RouterError(f"step_tokens got {ids.shape[0]} tokens but {len(caches)} caches; give one each.")
+        positions = []
+        for c in caches:
+            if c.batch_size != 1 or len(c.keys) != len(self.layers):
+                raise RouterError("step_tokens needs one batch-1 cache per token, made by this router's new_cache().")
+            if c.length + 1 > self.cfg.max_seq_len:
+                raise RouterError(f"sequence length {c.length + 1} exceeds RouterConfig.max_seq_len={self.cfg.max_seq_len}.")
+            c._reserve(1)
+            positions.append(c.length)
+        x = self.embed(ids)  # [B, 1, D]
+        at = torch.tensor(positions, device=x.device)
+        cos = self.rope_cos[at].to(x.dtype)[:, None, None]  # [B, 1, 1, Dh]
+        sin = self.rope_sin[at].to(x.dtype)[:, None, None]
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, caches, i)
+        for c in caches:
+            c.length += 1
+        return self._logits(self.norm(x))[:, 0]
 
     def route(self, logits: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """logits [.., E] -> (expert_ids [.., k] long, weights [.., k]); k defaults to cfg.top_k.

@@ -108,6 +108,24 @@ def test_cache_clone_and_truncate() -> None:
         cache.truncate(10)
 
 
+def test_step_tokens_equals_one_step_per_sequence() -> None:
+    """The engine's batched decode routing: sequences of different lengths, one token each, at once."""
+    router = make_router(n_layers=2)
+    prompts = [torch.randint(0, VOCAB, (1, n)) for n in (1, 7, 3, 12)]
+    alone, together = [router.new_cache(1) for _ in prompts], [router.new_cache(1) for _ in prompts]
+    for p, a, b in zip(prompts, alone, together):
+        router.step(p, a)
+        router.step(p, b)
+    for _ in range(3):  # three decode steps: caches grow at different offsets
+        tokens = torch.randint(0, VOCAB, (len(prompts),))
+        want = torch.cat([router.step(t.view(1, 1), c)[:, 0] for t, c in zip(tokens, alone)])
+        got = router.step_tokens(tokens, together)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert [c.length for c in together] == [c.length for c in alone]
+    with pytest.raises(RouterError, match="one each"):
+        router.step_tokens(tokens[:2], together)
+
+
 def test_cache_grows_and_respects_max_seq_len() -> None:
     router = make_router(max_seq_len=40)
     ids = torch.randint(0, VOCAB, (1, 40))
