@@ -486,12 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a Hugging Face checkpoint (MoE + pre-gating router in forward) that "
-                       "AutoModelForCausalLM loads with trust_remote_code=True")
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint (MoE + pre-gating router in forward) "
+                       "that AutoModelForCausalLM loads with trust_remote_code=True")
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router + tokenizer)")
-    p.add_argument("--out", required=True, help="output directory (refused if it exists and is not empty, unless --force)")
+    p.add_argument("--out", required=True,
+                   help="output directory (refused if it exists and is not empty, unless --force)")
     p.add_argument("--router", help="directory holding the router, if not the model's own")
-    p.add_argument("--force", action="store_true", help="replace --out (only once the new export is complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out (only once the new export is complete)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job end to end on the packaged SmolLM2-135M: refactor, train, evaluate, plot")

@@ -55,12 +55,12 @@ class PregateConfig(PreTrainedConfig):
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         layers = self.num_hidden_layers
-        if self.shared_channels and len(self.shared_channels) != layers:
-            raise ValueError(f"shared_channels lists {len(self.shared_channels)} layers, the model has {layers}")
-        if self.expert_channels and len(self.expert_channels) != layers:
-            raise ValueError(f"expert_channels lists {len(self.expert_channels)} layers, the model has {layers}")
+        for name in ("shared_channels", "expert_channels"):
+            given = len(getattr(self, name))
+            if given and given != layers:
+                raise ValueError(f"{name} lists {given} layers, the model has num_hidden_layers={layers}")
         if any(len(row) != self.num_experts for row in self.expert_channels):
-            raise ValueError(f"expert_channels: every layer must list {self.num_experts} widths (num_experts)")
+            raise ValueError(f"expert_channels: every layer must list num_experts={self.num_experts} widths")
         if self.num_experts and self.router is None:
             raise ValueError(f"num_experts={self.num_experts} needs a router config (router=None)")
 

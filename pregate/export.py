@@ -30,7 +30,13 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_pregate.PregateForCausalLM",
 }
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_NAMES = ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_NAMES = (
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 # pregate name (regex) -> exported name; every parameter must match exactly one rule.
 _BACKBONE_RULES = [
@@ -92,8 +98,19 @@ def hf_config(moe, router) -> dict:
     from pregate.moe import FORMAT_VERSION
 
     base, cfg = moe.config.base, moe.config
-    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "hidden_act", "rms_norm_eps", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_act",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
     out = {k: base[k] for k in keep if k in base}
     rope = base.get("rope_parameters")
     if rope is None:  # a parent config written before transformers 5
@@ -134,34 +151,38 @@ def _load_parts(checkpoint_dir: Path, router_dir: Path | None):
     if not (source / ROUTER_CONFIG).is_file():
         hint = "pass --router DIR" if router_dir is None else "give the `pregate train` output that holds it"
         raise PregateError(
-            f"{source} holds no trained router ({ROUTER_CONFIG}); the export pre-gates with one: train it with "
-            f"`pregate train {checkpoint_dir} --out DIR` and export DIR, or {hint}"
+            f"{source} holds no trained router ({ROUTER_CONFIG}); the export pre-gates with one: "
+            f"train it with `pregate train {checkpoint_dir} --out DIR` and export DIR, or {hint}"
         )
     router = load_router(source)
     if not isinstance(router, PreGatingRouter):
         raise PregateError(
-            f"{source} holds layer-wise gates (`pregate train --layerwise`): they choose experts from each layer's "
-            "hidden state, so they cannot route before the backbone runs; export a pre-gating router "
-            "(`pregate train` without --layerwise)"
+            f"{source} holds layer-wise gates (`pregate train --layerwise`): they choose experts from "
+            "each layer's hidden state, so they cannot route before the backbone runs; export a "
+            "pre-gating router (`pregate train` without --layerwise)"
         )
     base = moe.config.base
     if router.cfg.num_experts != moe.num_experts or router.cfg.vocab_size != base["vocab_size"]:
         raise PregateError(
-            f"the router in {source} (vocab {router.cfg.vocab_size}, {router.cfg.num_experts} experts) does not fit "
-            f"the MoE in {checkpoint_dir} (vocab {base['vocab_size']}, {moe.num_experts} experts)"
+            f"the router in {source} (vocab {router.cfg.vocab_size}, {router.cfg.num_experts} experts) "
+            f"does not fit the MoE in {checkpoint_dir} "
+            f"(vocab {base['vocab_size']}, {moe.num_experts} experts)"
         )
     return moe, router
 
 
 def _tokenizer_files(src: Path) -> list[Path]:
-    return [p for p in sorted(src.iterdir()) if p.is_file() and (p.name.startswith("tokenizer") or p.name in TOKENIZER_NAMES)]
+    names = [p for p in sorted(src.iterdir()) if p.is_file()]
+    return [p for p in names if p.name.startswith("tokenizer") or p.name in TOKENIZER_NAMES]
 
 
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PregateError(f"--out {out} is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise PregateError(f"--out {out} already exists and is not empty; choose another --out or pass --force to replace it")
+        raise PregateError(
+            f"--out {out} already exists and is not empty; choose another --out or pass --force to replace it"
+        )
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, router_dir: str | Path | None = None,
@@ -177,9 +198,9 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, router_dir: str |
     from pregate.extract import atomic_dir
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
-    _check_out(out, force)
     if out.resolve() == checkpoint_dir.resolve():
         raise PregateError(f"--out {out} is the checkpoint itself; choose another directory")
+    _check_out(out, force)
     moe, router = _load_parts(checkpoint_dir, Path(router_dir) if router_dir is not None else None)
     state = hf_state_dict(moe, router)
     config = hf_config(moe, router)

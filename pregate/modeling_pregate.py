@@ -74,9 +74,8 @@ def attention_mask_4d(
     if not padded:
         return causal[None, None], False
     if attention_mask.dim() != 2 or attention_mask.shape[1] != total:
-        raise ValueError(
-            f"attention_mask must be 2-D [batch, past + new tokens = {total}], got {tuple(attention_mask.shape)}"
-        )
+        shape = tuple(attention_mask.shape)
+        raise ValueError(f"attention_mask must be 2-D [batch, past + new tokens = {total}], got {shape}")
     keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
     key_index = torch.arange(total, device=device)
     own = key_index[None, :] == (past + torch.arange(length, device=device))[:, None]  # [L, T]: key past + i
@@ -299,7 +298,8 @@ class PregateMoEMLP(nn.Module):
         act = ACTIVATIONS[config.hidden_act]
         self.shared = PregateSharedExpert(config.hidden_size, config.shared_channels[layer_idx], act)
         widths = config.expert_channels[layer_idx] if config.num_experts else []
-        self.experts = PregateExperts(config.hidden_size, widths, config.routed_width, act)  # R: all layers' widest
+        # stacked to R, the widest expert of any layer (what pregate stores)
+        self.experts = PregateExperts(config.hidden_size, widths, config.routed_width, act)
 
     def forward(self, x, expert_ids, weights) -> torch.Tensor:
         """x [B, L, H], expert_ids/weights [B, L, K] (None: no routed experts) -> [B, L, H]."""
@@ -307,8 +307,8 @@ class PregateMoEMLP(nn.Module):
         if expert_ids is None or not any(self.experts.widths):
             return out
         h, k = x.shape[-1], expert_ids.shape[-1]
-        flat = self.experts(x.reshape(-1, h), out.reshape(-1, h), expert_ids.reshape(-1, k), weights.reshape(-1, k))
-        return flat.view(x.shape)
+        flat_ids, flat_w = expert_ids.reshape(-1, k), weights.reshape(-1, k)  # [B*L, K]
+        return self.experts(x.reshape(-1, h), out.reshape(-1, h), flat_ids, flat_w).view(x.shape)
 
 
 class PregateDecoderLayer(nn.Module):

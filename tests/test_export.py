@@ -128,7 +128,9 @@ def test_experts_covering_every_channel_export_the_dense_parent(tmp_path, hf_mod
     for layer in range(n):
         perm = torch.randperm(i, generator=torch.Generator().manual_seed(layer))
         shared.append(perm[:30])
-        experts.append([perm[30:][torch.randperm(i - 30, generator=torch.Generator().manual_seed(9 + e))] for e in range(3)])
+        rest = perm[30:]
+        orders = [torch.randperm(len(rest), generator=torch.Generator().manual_seed(9 + e)) for e in range(3)]
+        experts.append([rest[order] for order in orders])
     moe = build_moe_from_dense(hf_model, shared, experts)
     hf = exported(tmp_path, moe, tiny_router())
     ids = torch.randint(0, VOCAB, (2, 13))
@@ -144,7 +146,9 @@ def test_refactored_full_remain_rate_exports_the_dense_parent(tiny_checkpoint, t
     from pregate.extract import refactor
     from pregate.router import PreGatingRouter, RouterConfig
 
-    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32", remain_rate=1.0)
+    cfg = RefactorConfig(
+        domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32", remain_rate=1.0
+    )
     ck = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
     moe = load_moe(ck)
     vocab = moe.config.base["vocab_size"]
@@ -172,7 +176,8 @@ def test_trained_checkpoint_exports_with_tokenizer_and_generates_text(tiny_check
     moe, router = load_moe(out), load_router(out)
     ids = tok("the quick brown fox", return_tensors="pt")["input_ids"]  # [1, L]
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, moe(ids, routing_for(router, ids)[0]), atol=1e-5, rtol=1e-5)
+        want = moe(ids, routing_for(router, ids)[0])
+        torch.testing.assert_close(hf(ids).logits, want, atol=1e-5, rtol=1e-5)
         text = tok.decode(hf.generate(ids, max_new_tokens=5, do_sample=False)[0])
     assert text.startswith("the quick brown fox")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -228,7 +233,8 @@ def test_layerwise_gates_and_missing_router_are_refused(tmp_path, moe_router_hf)
     with pytest.raises(PregateError, match="no trained router"):
         export_hf(bare, tmp_path / "hf")
     with pytest.raises(PregateError, match="does not fit"):
-        export_hf(bare, tmp_path / "hf", router_dir=checkpoint(tmp_path / "r4", moe, tiny_router(num_experts=4)))
+        other = checkpoint(tmp_path / "r4", moe, tiny_router(num_experts=4))
+        export_hf(bare, tmp_path / "hf", router_dir=other)
     assert not (tmp_path / "hf").exists()
 
 
