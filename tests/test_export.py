@@ -101,6 +101,18 @@ def test_cached_decode_equals_full_recompute(moe_router_hf):
     assert cache.get_seq_length() == 15
 
 
+def test_beam_search_reorders_the_router_state_too(moe_router_hf):
+    # the router's keys/values live in the DynamicCache, so beam reordering must keep them right:
+    # cached beam search equals beam search that recomputes everything (router included) every step
+    _, _, hf = moe_router_hf
+    ids = torch.tensor([prompts(5)[4][:12]])
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        cached = hf.generate(ids, **kw)
+        recomputed = hf.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+
+
 def test_greedy_generate_equals_engine(moe_router_hf):
     moe, router, hf = moe_router_hf
     hf.generation_config.eos_token_id = None  # the engine below ignores eos too
