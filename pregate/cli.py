@@ -147,6 +147,19 @@ def cmd_train(args) -> None:
           f"evaluate with `pregate eval ppl {out}`")
 
 
+# ----------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args) -> None:
+    from pregate.export import export_hf
+
+    info = export_hf(args.model, args.out, router_dir=args.router, force=args.force)
+    tok = ", ".join(info["tokenizer_files"]) or "none found in the checkpoint"
+    print(f"wrote {info['out']}: {info['num_experts']} routed experts, router {info['router']}, "
+          f"{info['parameters']:,} parameters ({info['dtype']}); tokenizer: {tok}")
+    print(f"  load with AutoModelForCausalLM.from_pretrained({info['out']!r}, trust_remote_code=True)")
+
+
 # ----------------------------------------------------------------------------------------- demo
 
 
@@ -472,6 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_cache(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint (MoE + pre-gating router in forward) "
+                       "that AutoModelForCausalLM loads with trust_remote_code=True")
+    p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router + tokenizer)")
+    p.add_argument("--out", required=True,
+                   help="output directory (refused if it exists and is not empty, unless --force)")
+    p.add_argument("--router", help="directory holding the router, if not the model's own")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out (only once the new export is complete)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job end to end on the packaged SmolLM2-135M: refactor, train, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="where checkpoints, JSON and plots go (default runs/demo)")
