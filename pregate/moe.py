@@ -377,7 +377,8 @@ class MoEMLP(nn.Module):
     channels each holds.
     """
 
-    def __init__(self, hidden: int, shared: int, widths: list[int], routed_width: int, act: str):
+    def __init__(self, hidden: int, shared: int, widths: list[int], routed_width: int, act: str,
+                 routed_weights: bool = True):
         super().__init__()
         num_experts = len(widths)
         self.widths = list(widths)
@@ -385,8 +386,9 @@ class MoEMLP(nn.Module):
         self.act = ACTIVATIONS[act]
         self.gate_up_proj = nn.Linear(hidden, 2 * shared, bias=False)
         self.down_proj = nn.Linear(shared, hidden, bias=False)
-        self.w_gate_up = nn.Parameter(torch.zeros(num_experts, 2 * routed_width, hidden))
-        self.w_down_t = nn.Parameter(torch.zeros(num_experts, routed_width, hidden))
+        r = routed_width if routed_weights else 0  # 0: the experts live in an expert store
+        self.w_gate_up = nn.Parameter(torch.zeros(num_experts, 2 * r, hidden), requires_grad=routed_weights)
+        self.w_down_t = nn.Parameter(torch.zeros(num_experts, r, hidden), requires_grad=routed_weights)
         self.register_buffer("shared_index", torch.zeros(shared, dtype=torch.long))
         self.register_buffer("expert_index", torch.full((num_experts, routed_width), -1, dtype=torch.long))
         self.register_load_state_dict_pre_hook(_fuse_mlp)
@@ -470,19 +472,22 @@ def _split_mlp(module, state, prefix, *args) -> None:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, head_dim: int, shared: int, widths: list[int], routed_width: int):
+    def __init__(self, cfg: dict, head_dim: int, shared: int, widths: list[int], routed_width: int,
+                 routed_weights: bool = True):
         super().__init__()
         eps = cfg["rms_norm_eps"]
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.self_attn = Attention(cfg, head_dim)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.mlp = MoEMLP(cfg["hidden_size"], shared, widths, routed_width, cfg.get("hidden_act", "silu"))
+        act = cfg.get("hidden_act", "silu")
+        self.mlp = MoEMLP(cfg["hidden_size"], shared, widths, routed_width, act, routed_weights)
 
 
 class MoEForCausalLM(nn.Module):
     """The MoE decoder. `forward` takes a [B, L] batch; `forward_packed` a flat stream of segments."""
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, routed_weights: bool = True):
+        """routed_weights False: no memory for the routed experts (an expert store serves them)."""
         super().__init__()
         cfg = config.base
         self.config = config
@@ -490,7 +495,8 @@ class MoEForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         r = config.routed_width
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.head_dim, s, widths, r) for s, widths in zip(config.shared_channels, config.expert_channels)
+            DecoderLayer(cfg, self.head_dim, s, widths, r, routed_weights)
+            for s, widths in zip(config.shared_channels, config.expert_channels)
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
         self.tied = bool(cfg.get("tie_word_embeddings", False))
@@ -684,10 +690,15 @@ def save_moe(model: MoEForCausalLM, out: Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(model.config.to_json(), indent=1))
 
 
-def load_moe(path: str | Path, dtype: torch.dtype | None = None, device=None) -> MoEForCausalLM:
-    """Load a pregate MoE checkpoint directory; clear errors for foreign or truncated checkpoints."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+ROUTED_KEYS = ("w_gate", "w_up", "w_down")  # checkpoint names of the stacked routed experts
+
+
+def load_moe(path: str | Path, dtype: torch.dtype | None = None, device=None, routed_experts: bool = True) -> MoEForCausalLM:
+    """Load a pregate MoE checkpoint directory; clear errors for foreign or truncated checkpoints.
+
+    routed_experts False: the routed experts are never read or allocated (serving with an expert store
+    that holds k of them), so memory stays below the whole model even at start-up."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     cfg_file = path / CONFIG_FILE
@@ -703,11 +714,17 @@ def load_moe(path: str | Path, dtype: torch.dtype | None = None, device=None) ->
     if not weights.is_file():
         raise PregateError(f"{path} has no {WEIGHTS_FILE}: the checkpoint is incomplete")
     try:
-        state = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:
+            keep = [k for k in f.keys() if routed_experts or k.rsplit(".", 1)[-1] not in ROUTED_KEYS]
+            state = {k: f.get_tensor(k) for k in keep}
     except (SafetensorError, OSError, ValueError) as err:
         raise PregateError(f"{weights} cannot be read ({err}): truncated or damaged checkpoint") from err
-    model = MoEForCausalLM(config)
+    if "embed_tokens.weight" not in state:
+        raise PregateError(f"{weights} does not match its config (no embed_tokens.weight)")
+    model = MoEForCausalLM(config, routed_weights=routed_experts)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if not routed_experts:  # left out on purpose
+        missing = [m for m in missing if not m.endswith((".w_gate_up", ".w_down_t"))]
     if missing or unexpected:
         raise PregateError(f"{weights} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     dtype = dtype or state["embed_tokens.weight"].dtype

@@ -371,7 +371,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
     from transformers import AutoTokenizer
 
     from pregate.config import parse_dtype
-    from pregate.moe import load_moe, release_routed_experts
+    from pregate.moe import load_moe
     from pregate.router import PreGatingRouter
     from pregate.train import load_router
 
@@ -392,14 +392,14 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
         if store.dtype != weights_dtype:
             print(f"note: with --resident-experts the model computes in the checkpoint's {store.dtype}, not {dtype}")
         weights_dtype = store.dtype
-    moe = load_moe(model_dir, weights_dtype)
+    moe = load_moe(model_dir, weights_dtype, routed_experts=store is None)  # offloaded: never all in memory
     router = load_router(router_dir or model_dir) if moe.num_experts else None
     if router is not None and not isinstance(router, PreGatingRouter):
         raise PregateError(f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained without --layerwise")
     if store is not None:
-        freed = release_routed_experts(moe)
+        on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(f"expert offloading: {store.capacity} of {store.num_experts} experts resident, "
-              f"{freed / 2**20:.0f} MiB of routed-expert weights left on disk")
+              f"{on_disk / 2**20:.0f} MiB of routed-expert weights read from disk as needed")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = Engine(moe, tokenizer, router, config or SchedulerConfig(), expert_store=store)
     name = model_name or Path(model_dir).resolve().name

@@ -187,7 +187,8 @@ class Residency:
         self.step = -1
         self._slot_of: dict[object, int] = {}  # resident unit -> unit slot
         self._free = list(range(capacity - 1, -1, -1))
-        self._refs: list[object] = []  # every reference known so far (planned or observed), by index
+        self._refs: list[object] = []  # references from index _refs_base on (planned or observed)
+        self._refs_base = 0  # earlier references are past and forgotten (a long-running server)
         self._planned: deque[tuple[int, ...]] = deque()  # planned steps not yet started
         self._t = 0  # index of the next access
         self._step_slot: dict[int, int] = {}  # expert -> unit slot, frozen for the step (unit expert)
@@ -227,12 +228,13 @@ class Residency:
     def _access(self, layer: int, e: int) -> None:
         unit = unit_of(layer, e, self.unit)
         t = self._t
-        if t == len(self._refs):  # not planned: the step becomes known now
+        known = self._refs[t - self._refs_base] if t < self._refs_base + len(self._refs) else None
+        if known is None:  # not planned: the step becomes known now
             self._refs.append(unit)
             self.future.extend([unit])
-        elif self._refs[t] != unit:
+        elif known != unit:
             raise SimError(
-                f"step {self.step} uses {unit!r} at reference {t} but the plan says {self._refs[t]!r}; "
+                f"step {self.step} uses {unit!r} at reference {t} but the plan says {known!r}; "
                 "plan() must list the experts of the steps in the order they run"
             )
         self._t += 1
@@ -285,7 +287,17 @@ class Residency:
         self.bypass += sum(1 for p in plan.values() if p is None)
         return plan
 
+    def _forget_past(self) -> None:
+        """References before the running step are past: let the future view and our list drop them, so
+        bookkeeping stays bounded however long the store serves (amortised O(1) per reference)."""
+        self.future.advance(self._t)
+        drop = self._t - self._refs_base
+        if drop > max(1024, len(self._refs) - drop):
+            del self._refs[:drop]
+            self._refs_base = self._t
+
     def _start_step(self, experts: list[int]) -> None:
+        self._forget_past()
         self.step += 1
         self._step_slot, self._accessed, self._cross_done = {}, set(), False
         if self._planned:  # _access also checks every reference against the plan

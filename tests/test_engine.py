@@ -245,6 +245,11 @@ def test_offloaded_engine_gives_the_same_tokens(moe_and_router, tmp_path, prefet
         assert store.stats.misses > 0 and store.stats.hits > 0
     with pytest.raises(Exception, match="released to an expert store"):
         offloaded(torch.tensor([[5, 6]]), Routing.top1(torch.tensor([0, 1])))
+    never_loaded = load_moe(tmp_path, routed_experts=False)  # what `serve --resident-experts` loads
+    assert all(layer.mlp.w_gate_up.numel() == 0 == layer.mlp.w_down_t.numel() for layer in never_loaded.layers)
+    with ExpertStore(tmp_path, StoreConfig(capacity=2, prefetch=prefetch)) as store:
+        engine = Engine(never_loaded, router=router, scheduler_config=cfg, expert_store=store)
+        assert [o.token_ids for o in engine.generate(prompts(6), params)] == want
 
 
 def test_expert_store_must_match_the_model(moe_and_router, tmp_path):

@@ -182,3 +182,31 @@ def test_cost_model_from_a_bench_serve_json():
     assert cost.token_layer_s == pytest.approx(truth["token"]) and cost.expert_layer_s == pytest.approx(truth["expert"])
     with pytest.raises(SimError, match="not a cost model"):
         cost_from_json({"policies": {}})
+
+
+def _long_replay(res: Residency, steps: list[list[int]]) -> Residency:
+    """Drive a Residency as the expert store does: plan each step as it is scheduled, run its layers."""
+    for experts in steps:
+        res.plan([experts])
+        for layer in range(L):
+            res.begin_layer(layer, experts)
+            for p, (lay, e, need) in list(res.want.items()):
+                if need <= res.horizon and p not in res.inflight and p not in res.pinned:
+                    res.start_load(p, lay, e)
+                    res.finish_load(p)
+    return res
+
+
+@pytest.mark.parametrize("unit", ["slice", "expert"])
+def test_long_replay_keeps_bookkeeping_bounded(monkeypatch, unit):
+    """A long-running server plans steps forever: past references are forgotten, decisions unchanged."""
+    rng = random.Random(0)
+    steps = [sorted(rng.sample(range(E), 2)) for _ in range(3000)]
+    res = _long_replay(Residency(L, unit, 3, policy="belady"), steps)
+    refs = len(steps) * 2 * (L if unit == "slice" else 1)
+    assert len(res._refs) < refs // 2
+    assert sum(len(b) for b in res.future._positions.values()) < refs // 2
+    monkeypatch.setattr(Residency, "_forget_past", lambda self: None)  # the old, unbounded bookkeeping
+    unbounded = _long_replay(Residency(L, unit, 3, policy="belady"), steps)
+    assert len(unbounded._refs) == refs
+    assert res.stats == unbounded.stats
