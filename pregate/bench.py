@@ -55,7 +55,7 @@ class BenchConfig:
     prefill_chunk: int = 256
     max_prompt_tokens: int = 256
     max_output_tokens: int = 64
-    repeats: int = 2
+    repeats: int = 3  # odd, so the median is one run's value, not a mean of two
     dtype: str = "bfloat16"  # weights; attention runs in float32 on CPU (MoEForCausalLM.attention_dtype)
     dense: bool = True
     hf: bool = True
@@ -283,6 +283,14 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
         flats = [flat_metrics(r.summary()) for r in rs]
         policies[name] = {k: (statistics.median(v) if (v := [f[k] for f in flats if f[k] is not None]) else None) for k in METRICS}
         policies[name]["failed"] = max(len(r.failed) for r in rs)
+        spread = [f["norm_mean"] for f in flats if f["norm_mean"] is not None]
+        if spread:
+            policies[name]["norm_mean_spread"] = [min(spread), max(spread)]
+            policies[name]["outlier_repeats"] = outliers = far_off(spread)
+            for i in outliers:
+                progress(f"warning: repeat {i + 1} of {name} is far off the others "
+                         f"(norm mean {spread[i] * 1e3:.1f} ms/tok against a median of "
+                         f"{statistics.median(spread) * 1e3:.1f}); the machine was probably disturbed")
     if HF in policies:
         policies[HF]["tpot_mean"] = None  # static batches return every token at the batch's end
     prompt_lens = [r.prompt_tokens or 0 for r in trace]
@@ -295,14 +303,27 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
     return {"policies": policies, "workload": workload, "runs": runs}
 
 
+def far_off(values: list[float], factor: float = 1.5) -> list[int]:
+    """Indices of repeats more than `factor` x away from the median of all of them (either way)."""
+    med = statistics.median(values)
+    return [i for i, v in enumerate(values) if med > 0 and not med / factor <= v <= med * factor]
+
+
 def format_table(result: dict) -> str:
     cols = [("norm_mean", 1e3), ("norm_p50", 1e3), ("norm_p95", 1e3), ("norm_p99", 1e3), ("norm_max", 1e3),
             ("ttft_mean", 1), ("tpot_mean", 1e3), ("throughput", 1), ("experts_per_step", 1)]
     head = f"{'policy':14s}" + "".join(f"{c:>12s}" for c, _ in cols[:-1]) + f"{'experts/step':>14s}"
-    lines = [head, "(normalized latency and TPOT in ms/token, TTFT in s, throughput in generated tok/s)"]
+    head += f"{'norm_mean range':>20s}"
+    lines = [head, "(medians over repeats; normalized latency and TPOT in ms/token, TTFT in s, throughput in "
+             "generated tok/s; range: fastest and slowest repeat)"]
     for name, m in result["policies"].items():
-        lines.append(f"{name:14s}" + "".join(f"{m[c] * s:12.2f}" if m[c] is not None else f"{'-':>12s}" for c, s in cols[:-1])
-                     + f"{m['experts_per_step'] or 0:14.2f}")
+        cells = "".join(f"{m[c] * s:12.2f}" if m[c] is not None else f"{'-':>12s}" for c, s in cols[:-1])
+        lo, hi = m.get("norm_mean_spread") or (None, None)
+        spread = f"{lo * 1e3:9.1f} - {hi * 1e3:7.1f}" if lo is not None else f"{'-':>19s}"
+        flag = " *" if m.get("outlier_repeats") else ""
+        lines.append(f"{name:14s}{cells}{m['experts_per_step'] or 0:14.2f} {spread}{flag}")
+    if any(m.get("outlier_repeats") for m in result["policies"].values()):
+        lines.append("* a repeat far off the others (see the warnings above); rerun on a quiet machine")
     return "\n".join(lines)
 
 

@@ -84,3 +84,11 @@ def test_bench_config_errors():
 def test_cli_has_bench_serve():
     args = build_parser().parse_args(["bench", "serve", "some/dir", "--json", "x.json", "--policies", "fcfs", "--rate", "0"])
     assert args.policies == ["fcfs"] and args.rate == 0 and args.func.__name__ == "cmd_bench_serve"
+
+
+def test_far_off_flags_a_disturbed_repeat():
+    from pregate.bench import far_off
+
+    assert far_off([16.0, 17.5, 15.2]) == []
+    assert far_off([439.0, 16.0, 17.0]) == [0]  # the disturbed repeat once seen here
+    assert far_off([16.0, 5.0, 17.0]) == [1]
