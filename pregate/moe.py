@@ -140,6 +140,9 @@ class RoutingPlan:
                 self.groups.append((e, start, start + c))
             start += c
         self.num_tokens = ids.shape[0]
+        # the common decode cases, where grouping and weighting are no-ops (Read-ME: top-1, weight 1)
+        self.unit_weights = bool((self.weights == 1).all())
+        self.one_group = len(self.groups) == 1 and k == 1  # every token to one expert, order = identity
 
     @property
     def unique_experts(self) -> int:
@@ -158,10 +161,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused kernel, the same float32 arithmetic as HF's x * rsqrt(mean(x^2) + eps) (tests: equal)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache:
@@ -414,7 +415,7 @@ class MoEMLP(nn.Module):
         out = self.down_proj(self.act(gu[:, : self.shared]) * gu[:, self.shared :])
         if plan is None or not plan.groups or not any(self.widths):
             return out
-        xs = x[plan.order]  # [T*K, H] grouped by expert
+        xs = x if plan.one_group else x[plan.order]  # [T*K, H] grouped by expert
         if fetch is None:
             if self.w_gate_up.shape[1] == 0:
                 raise PregateError("this model's routed experts were released to an expert store; pass expert_source")
@@ -438,7 +439,9 @@ class MoEMLP(nn.Module):
             y = a @ down_t[:w]  # [n, H]
             if scores is not None:
                 scores[plan.order[start:end], e] += a.detach().abs().sum(-1).float()
-            ys.append(y * plan.weights[start:end, None].to(a.dtype))
+            ys.append(y if plan.unit_weights else y * plan.weights[start:end, None].to(a.dtype))
+        if plan.one_group:
+            return out + ys[0]
         return out.index_add(0, plan.order, torch.cat(ys))
 
 
