@@ -59,9 +59,9 @@ SINGLE_TASKS = {
 }
 MMLU_DATA = "hf_datasets/hails/mmlu_no_train"
 MMLU_SHOTS = 5
-# A CPU budget: about 25 min per variant for SmolLM2-135M on 2 cores (docs/evaluation.md).
-DEFAULT_LIMITS = {"mmlu": 5, "coqa": 10}
-DEFAULT_LIMIT = 100
+# A CPU budget: about 200k tokens per variant, ~10 min for SmolLM2-135M on 2 cores (docs/evaluation.md).
+DEFAULT_LIMITS = {"mmlu": 3, "coqa": 5}
+DEFAULT_LIMIT = 50
 DEFAULT_TASKS = ("mmlu", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "piqa", "lambada", "coqa")
 BOOTSTRAP_ITERS = 1000  # lm-eval's bootstrap for non-mean metrics (LAMBADA perplexity); acc uses the formula
 
