@@ -35,6 +35,7 @@ import collections
 import gzip
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -291,6 +292,8 @@ def check_tasks(tasks: list[str]) -> list[str]:
 
 def run_lm_eval(lm, tasks: list[str], limit: int | None, yaml_dir: Path, log_samples: bool = False) -> dict:
     """lm_eval.simple_evaluate of `lm` on our local tasks (no built-in task is indexed)."""
+    # lm-eval warns once per task that `custom_dataset` kwargs can come from --metadata: 57 lines for MMLU
+    logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     import lm_eval

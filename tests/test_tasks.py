@@ -142,3 +142,31 @@ def test_dense_matches_lm_eval_hf_backend_on_smollm2():
         assert row["max_abs_diff"] < 1e-3, (task, row)
         assert row["acc_pregate"] == row["acc_hf"], (task, row)
         assert row["acc_norm_pregate"] == row["acc_norm_hf"], (task, row)
+
+
+def test_trained_checkpoint_scores_moe_router_as_the_moe_forward(tiny_checkpoint, tmp_path):
+    """Default variants of a `pregate train` output; moe_router equals the MoE under routing_for."""
+    from pregate.config import RefactorConfig
+    from pregate.extract import refactor
+    from pregate.harness import load_variants
+    from pregate.moe import load_moe
+    from pregate.train import TrainConfig, load_router, routing_for, train
+
+    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32")
+    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
+    out = train(moe_dir, tmp_path / "train", TrainConfig.preset("tiny", rounds=1), progress=False)
+    tok, max_length, factories, _ = load_variants(str(out), None)
+    assert list(factories) == ["dense", "moe_router", "control_trained"]
+    lm = PregateLM(factories["moe_router"](), tok, max_length, batch_size=2)
+    pairs = [("def f3(x):", "\n    return x * 3"), ("the lazy dog.", " story"), ("story 1.", " the quick")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    moe, router = load_moe(out, torch.float32), load_router(out)
+    for (ctx, cont), (score, _) in zip(pairs, got):
+        whole, start = tok.encode(ctx + cont), len(tok.encode(ctx))
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logp = F.log_softmax(moe(ids, *routing_for(router, ids))[0].float(), dim=-1)
+        want = float(logp[start - 1 : len(whole) - 1].gather(1, torch.tensor(whole[start:])[:, None]).sum())
+        assert score == pytest.approx(want, abs=1e-4)
+    with pytest.raises(PregateError, match="control"):
+        load_variants(str(out), ["control"])
