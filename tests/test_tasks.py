@@ -170,3 +170,16 @@ def test_trained_checkpoint_scores_moe_router_as_the_moe_forward(tiny_checkpoint
         assert score == pytest.approx(want, abs=1e-4)
     with pytest.raises(PregateError, match="control"):
         load_variants(str(out), ["control"])
+
+
+def test_cli_eval_tasks_writes_json_and_rejects_unknown_tasks(tiny_checkpoint, tmp_path, capsys):
+    from pregate.cli import main
+
+    out = tmp_path / "tasks.json"
+    assert main(["eval", "tasks", str(tiny_checkpoint), "--tasks", "piqa", "--limit", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["variants"]) == ["dense"] and result["variants"]["dense"]["piqa"]["n"] == 2
+    assert "| PIQA | acc |" in capsys.readouterr().out
+    assert main(["eval", "tasks", str(tiny_checkpoint), "--tasks", "logiqa"]) == 2
+    assert "unknown task(s) logiqa" in capsys.readouterr().err
+    assert main(["eval", "tasks", str(tiny_checkpoint), "--limit", "0"]) == 2
