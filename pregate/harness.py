@@ -27,6 +27,7 @@ Legend: B rows, n tokens per row, V vocab.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -293,6 +294,9 @@ def load_variants(model: str, variants: list[str] | None, cache: str | None = No
     config = AutoConfig.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     max_length = int(getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH)
+    if "moe_router" in available:  # the router's positions bound every variant's context (same truncation)
+        meta = json.loads((path / ROUTER_CONFIG).read_text())
+        max_length = min(max_length, int(meta.get("config", {}).get("max_seq_len", max_length)))
 
     def dense() -> LogitsFn:
         parent = dense_as_moe(hub.load_dense(base, torch.float32, cache)[0])
