@@ -9,8 +9,8 @@ routing) goes through lm-eval's own request handling. Its three request types fo
   continuation's positions (is_greedy: every continuation token is the argmax). Requests with the same
   input tokens share one forward (all of MMLU's one-token answer letters).
 - loglikelihood_rolling: lm-eval's disjoint rolling windows (prefix token, context 1), summed.
-- generate_until: greedy only, KV-free (the whole sequence is re-run each step), stop strings and
-  eos handled as lm-eval's helpers do.
+- generate_until: greedy only; by pregate's serving engine (KV cache) for variants it can serve, else
+  KV-free (the whole sequence re-run each step); stop strings and eos handled as lm-eval's helpers do.
 Batches are right-padded: every model here is causal, so padding after a row never changes its logits.
 
 Variants (`load_variants`), chosen like `eval ppl` (pregate/evaluate.py):
@@ -46,11 +46,11 @@ from tqdm.auto import tqdm
 from pregate import hub
 from pregate.errors import PregateError
 from pregate.extract import CONTROL_DIR
+from pregate.router import PreGatingRouter
 from pregate.moe import CONFIG_FILE, Routing, Segment, build_moe_from_dense, load_moe
 
-LogitsFn = Callable[
-    [torch.Tensor, torch.Tensor], torch.Tensor
-]  # ids [B, n], rows [R] of B*n -> logits [R, V]
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ids [B, n], rows [R] -> logits [R, V]
+GenerateFn = Callable[[list[list[int]], int, list[str]], list[str]]  # (prompts, max new, stops) -> texts
 
 VARIANTS = ("dense", "moe_router", "control_trained", "control", "moe_random")
 DEFAULT_VARIANTS = ("dense", "moe_router", "control_trained")
@@ -68,9 +68,11 @@ class PregateLM(TemplateLM):
         batch_size: int = 16,
         batch_tokens: int = 4096,
         name: str = "pregate",
+        generate_fn: GenerateFn | None = None,
     ) -> None:
         super().__init__()
         self.logits_fn = logits_fn
+        self.generate_fn = generate_fn
         self.tokenizer = tokenizer
         self._max_length = max_length
         self.batch_size = batch_size
@@ -197,7 +199,11 @@ class PregateLM(TemplateLM):
             until = handle_stop_sequences(kwargs.get("until"), eos=eos)
             max_gen = int(kwargs["max_gen_toks"])
             ids = self.tok_encode(context)[-(self.max_length - max_gen) :]
-            text = self._greedy(ids, max_gen, until)
+            if self.generate_fn is not None:
+                (text,) = self.generate_fn([ids], max_gen, until)
+                text = postprocess_generated_text(text, until, None)
+            else:
+                text = self._greedy(ids, max_gen, until)
             out.append(text)
             self.cache_hook.add_partial("generate_until", req.args, text)
         return out
@@ -221,6 +227,23 @@ class PregateLM(TemplateLM):
 # ----------------------------------------------------------------------------------------- variants
 
 
+def engine_generate(model, tokenizer, router=None) -> GenerateFn:
+    """Greedy generation by pregate's serving engine (KV cache, pre-gating: the router routes each token
+    once as it arrives): what the KV-free loop computes, without re-reading the prompt per token."""
+    from pregate.engine import Engine, SamplingParams
+    from pregate.scheduler import SchedulerConfig
+
+    def generate(prompts: list[list[int]], max_gen: int, until: list[str]) -> list[str]:
+        engine = Engine(model, tokenizer, router, SchedulerConfig(policy="fcfs", token_budget=512))
+        outs = engine.generate(prompts, SamplingParams(max_tokens=max_gen, stop=tuple(s for s in until if s)))
+        failed = next((o.error for o in outs if o.finish_reason == "error"), None)
+        if failed:
+            raise PregateError(f"generation failed: {failed}")
+        return [o.text for o in outs]
+
+    return generate
+
+
 def _packed(model, ids: torch.Tensor, rows: torch.Tensor, routing, layer_router=None) -> torch.Tensor:
     """`MoEForCausalLM.forward` on ids [B, n] as B equal segments, logits only at flat positions rows."""
     b, n = ids.shape
@@ -238,7 +261,7 @@ def dense_as_moe(hf_model):
 
 
 def load_variants(model: str, variants: list[str] | None, cache: str | None = None, seed: int = 0):
-    """(tokenizer, max_length, {variant: factory() -> LogitsFn}, info) for a checkpoint or base model.
+    """(tokenizer, max_length, {variant: factory() -> (LogitsFn, GenerateFn | None)}, info).
 
     model: a MoE checkpoint (`pregate refactor` or `pregate train` output) or a base model (packaged
     name, .gguf, HF directory; dense only). variants None: the defaults the checkpoint has; a variant
@@ -298,24 +321,25 @@ def load_variants(model: str, variants: list[str] | None, cache: str | None = No
         meta = json.loads((path / ROUTER_CONFIG).read_text())
         max_length = min(max_length, int(meta.get("config", {}).get("max_seq_len", max_length)))
 
-    def dense() -> LogitsFn:
+    def dense() -> tuple[LogitsFn, GenerateFn]:
         parent = dense_as_moe(hub.load_dense(base, torch.float32, cache)[0])
-        return lambda ids, rows: _packed(parent, ids, rows, None)
+        return lambda ids, rows: _packed(parent, ids, rows, None), engine_generate(parent, tokenizer)
 
-    def moe_router() -> LogitsFn:
+    def moe_router() -> tuple[LogitsFn, GenerateFn | None]:
         moe, router = load_moe(path, torch.float32), load_router(path)
-        return lambda ids, rows: _packed(moe, ids, rows, *routing_for(router, ids))
+        engine = engine_generate(moe, tokenizer, router) if isinstance(router, PreGatingRouter) else None
+        return lambda ids, rows: _packed(moe, ids, rows, *routing_for(router, ids)), engine
 
-    def control(sub: str = CONTROL_DIR) -> LogitsFn:
+    def control(sub: str = CONTROL_DIR) -> tuple[LogitsFn, GenerateFn]:
         ctrl = load_moe(path / sub, torch.float32)
-        return lambda ids, rows: _packed(ctrl, ids, rows, None)
+        return lambda ids, rows: _packed(ctrl, ids, rows, None), engine_generate(ctrl, tokenizer)
 
-    def moe_random() -> LogitsFn:
+    def moe_random() -> tuple[LogitsFn, None]:
         moe = load_moe(path, torch.float32)
         gen = torch.Generator().manual_seed(seed)
         return lambda ids, rows: _packed(
             moe, ids, rows, Routing.top1(torch.randint(0, moe.num_experts, (ids.numel(),), generator=gen))
-        )
+        ), None  # no router for the engine: KV-free generation
 
     factories = {
         "dense": dense,
@@ -361,7 +385,7 @@ def crosscheck_hf(
 
     task_list = tasks.check_tasks(task_list)
     tokenizer, max_length, factories, _ = load_variants(base, ["dense"], cache)
-    ours = PregateLM(factories["dense"](), tokenizer, max_length, batch_size=batch_size, name="dense")
+    ours = PregateLM(factories["dense"]()[0], tokenizer, max_length, batch_size=batch_size, name="dense")
     peer = HFLM(
         pretrained=str(hub.resolve(base, cache)), dtype="float32", device="cpu", batch_size=batch_size
     )

@@ -368,7 +368,8 @@ def evaluate_tasks(
         write_task_yamls(Path(tmp), tasks)
         for name, factory in factories.items():
             print(f"variant {name}: {', '.join(tasks)}")
-            lm = PregateLM(factory(), tokenizer, max_length, batch_size=batch_size, name=name)
+            logits_fn, generate_fn = factory()
+            lm = PregateLM(logits_fn, tokenizer, max_length, batch_size, name=name, generate_fn=generate_fn)
             merged: dict = {}
             for k, group in budget.items():
                 merged.update(summarize(run_lm_eval(lm, group, k, Path(tmp))))

@@ -10,7 +10,7 @@ from lm_eval.api.instance import Instance
 
 from pregate import tasks
 from pregate.errors import PregateError
-from pregate.harness import PregateLM, dense_as_moe
+from pregate.harness import PregateLM, dense_as_moe, engine_generate
 from tests.conftest import tiny_hf_model, tiny_tokenizer
 
 
@@ -60,8 +60,11 @@ def test_loglikelihood_rolling_equals_full_sequence_logprob(tiny_lm):
     assert math.isfinite(windowed) and windowed < 0
 
 
-def test_generate_until_is_greedy_and_stops(tiny_lm):
+@pytest.mark.parametrize("how", ["kv_free", "engine"])
+def test_generate_until_is_greedy_and_stops(tiny_lm, how):
     lm, hf, tok = tiny_lm
+    if how == "engine":  # pregate's serving engine with its KV cache, on the parent in pregate's decoder
+        lm.generate_fn = engine_generate(dense_as_moe(hf), tok)
     ctx = "def f2(x):\n"
     ids = tok.encode(ctx)
     with torch.no_grad():
@@ -157,7 +160,8 @@ def test_trained_checkpoint_scores_moe_router_as_the_moe_forward(tiny_checkpoint
     out = train(moe_dir, tmp_path / "train", TrainConfig.preset("tiny", rounds=1), progress=False)
     tok, max_length, factories, _ = load_variants(str(out), None)
     assert list(factories) == ["dense", "moe_router", "control_trained"]
-    lm = PregateLM(factories["moe_router"](), tok, max_length, batch_size=2)
+    logits_fn, generate_fn = factories["moe_router"]()
+    lm = PregateLM(logits_fn, tok, max_length, batch_size=2)
     pairs = [("def f3(x):", "\n    return x * 3"), ("the lazy dog.", " story"), ("story 1.", " the quick")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
     moe, router = load_moe(out, torch.float32), load_router(out)
@@ -168,6 +172,12 @@ def test_trained_checkpoint_scores_moe_router_as_the_moe_forward(tiny_checkpoint
             logp = F.log_softmax(moe(ids, *routing_for(router, ids))[0].float(), dim=-1)
         want = float(logp[start - 1 : len(whole) - 1].gather(1, torch.tensor(whole[start:])[:, None]).sum())
         assert score == pytest.approx(want, abs=1e-4)
+    assert generate_fn is not None  # a pre-gating router: generation runs in the engine
+    ctx = "def f3(x):\n"
+    request = Instance("generate_until", {}, (ctx, {"until": ["\n\n"], "max_gen_toks": 8}), 0)
+    (kv_free,) = lm.generate_until([request])
+    lm.generate_fn = generate_fn
+    assert lm.generate_until([request]) == [kv_free]  # the engine (KV cache, router steps)
     with pytest.raises(PregateError, match="control"):
         load_variants(str(out), ["control"])
 
@@ -176,7 +186,10 @@ def test_cli_eval_tasks_writes_json_and_rejects_unknown_tasks(tiny_checkpoint, t
     from pregate.cli import main
 
     out = tmp_path / "tasks.json"
-    assert main(["eval", "tasks", str(tiny_checkpoint), "--tasks", "piqa", "--limit", "2", "--json", str(out)]) == 0
+    assert (
+        main(["eval", "tasks", str(tiny_checkpoint), "--tasks", "piqa", "--limit", "2", "--json", str(out)])
+        == 0
+    )
     result = json.loads(out.read_text())
     assert list(result["variants"]) == ["dense"] and result["variants"]["dense"]["piqa"]["n"] == 2
     assert "| PIQA | acc |" in capsys.readouterr().out
