@@ -213,13 +213,8 @@ def _source(path: Path, splits: list[str]) -> dict:
 
 
 def _with_function(text: str) -> str:
-    return (
-        text.replace("'!function pregate.tasks.load_packaged'", "!function pregate.tasks.load_packaged")
-        .replace(
-            "'!function pregate.tasks.coqa_process_results'", "!function pregate.tasks.coqa_process_results"
-        )
-        .replace("'!function pregate.tasks.coqa_target'", "!function pregate.tasks.coqa_target")
-    )
+    """Unquote `!function` values so lm-eval's YAML loader resolves them (safe_dump quotes the tag)."""
+    return re.sub(r"'(!function [\w.]+)'", r"\1", text)
 
 
 def write_task_yamls(out: Path, tasks: list[str]) -> None:
@@ -270,9 +265,10 @@ def write_task_yamls(out: Path, tasks: list[str]) -> None:
             cfg = {"include": str(lm_tasks / base_yaml), "task": name, "tag": [], **source}
             for key in ("training_split", "test_split"):
                 cfg[key] = None
-            cfg[f"{splits[0]}_split" if splits[0] != "validation" else "validation_split"] = splits[0]
-            if name == "lambada":
-                cfg["validation_split"] = None
+            if splits == ["test"]:  # lambada: only a test split
+                cfg.update(test_split="test", validation_split=None)
+            else:
+                cfg["validation_split"] = splits[0]
         (out / f"{name}.yaml").write_text(_with_function(_yaml(cfg)))
 
 
