@@ -470,8 +470,8 @@ def plot_transitions(pairs: list[dict], experts: list[str], path: Path, title: s
     short = [x[:4] for x in experts]
     im = None
     for ax, p in zip(axes.flat, pairs):
-        title = f"{p['layers'][0]}->{p['layers'][1]}  nMI {p['normalised_mi']:.2f}"
-        im = _heatmap(ax, p["transition"], title, short, short, fontsize=6)
+        label = f"{p['layers'][0]}->{p['layers'][1]}  nMI {p['normalised_mi']:.2f}"
+        im = _heatmap(ax, p["transition"], label, short, short, fontsize=6)
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
     fig.suptitle(f"{title}: P(expert at layer l+1 (columns) | expert at layer l (rows))", fontsize=9)
@@ -514,7 +514,7 @@ def plot_locality(result: dict, path: Path) -> Path:
     from pregate.plots import _pyplot
 
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     domains = result["domains"]
     series = {"pre-gating router": [result["router"]["locality"]["domains"][d]["fraction"] for d in domains],
               "oracle": [result["oracle"]["locality"]["domains"][d]["fraction"] for d in domains]}
@@ -531,7 +531,7 @@ def plot_locality(result: dict, path: Path) -> Path:
     left.set_xticks(range(len(domains)), domains, rotation=20)
     left.set_ylim(0, 1)
     left.set_ylabel("tokens with the previous token's expert")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     strings = {"pre-gating router": result["router"]["reuse_distance"],
                "oracle": result["oracle"]["reuse_distance"]}
     if lw:
@@ -545,7 +545,7 @@ def plot_locality(result: dict, path: Path) -> Path:
     right.set_xticks(range(len(labels)), labels)
     right.set_xlabel("reuse distance (distinct other experts since the last use)")
     right.set_ylabel("share of references")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
