@@ -185,6 +185,27 @@ def cmd_export(args) -> None:
           f"{info['parameters']:,} parameters ({info['dtype']}); tokenizer: {tok}")
     print(f"  load with AutoModelForCausalLM.from_pretrained({info['out']!r}, trust_remote_code=True)")
 
+# ----------------------------------------------------------------------------------------- analyze
+
+
+def cmd_analyze(args) -> None:
+    from pregate.analyze import RESULT_FILE, AnalyzeConfig, analyze, format_mi_table, format_summary
+
+    _register_domains(args.add_domain)
+    cfg = AnalyzeConfig(
+        domains=args.domains,
+        tokens_per_domain=args.tokens_per_domain,
+        block_len=args.block_len,
+        batch_size=args.batch_size,
+    )
+    result = analyze(args.model, args.out, cfg, layerwise_dir=args.layerwise)
+    if "layerwise_gates" not in result:
+        print("layer-wise gates: not analysed (see the note below); the per-layer oracle stands in")
+    print(format_mi_table(result))
+    print(format_summary(result))
+    out = Path(args.out)
+    print(f"wrote {out / RESULT_FILE} and " + ", ".join(str(out / f) for f in result["figures"]))
+
 
 # ----------------------------------------------------------------------------------------- demo
 
@@ -544,6 +565,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace --out (only once the new export is complete)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="the paper's routing analyses: layer redundancy (transition matrices, "
+                       "mutual information), temporal locality, reuse distance, domain x expert usage")
+    p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
+    p.add_argument("--out", required=True, help="directory for analysis.json and the PNG figures")
+    p.add_argument("--layerwise", metavar="DIR",
+                   help="a `pregate train --layerwise` output trained from the same refactored model "
+                        "(without it the layer-wise gate analyses are skipped)")
+    p.add_argument("--domains", nargs="+",
+                   help="domains whose test split to route (default: the experts' domains)")
+    p.add_argument("--tokens-per-domain", type=_positive_int, default=4096,
+                   help="test-split tokens per domain (default 4096, the paper's sample size)")
+    p.add_argument("--block-len", type=_positive_int, default=512, help="tokens per block (default 512)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="blocks per forward pass (default 4)")
+    _add_domains(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="the main job end to end on the packaged SmolLM2-135M: refactor, train, evaluate, plot")
     p.add_argument("--out", default="runs/demo", help="where checkpoints, JSON and plots go (default runs/demo)")

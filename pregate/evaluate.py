@@ -82,6 +82,13 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]
     return loss.item(), ids[:, 1:].numel()
 
 
+def register_recorded_domains(moe: MoEForCausalLM) -> None:
+    """Register the user's own domains that `pregate refactor` recorded in the checkpoint (if still there)."""
+    for name, path in moe.config.provenance.get("custom_domains", {}).items():
+        if name not in data.available_domains() and Path(path).exists():
+            data.register_domain(name, path)
+
+
 @torch.no_grad()
 def domain_perplexities(
     blocks: torch.Tensor,
@@ -119,9 +126,7 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
         raise PregateError(f"{moe_dir} does not record its base model; was it written by `pregate refactor`?")
     dense, tokenizer = hub.load_dense(base, torch.float32, cache)
     experts = moe.config.expert_names
-    for name, path in moe.config.provenance.get("custom_domains", {}).items():
-        if name not in data.available_domains() and Path(path).exists():
-            data.register_domain(name, path)  # the user's own domain, recorded at refactor time
+    register_recorded_domains(moe)
     domains = cfg.domains or experts
     for d in domains:
         data.domain_info(d)
