@@ -1,9 +1,10 @@
 """`pregate bench step`: one engine step, decode and prefill, timed under control and set against its floor.
 
-What this module owns: controlled routing (`FixedRouter`: request n gets expert n mod d), the byte
-accounting of a decode step (`step_bytes`), the bandwidth floors measured in the same run
-(`measure_bandwidth`: a plain read and torch's GEMV), the per-component breakdown of a step
-(`Breakdown`: perf_counter in module hooks), and the report (table, JSON, PNG).
+What this module owns: its options (`StepBenchConfig`, checked before any model loads), controlled
+routing (`FixedRouter`: request n gets expert n mod d), one measurement per system (the engine, HF
+`generate`, llama.cpp, the layer-wise gate by direct forward calls), the interleaved repeats, and the
+report (table, JSON, PNG). The bytes a step must read, the bandwidth floors and the per-component
+breakdown are `pregate.roofline`'s.
 
 Method. Every engine measurement builds a fresh `Engine` and drives only its public API: B requests of
 `prompt_len` random token ids are added (`ignore_eos`), the first step is their prefill (one step: the
@@ -40,13 +41,13 @@ from torch import nn
 from pregate.bench import BenchConfig, BenchError, load_dense_parent, load_parts
 from pregate.engine import Engine, SamplingParams
 from pregate.moe import CONFIG_FILE, MoEConfig, MoEForCausalLM, Routing, Segment
+from pregate.roofline import PARTS, Breakdown, measure_bandwidth, step_bytes, summarize_breakdown
 from pregate.router import PreGatingRouter, RouterConfig
 from pregate.scheduler import SchedulerConfig
 
 MOE = "moe"  # the MoE in the engine, controlled routing
 DENSE = "dense"  # the dense parent in the same engine
 HF = "hf-generate"  # HF generate on the dense parent
-PARTS = ("router", "attention", "shared", "routed", "lm_head")
 
 
 @dataclass
@@ -83,7 +84,8 @@ class StepBenchConfig:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise BenchError(f"StepBenchConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         if not isinstance(self.repeats, int) or self.repeats < 3 or self.repeats % 2 == 0:
-            raise BenchError(f"repeats={self.repeats!r} must be an odd integer >= 3 (the median is then a repeat)")
+            raise BenchError(f"repeats={self.repeats!r} must be an odd integer >= 3 "
+                             "(the median is then one of the repeats)")
         if self.experts is not None:
             bad = [d for d in self.experts if not isinstance(d, int) or d < 1 or d > self.expert_batch]
             if not self.experts or bad:
@@ -101,7 +103,9 @@ class StepBenchConfig:
         return torch.float32 if self.dtype == "float32" else torch.bfloat16
 
     def expert_counts(self, num_experts: int) -> list[int]:
-        return list(self.experts) if self.experts is not None else list(range(1, min(num_experts, self.expert_batch) + 1))
+        if self.experts is not None:
+            return list(self.experts)
+        return list(range(1, min(num_experts, self.expert_batch) + 1))
 
 
 def read_config(model_dir: str | Path) -> MoEConfig:
@@ -110,9 +114,11 @@ def read_config(model_dir: str | Path) -> MoEConfig:
 
     path = Path(model_dir)
     if not path.is_dir():
-        raise BenchError(f"{path} is not a directory; give a MoE checkpoint from `pregate refactor` or `train`")
+        raise BenchError(f"{path} is not a directory; give a MoE checkpoint from `pregate refactor` or "
+                         "`pregate train`")
     if not (path / CONFIG_FILE).is_file():
-        raise BenchError(f"{path} is not a pregate MoE checkpoint (no {CONFIG_FILE}); make one with `pregate refactor`")
+        raise BenchError(f"{path} is not a pregate MoE checkpoint (no {CONFIG_FILE}); "
+                         "make one with `pregate refactor`")
     try:
         return MoEConfig.from_json(json.loads((path / CONFIG_FILE).read_text()))
     except (PregateError, json.JSONDecodeError, TypeError, KeyError) as err:
@@ -123,12 +129,14 @@ def check_model(config: MoEConfig, cfg: StepBenchConfig, top_k: int = 1) -> None
     """Options that depend on the model: distinct experts within 1..E (and >= top_k), a layer-wise gate."""
     e = config.num_experts
     if e == 0:
-        raise BenchError("the checkpoint has no routed experts; give a MoE checkpoint from `pregate refactor`/`train`")
+        raise BenchError("the checkpoint has no routed experts; give a MoE checkpoint from "
+                         "`pregate refactor` or `pregate train`")
     wanted = cfg.expert_counts(e) + [cfg.batch_experts]
     if max(wanted) > e:
         raise BenchError(f"{max(wanted)} distinct experts asked for, but the model has {e} routed experts")
     if min(wanted) < top_k:
-        raise BenchError(f"the router picks top-{top_k} experts per token, so a step has >= {top_k} distinct experts")
+        raise BenchError(f"the router picks top-{top_k} experts per token, so a step has at least {top_k} "
+                         "distinct experts")
     if cfg.layerwise is not None:
         meta = Path(cfg.layerwise) / "router_config.json"
         kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
@@ -151,7 +159,8 @@ class FixedRouter(PreGatingRouter):
     def __init__(self, inner: PreGatingRouter, distinct: int) -> None:
         nn.Module.__init__(self)
         if not inner.cfg.top_k <= distinct <= inner.cfg.num_experts:
-            raise BenchError(f"distinct={distinct} must lie in top_k..E = {inner.cfg.top_k}..{inner.cfg.num_experts}")
+            raise BenchError(f"distinct={distinct} must lie in top_k..E = "
+                             f"{inner.cfg.top_k}..{inner.cfg.num_experts}")
         self.inner = inner
         self.cfg = inner.cfg
         self.distinct = distinct
@@ -174,172 +183,9 @@ class FixedRouter(PreGatingRouter):
 def stand_in_router(config: MoEConfig) -> PreGatingRouter:
     """An untrained router of the paper's shape: with controlled routing only its cost matters."""
     vocab = config.base["vocab_size"]
-    return PreGatingRouter(RouterConfig.preset("readme", vocab_size=vocab, num_experts=config.num_experts)).eval()
+    cfg = RouterConfig.preset("readme", vocab_size=vocab, num_experts=config.num_experts)
+    return PreGatingRouter(cfg).eval()
 
-
-# ----------------------------------------------------------------------------------------- bytes and floors
-
-
-def _nbytes(module: nn.Module | None) -> int:
-    if module is None:
-        return 0
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def step_bytes(model: MoEForCausalLM, batch: int, experts: Sequence[int], context: float,
-               router: PreGatingRouter | None = None) -> dict[str, float]:
-    """Bytes a decode step of `batch` tokens must read at least, by part, and their "total".
-
-    experts: the distinct routed experts of the step (pre-gating: the same in every layer); each is read
-    at its true width (3 x width x H). context: keys/values per sequence the attention reads.
-    """
-    w = model.embed_tokens.weight
-    hidden, elt = w.shape[1], w.element_size()
-    out = {"embed_rows": float(batch * hidden * elt), "attention": 0.0, "norms": float(_nbytes(model.norm)),
-           "shared": 0.0, "routed": 0.0}
-    for layer in model.layers:
-        mlp = layer.mlp
-        out["attention"] += _nbytes(layer.self_attn)
-        out["norms"] += _nbytes(layer.input_layernorm) + _nbytes(layer.post_attention_layernorm)
-        out["shared"] += _nbytes(mlp.gate_proj) + _nbytes(mlp.up_proj) + _nbytes(mlp.down_proj)
-        out["routed"] += sum(3 * mlp.widths[e] * hidden * mlp.w_gate.element_size() for e in experts)
-    out["lm_head"] = float(w.numel() * elt if model.tied else _nbytes(model.lm_head))
-    out["router"] = 0.0
-    if router is not None:
-        inner = getattr(router, "inner", router)
-        emb = inner.embed.weight
-        out["router"] = float(_nbytes(inner) - emb.numel() * emb.element_size() + batch * emb[0].numel() * emb.element_size())
-    base = model.config.base
-    kv_elt = torch.empty((), dtype=model.attention_dtype).element_size()
-    out["kv"] = float(len(model.layers) * batch * 2 * base["num_key_value_heads"] * model.head_dim * context * kv_elt)
-    out["total"] = sum(out.values())
-    return out
-
-
-def _median_time(fn: Callable[[], object], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def measure_bandwidth(dtype: torch.dtype, megabytes: int, shapes: Sequence[tuple[int, int]], reps: int = 5) -> dict:
-    """Bytes/s of a plain read (`buf.sum()` over `megabytes`) and of torch's GEMV (x [1, in] @ W.T over
-    as many [out, in] matrices as fill `megabytes`) for each shape; "gemv" is the rate over all shapes."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    total = megabytes * 2**20
-    buf = torch.ones(total // elt, dtype=dtype)
-    buf.sum()
-    read = buf.numel() * elt / _median_time(buf.sum, reps)
-    del buf
-    per_shape, moved, spent = {}, 0, 0.0
-    for out_f, in_f in dict.fromkeys(shapes):
-        count = max(1, total // (out_f * in_f * elt))
-        ws = torch.empty(count, out_f, in_f, dtype=dtype).normal_(0, 0.02)
-        x = torch.randn(1, in_f).to(dtype)
-
-        def gemv(ws=ws, x=x) -> None:
-            for w in ws:
-                x @ w.T
-
-        gemv()
-        t = _median_time(gemv, reps)
-        per_shape[f"{out_f}x{in_f}"] = ws.numel() * elt / t
-        moved += ws.numel() * elt
-        spent += t
-        del ws
-    return {"read": read, "gemv": moved / spent, "gemv_per_shape": per_shape, "buffer_bytes": total,
-            "dtype": str(dtype).removeprefix("torch.")}
-
-
-# ----------------------------------------------------------------------------------------- breakdown
-
-
-class Breakdown:
-    """Per-part time of every step, from perf_counter in module hooks (CPU ops are synchronous).
-
-    attention: each layer's self_attn; shared: the shared expert (gate_proj in, down_proj out); routed: the
-    rest of each MoE MLP; lm_head: `lm_logits`; router: `router.step` (pre-gating) or the layer-wise gate
-    through to its layer's MLP (its routing plan included). The rest of a step is step time - the parts.
-    Attach with `with Breakdown(model, router) as bd:`; `take()` returns the parts since the last call.
-    """
-
-    def __init__(self, model: MoEForCausalLM, router=None) -> None:
-        self.model, self.router = model, router
-        self.acc = dict.fromkeys(PARTS, 0.0)
-        self._handles: list = []
-        self._wrapped: list[tuple[object, str]] = []
-        self._t: dict[str, float] = {}
-        self.gate_start: float | None = None  # set by a layer-wise gate's wrapper
-
-    def __enter__(self) -> "Breakdown":
-        now = time.perf_counter
-        t = self._t
-
-        def mark(key):
-            return lambda *args: t.__setitem__(key, now())
-
-        def add_attention(*args):
-            self.acc["attention"] += now() - t["attn"]
-
-        def mlp_start(*args):
-            t["mlp"], t["shared_dt"] = now(), 0.0
-            if self.gate_start is not None:
-                self.acc["router"] += t["mlp"] - self.gate_start
-                self.gate_start = None
-
-        def shared_end(*args):
-            t["shared_dt"] = now() - t["shared"]
-            self.acc["shared"] += t["shared_dt"]
-
-        def mlp_end(*args):
-            self.acc["routed"] += now() - t["mlp"] - t["shared_dt"]
-
-        for layer in self.model.layers:
-            h = self._handles
-            h.append(layer.self_attn.register_forward_pre_hook(mark("attn")))
-            h.append(layer.self_attn.register_forward_hook(add_attention))
-            h.append(layer.mlp.register_forward_pre_hook(mlp_start))
-            h.append(layer.mlp.gate_proj.register_forward_pre_hook(mark("shared")))
-            h.append(layer.mlp.down_proj.register_forward_hook(shared_end))
-            h.append(layer.mlp.register_forward_hook(mlp_end))
-        self._wrap(self.model, "lm_logits", "lm_head")
-        if self.router is not None:
-            self._wrap(self.router, "step", "router")
-        return self
-
-    def _wrap(self, obj, name: str, part: str) -> None:
-        fn = getattr(obj, name)
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.acc[part] += time.perf_counter() - t
-
-        setattr(obj, name, timed)  # an instance attribute shadows the method until __exit__
-        self._wrapped.append((obj, name))
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        for obj, name in self._wrapped:
-            delattr(obj, name)
-        self._handles, self._wrapped = [], []
-
-    def take(self) -> dict[str, float]:
-        out, self.acc = self.acc, dict.fromkeys(PARTS, 0.0)
-        return out
-
-
-def summarize_breakdown(steps: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """Median ms of each part and of the step over the (duration, parts) of the timed steps; rest = step - parts."""
-    rows = [{**parts, "rest": dur - sum(parts.values()), "step": dur} for dur, parts in steps]
-    return {k: statistics.median(r[k] for r in rows) * 1e3 for k in (*PARTS, "rest", "step")}
 
 
 # ----------------------------------------------------------------------------------------- one measurement
@@ -364,7 +210,8 @@ def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None
     fixed = FixedRouter(router, distinct) if router is not None else None
     max_tokens = cfg.warmup_steps + cfg.decode_steps + 1  # the first token comes from the prefill
     sched = SchedulerConfig(policy="fcfs", token_budget=batch * cfg.prompt_len, max_running=batch,
-                            kv_capacity_tokens=batch * (cfg.prompt_len + max_tokens), prefill_chunk=cfg.prompt_len)
+                            kv_capacity_tokens=batch * (cfg.prompt_len + max_tokens),
+                            prefill_chunk=cfg.prompt_len)
     engine = Engine(model, tokenizer, fixed, sched)
     avoid = list(getattr(tokenizer, "all_special_ids", None) or [])
     for ids in prompts(model.config.base["vocab_size"], batch, cfg.prompt_len, cfg.seed + batch, avoid):
@@ -388,7 +235,8 @@ def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None
     decode = [i for i, s in enumerate(steps) if s.num_prefill_tokens == 0 and s.num_decode_tokens == batch]
     timed = decode[cfg.warmup_steps :]
     if prefill != [0] or len(timed) != cfg.decode_steps:
-        raise BenchError(f"batch {batch}: expected one prefill step and {cfg.decode_steps} timed decode steps, "
+        raise BenchError(f"batch {batch}: expected one prefill step and {cfg.decode_steps} timed decode "
+                         "steps, "
                          f"got {len(prefill)} and {len(timed)} (scheduler budgets?)")
     out = {
         "prefill": steps[0].duration,
@@ -490,7 +338,8 @@ def time_layerwise(model: MoEForCausalLM, gate, batch: int, cfg: StepBenchConfig
         for _ in range(n):
             seen.clear()
             t = time.perf_counter()
-            logits = model.forward_packed(tok, [Segment(1, c) for c in caches], None, layer_router=layer_router)
+            segments = [Segment(1, c) for c in caches]
+            logits = model.forward_packed(tok, segments, None, layer_router=layer_router)
             tok = logits.argmax(-1)
             steps.append((time.perf_counter() - t, bd.take(), sum(seen) / len(seen)))
     timed = steps[cfg.warmup_steps :]
@@ -520,7 +369,9 @@ def _floors(row: dict, nbytes: dict, bw: dict) -> dict:
     return row
 
 
-def run_bench_step(model_dir: str | Path, cfg: StepBenchConfig, progress: Callable[[str], None] = print) -> dict:
+def run_bench_step(
+    model_dir: str | Path, cfg: StepBenchConfig, progress: Callable[[str], None] = print
+) -> dict:
     """Run every measurement; returns the result dict that `write_outputs` saves (see module doc)."""
     config = read_config(model_dir)
     check_model(config, cfg)
@@ -542,7 +393,8 @@ def run_bench_step(model_dir: str | Path, cfg: StepBenchConfig, progress: Callab
         from pregate.moe import load_moe
 
         moe, tokenizer = load_moe(model_dir, cfg.torch_dtype), AutoTokenizer.from_pretrained(model_dir)
-        router, router_note = stand_in_router(config), "untrained, paper-shaped (readme preset): routing is controlled"
+        router = stand_in_router(config)
+        router_note = "untrained, paper-shaped (readme preset): routing is controlled"
     check_model(config, cfg, router.cfg.top_k)
     hf = dense = None
     if cfg.dense or cfg.hf:
@@ -551,7 +403,7 @@ def run_bench_step(model_dir: str | Path, cfg: StepBenchConfig, progress: Callab
     h, i = config.base["hidden_size"], config.base["intermediate_size"]
     progress(f"measuring bandwidth ({cfg.floor_mb} MB buffers, {cfg.dtype})")
     bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)])
-    progress(f"  plain read {bw['read'] / 1e9:.1f} GB/s, GEMV {bw['gemv'] / 1e9:.1f} GB/s")
+    progress(f"  plain read {bw['read'] / 1e9:.2f} GB/s, GEMV {bw['gemv'] / 1e9:.2f} GB/s")
     dcounts = cfg.expert_counts(config.num_experts)
 
     jobs: dict[tuple[str, int, int], Callable[[], dict]] = {}
@@ -588,18 +440,20 @@ def run_bench_step(model_dir: str | Path, cfg: StepBenchConfig, progress: Callab
         if system != HF:
             row["unique_experts_seen"] = sorted({u for r in rs for u in r["unique_experts"]})
             if system == MOE and row["unique_experts_seen"] != [d]:
-                notes.append(f"batch {b}, {d} experts asked: the engine's steps had {row['unique_experts_seen']}")
+                seen = row["unique_experts_seen"]
+                notes.append(f"batch {b}, {d} experts asked: the engine's steps had {seen}")
         context = rs[0].get("context", cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2)
         model = moe if system == MOE else dense
         nbytes = step_bytes(model, b, list(range(d)), context, router if system == MOE else None)
         rows.append(_floors(row, nbytes, bw))
-        for what in ("decode_ms", "prefill_ms"):
-            if row[what]["flagged"]:
-                notes.append(f"{system} batch {b} experts {d}: {what} repeat(s) {row[what]['flagged']} more than "
-                             f"{cfg.flag_spread:.0%} from the median {row[what]['median']:.2f} ms")
+        if row["decode_ms"]["flagged"]:  # prefill flags stay in the JSON: one step each, noisier
+            dm = row["decode_ms"]
+            notes.append(f"{system} batch {b} experts {d}: decode repeat(s) {dm['flagged']} (0-based) more "
+                         f"than {cfg.flag_spread:.0%} from the median {dm['median']:.2f} ms")
     batch_rows = [r for r in rows if r["system"] != MOE or r["experts"] == min(cfg.batch_experts, r["batch"])]
     batch_rows = [r for r in batch_rows if r["batch"] in cfg.batch_sizes]
-    expert_rows = [r for r in rows if r["system"] == MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts]
+    expert_rows = [r for r in rows
+                   if r["system"] == MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts]
 
     breakdown: dict = {}
     if cfg.breakdown:
@@ -608,7 +462,8 @@ def run_bench_step(model_dir: str | Path, cfg: StepBenchConfig, progress: Callab
         for b in cfg.batch_sizes:
             progress(f"breakdown at batch {b} (hooked run{' + layer-wise gate' if gate is not None else ''})")
             res = time_engine(moe, tokenizer, router, b, min(cfg.batch_experts, b), cfg, breakdown=True)
-            breakdown["pregating"].append({"batch": b, "experts": min(cfg.batch_experts, b), **res["breakdown"]})
+            row = {"batch": b, "experts": min(cfg.batch_experts, b), **res["breakdown"]}
+            breakdown["pregating"].append(row)
             if gate is not None:
                 lw = time_layerwise(moe, gate, b, cfg)
                 breakdown["layerwise"].append({"batch": b, "experts_per_layer": lw["experts_per_layer"],
@@ -641,7 +496,8 @@ def run_bench_step(model_dir: str | Path, cfg: StepBenchConfig, progress: Callab
     return {
         "model": str(model_dir), "base": config.provenance.get("base"), "router": router_note,
         "config": asdict(cfg), "threads": torch.get_num_threads(), "num_experts": config.num_experts,
-        "top_k": router.cfg.top_k, "bandwidth": bw, "batch_sizes": batch_rows, "distinct_experts": expert_rows,
+        "top_k": router.cfg.top_k, "bandwidth": bw, "batch_sizes": batch_rows,
+        "distinct_experts": expert_rows,
         "breakdown": breakdown, "llama_cpp": llama, "notes": notes,
     }
 
@@ -661,8 +517,10 @@ def format_table(result: dict) -> str:
     head = (f"{'system':12s}{'batch':>6s}{'experts':>8s}{'decode ms':>11s} {'min':>9s}{'max':>9s}"
             f"{'prefill ms':>11s}{'MB read':>9s}{'floor rd':>9s}{'floor mv':>9s}{'x read':>8s}{'x gemv':>8s}")
     bw = result["bandwidth"]
-    lines = [f"bandwidth: plain read {bw['read'] / 1e9:.1f} GB/s, torch GEMV ({bw['dtype']}) {bw['gemv'] / 1e9:.1f} GB/s;"
-             " floor = MB read / bandwidth; x = decode time / floor; ! = a repeat far off the median",
+    lines = [f"bandwidth: plain read {bw['read'] / 1e9:.2f} GB/s, "
+             f"torch GEMV ({bw['dtype']}) {bw['gemv'] / 1e9:.2f} GB/s",
+             "floor = MB read / bandwidth (rd: plain read, mv: GEMV); x = time / floor; "
+             "! = a repeat far off the median",
              "", "decode step by batch size", head]
     lines += [_row_line(r) for r in result["batch_sizes"]]
     lines += ["", f"decode step by distinct experts (batch {result['config']['expert_batch']})", head]
@@ -678,10 +536,12 @@ def format_table(result: dict) -> str:
     ll = result["llama_cpp"]
     lines.append("")
     if "skipped" in ll:
-        lines.append(f"llama.cpp: skipped ({ll['skipped']}); would load {ll['gguf']} ({ll['gguf_bytes']} bytes)")
+        would = f"would load {ll['gguf']} ({ll['gguf_bytes']} bytes)" if ll["gguf"] else ll["gguf_note"]
+        lines.append(f"llama.cpp: skipped ({ll['skipped']}); {would}")
     else:
-        lines.append(f"llama.cpp batch 1: decode {ll['decode_ms']['median']:.2f} ms (min {ll['decode_ms']['min']:.2f}, "
-                     f"max {ll['decode_ms']['max']:.2f}), {ll['gguf']} ({ll['gguf_bytes']} bytes)")
+        dm = ll["decode_ms"]
+        lines.append(f"llama.cpp batch 1: decode {dm['median']:.2f} ms (min {dm['min']:.2f}, "
+                     f"max {dm['max']:.2f}), {ll['gguf']} ({ll['gguf_bytes']} bytes)")
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 
@@ -694,9 +554,10 @@ def plot_step_vs_experts(result: dict, path: str | Path) -> Path:
     rows = result["distinct_experts"]
     xs = [r["experts"] for r in rows]
     med = [r["decode_ms"]["median"] for r in rows]
-    err = [[m - r["decode_ms"]["min"] for m, r in zip(med, rows)], [r["decode_ms"]["max"] - m for m, r in zip(med, rows)]]
+    lo = [m - r["decode_ms"]["min"] for m, r in zip(med, rows)]
+    hi = [r["decode_ms"]["max"] - m for m, r in zip(med, rows)]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.errorbar(xs, med, yerr=err, fmt="k-o", capsize=3, label="MoE in the engine (median, min-max)")
+    ax.errorbar(xs, med, yerr=[lo, hi], fmt="k-o", capsize=3, label="MoE in the engine (median, min-max)")
     ax.plot(xs, [r["floor_read_ms"] for r in rows], "b--", label="floor: bytes / plain-read bandwidth")
     ax.plot(xs, [r["floor_gemv_ms"] for r in rows], "r:", label="floor: bytes / torch GEMV rate")
     b = result["config"]["expert_batch"]
@@ -705,7 +566,9 @@ def plot_step_vs_experts(result: dict, path: str | Path) -> Path:
             ax.axhline(r["decode_ms"]["median"], color="gray", lw=1, label=f"dense parent, batch {b}")
     ax.set_xlabel(f"distinct routed experts in the step (batch {b})")
     ax.set_ylabel("decode step (ms)")
-    ax.set_ylim(bottom=0)
+    ax.set_xticks(xs)
+    top = max(med + [r["floor_gemv_ms"] for r in rows])
+    ax.set_ylim(0, 1.6 * top)  # a disturbed repeat's bar may run off the top; the JSON has every repeat
     ax.set_title("Decode-step time vs distinct experts, against the memory floor")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -720,7 +583,8 @@ def write_outputs(result: dict, json_path: str | Path) -> list[Path]:
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
-    return [json_path, plot_step_vs_experts(result, json_path.with_name(json_path.stem + "_step_vs_experts.png"))]
+    plot = json_path.with_name(json_path.stem + "_step_vs_experts.png")
+    return [json_path, plot_step_vs_experts(result, plot)]
 
 
 def bench_step(model_dir: str | Path, json_path: str | Path, cfg: StepBenchConfig) -> dict:

@@ -48,8 +48,8 @@ def layerwise_dir(tmp_path):
 
 def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, capsys):
     path = tmp_path / "out" / "step.json"
-    rc = main(["bench", "step", str(moe_dir), "--json", str(path), "--batch-sizes", "1", "3", "--expert-batch", "3",
-               "--prompt-len", "4", "--warmup", "1", "--steps", "3", "--floor-mb", "1",
+    rc = main(["bench", "step", str(moe_dir), "--json", str(path), "--batch-sizes", "1", "3",
+               "--expert-batch", "3", "--prompt-len", "4", "--warmup", "1", "--steps", "3", "--floor-mb", "1",
                "--layerwise", str(layerwise_dir)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -69,7 +69,8 @@ def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, c
     for variant in ("pregating", "layerwise"):
         rows = data["breakdown"][variant]
         assert [r["batch"] for r in rows] == [1, 3]
-        assert all(set(r) >= {"router", "attention", "shared", "routed", "lm_head", "rest", "step"} for r in rows)
+        parts = {"router", "attention", "shared", "routed", "lm_head", "rest", "step"}
+        assert all(set(r) >= parts for r in rows)
         assert all(r["attention"] > 0 and r["router"] > 0 for r in rows)
     assert "skipped" in data["llama_cpp"]  # llama_cpp is not installed here; a clean note, no failure
     assert (tmp_path / "out" / "step_step_vs_experts.png").stat().st_size > 1000
