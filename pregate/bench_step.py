@@ -531,13 +531,15 @@ def format_table(result: dict) -> str:
             lines.append(f"  skipped: {rows['skipped']}")
             continue
         cols = (*PARTS, "rest", "step")
-        lines.append(f"{'batch':>6s}" + "".join(f"{c:>11s}" for c in cols))
-        lines += [f"{r['batch']:6d}" + "".join(f"{r[c]:11.3f}" for c in cols) for r in rows]
+        lines.append(f"{'batch':>6s}{'experts':>9s}" + "".join(f"{c:>11s}" for c in cols))
+        for r in rows:  # pre-gating: the controlled experts; layer-wise: its mean per layer
+            experts = r.get("experts", r.get("experts_per_layer"))
+            lines.append(f"{r['batch']:6d}{experts:9.2f}" + "".join(f"{r[c]:11.3f}" for c in cols))
     ll = result["llama_cpp"]
     lines.append("")
     if "skipped" in ll:
         would = f"would load {ll['gguf']} ({ll['gguf_bytes']} bytes)" if ll["gguf"] else ll["gguf_note"]
-        lines.append(f"llama.cpp: skipped ({ll['skipped']}); {would}")
+        lines += [f"llama.cpp: skipped ({ll['skipped']})", f"  {would}"]
     else:
         dm = ll["decode_ms"]
         lines.append(f"llama.cpp batch 1: decode {dm['median']:.2f} ms (min {dm['min']:.2f}, "
