@@ -26,6 +26,7 @@ the B sequences at the mean context of the timed steps. floor = bytes / bandwidt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -137,6 +138,9 @@ def check_model(config: MoEConfig, cfg: StepBenchConfig, top_k: int = 1) -> None
     if min(wanted) < top_k:
         raise BenchError(f"the router picks top-{top_k} experts per token, so a step has at least {top_k} "
                          "distinct experts")
+    if (cfg.dense or cfg.hf) and not config.provenance.get("base"):
+        raise BenchError("the checkpoint does not name its dense parent (provenance.base in its "
+                         f"{CONFIG_FILE}); pass --no-dense --no-hf to time the MoE alone")
     if cfg.layerwise is not None:
         meta = Path(cfg.layerwise) / "router_config.json"
         kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
@@ -187,7 +191,6 @@ def stand_in_router(config: MoEConfig) -> PreGatingRouter:
     return PreGatingRouter(cfg).eval()
 
 
-
 # ----------------------------------------------------------------------------------------- one measurement
 
 
@@ -217,17 +220,11 @@ def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None
     for ids in prompts(model.config.base["vocab_size"], batch, cfg.prompt_len, cfg.seed + batch, avoid):
         engine.add_request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     parts: list[dict[str, float]] = []
-    bd = Breakdown(model, fixed) if breakdown else None
-    if bd is not None:
-        bd.__enter__()
-    try:
+    with Breakdown(model, fixed) if breakdown else contextlib.nullcontext() as bd:
         while engine.has_work():
             engine.step()
             if bd is not None:
                 parts.append(bd.take())
-    finally:
-        if bd is not None:
-            bd.__exit__()
     if engine.failed:
         raise BenchError(f"the engine failed requests: {next(iter(engine.failed.values()))}")
     steps = engine.metrics.steps
@@ -235,8 +232,7 @@ def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None
     decode = [i for i, s in enumerate(steps) if s.num_prefill_tokens == 0 and s.num_decode_tokens == batch]
     timed = decode[cfg.warmup_steps :]
     if prefill != [0] or len(timed) != cfg.decode_steps:
-        raise BenchError(f"batch {batch}: expected one prefill step and {cfg.decode_steps} timed decode "
-                         "steps, "
+        raise BenchError(f"batch {batch}: expected 1 prefill step and {cfg.decode_steps} timed decode steps, "
                          f"got {len(prefill)} and {len(timed)} (scheduler budgets?)")
     out = {
         "prefill": steps[0].duration,

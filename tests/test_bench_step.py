@@ -144,6 +144,11 @@ def test_bad_input_is_a_clean_error(moe_dir, tmp_path, capsys):
         check_model(read_config(moe_dir), StepBenchConfig(experts=[4], expert_batch=8))
     with pytest.raises(BenchError, match="not a pregate MoE checkpoint"):
         read_config(tmp_path)
+    orphan = read_config(moe_dir)
+    orphan.provenance = {}
+    with pytest.raises(BenchError, match="dense parent"):
+        check_model(orphan, StepBenchConfig())
+    check_model(orphan, StepBenchConfig(dense=False, hf=False))
     args = ["bench", "step", str(moe_dir), "--json", str(tmp_path / "x.json")]
     cases = [
         (["--batch-sizes", "0"], "batch sizes"),
