@@ -153,7 +153,8 @@ def check_model(config: MoEConfig, cfg: StepBenchConfig, top_k: int = 1) -> None
 
 
 class FixedRouter(PreGatingRouter):
-    """Controlled routing with the PreGatingRouter interface the engine calls (cfg, new_cache, step, route).
+    """Controlled routing with the PreGatingRouter interface the engine calls (cfg, new_cache, step,
+    step_tokens, route).
 
     The n-th request whose cache is made gets primary expert n mod `distinct` (and the next top_k - 1
     experts mod `distinct` after it), for every token, prompt and generated. The wrapped router still runs
@@ -178,9 +179,19 @@ class FixedRouter(PreGatingRouter):
 
     def step(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         logits = self.inner.step(input_ids, cache)  # [B, L, E]: the real router's work
+        return self._forced(logits, [cache.bench_expert])
+
+    def step_tokens(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
+        logits = self.inner.step_tokens(tokens, caches)  # [B, E]: one token of each of B requests
+        return self._forced(logits, [c.bench_expert for c in caches])
+
+    def _forced(self, logits: torch.Tensor, primary: list) -> torch.Tensor:
+        """Logits [.., E] that select `primary` (one expert per request, broadcast over the other dims)
+        first, then the next top_k - 1 experts mod `distinct`."""
+        first = torch.tensor(primary, device=logits.device).expand(logits.shape[:-1])
         forced = torch.full_like(logits, -1e4)
         for j in range(self.cfg.top_k):
-            forced[..., (cache.bench_expert + j) % self.distinct] = -float(j)
+            forced.scatter_(-1, ((first + j) % self.distinct)[..., None], -float(j))
         return forced
 
 
@@ -321,20 +332,21 @@ def time_layerwise(model: MoEForCausalLM, gate, batch: int, cfg: StepBenchConfig
 
     ids = torch.tensor(prompts(model.config.base["vocab_size"], batch, cfg.prompt_len, cfg.seed + batch))
     n = cfg.warmup_steps + cfg.decode_steps
-    caches = [model.new_cache(capacity=cfg.prompt_len + n + 1) for _ in range(batch)]
+    kv = model.new_cache(capacity=cfg.prompt_len + n + 1, slots=batch)  # one pool, a slot each (the engine's)
     rows = torch.arange(1, batch + 1) * cfg.prompt_len - 1
     steps = []
     with bd:
         t = time.perf_counter()
-        logits = model.forward_packed(ids.reshape(-1), [Segment(cfg.prompt_len, c) for c in caches], None,
-                                      layer_router=layer_router, logits_at=rows)
+        segments = [Segment(cfg.prompt_len, kv, b) for b in range(batch)]
+        logits = model.forward_packed(ids.reshape(-1), segments, None, layer_router=layer_router,
+                                      logits_at=rows)
         prefill = time.perf_counter() - t
         bd.take()
         tok = logits.argmax(-1)  # [B]
         for _ in range(n):
             seen.clear()
             t = time.perf_counter()
-            segments = [Segment(1, c) for c in caches]
+            segments = [Segment(1, kv, b) for b in range(batch)]
             logits = model.forward_packed(tok, segments, None, layer_router=layer_router)
             tok = logits.argmax(-1)
             steps.append((time.perf_counter() - t, bd.take(), sum(seen) / len(seen)))

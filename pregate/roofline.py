@@ -45,8 +45,8 @@ def step_bytes(model: MoEForCausalLM, batch: int, experts: Sequence[int], contex
         mlp = layer.mlp
         out["attention"] += _nbytes(layer.self_attn)
         out["norms"] += _nbytes(layer.input_layernorm) + _nbytes(layer.post_attention_layernorm)
-        out["shared"] += _nbytes(mlp.gate_proj) + _nbytes(mlp.up_proj) + _nbytes(mlp.down_proj)
-        out["routed"] += sum(3 * mlp.widths[e] * hidden * mlp.w_gate.element_size() for e in experts)
+        out["shared"] += _nbytes(mlp.gate_up_proj) + _nbytes(mlp.down_proj)
+        out["routed"] += sum(3 * mlp.widths[e] * hidden * mlp.w_gate_up.element_size() for e in experts)
     out["lm_head"] = float(w.numel() * elt if model.tied else _nbytes(model.lm_head))
     out["router"] = 0.0
     if router is not None:
@@ -109,9 +109,10 @@ def measure_bandwidth(
 class Breakdown:
     """Per-part time of every step, from perf_counter in module hooks (CPU ops are synchronous).
 
-    attention: each layer's self_attn; shared: the shared expert (gate_proj in, down_proj out); routed: the
-    rest of each MoE MLP; lm_head: `lm_logits`; router: `router.step` (pre-gating) or the layer-wise gate
-    through to its layer's MLP (its routing plan included). The rest of a step is step time - the parts.
+    attention: each layer's self_attn; shared: the shared expert (gate_up_proj in, down_proj out);
+    routed: the rest of each MoE MLP; lm_head: `lm_logits`; router: `router.step` and `step_tokens`
+    (pre-gating), or the layer-wise gate through to its layer's MLP (its routing plan included). The rest
+    of a step is step time - the parts.
     Attach with `with Breakdown(model, router) as bd:`; `take()` returns the parts since the last call.
     """
 
@@ -151,12 +152,13 @@ class Breakdown:
             h.append(layer.self_attn.register_forward_pre_hook(mark("attn")))
             h.append(layer.self_attn.register_forward_hook(add_attention))
             h.append(layer.mlp.register_forward_pre_hook(mlp_start))
-            h.append(layer.mlp.gate_proj.register_forward_pre_hook(mark("shared")))
+            h.append(layer.mlp.gate_up_proj.register_forward_pre_hook(mark("shared")))
             h.append(layer.mlp.down_proj.register_forward_hook(shared_end))
             h.append(layer.mlp.register_forward_hook(mlp_end))
         self._wrap(self.model, "lm_logits", "lm_head")
         if self.router is not None:
             self._wrap(self.router, "step", "router")
+            self._wrap(self.router, "step_tokens", "router")
         return self
 
     def _wrap(self, obj, name: str, part: str) -> None:

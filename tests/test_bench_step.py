@@ -99,6 +99,13 @@ def test_fixed_router_assigns_request_n_expert_n_mod_d(moe_dir):
         got.append(e[0, :, 0].tolist())
         assert torch.all(w == 1)
     assert got == [[0] * 3, [1] * 3, [0] * 3, [1] * 3, [0] * 3]
+    # the engine routes every sampled token of a step at once (step_tokens): same assignment
+    fixed = FixedRouter(load_router(moe_dir), 3)
+    caches = [fixed.new_cache(1) for _ in range(4)]
+    for c in caches:
+        fixed.step(torch.tensor([[5, 6]]), c)
+    e, _ = fixed.route(fixed.step_tokens(torch.tensor([8, 9, 10, 11]), caches))
+    assert e[:, 0].tolist() == [0, 1, 2, 0]
 
 
 def test_byte_accounting_by_hand(moe_dir):
