@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all llama-cpp clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
+
+# Optional: llama.cpp as the reference engine of `pregate bench step` (never a test dependency). Builds
+# llama-cpp-python from source, about 3 minutes on 2 cores.
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(PIP) install --disable-pip-version-check --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
 clean:
 	rm -rf runs .pytest_cache

@@ -148,6 +148,18 @@ def load_parts(model_dir: str | Path, cfg: BenchConfig, progress: Callable[[str]
     return moe, tokenizer, router, f"distilled here for {cfg.router_steps} steps (no trained router)"
 
 
+def load_dense_parent(moe: MoEForCausalLM):
+    """(HF model, the same weights as a pregate model with 0 routed experts) of the MoE's dense parent,
+    in the MoE's dtype: what the engine serves as the dense baseline."""
+    from pregate import hub
+
+    dtype = next(moe.parameters()).dtype
+    hf = hub.load_dense(moe.config.provenance["base"], dtype)[0]
+    n, i = hf.config.num_hidden_layers, hf.config.intermediate_size
+    dense = build_moe_from_dense(hf, [torch.arange(i)] * n, [[] for _ in range(n)])
+    return hf, dense
+
+
 # ----------------------------------------------------------------------------------------- replay
 
 
@@ -243,12 +255,8 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
     names = list(cfg.policies)
     hf = dense = None
     if cfg.dense or cfg.hf:
-        from pregate import hub
-
-        dtype = next(moe.parameters()).dtype
-        hf = hub.load_dense(moe.config.provenance["base"], dtype)[0]
-        n, i = hf.config.num_hidden_layers, hf.config.intermediate_size
-        dense = build_moe_from_dense(hf, [torch.arange(i)] * n, [[] for _ in range(n)]) if cfg.dense else None
+        hf, dense = load_dense_parent(moe)
+        dense = dense if cfg.dense else None
     names += [DENSE] * cfg.dense + [HF] * cfg.hf
 
     def one(name: str) -> RunResult:

@@ -396,6 +396,19 @@ def cmd_bench_serve(args) -> None:
     bench_serve(args.model, args.json, cfg, args.trace)
 
 
+def cmd_bench_step(args) -> None:
+    from pregate.bench_step import StepBenchConfig, bench_step
+
+    cfg = StepBenchConfig(
+        batch_sizes=args.batch_sizes, expert_batch=args.expert_batch, experts=args.experts,
+        batch_experts=args.batch_experts, prompt_len=args.prompt_len, warmup_steps=args.warmup,
+        decode_steps=args.steps, repeats=args.repeats, dtype=args.dtype, dense=not args.no_dense,
+        hf=not args.no_hf, llama_cpp=not args.no_llama_cpp, breakdown=not args.no_breakdown,
+        layerwise=args.layerwise, gguf=args.gguf, floor_mb=args.floor_mb, seed=args.seed,
+    )
+    bench_step(args.model, args.json, cfg)
+
+
 def cmd_serve(args) -> None:
     from pregate.scheduler import SchedulerConfig
     from pregate.server import serve
@@ -438,6 +451,43 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate with static batches")
     p.set_defaults(func=cmd_bench_serve)
+
+    from pregate.bench_step import StepBenchConfig
+
+    d = StepBenchConfig()
+    p = _group(sub, "bench", "measure serving systems").add_parser(
+        "step", help="decode- and prefill-step time by batch size and distinct experts, against the floor"
+    )
+    p.add_argument("model", help="a MoE checkpoint directory (its dense parent is the baseline)")
+    p.add_argument("--json", required=True, help="write the results here (the PNG plot goes beside it)")
+    # plain int, not _positive_int: StepBenchConfig says what is wrong with a bad value
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=d.batch_sizes,
+                   help=f"batch sizes of the batch sweep (default {' '.join(map(str, d.batch_sizes))})")
+    p.add_argument("--expert-batch", type=int, default=d.expert_batch,
+                   help=f"batch of the distinct-experts sweep (default {d.expert_batch})")
+    p.add_argument("--experts", type=int, nargs="+", help="distinct experts of that sweep (default 1..E)")
+    p.add_argument("--batch-experts", type=int, default=d.batch_experts,
+                   help=f"distinct experts in the batch sweep (default {d.batch_experts})")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len,
+                   help=f"prompt tokens per request (default {d.prompt_len})")
+    p.add_argument("--warmup", type=int, default=d.warmup_steps,
+                   help=f"untimed decode steps per measurement (default {d.warmup_steps})")
+    p.add_argument("--steps", type=int, default=d.decode_steps,
+                   help=f"timed decode steps per measurement (default {d.decode_steps})")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help=f"interleaved repeats, odd, >= 3 (default {d.repeats})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype)
+    p.add_argument("--layerwise", metavar="DIR",
+                   help="a `pregate train --layerwise` output: also break down a step with its gate")
+    p.add_argument("--gguf", help="GGUF of the dense parent for llama.cpp (default: the base's packaged one)")
+    p.add_argument("--floor-mb", type=int, default=d.floor_mb,
+                   help=f"buffer of the bandwidth measurements in MB (default {d.floor_mb})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompts")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
+    p.add_argument("--no-hf", action="store_true", help="skip HF generate")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if it is installed")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown")
+    p.set_defaults(func=cmd_bench_step)
 
     s = SchedulerConfig()
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) over a trained MoE")

@@ -1,0 +1,607 @@
+"""`pregate bench step`: one engine step, decode and prefill, timed under control and set against its floor.
+
+What this module owns: its options (`StepBenchConfig`, checked before any model loads), controlled
+routing (`FixedRouter`: request n gets expert n mod d), one measurement per system (the engine, HF
+`generate`, llama.cpp, the layer-wise gate by direct forward calls), the interleaved repeats, and the
+report (table, JSON, PNG). The bytes a step must read, the bandwidth floors and the per-component
+breakdown are `pregate.roofline`'s.
+
+Method. Every engine measurement builds a fresh `Engine` and drives only its public API: B requests of
+`prompt_len` random token ids are added (`ignore_eos`), the first step is their prefill (one step: the
+token budget holds every prompt), then `warmup_steps` decode steps are dropped and the median of the next
+`decode_steps` decode steps (`engine.metrics.steps`, rows with B decode tokens and no prefill) is the
+measurement. Every measurement runs once per repeat, the order rotating each repeat so that machine
+noise spreads over all of them (odd number of repeats, >= 3); the report is the median over repeats, with
+min/max, and a repeat more than `flag_spread` away from that median is flagged.
+
+HF `generate` (dense parent, greedy, its default dynamic cache): per-token decode time is
+(t(generate 1 + N new tokens) - t(generate 1 new token)) / N on the same prompts; t(generate 1) is its
+prefill. llama.cpp (dense parent, batch 1) runs only when `llama_cpp` is importable (`make llama-cpp`).
+
+Bytes a decode step must read: the embedding rows of its B tokens, every layer's attention and norms,
+the shared experts, the routed experts the step uses (true widths, not the zero padding), the final
+norm and LM head, the router (its weights, once per step, plus B embedding rows), and the KV cache of
+the B sequences at the mean context of the timed steps. floor = bytes / bandwidth, for both bandwidths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from pregate.bench import BenchConfig, BenchError, load_dense_parent, load_parts
+from pregate.engine import Engine, SamplingParams
+from pregate.moe import CONFIG_FILE, MoEConfig, MoEForCausalLM, Routing, Segment
+from pregate.roofline import PARTS, Breakdown, measure_bandwidth, step_bytes, summarize_breakdown
+from pregate.router import PreGatingRouter, RouterConfig
+from pregate.scheduler import SchedulerConfig
+
+MOE = "moe"  # the MoE in the engine, controlled routing
+DENSE = "dense"  # the dense parent in the same engine
+HF = "hf-generate"  # HF generate on the dense parent
+
+
+@dataclass
+class StepBenchConfig:
+    """What `bench step` measures. Checked before any model loads (`check_model` for model limits)."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    expert_batch: int = 8  # batch of the distinct-experts sweep
+    experts: list[int] | None = None  # distinct experts in that sweep; None = 1..E
+    batch_experts: int = 1  # distinct experts in the batch-size sweep (capped at the batch)
+    prompt_len: int = 32
+    warmup_steps: int = 4
+    decode_steps: int = 16  # timed decode steps per measurement
+    repeats: int = 3
+    dtype: str = "bfloat16"
+    dense: bool = True
+    hf: bool = True
+    llama_cpp: bool = True
+    breakdown: bool = True
+    layerwise: str | None = None  # a `pregate train --layerwise` output directory
+    gguf: str | None = None  # llama.cpp weights; default: the base's packaged GGUF
+    floor_mb: int = 256  # buffer of the bandwidth measurements (well above the caches)
+    flag_spread: float = 0.2  # flag a repeat further than this fraction from the median
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = list(self.batch_sizes)
+        if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+            raise BenchError(f"batch sizes {sizes!r} must be integers >= 1 (e.g. --batch-sizes 1 2 4 8)")
+        for name in ("expert_batch", "batch_experts", "prompt_len", "decode_steps", "floor_mb"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise BenchError(f"StepBenchConfig.{name}={v!r} must be an integer >= 1")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise BenchError(f"StepBenchConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+        if not isinstance(self.repeats, int) or self.repeats < 3 or self.repeats % 2 == 0:
+            raise BenchError(f"repeats={self.repeats!r} must be an odd integer >= 3 "
+                             "(the median is then one of the repeats)")
+        if self.experts is not None:
+            bad = [d for d in self.experts if not isinstance(d, int) or d < 1 or d > self.expert_batch]
+            if not self.experts or bad:
+                raise BenchError(f"distinct experts {self.experts!r} must lie in 1..expert batch "
+                                 f"{self.expert_batch} (each request has one primary expert)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
+        if not self.flag_spread > 0:
+            raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
+        if self.gguf is not None and not Path(self.gguf).is_file():
+            raise BenchError(f"--gguf {self.gguf} is not a file; give a .gguf of the dense parent")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype == "float32" else torch.bfloat16
+
+    def expert_counts(self, num_experts: int) -> list[int]:
+        if self.experts is not None:
+            return list(self.experts)
+        return list(range(1, min(num_experts, self.expert_batch) + 1))
+
+
+def read_config(model_dir: str | Path) -> MoEConfig:
+    """The MoE config of a checkpoint directory, without loading weights (clear error if it is none)."""
+    from pregate.errors import PregateError
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise BenchError(f"{path} is not a directory; give a MoE checkpoint from `pregate refactor` or "
+                         "`pregate train`")
+    if not (path / CONFIG_FILE).is_file():
+        raise BenchError(f"{path} is not a pregate MoE checkpoint (no {CONFIG_FILE}); "
+                         "make one with `pregate refactor`")
+    try:
+        return MoEConfig.from_json(json.loads((path / CONFIG_FILE).read_text()))
+    except (PregateError, json.JSONDecodeError, TypeError, KeyError) as err:
+        raise BenchError(f"{path / CONFIG_FILE}: {err}") from None
+
+
+def check_model(config: MoEConfig, cfg: StepBenchConfig, top_k: int = 1) -> None:
+    """Options that depend on the model: distinct experts within 1..E (and >= top_k), a layer-wise gate."""
+    e = config.num_experts
+    if e == 0:
+        raise BenchError("the checkpoint has no routed experts; give a MoE checkpoint from "
+                         "`pregate refactor` or `pregate train`")
+    wanted = cfg.expert_counts(e) + [cfg.batch_experts]
+    if max(wanted) > e:
+        raise BenchError(f"{max(wanted)} distinct experts asked for, but the model has {e} routed experts")
+    if min(wanted) < top_k:
+        raise BenchError(f"the router picks top-{top_k} experts per token, so a step has at least {top_k} "
+                         "distinct experts")
+    if (cfg.dense or cfg.hf) and not config.provenance.get("base"):
+        raise BenchError("the checkpoint does not name its dense parent (provenance.base in its "
+                         f"{CONFIG_FILE}); pass --no-dense --no-hf to time the MoE alone")
+    if cfg.layerwise is not None:
+        meta = Path(cfg.layerwise) / "router_config.json"
+        kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
+        if kind != "layerwise":
+            raise BenchError(f"--layerwise {cfg.layerwise} holds no layer-wise gate (router_config.json kind "
+                             f"{kind!r}); give a `pregate train --layerwise` output directory")
+
+
+# ----------------------------------------------------------------------------------------- routing
+
+
+class FixedRouter(PreGatingRouter):
+    """Controlled routing with the PreGatingRouter interface the engine calls (cfg, new_cache, step,
+    step_tokens, route).
+
+    The n-th request whose cache is made gets primary expert n mod `distinct` (and the next top_k - 1
+    experts mod `distinct` after it), for every token, prompt and generated. The wrapped router still runs
+    on every token, so a step costs what a real one does; only its decision is replaced.
+    """
+
+    def __init__(self, inner: PreGatingRouter, distinct: int) -> None:
+        nn.Module.__init__(self)
+        if not inner.cfg.top_k <= distinct <= inner.cfg.num_experts:
+            raise BenchError(f"distinct={distinct} must lie in top_k..E = "
+                             f"{inner.cfg.top_k}..{inner.cfg.num_experts}")
+        self.inner = inner
+        self.cfg = inner.cfg
+        self.distinct = distinct
+        self.assigned = 0  # requests seen so far
+
+    def new_cache(self, batch_size: int = 1):
+        cache = self.inner.new_cache(batch_size)
+        cache.bench_expert = self.assigned % self.distinct
+        self.assigned += 1
+        return cache
+
+    def step(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        logits = self.inner.step(input_ids, cache)  # [B, L, E]: the real router's work
+        return self._forced(logits, [cache.bench_expert])
+
+    def step_tokens(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
+        logits = self.inner.step_tokens(tokens, caches)  # [B, E]: one token of each of B requests
+        return self._forced(logits, [c.bench_expert for c in caches])
+
+    def _forced(self, logits: torch.Tensor, primary: list) -> torch.Tensor:
+        """Logits [.., E] that select `primary` (one expert per request, broadcast over the other dims)
+        first, then the next top_k - 1 experts mod `distinct`."""
+        first = torch.tensor(primary, device=logits.device).expand(logits.shape[:-1])
+        forced = torch.full_like(logits, -1e4)
+        for j in range(self.cfg.top_k):
+            forced.scatter_(-1, ((first + j) % self.distinct)[..., None], -float(j))
+        return forced
+
+
+def stand_in_router(config: MoEConfig) -> PreGatingRouter:
+    """An untrained router of the paper's shape: with controlled routing only its cost matters."""
+    vocab = config.base["vocab_size"]
+    cfg = RouterConfig.preset("readme", vocab_size=vocab, num_experts=config.num_experts)
+    return PreGatingRouter(cfg).eval()
+
+
+# ----------------------------------------------------------------------------------------- one measurement
+
+
+def prompts(vocab: int, batch: int, length: int, seed: int, avoid: Sequence[int] = ()) -> list[list[int]]:
+    """`batch` prompts of `length` random token ids (seeded; special ids avoided)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    for a in avoid:
+        ids[ids == a] = (a + 1) % vocab if (a + 1) % vocab not in avoid else 3 % vocab
+    return ids.tolist()
+
+
+def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None, batch: int, distinct: int,
+                cfg: StepBenchConfig, breakdown: bool = False) -> dict:
+    """One measurement through the engine's public API: prefill step, decode steps, experts per step.
+
+    Returns prefill (s), decode (median s over the timed decode steps), decode_steps (all timed
+    durations), unique_experts (of the timed steps), context (mean KV length they read), and with
+    `breakdown` the median parts (ms) of the timed steps."""
+    fixed = FixedRouter(router, distinct) if router is not None else None
+    max_tokens = cfg.warmup_steps + cfg.decode_steps + 1  # the first token comes from the prefill
+    sched = SchedulerConfig(policy="fcfs", token_budget=batch * cfg.prompt_len, max_running=batch,
+                            kv_capacity_tokens=batch * (cfg.prompt_len + max_tokens),
+                            prefill_chunk=cfg.prompt_len)
+    engine = Engine(model, tokenizer, fixed, sched)
+    avoid = list(getattr(tokenizer, "all_special_ids", None) or [])
+    for ids in prompts(model.config.base["vocab_size"], batch, cfg.prompt_len, cfg.seed + batch, avoid):
+        engine.add_request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    parts: list[dict[str, float]] = []
+    with Breakdown(model, fixed) if breakdown else contextlib.nullcontext() as bd:
+        while engine.has_work():
+            engine.step()
+            if bd is not None:
+                parts.append(bd.take())
+    if engine.failed:
+        raise BenchError(f"the engine failed requests: {next(iter(engine.failed.values()))}")
+    steps = engine.metrics.steps
+    prefill = [i for i, s in enumerate(steps) if s.num_prefill_tokens > 0]
+    decode = [i for i, s in enumerate(steps) if s.num_prefill_tokens == 0 and s.num_decode_tokens == batch]
+    timed = decode[cfg.warmup_steps :]
+    if prefill != [0] or len(timed) != cfg.decode_steps:
+        raise BenchError(f"batch {batch}: expected 1 prefill step and {cfg.decode_steps} timed decode steps, "
+                         f"got {len(prefill)} and {len(timed)} (scheduler budgets?)")
+    out = {
+        "prefill": steps[0].duration,
+        "decode": statistics.median(steps[i].duration for i in timed),
+        "decode_steps": [steps[i].duration for i in timed],
+        "unique_experts": sorted({steps[i].unique_experts for i in timed}),
+        "context": cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2,
+    }
+    if breakdown:
+        out["breakdown"] = summarize_breakdown([(steps[i].duration, parts[i]) for i in timed])
+    return out
+
+
+@torch.inference_mode()
+def time_hf(hf, batch: int, cfg: StepBenchConfig) -> dict:
+    """HF generate on the dense parent: prefill = t(1 new token); decode = (t(1 + N) - t(1)) / N."""
+    vocab = hf.config.vocab_size
+    x = torch.tensor(prompts(vocab, batch, cfg.prompt_len, cfg.seed + batch))
+    pad = hf.generation_config.pad_token_id
+    pad = pad if pad is not None else hf.config.eos_token_id
+    n = cfg.decode_steps
+
+    def gen(new: int) -> float:
+        t = time.perf_counter()
+        hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False, pad_token_id=pad)
+        return time.perf_counter() - t
+
+    one = gen(1)
+    many = gen(1 + n)
+    return {"prefill": one, "decode": max(0.0, many - one) / n}
+
+
+def llama_cpp_gguf(cfg: StepBenchConfig, config: MoEConfig) -> tuple[Path | None, str]:
+    """The GGUF llama.cpp would load (--gguf, else the base's packaged one) and a note on its precision."""
+    if cfg.gguf is not None:
+        return Path(cfg.gguf), "given with --gguf"
+    from pregate import hub
+
+    base = config.provenance.get("base")
+    if base in hub.PACKAGED:
+        try:
+            return hub.packaged_gguf(base), "the packaged GGUF of the base (Q4_1: not the engine's precision)"
+        except Exception as err:  # the package is missing: say so, the rest runs
+            return None, str(err)
+    return None, f"no GGUF for base {base!r}; pass --gguf"
+
+
+def time_llama_cpp(path: Path, cfg: StepBenchConfig, vocab: int) -> dict:
+    """llama.cpp (llama-cpp-python) at batch 1: prefill of the prompt, then median of single-token evals."""
+    from llama_cpp import Llama
+
+    n_ctx = cfg.prompt_len + cfg.warmup_steps + cfg.decode_steps + 8
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
+                n_batch=max(8, cfg.prompt_len), verbose=False)
+    out = {"prefill": [], "decode": []}
+    for rep in range(cfg.repeats):
+        ids = prompts(vocab, 1, cfg.prompt_len, cfg.seed + rep)[0]
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        out["prefill"].append(time.perf_counter() - t)
+        times = []
+        for i in range(cfg.warmup_steps + cfg.decode_steps):
+            t = time.perf_counter()
+            llm.eval([ids[i % len(ids)]])
+            times.append(time.perf_counter() - t)
+        out["decode"].append(statistics.median(times[cfg.warmup_steps :]))
+    return out
+
+
+@torch.inference_mode()
+def time_layerwise(model: MoEForCausalLM, gate, batch: int, cfg: StepBenchConfig) -> dict:
+    """The layer-wise gate by direct `forward_packed` calls (the engine serves pre-gating only): a greedy
+    batched decode, one segment and KV cache per sequence, with the breakdown hooks on."""
+    dtype = next(model.parameters()).dtype
+    gate = copy.deepcopy(gate).to(dtype).eval()
+    bd = Breakdown(model)
+    seen: list[int] = []
+
+    def layer_router(layer: int, h: torch.Tensor) -> Routing:
+        bd.gate_start = time.perf_counter()
+        eids, w = gate.route(gate(layer, h))  # [T, K]
+        seen.append(len(torch.unique(eids[:, 0])))
+        return Routing(eids, w)
+
+    ids = torch.tensor(prompts(model.config.base["vocab_size"], batch, cfg.prompt_len, cfg.seed + batch))
+    n = cfg.warmup_steps + cfg.decode_steps
+    kv = model.new_cache(capacity=cfg.prompt_len + n + 1, slots=batch)  # one pool, a slot each (the engine's)
+    rows = torch.arange(1, batch + 1) * cfg.prompt_len - 1
+    steps = []
+    with bd:
+        t = time.perf_counter()
+        segments = [Segment(cfg.prompt_len, kv, b) for b in range(batch)]
+        logits = model.forward_packed(ids.reshape(-1), segments, None, layer_router=layer_router,
+                                      logits_at=rows)
+        prefill = time.perf_counter() - t
+        bd.take()
+        tok = logits.argmax(-1)  # [B]
+        for _ in range(n):
+            seen.clear()
+            t = time.perf_counter()
+            segments = [Segment(1, kv, b) for b in range(batch)]
+            logits = model.forward_packed(tok, segments, None, layer_router=layer_router)
+            tok = logits.argmax(-1)
+            steps.append((time.perf_counter() - t, bd.take(), sum(seen) / len(seen)))
+    timed = steps[cfg.warmup_steps :]
+    out = {"prefill": prefill, "decode": statistics.median(s[0] for s in timed),
+           "experts_per_layer": statistics.mean(s[2] for s in timed)}
+    out["breakdown"] = summarize_breakdown([(d, p) for d, p, _ in timed])
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the benchmark
+
+
+def spread(values: list[float], flag: float) -> dict:
+    """Median, min, max over repeats (ms) and the repeats further than `flag` x median from it."""
+    med = statistics.median(values)
+    far = [i for i, v in enumerate(values) if med > 0 and abs(v - med) > flag * med]
+    return {"median": med * 1e3, "min": min(values) * 1e3, "max": max(values) * 1e3,
+            "repeats": [v * 1e3 for v in values], "flagged": far}
+
+
+def _floors(row: dict, nbytes: dict, bw: dict) -> dict:
+    row["bytes"] = nbytes
+    for kind in ("read", "gemv"):
+        floor = nbytes["total"] / bw[kind] * 1e3
+        row[f"floor_{kind}_ms"] = floor
+        row[f"ratio_{kind}"] = row["decode_ms"]["median"] / floor if floor > 0 else None
+    return row
+
+
+def run_bench_step(
+    model_dir: str | Path, cfg: StepBenchConfig, progress: Callable[[str], None] = print
+) -> dict:
+    """Run every measurement; returns the result dict that `write_outputs` saves (see module doc)."""
+    config = read_config(model_dir)
+    check_model(config, cfg)
+    gate = None
+    if cfg.layerwise is not None:
+        from pregate.train import load_router
+
+        gate = load_router(cfg.layerwise)
+        shape = (len(gate.gates), gate.gates[0].in_features, gate.gates[0].out_features)
+        if shape != (config.num_layers, config.base["hidden_size"], config.num_experts):
+            raise BenchError(f"--layerwise gate (layers, hidden, experts) = {shape} does not fit the model "
+                             f"{(config.num_layers, config.base['hidden_size'], config.num_experts)}")
+    notes: list[str] = []
+    if (Path(model_dir) / "router_config.json").is_file():
+        moe, tokenizer, router, router_note = load_parts(model_dir, BenchConfig(dtype=cfg.dtype), progress)
+    else:
+        from transformers import AutoTokenizer
+
+        from pregate.moe import load_moe
+
+        moe, tokenizer = load_moe(model_dir, cfg.torch_dtype), AutoTokenizer.from_pretrained(model_dir)
+        router = stand_in_router(config)
+        router_note = "untrained, paper-shaped (readme preset): routing is controlled"
+    check_model(config, cfg, router.cfg.top_k)
+    hf = dense = None
+    if cfg.dense or cfg.hf:
+        progress(f"loading the dense parent {config.provenance.get('base')}")
+        hf, dense = load_dense_parent(moe)
+    h, i = config.base["hidden_size"], config.base["intermediate_size"]
+    progress(f"measuring bandwidth ({cfg.floor_mb} MB buffers, {cfg.dtype})")
+    bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)])
+    progress(f"  plain read {bw['read'] / 1e9:.2f} GB/s, GEMV {bw['gemv'] / 1e9:.2f} GB/s")
+    dcounts = cfg.expert_counts(config.num_experts)
+
+    jobs: dict[tuple[str, int, int], Callable[[], dict]] = {}
+    for b in cfg.batch_sizes:
+        jobs[(MOE, b, min(cfg.batch_experts, b))] = lambda b=b: time_engine(moe, tokenizer, router, b,
+                                                                          min(cfg.batch_experts, b), cfg)
+        if dense is not None and cfg.dense:
+            jobs[(DENSE, b, 0)] = lambda b=b: time_engine(dense, tokenizer, None, b, 0, cfg)
+        if hf is not None and cfg.hf:
+            jobs[(HF, b, 0)] = lambda b=b: time_hf(hf, b, cfg)
+    for d in dcounts:
+        key = (MOE, cfg.expert_batch, d)
+        jobs.setdefault(key, lambda d=d: time_engine(moe, tokenizer, router, cfg.expert_batch, d, cfg))
+    names = list(jobs)
+
+    progress(f"warm-up: every system once at batch {max(cfg.batch_sizes)}")
+    for key in names:
+        if key[1] == max(cfg.batch_sizes) and (key[0] != MOE or key[2] == min(cfg.batch_experts, key[1])):
+            jobs[key]()
+    runs: dict[tuple[str, int, int], list[dict]] = {k: [] for k in names}
+    for rep in range(cfg.repeats):
+        shift = rep * len(names) // cfg.repeats
+        for key in names[shift:] + names[:shift]:  # rotate: no measurement is always first
+            res = jobs[key]()
+            runs[key].append(res)
+            progress(f"repeat {rep + 1}/{cfg.repeats} {key[0]:11s} batch {key[1]:3d} experts {key[2]}: "
+                     f"decode {res['decode'] * 1e3:8.2f} ms  prefill {res['prefill'] * 1e3:8.1f} ms")
+
+    rows = []
+    for (system, b, d), rs in runs.items():
+        row = {"system": system, "batch": b, "experts": d,
+               "decode_ms": spread([r["decode"] for r in rs], cfg.flag_spread),
+               "prefill_ms": spread([r["prefill"] for r in rs], cfg.flag_spread)}
+        if system != HF:
+            row["unique_experts_seen"] = sorted({u for r in rs for u in r["unique_experts"]})
+            if system == MOE and row["unique_experts_seen"] != [d]:
+                seen = row["unique_experts_seen"]
+                notes.append(f"batch {b}, {d} experts asked: the engine's steps had {seen}")
+        context = rs[0].get("context", cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2)
+        model = moe if system == MOE else dense
+        nbytes = step_bytes(model, b, list(range(d)), context, router if system == MOE else None)
+        rows.append(_floors(row, nbytes, bw))
+        if row["decode_ms"]["flagged"]:  # prefill flags stay in the JSON: one step each, noisier
+            dm = row["decode_ms"]
+            notes.append(f"{system} batch {b} experts {d}: decode repeat(s) {dm['flagged']} (0-based) more "
+                         f"than {cfg.flag_spread:.0%} from the median {dm['median']:.2f} ms")
+    batch_rows = [r for r in rows if r["system"] != MOE or r["experts"] == min(cfg.batch_experts, r["batch"])]
+    batch_rows = [r for r in batch_rows if r["batch"] in cfg.batch_sizes]
+    expert_rows = [r for r in rows
+                   if r["system"] == MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts]
+
+    breakdown: dict = {}
+    if cfg.breakdown:
+        breakdown["pregating"] = []
+        breakdown["layerwise"] = [] if gate is not None else {"skipped": "no --layerwise gate given"}
+        for b in cfg.batch_sizes:
+            progress(f"breakdown at batch {b} (hooked run{' + layer-wise gate' if gate is not None else ''})")
+            res = time_engine(moe, tokenizer, router, b, min(cfg.batch_experts, b), cfg, breakdown=True)
+            row = {"batch": b, "experts": min(cfg.batch_experts, b), **res["breakdown"]}
+            breakdown["pregating"].append(row)
+            if gate is not None:
+                lw = time_layerwise(moe, gate, b, cfg)
+                breakdown["layerwise"].append({"batch": b, "experts_per_layer": lw["experts_per_layer"],
+                                               **lw["breakdown"]})
+        if gate is not None:
+            notes.append("layer-wise gate: timed with direct model.forward_packed calls (the engine serves "
+                         "pre-gating routers only); its experts are its own choice, not controlled")
+
+    llama = {"system": "llama.cpp (dense parent, batch 1)"}
+    path, why = llama_cpp_gguf(cfg, config)
+    llama.update({"gguf": str(path) if path else None, "gguf_bytes": path.stat().st_size if path else None,
+                  "gguf_note": why})
+    if not cfg.llama_cpp:
+        llama["skipped"] = "not asked for (--no-llama-cpp)"
+    elif importlib.util.find_spec("llama_cpp") is None:
+        llama["skipped"] = "llama_cpp is not importable; `make llama-cpp` builds llama-cpp-python from source"
+    elif path is None:
+        llama["skipped"] = why
+    else:
+        progress(f"llama.cpp on {path} ({path.stat().st_size / 1e6:.0f} MB)")
+        lr = time_llama_cpp(path, cfg, config.base["vocab_size"])
+        llama["decode_ms"] = spread(lr["decode"], cfg.flag_spread)
+        llama["prefill_ms"] = spread(lr["prefill"], cfg.flag_spread)
+        if dense is not None:
+            context = cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2
+            llama["bytes_engine_equivalent"] = step_bytes(dense, 1, [], context)["total"]
+    if "skipped" in llama:
+        notes.append(f"llama.cpp skipped: {llama['skipped']}")
+
+    return {
+        "model": str(model_dir), "base": config.provenance.get("base"), "router": router_note,
+        "config": asdict(cfg), "threads": torch.get_num_threads(), "num_experts": config.num_experts,
+        "top_k": router.cfg.top_k, "bandwidth": bw, "batch_sizes": batch_rows,
+        "distinct_experts": expert_rows,
+        "breakdown": breakdown, "llama_cpp": llama, "notes": notes,
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _row_line(r: dict) -> str:
+    d, p = r["decode_ms"], r["prefill_ms"]
+    flag = "!" if d["flagged"] else ""
+    return (f"{r['system']:12s}{r['batch']:6d}{r['experts']:8d}{d['median']:11.2f}{flag:1s}"
+            f"{d['min']:9.2f}{d['max']:9.2f}{p['median']:11.1f}{r['bytes']['total'] / 1e6:9.1f}"
+            f"{r['floor_read_ms']:9.2f}{r['floor_gemv_ms']:9.2f}{r['ratio_read']:8.2f}{r['ratio_gemv']:8.2f}")
+
+
+def format_table(result: dict) -> str:
+    head = (f"{'system':12s}{'batch':>6s}{'experts':>8s}{'decode ms':>11s} {'min':>9s}{'max':>9s}"
+            f"{'prefill ms':>11s}{'MB read':>9s}{'floor rd':>9s}{'floor mv':>9s}{'x read':>8s}{'x gemv':>8s}")
+    bw = result["bandwidth"]
+    lines = [f"bandwidth: plain read {bw['read'] / 1e9:.2f} GB/s, "
+             f"torch GEMV ({bw['dtype']}) {bw['gemv'] / 1e9:.2f} GB/s",
+             "floor = MB read / bandwidth (rd: plain read, mv: GEMV); x = time / floor; "
+             "! = a repeat far off the median",
+             "", "decode step by batch size", head]
+    lines += [_row_line(r) for r in result["batch_sizes"]]
+    lines += ["", f"decode step by distinct experts (batch {result['config']['expert_batch']})", head]
+    lines += [_row_line(r) for r in result["distinct_experts"]]
+    for variant, rows in result["breakdown"].items():
+        lines += ["", f"breakdown of a decode step, {variant} router (median ms)"]
+        if isinstance(rows, dict):
+            lines.append(f"  skipped: {rows['skipped']}")
+            continue
+        cols = (*PARTS, "rest", "step")
+        lines.append(f"{'batch':>6s}{'experts':>9s}" + "".join(f"{c:>11s}" for c in cols))
+        for r in rows:  # pre-gating: the controlled experts; layer-wise: its mean per layer
+            experts = r.get("experts", r.get("experts_per_layer"))
+            lines.append(f"{r['batch']:6d}{experts:9.2f}" + "".join(f"{r[c]:11.3f}" for c in cols))
+    ll = result["llama_cpp"]
+    lines.append("")
+    if "skipped" in ll:
+        would = f"would load {ll['gguf']} ({ll['gguf_bytes']} bytes)" if ll["gguf"] else ll["gguf_note"]
+        lines += [f"llama.cpp: skipped ({ll['skipped']})", f"  {would}"]
+    else:
+        dm = ll["decode_ms"]
+        lines.append(f"llama.cpp batch 1: decode {dm['median']:.2f} ms (min {dm['min']:.2f}, "
+                     f"max {dm['max']:.2f}), {ll['gguf']} ({ll['gguf_bytes']} bytes)")
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def plot_step_vs_experts(result: dict, path: str | Path) -> Path:
+    """Decode-step time against distinct experts (median, min-max bars) with both floors drawn."""
+    from pregate.plots import _pyplot
+
+    plt = _pyplot()
+    rows = result["distinct_experts"]
+    xs = [r["experts"] for r in rows]
+    med = [r["decode_ms"]["median"] for r in rows]
+    lo = [m - r["decode_ms"]["min"] for m, r in zip(med, rows)]
+    hi = [r["decode_ms"]["max"] - m for m, r in zip(med, rows)]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.errorbar(xs, med, yerr=[lo, hi], fmt="k-o", capsize=3, label="MoE in the engine (median, min-max)")
+    ax.plot(xs, [r["floor_read_ms"] for r in rows], "b--", label="floor: bytes / plain-read bandwidth")
+    ax.plot(xs, [r["floor_gemv_ms"] for r in rows], "r:", label="floor: bytes / torch GEMV rate")
+    b = result["config"]["expert_batch"]
+    for r in result["batch_sizes"]:
+        if r["system"] == DENSE and r["batch"] == b:
+            ax.axhline(r["decode_ms"]["median"], color="gray", lw=1, label=f"dense parent, batch {b}")
+    ax.set_xlabel(f"distinct routed experts in the step (batch {b})")
+    ax.set_ylabel("decode step (ms)")
+    ax.set_xticks(xs)
+    top = max(med + [r["floor_gemv_ms"] for r in rows])
+    ax.set_ylim(0, 1.6 * top)  # a disturbed repeat's bar may run off the top; the JSON has every repeat
+    ax.set_title("Decode-step time vs distinct experts, against the memory floor")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, json_path: str | Path) -> list[Path]:
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    plot = json_path.with_name(json_path.stem + "_step_vs_experts.png")
+    return [json_path, plot_step_vs_experts(result, plot)]
+
+
+def bench_step(model_dir: str | Path, json_path: str | Path, cfg: StepBenchConfig) -> dict:
+    """The library function behind `pregate bench step`: check, run, print the table, write JSON + plot."""
+    check_model(read_config(model_dir), cfg)  # before any weights load
+    result = run_bench_step(model_dir, cfg)
+    print(format_table(result))
+    for p in write_outputs(result, json_path):
+        print(f"wrote {p}")
+    return result

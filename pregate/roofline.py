@@ -1,0 +1,195 @@
+"""Roofline parts of a step: the bytes it must read, how fast this machine reads, where its time goes.
+
+`step_bytes`: the bytes one decode step of a pregate model must read at least, by part (shapes only).
+`measure_bandwidth`: a plain read (`sum`) and torch's GEMV (`x @ W.T`) over buffers far above the caches.
+`Breakdown`: per-part time of each forward from perf_counter in module hooks (no profiler, CPU only:
+there ops are synchronous, so a hook's clock reads when the module's work is done).
+Used by `pregate bench step` (bench_step.py); no engine or scheduler here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from pregate.moe import MoEForCausalLM
+from pregate.router import PreGatingRouter
+
+PARTS = ("router", "attention", "shared", "routed", "lm_head")
+
+# ----------------------------------------------------------------------------------------- bytes and floors
+
+
+def _nbytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def step_bytes(model: MoEForCausalLM, batch: int, experts: Sequence[int], context: float,
+               router: PreGatingRouter | None = None) -> dict[str, float]:
+    """Bytes a decode step of `batch` tokens must read at least, by part, and their "total".
+
+    experts: the distinct routed experts of the step (pre-gating: the same in every layer); each is read
+    at its true width (3 x width x H). context: keys/values per sequence the attention reads.
+    """
+    w = model.embed_tokens.weight
+    hidden, elt = w.shape[1], w.element_size()
+    out = {"embed_rows": float(batch * hidden * elt), "attention": 0.0, "norms": float(_nbytes(model.norm)),
+           "shared": 0.0, "routed": 0.0}
+    for layer in model.layers:
+        mlp = layer.mlp
+        out["attention"] += _nbytes(layer.self_attn)
+        out["norms"] += _nbytes(layer.input_layernorm) + _nbytes(layer.post_attention_layernorm)
+        out["shared"] += _nbytes(mlp.gate_up_proj) + _nbytes(mlp.down_proj)
+        out["routed"] += sum(3 * mlp.widths[e] * hidden * mlp.w_gate_up.element_size() for e in experts)
+    out["lm_head"] = float(w.numel() * elt if model.tied else _nbytes(model.lm_head))
+    out["router"] = 0.0
+    if router is not None:
+        inner = getattr(router, "inner", router)
+        emb = inner.embed.weight
+        rows = emb.numel() - batch * emb.shape[1]  # the table less the B rows the step looks up
+        out["router"] = float(_nbytes(inner) - rows * emb.element_size())
+    base = model.config.base
+    kv_elt = torch.empty((), dtype=model.attention_dtype).element_size()
+    per_token = 2 * base["num_key_value_heads"] * model.head_dim * kv_elt  # K and V of one layer
+    out["kv"] = float(len(model.layers) * batch * per_token * context)
+    out["total"] = sum(out.values())
+    return out
+
+
+def _median_time(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_bandwidth(
+    dtype: torch.dtype, megabytes: int, shapes: Sequence[tuple[int, int]], reps: int = 5
+) -> dict:
+    """Bytes/s of a plain read (`buf.sum()` over `megabytes`) and of torch's GEMV (x [1, in] @ W.T over
+    as many [out, in] matrices as fill `megabytes`) for each shape; "gemv" is the rate over all shapes."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    total = megabytes * 2**20
+    buf = torch.ones(total // elt, dtype=dtype)
+    buf.sum()
+    read = buf.numel() * elt / _median_time(buf.sum, reps)
+    del buf
+    per_shape, moved, spent = {}, 0, 0.0
+    for out_f, in_f in dict.fromkeys(shapes):
+        count = max(1, total // (out_f * in_f * elt))
+        ws = torch.empty(count, out_f, in_f, dtype=dtype).normal_(0, 0.02)
+        x = torch.randn(1, in_f).to(dtype)
+
+        def gemv(ws=ws, x=x) -> None:
+            for w in ws:
+                x @ w.T
+
+        gemv()
+        t = _median_time(gemv, reps)
+        per_shape[f"{out_f}x{in_f}"] = ws.numel() * elt / t
+        moved += ws.numel() * elt
+        spent += t
+        del ws
+    return {"read": read, "gemv": moved / spent, "gemv_per_shape": per_shape, "buffer_bytes": total,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+# ----------------------------------------------------------------------------------------- breakdown
+
+
+class Breakdown:
+    """Per-part time of every step, from perf_counter in module hooks (CPU ops are synchronous).
+
+    attention: each layer's self_attn; shared: the shared expert (gate_up_proj in, down_proj out);
+    routed: the rest of each MoE MLP; lm_head: `lm_logits`; router: `router.step` and `step_tokens`
+    (pre-gating), or the layer-wise gate through to its layer's MLP (its routing plan included). The rest
+    of a step is step time - the parts.
+    Attach with `with Breakdown(model, router) as bd:`; `take()` returns the parts since the last call.
+    """
+
+    def __init__(self, model: MoEForCausalLM, router=None) -> None:
+        self.model, self.router = model, router
+        self.acc = dict.fromkeys(PARTS, 0.0)
+        self._handles: list = []
+        self._wrapped: list[tuple[object, str]] = []
+        self._t: dict[str, float] = {}
+        self.gate_start: float | None = None  # set by a layer-wise gate's wrapper
+
+    def __enter__(self) -> "Breakdown":
+        now = time.perf_counter
+        t = self._t
+
+        def mark(key):
+            return lambda *args: t.__setitem__(key, now())
+
+        def add_attention(*args):
+            self.acc["attention"] += now() - t["attn"]
+
+        def mlp_start(*args):
+            t["mlp"], t["shared_dt"] = now(), 0.0
+            if self.gate_start is not None:
+                self.acc["router"] += t["mlp"] - self.gate_start
+                self.gate_start = None
+
+        def shared_end(*args):
+            t["shared_dt"] = now() - t["shared"]
+            self.acc["shared"] += t["shared_dt"]
+
+        def mlp_end(*args):
+            self.acc["routed"] += now() - t["mlp"] - t["shared_dt"]
+
+        for layer in self.model.layers:
+            h = self._handles
+            h.append(layer.self_attn.register_forward_pre_hook(mark("attn")))
+            h.append(layer.self_attn.register_forward_hook(add_attention))
+            h.append(layer.mlp.register_forward_pre_hook(mlp_start))
+            h.append(layer.mlp.gate_up_proj.register_forward_pre_hook(mark("shared")))
+            h.append(layer.mlp.down_proj.register_forward_hook(shared_end))
+            h.append(layer.mlp.register_forward_hook(mlp_end))
+        self._wrap(self.model, "lm_logits", "lm_head")
+        if self.router is not None:
+            self._wrap(self.router, "step", "router")
+            self._wrap(self.router, "step_tokens", "router")
+        return self
+
+    def _wrap(self, obj, name: str, part: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.acc[part] += time.perf_counter() - t
+
+        setattr(obj, name, timed)  # an instance attribute shadows the method until __exit__
+        self._wrapped.append((obj, name))
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for obj, name in self._wrapped:
+            delattr(obj, name)
+        self._handles, self._wrapped = [], []
+
+    def take(self) -> dict[str, float]:
+        out, self.acc = self.acc, dict.fromkeys(PARTS, 0.0)
+        return out
+
+
+def summarize_breakdown(steps: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Median ms of each part and of the step over (duration, parts) of the timed steps.
+
+    rest = step - parts: scheduling, routing plan, sampling, detokenizing, and the hooks' own cost."""
+    rows = [{**parts, "rest": dur - sum(parts.values()), "step": dur} for dur, parts in steps]
+    return {k: statistics.median(r[k] for r in rows) * 1e3 for k in (*PARTS, "rest", "step")}
+

@@ -1,0 +1,172 @@
+"""`pregate bench step` on a tiny MoE checkpoint: end to end, controlled routing, byte accounting, bad input.
+
+No timing assertions: timings are noise at this size; only structure and counts are checked.
+"""
+
+import json
+
+import pytest
+import torch
+
+from pregate.bench import BenchError
+from pregate.bench_step import (
+    FixedRouter, StepBenchConfig, check_model, read_config, step_bytes, time_engine, time_layerwise,
+)
+from pregate.cli import main
+from pregate.moe import load_moe, save_moe
+from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig
+from pregate.train import save_router
+from tests.test_moe import build
+
+TINY = dict(batch_sizes=[1, 3], expert_batch=3, prompt_len=4, warmup_steps=1, decode_steps=3, floor_mb=1)
+
+
+@pytest.fixture
+def moe_dir(tiny_checkpoint, tmp_path):
+    """A saved 3-expert MoE of the tiny checkpoint, with its tokenizer and a tiny pre-gating router."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    moe = build(hf)
+    moe.config.provenance = {"base": str(tiny_checkpoint)}
+    out = tmp_path / "moe"
+    out.mkdir()
+    save_moe(moe, out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    router = PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3))
+    save_router(router, out)
+    return out
+
+
+@pytest.fixture
+def layerwise_dir(tmp_path):
+    out = tmp_path / "layerwise"
+    out.mkdir()
+    save_router(LayerwiseGate(3, 48, 3), out)
+    return out
+
+
+def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, capsys):
+    path = tmp_path / "out" / "step.json"
+    rc = main(["bench", "step", str(moe_dir), "--json", str(path), "--batch-sizes", "1", "3",
+               "--expert-batch", "3", "--prompt-len", "4", "--warmup", "1", "--steps", "3", "--floor-mb", "1",
+               "--layerwise", str(layerwise_dir)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "decode step by batch size" in printed and "distinct experts" in printed and "llama.cpp" in printed
+    data = json.loads(path.read_text())
+    for key in ("bandwidth", "batch_sizes", "distinct_experts", "breakdown", "llama_cpp", "notes", "config"):
+        assert key in data
+    assert data["bandwidth"]["read"] > 0 and data["bandwidth"]["gemv"] > 0
+    systems = {(r["system"], r["batch"]) for r in data["batch_sizes"]}
+    assert systems == {(s, b) for s in ("moe", "dense", "hf-generate") for b in (1, 3)}
+    assert [r["experts"] for r in data["distinct_experts"]] == [1, 2, 3]
+    for r in data["batch_sizes"] + data["distinct_experts"]:
+        assert len(r["decode_ms"]["repeats"]) == 3 and r["floor_read_ms"] > 0 and r["ratio_gemv"] > 0
+        assert r["decode_ms"]["min"] <= r["decode_ms"]["median"] <= r["decode_ms"]["max"]
+    for r in data["distinct_experts"]:
+        assert r["unique_experts_seen"] == [r["experts"]]
+    for variant in ("pregating", "layerwise"):
+        rows = data["breakdown"][variant]
+        assert [r["batch"] for r in rows] == [1, 3]
+        parts = {"router", "attention", "shared", "routed", "lm_head", "rest", "step"}
+        assert all(set(r) >= parts for r in rows)
+        assert all(r["attention"] > 0 and r["router"] > 0 for r in rows)
+    assert "skipped" in data["llama_cpp"]  # llama_cpp is not installed here; a clean note, no failure
+    assert (tmp_path / "out" / "step_step_vs_experts.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("distinct", [1, 2, 3])
+def test_controlled_routing_gives_d_distinct_experts(moe_dir, distinct):
+    moe = load_moe(moe_dir, torch.float32)
+    from pregate.train import load_router
+
+    router = load_router(moe_dir)
+    cfg = StepBenchConfig(**TINY)
+    res = time_engine(moe, None, router, 6, distinct, cfg)
+    assert res["unique_experts"] == [distinct]
+    assert len(res["decode_steps"]) == cfg.decode_steps
+
+
+def test_fixed_router_assigns_request_n_expert_n_mod_d(moe_dir):
+    from pregate.train import load_router
+
+    fixed = FixedRouter(load_router(moe_dir), 2)
+    got = []
+    for _ in range(5):
+        cache = fixed.new_cache(1)
+        e, w = fixed.route(fixed.step(torch.tensor([[5, 6, 7]]), cache))
+        got.append(e[0, :, 0].tolist())
+        assert torch.all(w == 1)
+    assert got == [[0] * 3, [1] * 3, [0] * 3, [1] * 3, [0] * 3]
+    # the engine routes every sampled token of a step at once (step_tokens): same assignment
+    fixed = FixedRouter(load_router(moe_dir), 3)
+    caches = [fixed.new_cache(1) for _ in range(4)]
+    for c in caches:
+        fixed.step(torch.tensor([[5, 6]]), c)
+    e, _ = fixed.route(fixed.step_tokens(torch.tensor([8, 9, 10, 11]), caches))
+    assert e[:, 0].tolist() == [0, 1, 2, 0]
+
+
+def test_byte_accounting_by_hand(moe_dir):
+    moe = load_moe(moe_dir, torch.float32)
+    from pregate.train import load_router
+
+    router = load_router(moe_dir)
+    cfg = json.loads((moe_dir / "pregate_config.json").read_text())
+    # tiny model: H 48, 3 layers, 4 heads / 2 KV heads of 12, vocab V, tied embeddings, float32 weights
+    h, layers, v = 48, 3, cfg["base"]["vocab_size"]
+    b, experts, context = 4, [0, 2], 10
+    got = step_bytes(moe, b, experts, context, router)
+    attention = (48 * 48 + 2 * 48 * 24 + 48 * 48) * 4  # q, k, v, o (no bias)
+    assert got["attention"] == layers * attention
+    assert got["norms"] == (2 * layers + 1) * h * 4
+    shared = cfg["shared_channels"]
+    assert got["shared"] == sum(3 * s * h * 4 for s in shared)
+    assert got["routed"] == sum(3 * (row[0] + row[2]) * h * 4 for row in cfg["expert_channels"])
+    assert got["embed_rows"] == b * h * 4
+    assert got["lm_head"] == v * h * 4
+    assert got["kv"] == layers * b * 2 * 2 * 12 * context * 4  # float32 K and V on CPU
+    r = router.cfg  # tiny preset: dim 32, 1 layer, SwiGLU hidden 64, 3 experts
+    router_weights = sum(p.numel() for p in router.parameters()) - v * r.dim
+    assert got["router"] == (router_weights + b * r.dim) * 4
+    parts = sum(x for k, x in got.items() if k != "total")
+    assert got["total"] == parts
+    dense_like = step_bytes(moe, b, [], context)
+    assert dense_like["routed"] == 0 and dense_like["router"] == 0
+
+
+def test_layerwise_direct_path_runs(moe_dir):
+    moe = load_moe(moe_dir, torch.float32)
+    res = time_layerwise(moe, LayerwiseGate(3, 48, 3), 3, StepBenchConfig(**TINY))
+    assert 1 <= res["experts_per_layer"] <= 3 and res["breakdown"]["router"] > 0
+
+
+def test_bad_input_is_a_clean_error(moe_dir, tmp_path, capsys):
+    with pytest.raises(BenchError, match="batch sizes"):
+        StepBenchConfig(batch_sizes=[2, 0])
+    with pytest.raises(BenchError, match="odd"):
+        StepBenchConfig(repeats=2)
+    with pytest.raises(BenchError, match="has 3 routed experts"):
+        check_model(read_config(moe_dir), StepBenchConfig(experts=[4], expert_batch=8))
+    with pytest.raises(BenchError, match="not a pregate MoE checkpoint"):
+        read_config(tmp_path)
+    orphan = read_config(moe_dir)
+    orphan.provenance = {}
+    with pytest.raises(BenchError, match="dense parent"):
+        check_model(orphan, StepBenchConfig())
+    check_model(orphan, StepBenchConfig(dense=False, hf=False))
+    args = ["bench", "step", str(moe_dir), "--json", str(tmp_path / "x.json")]
+    cases = [
+        (["--batch-sizes", "0"], "batch sizes"),
+        (["--experts", "1", "4", "--expert-batch", "8"], "has 3 routed experts"),
+        (["--batch-experts", "5"], "has 3 routed experts"),
+        (["--layerwise", str(moe_dir)], "no layer-wise gate"),
+    ]
+    for extra, message in cases:
+        assert main(args + extra) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert main(["bench", "step", str(tmp_path), "--json", str(tmp_path / "x.json")]) != 0
+    assert "not a pregate MoE checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
