@@ -338,12 +338,15 @@ def cmd_bench_serve(args) -> None:
 
 def cmd_serve(args) -> None:
     from pregate.scheduler import SchedulerConfig
-    from pregate.server import serve
+    from pregate.server import ServerLimits, serve
 
     cfg = SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running,
                           kv_capacity_tokens=args.kv_capacity, max_wait_steps=args.max_wait_steps,
                           min_queue_tokens=args.min_queue_tokens)
-    serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name, args.resident_experts, args.prefetch)
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_queued=args.max_queued, api_key=args.api_key,
+                          cors_origins=tuple(args.cors_origin), docs=args.docs)
+    serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name, args.resident_experts, args.prefetch,
+          limits, timeout_keep_alive=args.timeout_keep_alive, timeout_graceful=args.timeout_graceful)
 
 
 def _add_expert_aware_args(p: argparse.ArgumentParser, max_wait: int, min_queue: int) -> None:
@@ -379,6 +382,8 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip HF generate with static batches")
     p.set_defaults(func=cmd_bench_serve)
 
+    from pregate.server import GRACEFUL_S, ServerLimits
+
     s = SchedulerConfig()
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) over a trained MoE")
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
@@ -397,6 +402,19 @@ def _add_serve_commands(sub) -> None:
                    help="keep only this many whole routed experts in memory (Belady eviction; the rest are read "
                         "from the checkpoint when a step needs them; docs/offloading.md)")
     p.add_argument("--prefetch", action="store_true", help="with --resident-experts: load the next layers' experts while a layer computes")
+    lim = ServerLimits()
+    p.add_argument("--max-body-bytes", type=_positive_int, default=lim.max_body_bytes,
+                   help=f"larger request bodies get 413 before they are parsed (default {lim.max_body_bytes})")
+    p.add_argument("--max-queued", type=int, default=lim.max_queued,
+                   help=f"sequences that may wait beyond --max-running; more get 429 with Retry-After (default {lim.max_queued})")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health (401 otherwise)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow browser calls from this origin (repeatable; default: none)")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--timeout-graceful", type=float, default=GRACEFUL_S,
+                   help=f"seconds open requests get to finish on SIGTERM/Ctrl-C (default {GRACEFUL_S})")
     p.set_defaults(func=cmd_serve)
 
 

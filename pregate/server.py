@@ -385,6 +385,8 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
         n_prompt = sum(len(x) for x in ids)
         echo = [(tok.decode(x) if isinstance(p, tuple) else p) for p, x in zip(req.prompts, ids)] if req.echo else None
 
+        checked = [time.monotonic()]  # when the client's connection was last checked
+
         def abort_all() -> None:
             for sub, c in by_rid.items():
                 if not c.done:
@@ -393,6 +395,11 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
         async def next_event(watch_client: bool) -> tuple[_Choice, RequestOutput] | None:
             """The next event of any choice; None when a non-streaming client has gone (all aborted)."""
             while True:
+                if watch_client and time.monotonic() >= checked[0] + EVENT_POLL_S:
+                    checked[0] = time.monotonic()
+                    if await request.is_disconnected():
+                        abort_all()
+                        return None
                 try:
                     ev = await asyncio.wait_for(events.get(), timeout=EVENT_POLL_S)
                     return by_rid[ev.request_id], ev
@@ -401,9 +408,6 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
                         err = runner.error or "the engine stopped"
                         c = next(c for c in choices if not c.done)
                         return c, RequestOutput("", [], "", True, "error", error=err, internal_error=True)
-                    if watch_client and await request.is_disconnected():
-                        abort_all()
-                        return None
 
         def absorb(c: _Choice, ev: RequestOutput) -> None:
             c.started = True
@@ -458,7 +462,7 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
         # every choice's first event (its first token, or why it failed) before any answer
         early: list[tuple[_Choice, RequestOutput]] = []
         while not all(c.started for c in choices):
-            got = await next_event(watch_client=not req.stream)
+            got = await next_event(watch_client=True)  # a client may leave while it is queued
             if got is None:
                 return _error(499, "the client closed the request")
             c, ev = got

@@ -11,21 +11,37 @@ import uvicorn
 
 from pregate.engine import Engine
 from pregate.moe import build_moe_from_dense
-from pregate.server import build_app
+from pregate.scheduler import SchedulerConfig
+from pregate.server import LOOPBACK_HOSTS, ServerLimits, build_app
 from tests.conftest import tiny_hf_model, tiny_tokenizer
 from tests.test_server import free_port
 
 POISON_TEXT = "poison"
 
 
+def tiny_engine(tmp_path, config: SchedulerConfig | None = None, step_s: float = 0.0) -> Engine:
+    """An engine over a tiny dense-parent MoE with a real tokenizer; step_s slows every forward."""
+    tok = tiny_tokenizer(tmp_path)
+    hf = tiny_hf_model(seed=3, vocab_size=len(tok))
+    n, width = hf.config.num_hidden_layers, hf.config.intermediate_size
+    engine = Engine(build_moe_from_dense(hf, [torch.arange(width)] * n, [[] for _ in range(n)]), tok, scheduler_config=config)
+    if step_s:
+        real = engine.model.forward_packed
+
+        def slow(*args, **kwargs):
+            time.sleep(step_s)
+            return real(*args, **kwargs)
+
+        engine.model.forward_packed = slow
+    return engine
+
+
 @pytest.fixture
 def faulty_server(tmp_path):
     """(base url, engine, app, fault) of a real server whose model raises when fault["when"](input_ids) is
     true: by default, when a step holds a token of POISON_TEXT."""
-    tok = tiny_tokenizer(tmp_path)
-    hf = tiny_hf_model(seed=3, vocab_size=len(tok))
-    n, width = hf.config.num_hidden_layers, hf.config.intermediate_size
-    engine = Engine(build_moe_from_dense(hf, [torch.arange(width)] * n, [[] for _ in range(n)]), tok)
+    engine = tiny_engine(tmp_path)
+    tok = engine.tokenizer
     poison = set(tok(POISON_TEXT, add_special_tokens=False)["input_ids"])
     real = engine.model.forward_packed
     fault = {"when": lambda ids: bool(poison & set(ids.tolist()))}
@@ -265,3 +281,90 @@ def _json(body) -> bytes:
     import json
 
     return json.dumps(body).encode()  # keeps a lone surrogate as the \\ud800 escape that clients send
+
+
+# ------------------------------------------------------------------------------------------ limits
+
+
+def test_limits_refuse_in_openai_error_shape_and_good_requests_go_on(tmp_path):
+    limits = ServerLimits(max_body_bytes=2000, api_key="sekret", cors_origins=("http://ok.example",),
+                          allowed_hosts=LOOPBACK_HOSTS)
+    auth = {"authorization": "Bearer sekret"}
+    with running(build_app(tiny_engine(tmp_path), "tiny", limits)) as url:
+        good = {"prompt": "the quick", "max_tokens": 2}
+
+        def ok():
+            assert httpx.post(f"{url}/v1/completions", json=good, headers=auth).status_code == 200
+
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json=good), 401)
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json=good, headers={"authorization": "Bearer nope"}), 401)
+        assert_openai_error(httpx.get(f"{url}/v1/nowhere"), 401)  # the key comes before the routes
+        assert httpx.get(f"{url}/health").status_code == 200  # a supervisor needs no key
+        ok()
+        plain = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x"}', headers={**auth, "content-type": "text/plain"})
+        assert_openai_error(plain, 415)
+        ok()
+        big = {"prompt": "x" * 3000}
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json=big, headers=auth), 413)
+
+        def chunks():  # no Content-Length: the limit is counted as the body arrives
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"x" * 500
+            yield b'"}'
+
+        chunked = httpx.post(f"{url}/v1/completions", content=chunks(), headers={**auth, "content-type": "application/json"})
+        assert_openai_error(chunked, 413)
+        ok()
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "evil.example"}), 400)
+        assert httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "localhost:1234"}).status_code == 200
+        assert httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "[::1]:1234"}).status_code == 200
+        preflight = {"origin": "http://ok.example", "access-control-request-method": "POST",
+                     "access-control-request-headers": "authorization, content-type"}
+        r = httpx.options(f"{url}/v1/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ok.example"
+        r = httpx.options(f"{url}/v1/completions", headers={**preflight, "origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        ok()
+
+
+def test_cors_is_off_by_default(tmp_path):
+    with running(build_app(tiny_engine(tmp_path), "tiny")) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the quick", "max_tokens": 2}, headers={"origin": "http://a.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
+    engine = tiny_engine(tmp_path, SchedulerConfig(max_running=1), step_s=0.05)
+    app = build_app(engine, "tiny", ServerLimits(max_queued=1))
+    with running(app) as url:
+        body = {"prompt": "the quick", "max_tokens": 40, "temperature": 0}
+        clients = [threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=30)) for _ in range(2)]
+        for c in clients:
+            c.start()
+        deadline = time.time() + 5
+        while app.state.runner.in_flight < 2 and time.time() < deadline:  # one running, one queued: full
+            time.sleep(0.01)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "n": 1})
+        err = assert_openai_error(r, 429)
+        assert err["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+        for c in clients:
+            c.join(timeout=30)
+        deadline = time.time() + 10
+        while engine.has_work() and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
+
+
+def test_a_non_streaming_request_is_aborted_when_its_client_goes(tmp_path):
+    engine = tiny_engine(tmp_path, step_s=0.05)  # 200 tokens: 10 s of work
+    app = build_app(engine, "tiny")
+    with running(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "the quick", "max_tokens": 200, "temperature": 0,
+                                                     "n": 2}, timeout=1.0)
+        deadline = time.time() + 4
+        while app.state.runner.in_flight and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.runner.in_flight == 0 and not engine.has_work()
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
