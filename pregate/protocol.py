@@ -1,4 +1,5 @@
-"""OpenAI request bodies, validated and canonicalised in one place before anything reaches the engine.
+"""OpenAI request bodies, validated and canonicalised in one place before anything reaches the engine;
+and the logprobs objects of the answers.
 
 `parse_completion(body)` and `parse_chat(body)` turn a decoded JSON object into an `ApiRequest`, or raise
 `BadField` naming the field that is wrong (HTTP 400, or 404 for an unknown model). The rules:
@@ -22,7 +23,8 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pregate.engine import MAX_LOGPROBS, SamplingParams
+from pregate.detokenize import IncrementalDetokenizer
+from pregate.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
 from pregate.errors import PregateError
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -273,3 +275,63 @@ def _content(content, where: str) -> str:
             raise BadField(f"{where}[{j}]", f"{where}[{j}]: only text parts are supported, got type {kind!r:.40}")
         texts.append(_text(part["text"], f"{where}[{j}]"))
     return "\n".join(texts)
+
+
+# ------------------------------------------------------------------------------------------ logprobs
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's own text (half a character decodes as U+FFFD, as OpenAI's token strings do)."""
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def text_offsets(tokenizer, ids: list[int], start: int) -> list[int]:
+    """Where each token's text starts, from `start`: incremental detokenization, so a token that ends
+    half a character points at that character's start."""
+    if tokenizer is None:
+        return [start] * len(ids)
+    detok, out = IncrementalDetokenizer(tokenizer), []
+    for t in ids:
+        out.append(start + len(detok.text))
+        detok.add([t])
+    return out
+
+
+def completion_logprobs(tokenizer, prompt: list[tuple[int, TokenLogprob | None]], generated: list[TokenLogprob],
+                        start: int, echoed_len: int) -> dict:
+    """OpenAI's completions logprobs object {tokens, token_logprobs, top_logprobs, text_offset}.
+
+    prompt: echoed prompt tokens with their logprobs (None for the first), at text offsets from `start`;
+    generated: new tokens, at offsets from start + echoed_len (the echoed text's length). Each
+    top_logprobs dict holds the alternatives and the chosen token (tokens with the same text: the
+    likeliest), as vLLM; lm-eval's greedy check compares the chosen logprob with its maximum."""
+    entries = prompt + [(t.token_id, t) for t in generated]
+    offsets = text_offsets(tokenizer, [t for t, _ in prompt], start)
+    offsets += text_offsets(tokenizer, [t.token_id for t in generated], start + echoed_len)
+    top: list[dict | None] = []
+    for t, lp in entries:
+        if lp is None:
+            top.append(None)
+            continue
+        d: dict[str, float] = {}
+        for alt, v in lp.top:
+            d.setdefault(token_text(tokenizer, alt), v)
+        d.setdefault(token_text(tokenizer, t), lp.logprob)
+        top.append(d)
+    return {
+        "tokens": [token_text(tokenizer, t) for t, _ in entries],
+        "token_logprobs": [None if lp is None else lp.logprob for _, lp in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokenizer, generated: list[TokenLogprob]) -> dict:
+    """OpenAI's chat logprobs object {content: [{token, logprob, bytes, top_logprobs}]}."""
+
+    def entry(t: int, v: float) -> dict:
+        s = token_text(tokenizer, t)
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+    content = [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]} for lp in generated]
+    return {"content": content}

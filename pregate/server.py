@@ -36,10 +36,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pregate.detokenize import IncrementalDetokenizer
 from pregate.engine import Engine, RequestOutput, SamplingParams
 from pregate.errors import PregateError
-from pregate.protocol import ApiRequest, BadField, check_depth, parse_chat, parse_completion
+from pregate.protocol import (ApiRequest, BadField, chat_logprobs, check_depth, completion_logprobs, parse_chat,
+                              parse_completion)
 from pregate.scheduler import SchedulerConfig
 
 log = logging.getLogger("pregate.server")
@@ -341,9 +341,6 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
     def encode_chat(messages) -> list[int]:
         return list(tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False))
 
-    def token_text(token_id: int) -> str:
-        return tok.decode([token_id]) if tok is not None else str(token_id)
-
     async def prompt_ids(req: ApiRequest) -> list[list[int]]:
         """Token ids of every prompt, tokenized off the event loop."""
         loop = asyncio.get_running_loop()
@@ -419,40 +416,13 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             if ev.finished:
                 c.done, c.finish_reason = True, _reason(ev.finish_reason)
 
-        def completion_logprobs(c: _Choice, new: list, text_start: int, with_prompt: bool) -> dict | None:
-            """OpenAI's completions logprobs object for the tokens `new` (prompt ones first if asked)."""
+        def logprobs_of(c: _Choice, new: list, start: int, echoed: str) -> dict | None:
+            """The completions logprobs object of a chunk: the echoed prompt's tokens (if any), then `new`."""
             if req.logprobs is None:
                 return None
-            entries: list[tuple[int, Any]] = []
-            if with_prompt:
-                plp = c.prompt_logprobs or [None] * len(ids[c.prompt])
-                entries += list(zip(ids[c.prompt], plp))
-            entries += [(t.token_id, t) for t in new]
-            offsets = _offsets(tok, [t for t, _ in entries], text_start)
-            tokens = [token_text(t) for t, _ in entries]
-            top = []
-            for t, lp in entries:
-                if lp is None:
-                    top.append(None)
-                    continue
-                d: dict[str, float] = {}
-                for alt, v in lp.top:
-                    d.setdefault(token_text(alt), v)
-                d.setdefault(token_text(t), lp.logprob)
-                top.append(d)
-            return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for _, lp in entries],
-                    "top_logprobs": top, "text_offset": offsets}
-
-        def chat_logprobs(new: list) -> dict | None:
-            if req.logprobs is None:
-                return None
-
-            def entry(t: int, v: float) -> dict:
-                s = token_text(t)
-                return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
-
-            return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
-                                for lp in new]}
+            scored = c.prompt_logprobs or [None] * len(ids[c.prompt])
+            prompt = list(zip(ids[c.prompt], scored)) if echoed else []
+            return completion_logprobs(tok, prompt, new, start, len(echoed))
 
         def usage() -> dict:
             completion = sum(c.tokens for c in choices)
@@ -487,15 +457,12 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             out = []
             for c in choices:
                 if chat:
+                    lp = chat_logprobs(tok, c.logprobs) if req.logprobs is not None else None
                     out.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason})
+                                "logprobs": lp, "finish_reason": c.finish_reason})
                 else:
                     head = echo[c.prompt] if echo else ""
-                    lp = completion_logprobs(c, c.logprobs, 0, bool(echo))
-                    if lp is not None and echo:  # generated tokens are offset from the end of the echoed prompt
-                        n_echo = len(ids[c.prompt])
-                        gen = _offsets(tok, [t.token_id for t in c.logprobs], len(head))
-                        lp["text_offset"] = lp["text_offset"][:n_echo] + gen
+                    lp = logprobs_of(c, c.logprobs, 0, head)
                     out.append({"index": c.index, "text": head + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": out, "usage": usage()}
 
@@ -510,14 +477,11 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             reason = _reason(ev.finish_reason) if ev.finished else None
             if chat:
                 delta = {"role": "assistant", "content": ev.new_text}
-                body = {"index": c.index, "delta": delta, "logprobs": chat_logprobs(new_lp), "finish_reason": reason}
+                lp = chat_logprobs(tok, new_lp) if req.logprobs is not None else None
+                body = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
                 head = echo[c.prompt] if first_echo else ""
-                lp = completion_logprobs(c, new_lp, text_pos[c.index], first_echo)
-                if lp is not None and first_echo:
-                    n_echo = len(ids[c.prompt])
-                    gen = _offsets(tok, [t.token_id for t in new_lp], len(head))
-                    lp["text_offset"] = lp["text_offset"][:n_echo] + gen
+                lp = logprobs_of(c, new_lp, text_pos[c.index], head)
                 text_pos[c.index] += len(head) + len(ev.new_text)
                 body = {"index": c.index, "text": head + ev.new_text, "logprobs": lp, "finish_reason": reason}
             payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [body]}
@@ -577,18 +541,6 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
     app.state.runner = runner
 
     return app
-
-
-def _offsets(tokenizer, ids: list[int], start: int) -> list[int]:
-    """Where each token's text starts, from `start`: incremental detokenization, so a token that ends
-    half a character points at that character's start."""
-    if tokenizer is None:
-        return [start] * len(ids)
-    detok, out = IncrementalDetokenizer(tokenizer), []
-    for t in ids:
-        out.append(start + len(detok.text))
-        detok.add([t])
-    return out
 
 
 def _reason(reason: str | None) -> str | None:
