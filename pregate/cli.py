@@ -336,6 +336,20 @@ def cmd_bench_serve(args) -> None:
     bench_serve(args.model, args.json, cfg, args.trace)
 
 
+def cmd_bench_server(args) -> None:
+    from pregate.loadtest import ServerBenchConfig, bench_server, format_result
+    from pregate.scheduler import SchedulerConfig
+    from pregate.server import load_engine
+
+    cfg = ServerBenchConfig(clients=args.clients, requests_per_client=args.requests_per_client, max_tokens=args.max_tokens,
+                            disconnect_share=args.disconnect_share, bad_share=args.bad_share, bursts=args.bursts,
+                            long_prompts=args.long_prompts, long_prompt_tokens=args.long_prompt_tokens,
+                            timeout_s=args.timeout, seed=args.seed)
+    sched = SchedulerConfig(policy=args.policy, max_running=args.max_running)
+    engine = load_engine(args.model, sched, dtype=args.dtype)
+    print(format_result(bench_server(engine, cfg, args.json, model_name="bench")))
+
+
 def cmd_serve(args) -> None:
     from pregate.scheduler import SchedulerConfig
     from pregate.server import ServerLimits, serve
@@ -384,7 +398,33 @@ def _add_serve_commands(sub) -> None:
 
     from pregate.server import GRACEFUL_S, ServerLimits
 
-    s = SchedulerConfig()
+    from pregate.loadtest import ServerBenchConfig
+
+    lt, s = ServerBenchConfig(), SchedulerConfig()
+    p = _group(sub, "bench", "measure serving systems").add_parser(
+        "server", help="bounded load and fault benchmark of the HTTP server on loopback (streams, disconnects, "
+                       "bursts of long prompts, bad requests)")
+    p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--clients", type=_positive_int, default=lt.clients, help=f"concurrent clients (default {lt.clients})")
+    p.add_argument("--requests-per-client", type=_positive_int, default=lt.requests_per_client,
+                   help=f"requests each client sends, one after another (default {lt.requests_per_client})")
+    p.add_argument("--max-tokens", type=_positive_int, default=lt.max_tokens, help=f"new tokens per request (default {lt.max_tokens})")
+    p.add_argument("--disconnect-share", type=float, default=lt.disconnect_share,
+                   help=f"share of requests whose client leaves after the first chunk (default {lt.disconnect_share})")
+    p.add_argument("--bad-share", type=float, default=lt.bad_share,
+                   help=f"share of requests that are malformed and must get a 4xx (default {lt.bad_share})")
+    p.add_argument("--bursts", type=int, default=lt.bursts, help=f"bursts of long prompts, each with a short request behind (default {lt.bursts})")
+    p.add_argument("--long-prompts", type=int, default=lt.long_prompts, help=f"long prompts per burst (default {lt.long_prompts})")
+    p.add_argument("--long-prompt-tokens", type=_positive_int, default=lt.long_prompt_tokens,
+                   help=f"tokens per long prompt (default {lt.long_prompt_tokens})")
+    p.add_argument("--timeout", type=float, default=lt.timeout_s, help=f"seconds before a request counts as lost (default {lt.timeout_s:.0f})")
+    p.add_argument("--seed", type=int, default=lt.seed)
+    p.add_argument("--policy", choices=SCHED_POLICIES, default=s.policy, help=f"batching policy (default {s.policy})")
+    p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.set_defaults(func=cmd_bench_server)
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) over a trained MoE")
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
     p.add_argument("--router", help="directory holding the router, if not the model's own")

@@ -548,19 +548,13 @@ def _reason(reason: str | None) -> str | None:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason)
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
-          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None,
-          resident_experts: int | None = None, prefetch: bool = False, limits: ServerLimits | None = None,
-          timeout_keep_alive: float = 5, timeout_graceful: float = GRACEFUL_S) -> None:
-    """Serve a trained pregate MoE (`pregate train` output: MoE + router) until interrupted.
+def load_engine(model_dir: str, config: SchedulerConfig | None = None, router_dir: str | None = None,
+                dtype: str = "bfloat16", resident_experts: int | None = None, prefetch: bool = False) -> Engine:
+    """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
 
     resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
     step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
-    while a layer computes). The model then computes in the checkpoint's dtype.
-    limits: see ServerLimits; bound to a loopback address, only loopback Host headers are accepted.
-    timeout_keep_alive: seconds an idle connection stays open; timeout_graceful: seconds open requests
-    get to finish on shutdown."""
-    import uvicorn
+    while a layer computes). The model then computes in the checkpoint's dtype."""
     from transformers import AutoTokenizer
 
     from pregate.config import parse_dtype
@@ -568,15 +562,6 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
     from pregate.router import PreGatingRouter
     from pregate.train import load_router
 
-    import socket
-
-    with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
-        # as uvicorn binds: a restart right after a stop must not trip over the old TIME_WAIT connections
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise PregateError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
     store, weights_dtype = None, parse_dtype(dtype)
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig
@@ -595,6 +580,31 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
               f"{freed / 2**20:.0f} MiB of routed-expert weights left on disk")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = Engine(moe, tokenizer, router, config or SchedulerConfig(), expert_store=store)
+    return engine
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
+          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None,
+          resident_experts: int | None = None, prefetch: bool = False, limits: ServerLimits | None = None,
+          timeout_keep_alive: float = 5, timeout_graceful: float = GRACEFUL_S) -> None:
+    """Serve a trained pregate MoE (`load_engine`) until interrupted.
+
+    limits: see ServerLimits; bound to a loopback address, only loopback Host headers are accepted.
+    timeout_keep_alive: seconds an idle connection stays open; timeout_graceful: seconds open requests
+    get to finish on shutdown."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
+        # as uvicorn binds: a restart right after a stop must not trip over the old TIME_WAIT connections
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise PregateError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
+    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch)
+    store = engine.store
     name = model_name or Path(model_dir).resolve().name
     print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy {engine.scheduler_config.policy}, "
           f"{torch.get_num_threads()} torch threads); Ctrl-C stops", flush=True)
