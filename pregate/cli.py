@@ -409,14 +409,31 @@ def cmd_bench_step(args) -> None:
     bench_step(args.model, args.json, cfg)
 
 
+def cmd_bench_server(args) -> None:
+    from pregate.loadtest import ServerBenchConfig, bench_server, format_result
+    from pregate.scheduler import SchedulerConfig
+    from pregate.server import load_engine
+
+    cfg = ServerBenchConfig(clients=args.clients, requests_per_client=args.requests_per_client, max_tokens=args.max_tokens,
+                            disconnect_share=args.disconnect_share, bad_share=args.bad_share, bursts=args.bursts,
+                            long_prompts=args.long_prompts, long_prompt_tokens=args.long_prompt_tokens,
+                            timeout_s=args.timeout, seed=args.seed)
+    sched = SchedulerConfig(policy=args.policy, max_running=args.max_running)
+    engine = load_engine(args.model, sched, dtype=args.dtype)
+    print(format_result(bench_server(engine, cfg, args.json, model_name="bench")))
+
+
 def cmd_serve(args) -> None:
     from pregate.scheduler import SchedulerConfig
-    from pregate.server import serve
+    from pregate.server import ServerLimits, serve
 
     cfg = SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running,
                           kv_capacity_tokens=args.kv_capacity, max_wait_steps=args.max_wait_steps,
                           min_queue_tokens=args.min_queue_tokens)
-    serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name, args.resident_experts, args.prefetch)
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_queued=args.max_queued, api_key=args.api_key,
+                          cors_origins=tuple(args.cors_origin), docs=args.docs)
+    serve(args.model, args.host, args.port, cfg, args.router, args.dtype, args.name, args.resident_experts, args.prefetch,
+          limits, timeout_keep_alive=args.timeout_keep_alive, timeout_graceful=args.timeout_graceful)
 
 
 def _add_expert_aware_args(p: argparse.ArgumentParser, max_wait: int, min_queue: int) -> None:
@@ -490,6 +507,36 @@ def _add_serve_commands(sub) -> None:
     p.set_defaults(func=cmd_bench_step)
 
     s = SchedulerConfig()
+
+    from pregate.server import GRACEFUL_S, ServerLimits
+
+    from pregate.loadtest import ServerBenchConfig
+
+    lt, s = ServerBenchConfig(), SchedulerConfig()
+    p = _group(sub, "bench", "measure serving systems").add_parser(
+        "server", help="bounded load and fault benchmark of the HTTP server on loopback (streams, disconnects, "
+                       "bursts of long prompts, bad requests)")
+    p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--clients", type=_positive_int, default=lt.clients, help=f"concurrent clients (default {lt.clients})")
+    p.add_argument("--requests-per-client", type=_positive_int, default=lt.requests_per_client,
+                   help=f"requests each client sends, one after another (default {lt.requests_per_client})")
+    p.add_argument("--max-tokens", type=_positive_int, default=lt.max_tokens, help=f"new tokens per request (default {lt.max_tokens})")
+    p.add_argument("--disconnect-share", type=float, default=lt.disconnect_share,
+                   help=f"share of requests whose client leaves after the first chunk (default {lt.disconnect_share})")
+    p.add_argument("--bad-share", type=float, default=lt.bad_share,
+                   help=f"share of requests that are malformed and must get a 4xx (default {lt.bad_share})")
+    p.add_argument("--bursts", type=int, default=lt.bursts, help=f"bursts of long prompts, each with a short request behind (default {lt.bursts})")
+    p.add_argument("--long-prompts", type=int, default=lt.long_prompts, help=f"long prompts per burst (default {lt.long_prompts})")
+    p.add_argument("--long-prompt-tokens", type=_positive_int, default=lt.long_prompt_tokens,
+                   help=f"tokens per long prompt (default {lt.long_prompt_tokens})")
+    p.add_argument("--timeout", type=float, default=lt.timeout_s, help=f"seconds before a request counts as lost (default {lt.timeout_s:.0f})")
+    p.add_argument("--seed", type=int, default=lt.seed)
+    p.add_argument("--policy", choices=SCHED_POLICIES, default=s.policy, help=f"batching policy (default {s.policy})")
+    p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.set_defaults(func=cmd_bench_server)
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming) over a trained MoE")
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
     p.add_argument("--router", help="directory holding the router, if not the model's own")
@@ -507,6 +554,19 @@ def _add_serve_commands(sub) -> None:
                    help="keep only this many whole routed experts in memory (Belady eviction; the rest are read "
                         "from the checkpoint when a step needs them; docs/offloading.md)")
     p.add_argument("--prefetch", action="store_true", help="with --resident-experts: load the next layers' experts while a layer computes")
+    lim = ServerLimits()
+    p.add_argument("--max-body-bytes", type=_positive_int, default=lim.max_body_bytes,
+                   help=f"larger request bodies get 413 before they are parsed (default {lim.max_body_bytes})")
+    p.add_argument("--max-queued", type=int, default=lim.max_queued,
+                   help=f"sequences that may wait beyond --max-running; more get 429 with Retry-After (default {lim.max_queued})")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health (401 otherwise)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow browser calls from this origin (repeatable; default: none)")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--timeout-graceful", type=float, default=GRACEFUL_S,
+                   help=f"seconds open requests get to finish on SIGTERM/Ctrl-C (default {GRACEFUL_S})")
     p.set_defaults(func=cmd_serve)
 
 

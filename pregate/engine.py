@@ -53,6 +53,28 @@ class EngineError(PregateError):
 
 # ------------------------------------------------------------------------------------------ sampling
 
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's chat limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, ids: Sequence[int], k: int) -> list[TokenLogprob]:
+    """logits [N, V] (float32) and the token chosen at each row -> one TokenLogprob per row."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = lp.gather(1, torch.tensor(list(ids), dtype=torch.long).view(-1, 1))[:, 0].tolist()
+    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+    return [
+        TokenLogprob(int(t), c, tuple(zip(ti, tv)))
+        for t, c, ti, tv in zip(ids, chosen, top_i.tolist(), top_v.tolist())
+    ]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -62,6 +84,10 @@ class SamplingParams:
     string; the token that completed it is kept in token_ids). seed: per-request generator, so a seeded
     request samples the same tokens whatever else is in its batches; None draws a fresh seed.
     ignore_eos: keep generating past the end-of-sequence token (benchmarks replaying reference lengths).
+    logprobs: k -> each generated token comes with its log-probability and the k most likely
+    alternatives (`TokenLogprob`), taken from the model's raw logits (before temperature and top-p, as
+    OpenAI reports them). prompt_logprobs: k -> the same for every prompt token after the first (an echo
+    scores the prompt); max_tokens may then be 0 (score only, nothing generated).
     """
 
     max_tokens: int = 16
@@ -70,15 +96,21 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        m = self.max_tokens
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise RequestError(f"SamplingParams.max_tokens={m!r} must be an integer >= 1")
+        m, least = self.max_tokens, 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(m, int) or isinstance(m, bool) or m < least:
+            raise RequestError(f"SamplingParams.max_tokens={m!r} must be an integer >= {least} (0 only to score a prompt)")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise RequestError(f"SamplingParams.{name}={k!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
         t = self.temperature
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
             raise RequestError(f"SamplingParams.temperature={t!r} must be a finite number >= 0 (0 = greedy)")
@@ -131,6 +163,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "length", "stop", "eos", "abort" or "error"
     error: str | None = None
     internal_error: bool = False  # the error is the engine's fault, not the request's
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when SamplingParams.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only; None for the first token
 
 
 @dataclass
@@ -144,6 +178,8 @@ class GenerationOutput:
     finish_reason: str  # "length", "stop", "eos", "abort" or "error"
     expert_ids: list[int] = field(default_factory=list)  # primary expert of each fed generated token
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -167,6 +203,10 @@ class _Sequence:
     text: str = ""  # generated text (stop string cut off once found)
     sent: int = 0  # characters of text already streamed
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # delivered with the first event
+    prompt_logprobs_sent: bool = False
 
     @property
     def generated(self) -> list[int]:
@@ -278,12 +318,20 @@ class Engine:
         # everything that can fail comes before the scheduler sees the request, so a failure leaves no trace
         with torch.inference_mode():
             route_ids, route_w, rcache, primary = self._route_prompt(ids, total)
+            scored = None if params.prompt_logprobs is None else self._score_prompt(ids, route_ids, route_w, params.prompt_logprobs)
+        if params.max_tokens == 0:  # scoring only: the prompt's logprobs are the whole answer
+            if callback is not None:
+                callback(RequestOutput(rid, [], "", True, "length", prompt_logprobs=scored))
+            else:
+                self._results[rid] = GenerationOutput(rid, list(ids), [], "", "length", prompt_logprobs=scored)
+            return rid
         generator = None
         if not params.greedy:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else random.randrange(2**62))
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         seq = _Sequence(
             rid, params, list(ids), len(ids), route_ids, route_w, -1, rcache, generator, callback, detok,
+            prompt_logprobs=scored,
         )
         try:
             self.scheduler.add_request(Request(rid, primary, params.max_tokens))
@@ -357,6 +405,8 @@ class Engine:
             if it.start + it.num_tokens < seq.prompt_len:
                 continue  # a prefill chunk that does not complete the prompt produces nothing
             tok = sample_token(logits[row], seq.params, seq.generator)
+            if seq.params.logprobs is not None:
+                seq.logprobs.extend(token_logprobs(logits[row : row + 1], [tok], seq.params.logprobs))
             row += 1
             seq.tokens.append(tok)
             new_tokens[seq.rid] = tok
@@ -465,6 +515,17 @@ class Engine:
         route_ids[: len(ids)], route_w[: len(ids)] = e[0], w[0].float()
         return route_ids, route_w, rcache, e[0, :, 0].tolist()
 
+    def _score_prompt(self, ids: list[int], route_ids, route_w, k: int) -> list[TokenLogprob | None]:
+        """Logprobs of every prompt token given the ones before it (None for the first): one forward of
+        the prompt alone, outside the KV cache and the scheduler (echo requests pay one extra prefill)."""
+        p = len(ids)
+        routing = Routing(route_ids[:p], route_w[:p]) if self.router is not None else None
+        if self.store is not None:
+            self.store.plan([torch.unique(routing.expert_ids).tolist()])
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)  # [P]
+        logits = self.model.forward_packed(x, [Segment(p)], routing, expert_source=self.store)  # [P, V]
+        return [None] + token_logprobs(logits[:-1].float().cpu(), ids[1:], k)
+
     def _route_tokens(self, seqs: list[_Sequence]) -> dict[str, int]:
         """Route each request's just-sampled token, all in one router step; returns primary experts."""
         if self.router is None or not seqs:
@@ -529,6 +590,11 @@ class Engine:
         reason = seq.finish_reason if finished else None
         ev = RequestOutput(seq.rid, toks, seq.text[seq.sent : upto], finished, reason, error, internal)
         seq.sent = upto
+        if seq.params.logprobs is not None:
+            ev.logprobs = seq.logprobs[seq.logprobs_sent :]
+            seq.logprobs_sent = len(seq.logprobs)
+        if not seq.prompt_logprobs_sent:
+            ev.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         if seq.callback is not None:
             try:
                 seq.callback(ev)
@@ -551,6 +617,8 @@ class Engine:
             self._results[seq.rid] = GenerationOutput(
                 seq.rid, seq.tokens[: seq.prompt_len], seq.generated, seq.text, reason,
                 seq.route_ids[seq.prompt_len : len(seq.tokens) - 1, 0].tolist(), error=error,
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                prompt_logprobs=seq.prompt_logprobs,
             )
         return self._emit(seq, toks, finished=True, error=error, internal=internal)
 

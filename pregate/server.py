@@ -6,21 +6,27 @@ handlers post commands to its inbox and receive events through an asyncio queue 
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
 `serve(...)` (behind `pregate serve`) loads a trained checkpoint and runs this app under uvicorn.
-A request that the engine refuses (empty prompt, too long, bad sampling parameters) gets HTTP 400 with an
-OpenAI-style error body; the other requests are unaffected. A client that disconnects mid-stream aborts
-its request.
+
+Every refusal is in OpenAI's error shape {"error": {message, type, param, code}}, 404/405 included:
+Host (400) and API key (401) before any route; then Content-Type (415), body size (413, before parsing),
+JSON and nesting (400); then the fields (`pregate.protocol`: 400 naming the field, 404 for an unknown
+model); then the queue bound (429 with Retry-After); then the engine's own checks (400). A request with
+n choices (or OpenAI's batch prompt forms) runs one engine sequence per choice. Prompts are tokenized
+off the event loop. A client that disconnects aborts its request, streaming or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,20 +34,24 @@ import torch
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pregate.engine import Engine, RequestOutput, SamplingParams
 from pregate.errors import PregateError
+from pregate.protocol import (ApiRequest, BadField, chat_logprobs, check_depth, completion_logprobs, parse_chat,
+                              parse_completion)
 from pregate.scheduler import SchedulerConfig
 
 log = logging.getLogger("pregate.server")
 GRACEFUL_S = 10  # seconds open requests get to finish on shutdown (SIGTERM, Ctrl-C)
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers
 
 
 class EngineStopped(PregateError):
     """The engine thread died, so the server exited; `pregate serve` exits with status 1."""
 
     exit_status = 1
-EVENT_POLL_S = 1.0  # how often a waiting handler checks that the engine thread is still alive
+EVENT_POLL_S = 0.5  # how often a waiting handler checks that the engine thread is still alive
 
 
 @dataclass
@@ -70,6 +80,8 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pregate-engine", daemon=True)
         self._waiting: dict[str, _Submit] = {}  # every admitted request whose end is not yet delivered
+        self._posted = 0  # submits in the inbox, not yet handled
+        self._count_lock = threading.Lock()
 
     @property
     def alive(self) -> bool:
@@ -84,7 +96,15 @@ class EngineLoop:
         self.inbox.put(None)
         self._thread.join(timeout=timeout)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet ended (queued in the inbox, waiting or running in the engine)."""
+        with self._count_lock:
+            return self._posted + len(self._waiting)
+
     def submit(self, prompt, params: SamplingParams, rid: str, loop, events: asyncio.Queue) -> None:
+        with self._count_lock:
+            self._posted += 1
         self.inbox.put(_Submit(prompt, params, rid, loop, events))
 
     def abort(self, rid: str) -> None:
@@ -130,10 +150,13 @@ class EngineLoop:
 
         def deliver(ev: RequestOutput, cmd=cmd) -> None:
             if ev.finished:
-                self._waiting.pop(cmd.rid, None)
+                with self._count_lock:
+                    self._waiting.pop(cmd.rid, None)
             cmd.loop.call_soon_threadsafe(cmd.events.put_nowait, ev)
 
-        self._waiting[cmd.rid] = cmd
+        with self._count_lock:
+            self._posted -= 1
+            self._waiting[cmd.rid] = cmd
         try:
             self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.rid, callback=deliver)
         except PregateError as err:
@@ -155,10 +178,11 @@ class EngineLoop:
         self._waiting.clear()
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           headers: dict | None = None):
     """An answer in OpenAI's error shape: {"error": {message, type, param, code}}."""
     body = {"message": message, "type": kind, "param": param, "code": str(status)}
-    return JSONResponse(status_code=status, content={"error": body})
+    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
 
 
 def _event_error(ev: RequestOutput) -> JSONResponse:
@@ -167,166 +191,342 @@ def _event_error(ev: RequestOutput) -> JSONResponse:
     return _error(400, ev.error or "bad request")
 
 
-class BadField(PregateError):
-    """A request field with a wrong type or value; `param` names it for OpenAI's error object."""
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the HTTP layer refuses before the engine sees a request (`pregate serve` flags).
 
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+    max_body_bytes: larger bodies get 413 before they are parsed. max_queued: sequences (choices) that
+    may wait beyond the engine's max_running; more get 429 with Retry-After. api_key: when set, every
+    route but /health needs `Authorization: Bearer <key>` (401 otherwise). cors_origins: origins allowed
+    to call from a browser (none by default). allowed_hosts: Host header names accepted (None: any;
+    `serve` sets the loopback names when bound to loopback, against DNS rebinding). docs: /docs, /redoc
+    and /openapi.json are served only when true.
+    """
+
+    max_body_bytes: int = 1 << 20
+    max_queued: int = 256
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: frozenset[str] | None = None
+    docs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise PregateError(f"ServerLimits.max_body_bytes={self.max_body_bytes} must be >= 1")
+        if self.max_queued < 0:
+            raise PregateError(f"ServerLimits.max_queued={self.max_queued} must be >= 0")
+        if self.api_key is not None and not self.api_key:
+            raise PregateError("ServerLimits.api_key is empty; give a key or none")
 
 
-MAX_STOP_STRINGS = 4  # as OpenAI
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def _sampling(body: dict) -> SamplingParams:
-    """SamplingParams from the request body; BadField names the field that is wrong."""
-    stop = body.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        if len(stop) > MAX_STOP_STRINGS:
-            raise BadField("stop", f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
-        stop = tuple(stop)
-    else:
-        raise BadField("stop", f"stop must be a string or a list of strings, got {stop!r:.80}")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise BadField("stream", f"stream must be true or false, got {stream!r:.80}")
-    fields = {
-        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
-        "temperature": body.get("temperature"),
-        "top_p": body.get("top_p"),
-        "seed": body.get("seed"),
-    }
-    defaults = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": None}
-    values = {k: defaults[k] if v is None else v for k, v in fields.items()}
+class _Guard:
+    """ASGI middleware: the Host check and the API key, before any route (404s included)."""
+
+    def __init__(self, app, limits: ServerLimits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = self._refusal(scope, headers)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope, headers: dict) -> JSONResponse | None:
+        hosts = self.limits.allowed_hosts
+        if hosts is not None:
+            host = headers.get("host", "")
+            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name.lower() not in hosts:
+                return _error(400, f"Host {host!r:.80} is not allowed; this server answers {sorted(hosts)}")
+        key = self.limits.api_key
+        if key is not None and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return _error(401, "missing or wrong API key; send Authorization: Bearer <key>",
+                              headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+
+class _Refused(Exception):
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    """The request's JSON object, checked in this order: Content-Type (415), size (413, counted as it
+    arrives, before parsing), JSON syntax and nesting (400)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise _Refused(_error(415, f"Content-Type must be application/json, got {kind or 'none'!r}"))
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Refused(_error(413, f"the request body is {declared} bytes; at most {limit} are accepted"))
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _Refused(_error(413, f"the request body is over {limit} bytes; at most {limit} are accepted"))
     try:
-        return SamplingParams(stop=stop, **values)
-    except PregateError as err:
-        name = next((k for k in fields if f".{k}=" in str(err)), None)
-        if name == "max_tokens" and body.get("max_completion_tokens") is not None:
-            name = "max_completion_tokens"
-        raise BadField(name, str(err)) from None
+        body = json.loads(bytes(raw))
+    except RecursionError:
+        raise _Refused(_error(400, "the request body is nested too deeply")) from None
+    except ValueError as err:
+        raise _Refused(_error(400, f"the request body is not valid JSON ({err})")) from None
+    if not isinstance(body, dict):
+        raise _Refused(_error(400, "the request body must be a JSON object"))
+    try:
+        check_depth(body)
+    except BadField as err:
+        raise _Refused(_error(400, str(err))) from None
+    return body
 
 
-def build_app(engine: Engine, model_name: str = "pregate"):
+@dataclass
+class _Choice:
+    """One sequence of a request, as its events arrive."""
+
+    index: int
+    prompt: int  # which prompt of the request
+    text: str = ""
+    tokens: int = 0
+    logprobs: list = field(default_factory=list)  # TokenLogprob of each generated token
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+    started: bool = False
+    done: bool = False
+
+
+def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits | None = None):
     """The FastAPI application; the engine loop starts with the app and stops with it."""
     from contextlib import asynccontextmanager
 
+    limits = limits or ServerLimits()
     runner = EngineLoop(engine)
+    tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="pregate-tokenize")  # one: HF tokenizers are not re-entrant
+    tok = engine.tokenizer
+    capacity = engine.scheduler_config.max_running + limits.max_queued
 
     @asynccontextmanager
     async def lifespan(_app):
         runner.start()
         yield
         runner.stop()
+        tokenize_pool.shutdown(wait=False)
 
-    app = FastAPI(title="pregate", lifespan=lifespan)
+    docs = {} if limits.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="pregate", lifespan=lifespan, **docs)
+    app.add_middleware(_Guard, limits=limits)
+    if limits.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
 
-    async def run(prompt, body: dict, chat: bool):
+        app.add_middleware(CORSMiddleware, allow_origins=list(limits.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(_Refused)
+    async def refused(_request, exc: _Refused):
+        return exc.response
+
+    def encode_text(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(messages) -> list[int]:
+        return list(tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    async def prompt_ids(req: ApiRequest) -> list[list[int]]:
+        """Token ids of every prompt, tokenized off the event loop."""
+        loop = asyncio.get_running_loop()
+        if req.chat:
+            if tok is None or not getattr(tok, "chat_template", None):
+                raise BadField("messages", "this model's tokenizer has no chat template; use /v1/completions")
+            try:
+                return [await loop.run_in_executor(tokenize_pool, encode_chat, req.messages)]
+            except Exception as err:  # a malformed message list is the client's mistake
+                raise BadField("messages", f"cannot apply the chat template to these messages: {err}") from None
+        out = []
+        for p in req.prompts:
+            if isinstance(p, str):
+                if tok is None:
+                    raise BadField("prompt", "this engine has no tokenizer; send token ids")
+                out.append(await loop.run_in_executor(tokenize_pool, encode_text, p))
+            else:
+                out.append(list(p))
+        return out
+
+    async def run(request: Request, chat: bool):
+        body = await _read_json(request, limits.max_body_bytes)
         try:
-            params = _sampling(body)
+            req = parse_chat(body, model_name) if chat else parse_completion(body, model_name)
+            ids = await prompt_ids(req)
         except BadField as err:
-            return _error(400, str(err), param=err.param)
+            return _error(err.status, str(err), param=err.param)
+        choices = [_Choice(p * req.n + j, p) for p in range(len(ids)) for j in range(req.n)]
+        if runner.in_flight + len(choices) > capacity:
+            return _error(429, f"the server is full ({capacity} requests queued or running); retry shortly",
+                          "rate_limit_error", headers={"Retry-After": "1"})
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
         events: asyncio.Queue = asyncio.Queue()
-        runner.submit(prompt, params, rid, asyncio.get_running_loop(), events)
+        by_rid = {f"{rid}-{c.index}": c for c in choices}
+        loop = asyncio.get_running_loop()
+        for sub, c in by_rid.items():
+            runner.submit(ids[c.prompt], req.choice_params(c.index % req.n), sub, loop, events)
         created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
+        n_prompt = sum(len(x) for x in ids)
+        echo = [(tok.decode(x) if isinstance(p, tuple) else p) for p, x in zip(req.prompts, ids)] if req.echo else None
 
-        def choice(text: str, reason: str | None, delta: bool) -> dict:
-            if chat:
-                key = "delta" if delta else "message"
-                return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason}
-            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        checked = [time.monotonic()]  # when the client's connection was last checked
 
-        async def next_event() -> RequestOutput:
-            # never wait forever: if the engine thread has stopped, no event will come
+        def abort_all() -> None:
+            for sub, c in by_rid.items():
+                if not c.done:
+                    runner.abort(sub)
+
+        async def next_event(watch_client: bool) -> tuple[_Choice, RequestOutput] | None:
+            """The next event of any choice; None when a non-streaming client has gone (all aborted)."""
             while True:
+                if watch_client and time.monotonic() >= checked[0] + EVENT_POLL_S:
+                    checked[0] = time.monotonic()
+                    if await request.is_disconnected():
+                        abort_all()
+                        return None
                 try:
-                    return await asyncio.wait_for(events.get(), timeout=EVENT_POLL_S)
+                    ev = await asyncio.wait_for(events.get(), timeout=EVENT_POLL_S)
+                    return by_rid[ev.request_id], ev
                 except asyncio.TimeoutError:
-                    if not runner.alive:
-                        return RequestOutput(rid, [], "", True, "error", error=runner.error or "the engine stopped",
-                                             internal_error=True)
+                    if not runner.alive:  # the engine thread has stopped: no event will come
+                        err = runner.error or "the engine stopped"
+                        c = next(c for c in choices if not c.done)
+                        return c, RequestOutput("", [], "", True, "error", error=err, internal_error=True)
 
-        first = await next_event()
-        if first.error is not None:
-            return _event_error(first)
+        def absorb(c: _Choice, ev: RequestOutput) -> None:
+            c.started = True
+            c.text += ev.new_text
+            c.tokens += len(ev.new_token_ids)
+            c.logprobs += ev.logprobs or []
+            if ev.prompt_logprobs is not None:
+                c.prompt_logprobs = ev.prompt_logprobs
+            if ev.finished:
+                c.done, c.finish_reason = True, _reason(ev.finish_reason)
 
-        if not body.get("stream"):
-            text, ev, completion = first.new_text, first, len(first.new_token_ids)
-            while not ev.finished:
-                ev = await next_event()
-                text += ev.new_text
-                completion += len(ev.new_token_ids)
+        def logprobs_of(c: _Choice, new: list, start: int, echoed: str) -> dict | None:
+            """The completions logprobs object of a chunk: the echoed prompt's tokens (if any), then `new`."""
+            if req.logprobs is None:
+                return None
+            scored = c.prompt_logprobs or [None] * len(ids[c.prompt])
+            prompt = list(zip(ids[c.prompt], scored)) if echoed else []
+            return completion_logprobs(tok, prompt, new, start, len(echoed))
+
+        def usage() -> dict:
+            completion = sum(c.tokens for c in choices)
+            return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
+
+        obj = "chat.completion" if chat else "text_completion"
+        # every choice's first event (its first token, or why it failed) before any answer
+        early: list[tuple[_Choice, RequestOutput]] = []
+        while not all(c.started for c in choices):
+            got = await next_event(watch_client=True)  # a client may leave while it is queued
+            if got is None:
+                return _error(499, "the client closed the request")
+            c, ev = got
             if ev.error is not None:
+                abort_all()
                 return _event_error(ev)
-            n_prompt = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            return {
-                "id": rid, "object": obj, "created": created, "model": model_name,
-                "choices": [choice(text, _reason(ev.finish_reason), delta=False)],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion},
-            }
+            c.started = True
+            early.append((c, ev))
+
+        if not req.stream:
+            for c, ev in early:
+                absorb(c, ev)
+            while not all(c.done for c in choices):
+                got = await next_event(watch_client=True)
+                if got is None:
+                    return _error(499, "the client closed the request")
+                c, ev = got
+                if ev.error is not None:
+                    abort_all()
+                    return _event_error(ev)
+                absorb(c, ev)
+            out = []
+            for c in choices:
+                if chat:
+                    lp = chat_logprobs(tok, c.logprobs) if req.logprobs is not None else None
+                    out.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                "logprobs": lp, "finish_reason": c.finish_reason})
+                else:
+                    head = echo[c.prompt] if echo else ""
+                    lp = logprobs_of(c, c.logprobs, 0, head)
+                    out.append({"index": c.index, "text": head + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": out, "usage": usage()}
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        text_pos = {c.index: 0 for c in choices}  # characters sent per choice (for text_offset)
+
+        def chunk(c: _Choice, ev: RequestOutput) -> str | None:
+            first_echo = bool(echo) and ev is early_first.get(c.index)
+            new_lp = ev.logprobs or []
+            if not (ev.new_text or ev.finished or new_lp or first_echo):
+                return None
+            reason = _reason(ev.finish_reason) if ev.finished else None
+            if chat:
+                delta = {"role": "assistant", "content": ev.new_text}
+                lp = chat_logprobs(tok, new_lp) if req.logprobs is not None else None
+                body = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            else:
+                head = echo[c.prompt] if first_echo else ""
+                lp = logprobs_of(c, new_lp, text_pos[c.index], head)
+                text_pos[c.index] += len(head) + len(ev.new_text)
+                body = {"index": c.index, "text": head + ev.new_text, "logprobs": lp, "finish_reason": reason}
+            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [body]}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        early_first = {c.index: ev for c, ev in early}
 
         async def sse():
-            ev = first
-            chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+            pending = list(early)
             try:
                 while True:
+                    if pending:
+                        c, ev = pending.pop(0)
+                    else:
+                        c, ev = await next_event(watch_client=False)
                     if ev.error is not None:  # the request failed mid-stream: say so, then end the stream
+                        abort_all()
                         kind = "server_error" if ev.internal_error else "invalid_request_error"
                         err = {"message": ev.error, "type": kind, "param": None, "code": "500" if ev.internal_error else "400"}
                         yield f"data: {json.dumps({'error': err})}\n\n"
                         break
-                    reason = _reason(ev.finish_reason) if ev.finished else None
-                    if ev.new_text or ev.finished:
-                        payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name,
-                                   "choices": [choice(ev.new_text, reason, delta=True)]}
-                        yield f"data: {json.dumps(payload)}\n\n"
-                    if ev.finished:
+                    absorb(c, ev)
+                    text = chunk(c, ev)
+                    if text is not None:
+                        yield text
+                    if all(x.done for x in choices):
+                        if req.include_usage:
+                            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name,
+                                       "choices": [], "usage": usage()}
+                            yield f"data: {json.dumps(payload)}\n\n"
                         break
-                    ev = await next_event()
                 yield "data: [DONE]\n\n"
-            except asyncio.CancelledError:  # the client went away: free its slot
-                runner.abort(rid)
+            except asyncio.CancelledError:  # the client went away: free its slots
+                abort_all()
                 raise
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        prompt = body.get("prompt")
-        # OpenAI's batch forms: a list of strings, a list of token lists; one of either is one prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                return _error(400, "send one prompt per request (a list of several prompts is not supported)", param="prompt")
-            prompt = prompt[0]
-        if not isinstance(prompt, (str, list)):
-            return _error(400, "prompt must be a string or a list of token ids", param="prompt")
-        return await run(prompt, body, chat=False)
+        return await run(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _json_body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return _error(400, "messages must be a non-empty list of {role, content}")
-        tok = engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            return _error(400, "this model's tokenizer has no chat template; use /v1/completions")
-        try:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        except Exception as err:  # a malformed message list is the client's mistake
-            return _error(400, f"cannot apply the chat template to these messages: {err}")
-        return await run(list(ids), body, chat=True)
+        return await run(request, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -343,31 +543,18 @@ def build_app(engine: Engine, model_name: str = "pregate"):
     return app
 
 
-async def _json_body(request: Request) -> dict | JSONResponse:
-    """The request's JSON object, or a 400 answer saying what is wrong with it."""
-    try:
-        body = await request.json()
-    except ValueError as err:
-        return _error(400, f"the request body is not valid JSON ({err})")
-    if not isinstance(body, dict):
-        return _error(400, "the request body must be a JSON object")
-    return body
-
-
 def _reason(reason: str | None) -> str | None:
     """OpenAI's finish reasons: 'stop' (eos or a stop string) or 'length'."""
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason)
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
-          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None,
-          resident_experts: int | None = None, prefetch: bool = False) -> None:
-    """Serve a trained pregate MoE (`pregate train` output: MoE + router) until interrupted.
+def load_engine(model_dir: str, config: SchedulerConfig | None = None, router_dir: str | None = None,
+                dtype: str = "bfloat16", resident_experts: int | None = None, prefetch: bool = False) -> Engine:
+    """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
 
     resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
     step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
     while a layer computes). The model then computes in the checkpoint's dtype."""
-    import uvicorn
     from transformers import AutoTokenizer
 
     from pregate.config import parse_dtype
@@ -375,15 +562,6 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
     from pregate.router import PreGatingRouter
     from pregate.train import load_router
 
-    import socket
-
-    with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
-        # as uvicorn binds: a restart right after a stop must not trip over the old TIME_WAIT connections
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise PregateError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
     store, weights_dtype = None, parse_dtype(dtype)
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig
@@ -402,12 +580,41 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
               f"{on_disk / 2**20:.0f} MiB of routed-expert weights read from disk as needed")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = Engine(moe, tokenizer, router, config or SchedulerConfig(), expert_store=store)
+    return engine
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
+          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None,
+          resident_experts: int | None = None, prefetch: bool = False, limits: ServerLimits | None = None,
+          timeout_keep_alive: float = 5, timeout_graceful: float = GRACEFUL_S) -> None:
+    """Serve a trained pregate MoE (`load_engine`) until interrupted.
+
+    limits: see ServerLimits; bound to a loopback address, only loopback Host headers are accepted.
+    timeout_keep_alive: seconds an idle connection stays open; timeout_graceful: seconds open requests
+    get to finish on shutdown."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
+        # as uvicorn binds: a restart right after a stop must not trip over the old TIME_WAIT connections
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise PregateError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
+    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch)
+    store = engine.store
     name = model_name or Path(model_dir).resolve().name
     print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy {engine.scheduler_config.policy}, "
           f"{torch.get_num_threads()} torch threads); Ctrl-C stops", flush=True)
-    app = build_app(engine, name)
+    limits = limits or ServerLimits()
+    if host in LOOPBACK_HOSTS and limits.allowed_hosts is None:  # a web page's DNS rebinding cannot reach us
+        limits = replace(limits, allowed_hosts=LOOPBACK_HOSTS)
+    app = build_app(engine, name, limits)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S)
+        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=timeout_graceful,
+                       timeout_keep_alive=timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     )
     runner = app.state.runner
     runner.on_death = lambda: setattr(server, "should_exit", True)  # a supervisor restarts us on exit 1

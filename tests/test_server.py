@@ -73,27 +73,27 @@ def test_concurrent_requests_equal_one_by_one(served):
     client, engine = served
     want = [o.text for o in engine.generate(PROMPTS, SamplingParams(max_tokens=6))]
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda p: client.completions.create(model="m", prompt=p, max_tokens=6, temperature=0).choices[0].text, PROMPTS))
+        got = list(pool.map(lambda p: client.completions.create(model="tiny-moe", prompt=p, max_tokens=6, temperature=0).choices[0].text, PROMPTS))
     assert got == want
 
 
 def test_chat_streaming(served):
     client, _ = served
     messages = [{"role": "user", "content": "the quick brown fox"}]
-    full = client.chat.completions.create(model="m", messages=messages, max_tokens=5, temperature=0).choices[0].message.content
-    parts = client.chat.completions.create(model="m", messages=messages, max_tokens=5, temperature=0, stream=True)
+    full = client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=5, temperature=0).choices[0].message.content
+    parts = client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=5, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in parts) == full
 
 
 def test_bad_requests_fail_alone(served):
     client, _ = served
     with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.completions.create(model="m", prompt="x", temperature=-1)
+        client.completions.create(model="tiny-moe", prompt="x", temperature=-1)
     with pytest.raises(openai.BadRequestError, match="empty prompt"):
-        client.completions.create(model="m", prompt="", max_tokens=3)
+        client.completions.create(model="tiny-moe", prompt="", max_tokens=3)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.completions.create(model="m", prompt="abc", max_tokens=0)
-    assert client.completions.create(model="m", prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
+        client.completions.create(model="tiny-moe", prompt="abc", max_tokens=0)
+    assert client.completions.create(model="tiny-moe", prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
     assert [m.id for m in client.models.list().data] == ["tiny-moe"]
 
 
@@ -146,3 +146,98 @@ def test_broken_json_body_is_a_400(served):
 
     r = httpx.post(f"{client.base_url}completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def reference_logprobs(engine, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits over ids, no cache: full recompute of backbone and router [L, V]."""
+    from pregate.moe import Routing
+
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        e, w = engine.router.route(engine.router(x))
+        return torch.log_softmax(engine.model(x, Routing(e[0], w[0].float()))[0].float(), dim=-1)
+
+
+def test_completion_logprobs_and_echo_equal_log_softmax_of_the_model(served):
+    client, engine = served
+    prompt = engine.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    got = client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=5, temperature=0, logprobs=3, echo=True).choices[0]
+    lp = got.logprobs
+    n_prompt = len(prompt)
+    assert got.text.startswith(PROMPTS[0]) and len(lp.tokens) == n_prompt + 5
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token has no context
+    full = prompt + engine.generate([prompt], SamplingParams(max_tokens=5))[0].token_ids
+    ref = reference_logprobs(engine, full)
+    want = [float(ref[i - 1, full[i]]) for i in range(1, len(full))]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for i in range(1, len(full)):  # the 3 most likely tokens and their logprobs (+ the chosen one)
+        top3 = ref[i - 1].topk(3)
+        alts: dict[str, float] = {}
+        for t, v in zip(top3.indices.tolist(), top3.values.tolist()):
+            alts.setdefault(engine.tokenizer.decode([t]), v)  # tokens with the same text: the likeliest
+        for text, v in alts.items():
+            assert lp.top_logprobs[i][text] == pytest.approx(v, abs=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[n_prompt] == len(PROMPTS[0])
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_as_lm_eval_asks(served):
+    client, engine = served
+    prompt = engine.tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    got = client.completions.create(model="tiny-moe", prompt=[prompt, prompt[:3]], max_tokens=0, temperature=0, logprobs=1, echo=True)
+    ref = reference_logprobs(engine, prompt)
+    first, second = sorted(got.choices, key=lambda c: c.index)
+    assert first.text == PROMPTS[2] and first.logprobs.tokens == [engine.tokenizer.decode([t]) for t in prompt]
+    assert first.logprobs.token_logprobs[1:] == pytest.approx([float(ref[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4)
+    assert second.logprobs.token_logprobs[1:] == pytest.approx(first.logprobs.token_logprobs[1:3], abs=1e-4)
+    assert got.usage.completion_tokens == 0 and got.usage.prompt_tokens == len(prompt) + 3
+
+
+def test_chat_logprobs(served):
+    client, engine = served
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    got = client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full = list(ids) + engine.generate([list(ids)], SamplingParams(max_tokens=4))[0].token_ids
+    ref = reference_logprobs(engine, full)
+    want = [float(ref[i - 1, full[i]]) for i in range(len(ids), len(full))]
+    assert [c.logprob for c in content] == pytest.approx(want, abs=1e-4)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+
+
+def test_n_choices_with_derived_seeds(served):
+    client, _ = served
+    kw = dict(model="tiny-moe", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7)
+    got = client.completions.create(n=3, **kw)
+    texts = [c.text for c in sorted(got.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(got.choices, key=lambda c: c.index)] == [0, 1, 2]
+    assert texts[0] == client.completions.create(**kw).choices[0].text  # choice 0 keeps the seed itself
+    assert texts == [c.text for c in sorted(client.completions.create(n=3, **kw).choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1  # the others get their own seeds
+    assert got.usage.completion_tokens <= 24 and got.usage.prompt_tokens == client.completions.create(**kw).usage.prompt_tokens
+    batch = client.completions.create(model="tiny-moe", prompt=PROMPTS[:2], n=2, max_tokens=4, temperature=0)
+    by_index = {c.index: c.text for c in batch.choices}
+    assert sorted(by_index) == [0, 1, 2, 3] and by_index[0] == by_index[1] and by_index[2] == by_index[3]
+
+
+def test_streaming_n_choices_and_include_usage(served):
+    client, _ = served
+    kw = dict(model="tiny-moe", prompt=PROMPTS[1], max_tokens=6, temperature=0, n=2)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    texts = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert texts == {c.index: c.text for c in full.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+    chat = list(client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                               stream=True, stream_options={"include_usage": True}))
+    assert chat[-1].usage.completion_tokens == 3
+
+
+def test_max_completion_tokens(served):
+    client, _ = served
+    got = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3,
+                                         temperature=0)
+    assert got.usage.completion_tokens <= 3
