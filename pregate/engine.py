@@ -318,7 +318,9 @@ class Engine:
         # everything that can fail comes before the scheduler sees the request, so a failure leaves no trace
         with torch.inference_mode():
             route_ids, route_w, rcache, primary = self._route_prompt(ids, total)
-            scored = None if params.prompt_logprobs is None else self._score_prompt(ids, route_ids, route_w, params.prompt_logprobs)
+            scored = None
+            if params.prompt_logprobs is not None:
+                scored = self._score_prompt(ids, route_ids, route_w, params.prompt_logprobs)
         if params.max_tokens == 0:  # scoring only: the prompt's logprobs are the whole answer
             if callback is not None:
                 callback(RequestOutput(rid, [], "", True, "length", prompt_logprobs=scored))
@@ -327,7 +329,8 @@ class Engine:
             return rid
         generator = None
         if not params.greedy:
-            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else random.randrange(2**62))
+            seed = params.seed if params.seed is not None else random.randrange(2**62)
+            generator = torch.Generator().manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         seq = _Sequence(
             rid, params, list(ids), len(ids), route_ids, route_w, -1, rcache, generator, callback, detok,

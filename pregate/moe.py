@@ -296,7 +296,9 @@ class Attention(nn.Module):
         self.register_load_state_dict_pre_hook(_fuse_qkv)
         self.register_state_dict_post_hook(_split_qkv)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, layer: int
+    ) -> torch.Tensor:
         t, dtype = x.shape[0], cos.dtype  # the attention dtype (see attention_dtype)
         n, g, d = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).to(dtype).view(t, n + 2 * g, d)  # [T, N + 2G, D]
@@ -360,8 +362,8 @@ def _split_qkv(module, state, prefix, *args) -> None:
     for kind in ("weight", "bias"):
         fused = state.pop(f"{prefix}qkv_proj.{kind}", None)
         if fused is not None:
-            q, k, v = fused.split([n * d, g * d, g * d])
-            state[f"{prefix}q_proj.{kind}"], state[f"{prefix}k_proj.{kind}"], state[f"{prefix}v_proj.{kind}"] = q, k, v
+            for name, part in zip("qkv", fused.split([n * d, g * d, g * d])):
+                state[f"{prefix}{name}_proj.{kind}"] = part
 
 
 class MoEMLP(nn.Module):
