@@ -241,3 +241,46 @@ def test_max_completion_tokens(served):
     got = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3,
                                          temperature=0)
     assert got.usage.completion_tokens <= 3
+
+
+@pytest.mark.slow
+def test_sigterm_exits_within_the_graceful_timeout_with_a_wedged_client(tiny_checkpoint, tmp_path):
+    """A client that sent half a request and a stream still running do not keep `pregate serve` alive."""
+    import signal
+    import subprocess
+    import sys
+
+    from pregate.train import TrainConfig, train
+
+    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
+    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
+    trained = train(moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pregate.cli", "serve", str(trained), "--port", str(port),
+                             "--name", "tiny", "--dtype", "float32", "--timeout-graceful", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wedged = socket.socket()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.2)
+        wedged.connect(("127.0.0.1", port))
+        wedged.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=200, stream=True)
+        next(iter(stream))
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert time.time() - t0 < 3 + 5
+        assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful stop
+    finally:
+        wedged.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
