@@ -224,9 +224,9 @@ class Engine:
     router: a `PreGatingRouter` over the model's vocabulary and routed experts; required when the model
     has routed experts. scheduler_config: budgets and policy. clock: the metrics clock (injectable).
     expert_store: an `ExpertStore` over the model's checkpoint: routed experts then come from its fast tier
-    (at most k resident; `release_routed_experts` frees the model's own copies). Each step is planned into
-    the store as it is scheduled, so Belady sees the experts of the running step; units beyond it count
-    as never used again (evicted first, least recently used first).
+    (at most k resident; load the model with `load_moe(..., routed_experts=False)` so it never holds
+    them). Each step is planned into the store as it is scheduled, so Belady sees the experts of the
+    running step; units beyond it count as never used again (evicted first, least recently used first).
     """
 
     def __init__(
