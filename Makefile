@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-all llama-cpp clean
+.PHONY: setup demo test test-all lint format llama-cpp clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
+
+# The formatter and linter are pinned in requirements.txt and configured in pyproject.toml.
+lint: $(STAMP)
+	.venv/bin/ruff format --check pregate tests
+	.venv/bin/ruff check pregate tests
+
+format: $(STAMP)
+	.venv/bin/ruff format pregate tests
+	.venv/bin/ruff check --fix pregate tests
 
 # Optional: llama.cpp as the reference engine of `pregate bench step` (never a test dependency). Builds
 # llama-cpp-python from source, about 3 minutes on 2 cores.
