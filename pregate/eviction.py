@@ -33,7 +33,7 @@ from pregate.errors import PregateError
 
 Unit = Hashable
 
-POLICY_NAMES = ("random", "lru", "lfu", "belady")
+EVICTION_POLICIES = ("random", "lru", "lfu", "belady")
 
 _NEVER = 1 << 62  # next-use key of a unit with no known next use; larger than any reference index
 _NOTHING = object()  # "no unit" where None could itself be a unit
@@ -374,8 +374,8 @@ class RandomPolicy:
         return self._chosen
 
 
-def make_policy(name: str, seed: int = 0) -> EvictionPolicy:
-    """A fresh policy by name (one of POLICY_NAMES); `seed` only matters for "random"."""
+def make_eviction_policy(name: str, seed: int = 0) -> EvictionPolicy:
+    """A fresh policy by name (one of EVICTION_POLICIES); `seed` only matters for "random"."""
     if name == "lru":
         return LRU()
     if name == "lfu":
@@ -384,7 +384,7 @@ def make_policy(name: str, seed: int = 0) -> EvictionPolicy:
         return Belady()
     if name == "random":
         return RandomPolicy(seed)
-    raise CacheError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    raise CacheError(f"unknown eviction policy {name!r}; choose one of {', '.join(EVICTION_POLICIES)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ class ExpertCache:
         seed: int = 0,
     ) -> None:
         self.capacity = _check_capacity(capacity)
-        self.policy = make_policy(policy, seed) if isinstance(policy, str) else policy
+        self.policy = make_eviction_policy(policy, seed) if isinstance(policy, str) else policy
         # No future given: nothing is known ahead, so Belady degenerates to LRU (documented there).
         self.future = future if future is not None else FutureView()
         self.stats = CacheStats()
@@ -509,7 +509,7 @@ class ExpertCache:
         return True
 
 
-def simulate(
+def simulate_cache(
     refs: Sequence[Unit],
     capacity: int,
     policy: str | EvictionPolicy,

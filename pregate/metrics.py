@@ -104,7 +104,7 @@ def describe(values: Sequence[float]) -> dict[str, float] | None:
     }
 
 
-def summarize(metrics: Sequence[RequestMetrics], steps: Sequence[StepRecord] = ()) -> dict:
+def summarize_run(metrics: Sequence[RequestMetrics], steps: Sequence[StepRecord] = ()) -> dict:
     """Summary of a run (JSON-serialisable apart from int histogram keys).
 
     Keys: num_requests, generated_tokens, makespan (first arrival to last finish, s), throughput
@@ -203,4 +203,4 @@ class MetricsRecorder:
         return rec
 
     def summary(self) -> dict:
-        return summarize(self.requests, self.steps)
+        return summarize_run(self.requests, self.steps)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pregate.errors import PregateError
-from pregate.eviction import POLICY_NAMES, ExpertCache, FutureView
+from pregate.eviction import EVICTION_POLICIES, ExpertCache, FutureView
 from pregate.metrics import MetricsRecorder
 from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 from pregate.workload import WorkloadRequest, poisson_arrivals
@@ -169,8 +169,8 @@ class Residency:
     def __init__(self, num_layers: int, unit: str, capacity: int, policy: str = "lru", window: int | None = None,
                  prefetch: bool = False, depth: int = 1, seed: int = 0) -> None:
         self.L, self.unit = num_layers, check_unit(unit)
-        if policy not in POLICY_NAMES:
-            raise SimError(f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if policy not in EVICTION_POLICIES:
+            raise SimError(f"unknown eviction policy {policy!r}; choose one of {', '.join(EVICTION_POLICIES)}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise SimError(f"prefetch depth={depth!r} must be an int >= 1 (layers loaded ahead)")
         self.future = FutureView(window)
@@ -636,12 +636,12 @@ def calibrate(records: Sequence[dict], num_layers: int, slice_bytes: int, bandwi
 
 
 def hit_ratio_table(steps: Sequence[Iterable[int]], num_layers: int, unit: str, capacities: Sequence[int],
-                    policies: Sequence[str] = POLICY_NAMES, window: int | None = None, seed: int = 0) -> dict:
+                    policies: Sequence[str] = EVICTION_POLICIES, window: int | None = None, seed: int = 0) -> dict:
     """{policy: {k: hit ratio}} of a pure cache run (no prefetch) on the steps' reference string."""
-    from pregate.eviction import simulate as cache_sim
+    from pregate.eviction import simulate_cache
 
     refs = unit_references(steps, num_layers, unit)
-    return {p: {k: cache_sim(refs, k, p, window if p == "belady" else None, seed).hit_ratio for k in capacities}
+    return {p: {k: simulate_cache(refs, k, p, window if p == "belady" else None, seed).hit_ratio for k in capacities}
             for p in policies}
 
 

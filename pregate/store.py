@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pregate.errors import PregateError
-from pregate.eviction import POLICY_NAMES
+from pregate.eviction import EVICTION_POLICIES
 from pregate.moe import WEIGHTS_FILE, ExpertWeights
 from pregate.sim import UNITS, Residency, SimError
 
@@ -79,8 +79,8 @@ class StoreConfig:
             raise StoreError(f"StoreConfig.capacity_bytes={self.capacity_bytes!r} must be an int >= 1")
         if self.unit not in UNITS:
             raise StoreError(f"StoreConfig.unit={self.unit!r} is unknown; use one of {', '.join(UNITS)}")
-        if self.policy not in POLICY_NAMES:
-            raise StoreError(f"StoreConfig.policy={self.policy!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+        if self.policy not in EVICTION_POLICIES:
+            raise StoreError(f"StoreConfig.policy={self.policy!r} is unknown; choose one of {', '.join(EVICTION_POLICIES)}")
         if self.bandwidth is not None and not (isinstance(self.bandwidth, (int, float)) and 0 < self.bandwidth < float("inf")):
             raise StoreError(f"StoreConfig.bandwidth={self.bandwidth!r} must be a finite number of bytes/s > 0, or None (no cap)")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:

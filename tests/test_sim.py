@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pregate.eviction import POLICY_NAMES, optimal_hits, simulate as cache_sim
+from pregate.eviction import EVICTION_POLICIES, optimal_hits, simulate_cache
 from pregate.scheduler import SchedulerConfig
 from pregate.sim import (
     CostModel, Residency, SimConfig, SimError, calibrate, hit_ratio_table, llama2_7b_a100, read_references,
@@ -39,7 +39,7 @@ def test_belady_is_optimal_on_small_reference_strings():
         steps = [rng.sample(range(5), rng.randint(1, 3)) for _ in range(6)]
         refs = unit_references(steps, 2, "expert")
         for k in (1, 2, 3):
-            assert cache_sim(refs, k, "belady").hits == optimal_hits(refs, k)
+            assert simulate_cache(refs, k, "belady").hits == optimal_hits(refs, k)
 
 
 @pytest.mark.parametrize("unit", ["expert", "slice"])
@@ -47,7 +47,7 @@ def test_belady_beats_every_policy_on_every_trace(unit):
     for seed in range(4):
         steps = scheduled_steps(routed_trace(seed=seed), SCHED)
         table = hit_ratio_table(steps, L, unit, [1, 2, 3, 5] if unit == "expert" else [2, 6, 12])
-        for p in POLICY_NAMES:
+        for p in EVICTION_POLICIES:
             for k, h in table[p].items():
                 assert table["belady"][k] >= h, (p, k, seed)
 
@@ -70,7 +70,7 @@ def test_reference_file_round_trip_and_independent_replay(tmp_path):
         req = lcs.Request()
         req.obj_id, req.obj_size, req.clock_time = obj, 1, i
         hits += bool(cache.get(req))
-    assert hits == cache_sim(ids, 3, "lru").hits
+    assert hits == simulate_cache(ids, 3, "lru").hits
 
 
 def test_bad_reference_files(tmp_path):
@@ -97,7 +97,7 @@ def test_sim_drives_the_scheduler_and_cache():
     assert r.steps == steps
     assert r.summary["num_requests"] == len(trace)
     assert r.summary["generated_tokens"] == sum(t.output_len for t in trace)
-    assert r.cache.hits == cache_sim(unit_references(steps, L, "expert"), 3, "belady").hits
+    assert r.cache.hits == simulate_cache(unit_references(steps, L, "expert"), 3, "belady").hits
     # smaller caches are slower; everything resident never stalls
     nl = [simulate(trace, cost(), SimConfig(capacity=k, scheduler=SCHED)).summary["normalized_latency"]["mean"] for k in (1, 3, E)]
     assert nl[0] > nl[1] > nl[2]
@@ -152,13 +152,13 @@ def test_llama2_preset_shapes():
 
 
 def test_compare_policies_serves_everyone_and_groups_experts():
-    from pregate.scheduler import POLICY_NAMES as SCHED_POLICIES
+    from pregate.scheduler import SCHEDULING_POLICIES
     from pregate.sim import compare_policies, format_policy_table
 
     cost = CostModel(num_layers=L, slice_bytes=1, bandwidth=1.0, token_layer_s=1e-4, expert_layer_s=1e-3, step_s=1e-3)
     trace = routed_trace(n=60, seed=5)
-    result = compare_policies(trace, cost, SCHED_POLICIES, SchedulerConfig(token_budget=8, max_running=24), rate=200.0)
-    assert set(result) == set(SCHED_POLICIES)
+    result = compare_policies(trace, cost, SCHEDULING_POLICIES, SchedulerConfig(token_budget=8, max_running=24), rate=200.0)
+    assert set(result) == set(SCHEDULING_POLICIES)
     for m in result.values():
         assert m["norm_p95"] <= m["norm_max"] and m["throughput"] > 0
     # identical work, so fewer experts per step means less simulated time
