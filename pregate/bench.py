@@ -64,7 +64,9 @@ class BenchConfig:
     def __post_init__(self) -> None:
         unknown = [p for p in self.policies if p not in SCHEDULING_POLICIES]
         if unknown or not self.policies:
-            raise BenchError(f"policies={self.policies!r}: use one or more of {', '.join(SCHEDULING_POLICIES)}")
+            raise BenchError(
+                f"policies={self.policies!r}: use one or more of {', '.join(SCHEDULING_POLICIES)}"
+            )
         for name in ("requests", "token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk",
                      "max_prompt_tokens", "max_output_tokens", "repeats", "router_steps"):
             v = getattr(self, name)

@@ -329,7 +329,12 @@ def _add_offload_commands(sub) -> None:
         p.add_argument("--seed", type=int, default=0)
 
     def sched_args(p) -> None:
-        p.add_argument("--policy", choices=SCHEDULING_POLICIES, default="expert-aware", help="batching policy (default expert-aware)")
+        p.add_argument(
+            "--policy",
+            choices=SCHEDULING_POLICIES,
+            default="expert-aware",
+            help="batching policy (default expert-aware)",
+        )
         p.add_argument("--token-budget", type=_positive_int, default=64, help="tokens per step (default 64)")
         p.add_argument("--max-running", type=_positive_int, default=16, help="requests running at once (default 16)")
 
@@ -533,7 +538,12 @@ def _add_serve_commands(sub) -> None:
                    help=f"tokens per long prompt (default {lt.long_prompt_tokens})")
     p.add_argument("--timeout", type=float, default=lt.timeout_s, help=f"seconds before a request counts as lost (default {lt.timeout_s:.0f})")
     p.add_argument("--seed", type=int, default=lt.seed)
-    p.add_argument("--policy", choices=SCHEDULING_POLICIES, default=s.policy, help=f"batching policy (default {s.policy})")
+    p.add_argument(
+        "--policy",
+        choices=SCHEDULING_POLICIES,
+        default=s.policy,
+        help=f"batching policy (default {s.policy})",
+    )
     p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.set_defaults(func=cmd_bench_server)
@@ -544,7 +554,12 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", help="model name the API reports (default: the directory's name)")
-    p.add_argument("--policy", choices=SCHEDULING_POLICIES, default=s.policy, help=f"batching policy (default {s.policy})")
+    p.add_argument(
+        "--policy",
+        choices=SCHEDULING_POLICIES,
+        default=s.policy,
+        help=f"batching policy (default {s.policy})",
+    )
     p.add_argument("--token-budget", type=_positive_int, default=s.token_budget, help=f"tokens per step (default {s.token_budget})")
     p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
     p.add_argument("--kv-capacity", type=_positive_int, default=s.kv_capacity_tokens,

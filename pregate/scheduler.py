@@ -171,7 +171,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULING_POLICIES:
             raise SchedulerError(
-                f"SchedulerConfig.policy={self.policy!r} is unknown; use one of {', '.join(SCHEDULING_POLICIES)}"
+                f"SchedulerConfig.policy={self.policy!r} is unknown; "
+                f"use one of {', '.join(SCHEDULING_POLICIES)}"
             )
         for name in ("token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk", "min_queue_tokens"):
             value = getattr(self, name)
@@ -406,7 +407,9 @@ assert tuple(_POLICY_CLASSES) == SCHEDULING_POLICIES
 def make_scheduling_policy(name: str) -> BatchPolicy:
     """Policy object by name; an unknown name raises SchedulerError listing the valid ones."""
     if name not in _POLICY_CLASSES:
-        raise SchedulerError(f"unknown scheduling policy {name!r}; use one of {', '.join(SCHEDULING_POLICIES)}")
+        raise SchedulerError(
+            f"unknown scheduling policy {name!r}; use one of {', '.join(SCHEDULING_POLICIES)}"
+        )
     return _POLICY_CLASSES[name]()
 
 

@@ -157,7 +157,9 @@ def test_compare_policies_serves_everyone_and_groups_experts():
 
     cost = CostModel(num_layers=L, slice_bytes=1, bandwidth=1.0, token_layer_s=1e-4, expert_layer_s=1e-3, step_s=1e-3)
     trace = routed_trace(n=60, seed=5)
-    result = compare_policies(trace, cost, SCHEDULING_POLICIES, SchedulerConfig(token_budget=8, max_running=24), rate=200.0)
+    result = compare_policies(
+        trace, cost, SCHEDULING_POLICIES, SchedulerConfig(token_budget=8, max_running=24), rate=200.0
+    )
     assert set(result) == set(SCHEDULING_POLICIES)
     for m in result.values():
         assert m["norm_p95"] <= m["norm_max"] and m["throughput"] > 0
