@@ -228,8 +228,8 @@ def _group(sub, name: str, help: str):
 
 
 def cmd_bench_cache(args) -> None:
-    from pregate.sim import format_cache_table, save_json
-    from pregate.store import CacheBenchConfig, bench_cache
+    from pregate.cache_bench import CacheBenchConfig, bench_cache, format_cache_table
+    from pregate.sim import save_json
 
     cfg = CacheBenchConfig(requests=args.requests, max_prompt=args.max_prompt, max_output=args.max_output, seed=args.seed,
                            capacities=tuple(args.k), bandwidth=args.bandwidth, depth=args.depth,
@@ -246,7 +246,8 @@ def cmd_bench_cache(args) -> None:
 
 def cmd_trace_export(args) -> None:
     from pregate.scheduler import SchedulerConfig
-    from pregate.sim import scheduled_steps, write_references
+    from pregate.references import write_references
+    from pregate.sim import scheduled_steps
     from pregate.workload import load_trace
 
     moe_cfg = json.loads((Path(args.model) / "pregate_config.json").read_text()) if Path(args.model).is_dir() else None
@@ -256,12 +257,15 @@ def cmd_trace_export(args) -> None:
     if args.trace:
         traces = load_trace(args.trace)
     else:
-        from pregate.store import route_sharegpt
+        from pregate.cache_bench import route_sharegpt
 
         traces = [r.trace for r in route_sharegpt(args.model, args.requests, args.max_prompt, args.max_output, args.seed)[0]]
     steps = scheduled_steps(traces, SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running))
     path = write_references(args.out, steps, layers, experts, args.unit)
-    print(f"wrote {path}: {len(steps)} steps, unit {args.unit} (format: see pregate.sim.write_references)")
+    print(
+        f"wrote {path}: {len(steps)} steps, unit {args.unit} "
+        "(format: see pregate.references.write_references)"
+    )
 
 
 def cmd_simulate(args) -> None:
@@ -309,7 +313,7 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_trace_route(args) -> None:
-    from pregate.store import route_sharegpt
+    from pregate.cache_bench import route_sharegpt
     from pregate.workload import save_trace
 
     requests, how = route_sharegpt(args.model, args.requests, args.max_prompt, args.max_output, args.seed, args.router)
@@ -318,9 +322,9 @@ def cmd_trace_route(args) -> None:
 
 
 def _add_offload_commands(sub) -> None:
-    from pregate.eviction import EVICTION_POLICIES
+    from pregate.eviction import EVICTION_POLICIES, UNITS
     from pregate.scheduler import SCHEDULING_POLICIES
-    from pregate.sim import PRESETS, UNITS
+    from pregate.sim import PRESETS
 
     def workload_args(p) -> None:
         p.add_argument("--requests", type=_positive_int, default=24, help="ShareGPT requests (default 24)")

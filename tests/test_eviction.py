@@ -11,14 +11,18 @@ import pytest
 from pregate.errors import PregateError
 from pregate.eviction import (
     EVICTION_POLICIES,
+    CacheError,
     CacheStats,
     EvictionPolicy,
     ExpertCache,
     FutureView,
+    Residency,
     make_eviction_policy,
     optimal_hits,
     simulate_cache,
+    unit_references,
 )
+from tests.conftest import bookkeeping_size
 
 
 def zipf_refs(n: int, units: int, seed: int, s: float = 1.1) -> list[int]:
@@ -37,7 +41,7 @@ def test_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_make_policy_builds_every_name_and_rejects_others():
+def test_make_eviction_policy_builds_every_name_and_rejects_others():
     for name in EVICTION_POLICIES:
         policy = make_eviction_policy(name)
         assert policy.name == name
@@ -321,3 +325,81 @@ def test_hits_match_libcachesim():
             for ours, theirs in (("belady", lcs.Belady), ("lru", lcs.LRU), ("lfu", lcs.LFU)):
                 expected = _libcachesim_hits(lcs, theirs(capacity), refs)
                 assert simulate_cache(refs, capacity, ours).hits == expected, (ours, capacity, seed)
+
+
+def test_belady_is_optimal_on_small_reference_strings():
+    rng = random.Random(3)
+    for _ in range(30):
+        steps = [rng.sample(range(5), rng.randint(1, 3)) for _ in range(6)]
+        refs = unit_references(steps, 2, "expert")
+        for k in (1, 2, 3):
+            assert simulate_cache(refs, k, "belady").hits == optimal_hits(refs, k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Residency: slots over the cache, as the store and the simulator drive it
+# ---------------------------------------------------------------------------------------------------
+L, E = 4, 7
+
+
+def test_residency_rejects_a_contradicted_plan():
+    res = Residency(L, "slice", 4)
+    res.plan([[1, 2]])
+    with pytest.raises(CacheError, match="plan says"):
+        res.begin_layer(0, [3])
+
+
+def _long_replay(res: Residency, steps: list[list[int]]) -> Residency:
+    """Drive a Residency as the expert store does: plan each step as it is scheduled, run its layers."""
+    for experts in steps:
+        res.plan([experts])
+        for layer in range(L):
+            res.begin_layer(layer, experts)
+            for p, (lay, e, need) in list(res.want.items()):
+                if need <= res.horizon and p not in res.inflight and p not in res.pinned:
+                    res.start_load(p, lay, e)
+                    res.finish_load(p)
+    return res
+
+
+@pytest.mark.parametrize("unit", ["slice", "expert"])
+def test_long_replay_keeps_bookkeeping_bounded(monkeypatch, unit):
+    """A long-running server plans steps forever: past references are forgotten, decisions unchanged."""
+    rng = random.Random(0)
+    steps = [sorted(rng.sample(range(E), 2)) for _ in range(3000)]
+    res = _long_replay(Residency(L, unit, 3, policy="belady"), steps)
+    refs = len(steps) * 2 * (L if unit == "slice" else 1)
+    assert len(res._refs) < refs // 2
+    assert sum(len(b) for b in res.future._positions.values()) < refs // 2
+    monkeypatch.setattr(Residency, "_forget_past", lambda self: None)  # the old, unbounded bookkeeping
+    unbounded = _long_replay(Residency(L, unit, 3, policy="belady"), steps)
+    assert len(unbounded._refs) == refs
+    assert res.stats == unbounded.stats
+
+
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+@pytest.mark.parametrize("unit", ["slice", "expert"])
+def test_long_replay_keeps_every_structure_bounded(unit, policy):
+    """Every container the residency holds (its cache, policy, future view, slots), counted entry by
+    entry, stops growing: 3000 steps end no bigger than they were a thousand steps in (the load log
+    of the cache, once kept, doubled it)."""
+    rng = random.Random(1)
+    res = Residency(L, unit, 3, policy=policy, prefetch=True)
+    sizes = []
+    for i in range(3000):
+        experts = sorted(rng.sample(range(E), 2))
+        res.plan([experts])
+        for layer in range(L):
+            res.begin_layer(layer, experts)
+            while (job := res.next_load()) is not None:
+                res.start_load(job[0], job[1], job[2])
+                res.finish_load(job[0])
+        if i % 20 == 0:
+            sizes.append(bookkeeping_size(res))
+    assert res.stats.misses > 1000 and res.stats.evictions > 1000  # the cache really turned over
+    n = len(sizes)
+    early = max(sizes[n // 4 : n // 2])
+    late = max(sizes[3 * n // 4 :])
+    assert late <= 1.1 * early, (early, late)
+    assert late < 8 * 1024
+    assert res.cache.loads == []
