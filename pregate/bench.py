@@ -353,10 +353,9 @@ def write_serve_outputs(result: dict, json_path: str | Path) -> list[Path]:
 
 
 def plot_bench(runs: dict[str, list[RunResult]], stem: Path) -> list[Path]:
-    import matplotlib
+    from pregate.plots import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -4,9 +4,9 @@ Owns the measured, teacher-forced replay of routed requests through the real Sch
 (`ReplayRequest`, `replay_teacher_forced`), ShareGPT routing (`route_sharegpt`), the benchmark itself
 (`CacheBenchConfig`, `bench_cache`: hit ratios of every eviction policy, measured latency with the
 tiered store, the simulator calibrated on it, the Llama-2-7B / A100 projection) and its reports
-(`format_cache_table`, `plot_cache_bench`). A benchmark, not runtime: it may import the store, the
-simulator and the model (`pregate.store`, `pregate.sim`, `pregate.references`, `pregate.moe`); no
-runtime module imports it.
+(`format_cache_table`, `plot_cache_bench`). A benchmark, not runtime: it may import the serving core
+(`scheduler`, `metrics`, `workload`, `eviction`), the store, the simulator, the reference files, the
+model and the router's loader; no runtime module imports it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ at full size (the footer of the table names them):
   (median over the decode-only steps of the median repeat);
 - expert cache hit ratio (`pregate bench cache`): Belady against LRU with 1-3 of the experts resident,
   on the trace's routed expert references as the expert-aware scheduler orders them.
+
+A script's library half: imports `pregate.bench`, `pregate.sim` and `pregate.cache_bench`; nothing in
+the package imports it but `pregate.demo`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ tpot = (finish_time - first_token_time) / (num_generated - 1), defined for num_g
 normalized latency = e2e / num_generated (the Read-ME / Orca metric, seconds per generated token).
 Percentiles use linear interpolation between closest ranks (numpy's default ``method="linear"``):
 p-th percentile of sorted x[0..n-1] is x at fractional index (n - 1) * p / 100. No torch here.
+
+Owns the request and step records, `MetricsRecorder` and `summarize_run` (the one summary the engine,
+the simulator and the benchmarks report); imports only `pregate.errors`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ Memory model: admission reserves ``P + max_new_tokens`` KV tokens for the whole 
 (no preemption), so a running request can always finish. Admission is strict FCFS in ``add_request``
 order (no overtaking: a large request at the head is never starved by small ones behind it).
 
-No torch here: requests, items and results are plain dataclasses (tested in a subprocess).
+No torch here: requests, items and results are plain dataclasses (tested in a subprocess). Owns the
+step protocol, admission and the batching policies (`SCHEDULING_POLICIES`, `make_scheduling_policy`);
+imports only `pregate.errors`.
 """
 
 from __future__ import annotations
