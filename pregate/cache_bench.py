@@ -145,7 +145,10 @@ def route_sharegpt(
     model = model if model is not None else load_moe(model_dir)  # first: it refuses a wrong directory clearly
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     router = None
-    how = "oracle routing (no trained router found: argmax over experts of the activation mass summed over layers)"
+    how = (
+        "oracle routing (no trained router found: "
+        "argmax over experts of the activation mass summed over layers)"
+    )
     for cand in [router_dir, model_dir] if router_dir else [model_dir]:
         if cand is not None and (Path(cand) / "router.safetensors").is_file():
             from pregate.train import load_router
@@ -169,7 +172,9 @@ def route_sharegpt(
 
                 routing, _ = routing_for(router, ids)
                 if routing is None:
-                    raise CacheBenchError("a layer-wise router has no pre-gated experts; use a pre-gating router")
+                    raise CacheBenchError(
+                        "a layer-wise router has no pre-gated experts; use a pre-gating router"
+                    )
                 experts = routing.expert_ids[:, 0].tolist()
             else:
                 experts = model.expert_scores(ids).sum(0).argmax(-1).tolist()
@@ -290,7 +295,9 @@ def bench_cache(model_dir: str | Path, cfg: CacheBenchConfig, out_dir: str | Pat
     E = model.num_experts
     if max(cfg.capacities) > E:
         raise CacheBenchError(f"capacities {cfg.capacities} exceed the model's {E} experts")
-    reqs, how = route_sharegpt(model_dir, cfg.requests, cfg.max_prompt, cfg.max_output, cfg.seed, cfg.router, model)
+    reqs, how = route_sharegpt(
+        model_dir, cfg.requests, cfg.max_prompt, cfg.max_output, cfg.seed, cfg.router, model
+    )
     traces = [r.trace for r in reqs]
     save_trace(out_dir / "routed_trace.jsonl", traces)
     scfg = SchedulerConfig(policy=cfg.policy, token_budget=cfg.token_budget, max_running=cfg.max_running)
@@ -318,7 +325,8 @@ def bench_cache(model_dir: str | Path, cfg: CacheBenchConfig, out_dir: str | Pat
         "hit_ratio": table,
         "paper_hit_ratio": PAPER_TABLE4,
         "demand_bytes": {
-            p: {k: round((1 - h) * num_refs) * slice_bytes * L for k, h in row.items()} for p, row in table.items()
+            p: {k: round((1 - h) * num_refs) * slice_bytes * L for k, h in row.items()}
+            for p, row in table.items()
         },
     }
     if cfg.measure:
