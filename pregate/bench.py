@@ -25,10 +25,10 @@ import torch
 
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError
-from pregate.metrics import RequestMetrics, StepRecord, summarize
+from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
 from pregate.router import PreGatingRouter, RouterConfig, distill_graded
-from pregate.scheduler import POLICY_NAMES, SchedulerConfig, SchedulerError
+from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
 from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_workload
 
 DENSE = "dense-fcfs"  # the dense parent in the same engine
@@ -43,7 +43,7 @@ class BenchError(PregateError):
 class BenchConfig:
     """One benchmark: the trace, the budgets every policy shares, and what to compare."""
 
-    policies: list[str] = field(default_factory=lambda: list(POLICY_NAMES))
+    policies: list[str] = field(default_factory=lambda: list(SCHEDULING_POLICIES))
     requests: int = 32
     rate: float | None = 4.0  # requests/s (Poisson); None = all at t=0
     seed: int = 0
@@ -62,9 +62,11 @@ class BenchConfig:
     router_steps: int = 40  # only when the checkpoint has no trained router
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.policies if p not in POLICY_NAMES]
+        unknown = [p for p in self.policies if p not in SCHEDULING_POLICIES]
         if unknown or not self.policies:
-            raise BenchError(f"policies={self.policies!r}: use one or more of {', '.join(POLICY_NAMES)}")
+            raise BenchError(
+                f"policies={self.policies!r}: use one or more of {', '.join(SCHEDULING_POLICIES)}"
+            )
         for name in ("requests", "token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk",
                      "max_prompt_tokens", "max_output_tokens", "repeats", "router_steps"):
             v = getattr(self, name)
@@ -93,7 +95,7 @@ class RunResult:
     failed: dict[str, str]
 
     def summary(self) -> dict:
-        return summarize(self.requests, self.steps)
+        return summarize_run(self.requests, self.steps)
 
 
 # ----------------------------------------------------------------------------------------- routers
@@ -163,7 +165,7 @@ def load_dense_parent(moe: MoEForCausalLM):
 # ----------------------------------------------------------------------------------------- replay
 
 
-def replay(engine: Engine, trace: list[WorkloadRequest]) -> RunResult:
+def replay_engine(engine: Engine, trace: list[WorkloadRequest]) -> RunResult:
     """Serve `trace` in real time: a request is added once its arrival time has passed; returns metrics."""
     pending = sorted(trace, key=lambda r: r.arrival_time)
     t0 = engine.metrics.clock()
@@ -263,8 +265,8 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
         if name == HF:
             return replay_hf_static(hf, tokenizer, trace, cfg.max_running)
         if name == DENSE:
-            return replay(Engine(dense, tokenizer, None, cfg.scheduler("fcfs")), trace)
-        return replay(Engine(moe, tokenizer, router, cfg.scheduler(name)), trace)
+            return replay_engine(Engine(dense, tokenizer, None, cfg.scheduler("fcfs")), trace)
+        return replay_engine(Engine(moe, tokenizer, router, cfg.scheduler(name)), trace)
 
     # Warm-up, unrecorded: a quarter of the trace at once through every system. A shorter one left the
     # first recorded run up to 30 % slower (kernel and allocator caches still cold for its batch shapes).
@@ -272,7 +274,7 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
     progress(f"warm-up on {len(warm)} requests ({len(trace)} in the trace; router: {router_note})")
     for m in (moe, dense):
         if m is not None:
-            replay(Engine(m, tokenizer, router if m is moe else None, cfg.scheduler("fcfs")), warm)
+            replay_engine(Engine(m, tokenizer, router if m is moe else None, cfg.scheduler("fcfs")), warm)
     if hf is not None and cfg.hf:
         replay_hf_static(hf, tokenizer, warm, cfg.max_running)
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
@@ -317,7 +319,7 @@ def far_off(values: list[float], factor: float = 1.5) -> list[int]:
     return [i for i, v in enumerate(values) if med > 0 and not med / factor <= v <= med * factor]
 
 
-def format_table(result: dict) -> str:
+def format_serve_table(result: dict) -> str:
     cols = [("norm_mean", 1e3), ("norm_p50", 1e3), ("norm_p95", 1e3), ("norm_p99", 1e3), ("norm_max", 1e3),
             ("ttft_mean", 1), ("tpot_mean", 1e3), ("throughput", 1), ("experts_per_step", 1)]
     head = f"{'policy':14s}" + "".join(f"{c:>12s}" for c, _ in cols[:-1]) + f"{'experts/step':>14s}"
@@ -335,7 +337,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, json_path: str | Path) -> list[Path]:
+def write_serve_outputs(result: dict, json_path: str | Path) -> list[Path]:
     """The JSON (without raw runs, plus per-request normalized latencies) and the PNG plots beside it."""
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,10 +353,9 @@ def write_outputs(result: dict, json_path: str | Path) -> list[Path]:
 
 
 def plot_bench(runs: dict[str, list[RunResult]], stem: Path) -> list[Path]:
-    import matplotlib
+    from pregate.plots import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -407,7 +408,7 @@ def bench_serve(model_dir: str | Path, json_path: str | Path, cfg: BenchConfig, 
         result = run_bench(model_dir, cfg, trace_path)
     except SchedulerError as err:
         raise BenchError(str(err)) from None
-    print(format_table(result))
-    for p in write_outputs(result, json_path):
+    print(format_serve_table(result))
+    for p in write_serve_outputs(result, json_path):
         print(f"wrote {p}")
     return result

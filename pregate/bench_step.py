@@ -380,7 +380,7 @@ def _floors(row: dict, nbytes: dict, bw: dict) -> dict:
 def run_bench_step(
     model_dir: str | Path, cfg: StepBenchConfig, progress: Callable[[str], None] = print
 ) -> dict:
-    """Run every measurement; returns the result dict that `write_outputs` saves (see module doc)."""
+    """Run every measurement; returns the result dict that `write_step_outputs` saves (see module doc)."""
     config = read_config(model_dir)
     check_model(config, cfg)
     gate = None
@@ -521,7 +521,7 @@ def _row_line(r: dict) -> str:
             f"{r['floor_read_ms']:9.2f}{r['floor_gemv_ms']:9.2f}{r['ratio_read']:8.2f}{r['ratio_gemv']:8.2f}")
 
 
-def format_table(result: dict) -> str:
+def format_step_table(result: dict) -> str:
     head = (f"{'system':12s}{'batch':>6s}{'experts':>8s}{'decode ms':>11s} {'min':>9s}{'max':>9s}"
             f"{'prefill ms':>11s}{'MB read':>9s}{'floor rd':>9s}{'floor mv':>9s}{'x read':>8s}{'x gemv':>8s}")
     bw = result["bandwidth"]
@@ -589,7 +589,7 @@ def plot_step_vs_experts(result: dict, path: str | Path) -> Path:
     return path
 
 
-def write_outputs(result: dict, json_path: str | Path) -> list[Path]:
+def write_step_outputs(result: dict, json_path: str | Path) -> list[Path]:
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
@@ -601,7 +601,7 @@ def bench_step(model_dir: str | Path, json_path: str | Path, cfg: StepBenchConfi
     """The library function behind `pregate bench step`: check, run, print the table, write JSON + plot."""
     check_model(read_config(model_dir), cfg)  # before any weights load
     result = run_bench_step(model_dir, cfg)
-    print(format_table(result))
-    for p in write_outputs(result, json_path):
+    print(format_step_table(result))
+    for p in write_step_outputs(result, json_path):
         print(f"wrote {p}")
     return result

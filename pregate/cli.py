@@ -228,8 +228,8 @@ def _group(sub, name: str, help: str):
 
 
 def cmd_bench_cache(args) -> None:
-    from pregate.sim import format_cache_table, save_json
-    from pregate.store import CacheBenchConfig, bench_cache
+    from pregate.cache_bench import CacheBenchConfig, bench_cache, format_cache_table
+    from pregate.sim import save_json
 
     cfg = CacheBenchConfig(requests=args.requests, max_prompt=args.max_prompt, max_output=args.max_output, seed=args.seed,
                            capacities=tuple(args.k), bandwidth=args.bandwidth, depth=args.depth,
@@ -246,7 +246,8 @@ def cmd_bench_cache(args) -> None:
 
 def cmd_trace_export(args) -> None:
     from pregate.scheduler import SchedulerConfig
-    from pregate.sim import scheduled_steps, write_references
+    from pregate.references import write_references
+    from pregate.sim import scheduled_steps
     from pregate.workload import load_trace
 
     moe_cfg = json.loads((Path(args.model) / "pregate_config.json").read_text()) if Path(args.model).is_dir() else None
@@ -256,12 +257,15 @@ def cmd_trace_export(args) -> None:
     if args.trace:
         traces = load_trace(args.trace)
     else:
-        from pregate.store import route_sharegpt
+        from pregate.cache_bench import route_sharegpt
 
         traces = [r.trace for r in route_sharegpt(args.model, args.requests, args.max_prompt, args.max_output, args.seed)[0]]
     steps = scheduled_steps(traces, SchedulerConfig(policy=args.policy, token_budget=args.token_budget, max_running=args.max_running))
     path = write_references(args.out, steps, layers, experts, args.unit)
-    print(f"wrote {path}: {len(steps)} steps, unit {args.unit} (format: see pregate.sim.write_references)")
+    print(
+        f"wrote {path}: {len(steps)} steps, unit {args.unit} "
+        "(format: see pregate.references.write_references)"
+    )
 
 
 def cmd_simulate(args) -> None:
@@ -309,7 +313,7 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_trace_route(args) -> None:
-    from pregate.store import route_sharegpt
+    from pregate.cache_bench import route_sharegpt
     from pregate.workload import save_trace
 
     requests, how = route_sharegpt(args.model, args.requests, args.max_prompt, args.max_output, args.seed, args.router)
@@ -318,9 +322,9 @@ def cmd_trace_route(args) -> None:
 
 
 def _add_offload_commands(sub) -> None:
-    from pregate.eviction import POLICY_NAMES
-    from pregate.scheduler import POLICY_NAMES as SCHED_POLICIES
-    from pregate.sim import PRESETS, UNITS
+    from pregate.eviction import EVICTION_POLICIES, UNITS
+    from pregate.scheduler import SCHEDULING_POLICIES
+    from pregate.sim import PRESETS
 
     def workload_args(p) -> None:
         p.add_argument("--requests", type=_positive_int, default=24, help="ShareGPT requests (default 24)")
@@ -329,7 +333,12 @@ def _add_offload_commands(sub) -> None:
         p.add_argument("--seed", type=int, default=0)
 
     def sched_args(p) -> None:
-        p.add_argument("--policy", choices=SCHED_POLICIES, default="expert-aware", help="batching policy (default expert-aware)")
+        p.add_argument(
+            "--policy",
+            choices=SCHEDULING_POLICIES,
+            default="expert-aware",
+            help="batching policy (default expert-aware)",
+        )
         p.add_argument("--token-budget", type=_positive_int, default=64, help="tokens per step (default 64)")
         p.add_argument("--max-running", type=_positive_int, default=16, help="requests running at once (default 16)")
 
@@ -369,14 +378,14 @@ def _add_offload_commands(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b-a100", help="documented cost model (default llama2-7b-a100)")
     p.add_argument("--cost", help="a cost model JSON, a `bench cache` JSON (its calibrated model) or a `bench serve` JSON "
                    "(fitted to its measured engine steps); overrides --preset")
-    p.add_argument("--policies", nargs="+", choices=SCHED_POLICIES,
+    p.add_argument("--policies", nargs="+", choices=SCHEDULING_POLICIES,
                    help="compare these batching policies instead (every expert resident, no offloading)")
     p.add_argument("--rate", type=float, help="with --policies: Poisson arrivals at this many requests/s (default: the trace's times)")
     p.add_argument("--requests", type=_positive_int, help="use only the first N requests of the trace")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     p.add_argument("--k", type=_positive_int, nargs="+", default=[2, 3, 4, 5], help="capacities in units (default 2 3 4 5)")
     p.add_argument("--unit", choices=UNITS, default="expert")
-    p.add_argument("--cache-policy", choices=POLICY_NAMES, default="belady")
+    p.add_argument("--cache-policy", choices=EVICTION_POLICIES, default="belady")
     p.add_argument("--depth", type=_positive_int, default=1, help="layers prefetched ahead (default 1)")
     p.add_argument("--json", help="write the results here")
     sched_args(p)
@@ -446,7 +455,7 @@ def _add_expert_aware_args(p: argparse.ArgumentParser, max_wait: int, min_queue:
 
 def _add_serve_commands(sub) -> None:
     from pregate.bench import BenchConfig
-    from pregate.scheduler import POLICY_NAMES as SCHED_POLICIES
+    from pregate.scheduler import SCHEDULING_POLICIES
     from pregate.scheduler import SchedulerConfig
 
     d = BenchConfig()
@@ -454,7 +463,7 @@ def _add_serve_commands(sub) -> None:
         "serve", help="every batching policy, the dense parent and HF generate on one ShareGPT trace, side by side")
     p.add_argument("model", help="a MoE checkpoint directory (its trained router is used; none: one is distilled)")
     p.add_argument("--json", required=True, help="write the results here (PNG plots go beside it)")
-    p.add_argument("--policies", nargs="+", choices=SCHED_POLICIES, default=list(SCHED_POLICIES))
+    p.add_argument("--policies", nargs="+", choices=SCHEDULING_POLICIES, default=list(SCHEDULING_POLICIES))
     p.add_argument("--requests", type=_positive_int, default=d.requests, help=f"ShareGPT requests (default {d.requests})")
     p.add_argument("--rate", type=float, default=d.rate, help=f"Poisson arrivals per second (default {d.rate}); 0 = all at t=0")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -533,7 +542,12 @@ def _add_serve_commands(sub) -> None:
                    help=f"tokens per long prompt (default {lt.long_prompt_tokens})")
     p.add_argument("--timeout", type=float, default=lt.timeout_s, help=f"seconds before a request counts as lost (default {lt.timeout_s:.0f})")
     p.add_argument("--seed", type=int, default=lt.seed)
-    p.add_argument("--policy", choices=SCHED_POLICIES, default=s.policy, help=f"batching policy (default {s.policy})")
+    p.add_argument(
+        "--policy",
+        choices=SCHEDULING_POLICIES,
+        default=s.policy,
+        help=f"batching policy (default {s.policy})",
+    )
     p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.set_defaults(func=cmd_bench_server)
@@ -544,7 +558,12 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", help="model name the API reports (default: the directory's name)")
-    p.add_argument("--policy", choices=SCHED_POLICIES, default=s.policy, help=f"batching policy (default {s.policy})")
+    p.add_argument(
+        "--policy",
+        choices=SCHEDULING_POLICIES,
+        default=s.policy,
+        help=f"batching policy (default {s.policy})",
+    )
     p.add_argument("--token-budget", type=_positive_int, default=s.token_budget, help=f"tokens per step (default {s.token_budget})")
     p.add_argument("--max-running", type=_positive_int, default=s.max_running, help=f"requests running at once (default {s.max_running})")
     p.add_argument("--kv-capacity", type=_positive_int, default=s.kv_capacity_tokens,

@@ -9,6 +9,9 @@ at full size (the footer of the table names them):
   (median over the decode-only steps of the median repeat);
 - expert cache hit ratio (`pregate bench cache`): Belady against LRU with 1-3 of the experts resident,
   on the trace's routed expert references as the expert-aware scheduler orders them.
+
+A script's library half: imports `pregate.bench`, `pregate.sim` and `pregate.cache_bench`; nothing in
+the package imports it but `pregate.demo`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from pregate.bench import DENSE, HF, BenchConfig, flat_metrics, run_bench
+from pregate.bench import DENSE, HF, BenchConfig, run_bench
 
 SERVE = BenchConfig(
     policies=["expert-aware", "decode-first"],
@@ -39,7 +42,7 @@ def _decode_step_ms(run) -> float:
 def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -> dict:
     """Run the three measurements; returns a JSON-able dict (what `format_serving` prints)."""
     from pregate import sim
-    from pregate.store import route_sharegpt
+    from pregate.cache_bench import route_sharegpt
 
     progress(f"  {cfg.repeats} interleaved repeats of {len(cfg.policies) + cfg.dense + cfg.hf} systems")
     result = run_bench(train_dir, cfg, progress=lambda msg: None)

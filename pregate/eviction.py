@@ -1,7 +1,12 @@
-"""Expert-cache eviction: a capacity-bounded fast tier and the policies that choose what leaves it.
+"""Expert-cache state: a capacity-bounded fast tier, the policies that choose what leaves it, and the
+slot bookkeeping (`Residency`) an owner of real or simulated slots drives.
 
-Torch-free on purpose: the tiered expert store (which moves real tensors) and the simulator (which
-moves nothing) drive the same `ExpertCache` and the same policy objects.
+Owns: the cache units and the references a step makes (`UNITS`, `step_references`), `FutureView`,
+the eviction policies (`EVICTION_POLICIES`, `make_eviction_policy`), `ExpertCache` and its counters,
+`Residency` (which slot holds which slice, which loads are wanted), and pure cache runs over a
+reference string (`simulate_cache`, `optimal_hits`). Imports only `pregate.errors`: torch-free on
+purpose, so the tiered expert store (which moves real tensors, `pregate.store`) and the simulator
+(which moves nothing, `pregate.sim`) drive the same objects and take identical decisions.
 
 Vocabulary
 - unit: any hashable id of what the fast tier holds (an int expert id, a (layer, expert) tuple...).
@@ -17,6 +22,18 @@ Contract between the three pieces
   caller may ask and then decide not to evict (see `ExpertCache.prefetch`). `candidates` may be a subset
   of the resident units (an owner can leave out pinned units that are being computed with).
 - One policy object serves one cache.
+
+Units. A scheduled step uses a set of routed experts S (pre-gating: the same S in every layer). The
+cache sees, per step, in ascending expert order:
+  unit "expert" (a whole expert, all layers, is one unit): one reference per (step, expert);
+  unit "slice" (one (layer, expert) slice is one unit): one reference per (step, layer, expert).
+
+Belady's future in a Residency. `Residency.plan(steps)` appends steps whose experts are already known
+(routed and queued work) to the cache's FutureView; a lookahead `window` (in references) limits how far
+the policy may look. Beyond the window (or beyond what has been planned) a unit counts as "never used
+again": such units are evicted first, the least recently used of them first; with window 0 Belady is
+LRU. References before the running step are forgotten, so a long-running owner's bookkeeping stays
+bounded.
 """
 
 from __future__ import annotations
@@ -24,7 +41,7 @@ from __future__ import annotations
 import heapq
 import random
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -33,7 +50,8 @@ from pregate.errors import PregateError
 
 Unit = Hashable
 
-POLICY_NAMES = ("random", "lru", "lfu", "belady")
+EVICTION_POLICIES = ("random", "lru", "lfu", "belady")
+UNITS = ("expert", "slice")
 
 _NEVER = 1 << 62  # next-use key of a unit with no known next use; larger than any reference index
 _NOTHING = object()  # "no unit" where None could itself be a unit
@@ -61,6 +79,35 @@ def _check_window(window: object) -> int | None:
             "(how many references ahead are visible)"
         )
     return window
+
+
+# ---------------------------------------------------------------------------------------------------
+# Units and the references of a step
+# ---------------------------------------------------------------------------------------------------
+def check_unit(unit: object) -> str:
+    if unit not in UNITS:
+        raise CacheError(
+            f"unit={unit!r} is unknown; use 'expert' (whole expert, all layers) or 'slice' (one layer)"
+        )
+    return unit  # type: ignore[return-value]
+
+
+def step_references(experts: Iterable[int], num_layers: int, unit: str) -> list[tuple[int, int]]:
+    """(layer, expert) references of one step in the order the cache sees them; layer -1 = whole expert."""
+    s = sorted(set(experts))
+    if check_unit(unit) == "expert":
+        return [(-1, e) for e in s]
+    return [(layer, e) for layer in range(num_layers) for e in s]
+
+
+def unit_of(layer: int, expert: int, unit: str) -> Unit:
+    """The cache unit of a reference: the expert id, or the (layer, expert) pair."""
+    return expert if unit == "expert" else (layer, expert)
+
+
+def unit_references(steps: Iterable[Iterable[int]], num_layers: int, unit: str) -> list[Unit]:
+    """The reference string (cache units) of a sequence of steps' expert sets."""
+    return [unit_of(l, e, unit) for s in steps for l, e in step_references(s, num_layers, unit)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,8 +421,8 @@ class RandomPolicy:
         return self._chosen
 
 
-def make_policy(name: str, seed: int = 0) -> EvictionPolicy:
-    """A fresh policy by name (one of POLICY_NAMES); `seed` only matters for "random"."""
+def make_eviction_policy(name: str, seed: int = 0) -> EvictionPolicy:
+    """A fresh policy by name (one of EVICTION_POLICIES); `seed` only matters for "random"."""
     if name == "lru":
         return LRU()
     if name == "lfu":
@@ -384,7 +431,7 @@ def make_policy(name: str, seed: int = 0) -> EvictionPolicy:
         return Belady()
     if name == "random":
         return RandomPolicy(seed)
-    raise CacheError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    raise CacheError(f"unknown eviction policy {name!r}; choose one of {', '.join(EVICTION_POLICIES)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,7 +439,11 @@ def make_policy(name: str, seed: int = 0) -> EvictionPolicy:
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class CacheStats:
-    """Counters of one cache run. Loads (bytes moved into the fast tier) = misses + prefetches."""
+    """Counters of one cache run. Loads (bytes moved into the fast tier) = misses + prefetches.
+
+    The one definition of hits, misses and hit ratio: `ResidencyStats` and the store's `StoreStats`
+    extend it with the counters of their own layer.
+    """
 
     hits: int = 0
     misses: int = 0
@@ -418,7 +469,8 @@ class ExpertCache:
 
     `access(unit, t)` -> hit?; on a miss the unit is loaded, evicting `policy.victim(...)` first when
     the cache is full. `prefetch(unit, t)` loads without counting an access, and never evicts a unit
-    that is needed sooner than the prefetched one. `loads` keeps every load in order and `last_evicted`
+    that is needed sooner than the prefetched one. `loads` keeps every load in order (unless
+    `keep_loads` is False: a long-running owner, whose log would grow on every miss) and `last_evicted`
     names the unit the latest call evicted (None if it evicted nothing), so a tiered store can move the
     bytes and reuse the freed slot. Times t must not decrease from call to call; None is not a unit.
     """
@@ -429,13 +481,15 @@ class ExpertCache:
         policy: str | EvictionPolicy = "belady",
         future: FutureView | None = None,
         seed: int = 0,
+        keep_loads: bool = True,
     ) -> None:
         self.capacity = _check_capacity(capacity)
-        self.policy = make_policy(policy, seed) if isinstance(policy, str) else policy
+        self.policy = make_eviction_policy(policy, seed) if isinstance(policy, str) else policy
         # No future given: nothing is known ahead, so Belady degenerates to LRU (documented there).
         self.future = future if future is not None else FutureView()
         self.stats = CacheStats()
         self.loads: list[Unit] = []
+        self.keep_loads = keep_loads
         self.last_evicted: Unit | None = None
         self._resident: set[Unit] = set()
         self._t = -1
@@ -467,7 +521,8 @@ class ExpertCache:
         assert len(self._resident) < self.capacity, "a full cache must evict before it loads"
         self._resident.add(unit)
         self.policy.on_insert(unit, t)
-        self.loads.append(unit)
+        if self.keep_loads:
+            self.loads.append(unit)
 
     def access(self, unit: Unit, t: int) -> bool:
         """Reference `unit` at index t. Returns True on a hit; on a miss loads it (evicting if full)."""
@@ -509,7 +564,7 @@ class ExpertCache:
         return True
 
 
-def simulate(
+def simulate_cache(
     refs: Sequence[Unit],
     capacity: int,
     policy: str | EvictionPolicy,
@@ -550,3 +605,241 @@ def optimal_hits(refs: Sequence[Unit], capacity: int) -> int:
         return memo[key]
 
     return best(0, frozenset())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Residency: the cache decisions and the slots of a fast tier
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ResidencyStats(CacheStats):
+    """Cache counters plus slot traffic. `bypass` = slices used without a slot (the unit was not
+    resident when the layer ran: a step needing more units than the capacity streams the rest)."""
+
+    bypass: int = 0
+
+
+class Residency:
+    """Which units are in the fast tier, which slot holds which slice, and which loads are wanted.
+
+    Physical slots: unit "expert" -> capacity * L slots (slot j*L + l holds layer l of the expert in
+    unit slot j); unit "slice" -> capacity slots. `content[p]` = (layer, expert) whose bytes slot p holds
+    (None: nothing valid). `want[p]` = (layer, expert, need): a load the owner should perform, `need`
+    = step * L + layer orders urgency. A load may start when need <= `horizon` (current layer plus the
+    prefetch depth; without prefetching only the current layer) and slot p is not `pinned` to other
+    content (pinned: the running layer, or for whole experts the rest of the step, still reads it).
+    The owner calls `start_load` / `finish_load` around each transfer. Decisions go through an
+    `ExpertCache` over a `FutureView` of the planned steps; both forget references before the running
+    step, so the bookkeeping stays bounded however many steps run.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        unit: str,
+        capacity: int,
+        policy: str = "lru",
+        window: int | None = None,
+        prefetch: bool = False,
+        depth: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.L = num_layers
+        self.unit = check_unit(unit)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise CacheError(f"prefetch depth={depth!r} must be an int >= 1 (layers loaded ahead)")
+        self.future = FutureView(window)
+        self.cache = ExpertCache(capacity, policy, self.future, seed, keep_loads=False)
+        self.capacity = capacity
+        self.prefetch = prefetch
+        self.depth = depth
+        self.per_unit = num_layers if unit == "expert" else 1
+        self.num_slots = capacity * self.per_unit
+        self.content: list[tuple[int, int] | None] = [None] * self.num_slots
+        self.want: dict[int, tuple[int, int, int]] = {}
+        self.inflight: dict[int, tuple[int, int]] = {}
+        self.pinned: dict[int, tuple[int, int]] = {}
+        self.horizon = -1
+        self.bypass = 0
+        self.step = -1
+        self._slot_of: dict[Unit, int] = {}  # resident unit -> unit slot
+        self._free = list(range(capacity - 1, -1, -1))
+        self._refs: list[Unit] = []  # references from index _refs_base on (planned or observed)
+        self._refs_base = 0  # earlier references are past and forgotten (a long-running server)
+        self._planned: deque[tuple[int, ...]] = deque()  # planned steps not yet started
+        self._t = 0  # index of the next access
+        self._step_slot: dict[int, int] = {}  # expert -> unit slot, frozen for the step (unit expert)
+        self._accessed: set[int] = set()
+        self._layer = -1
+        self._cross_done = False
+
+    # -- the known future
+    def plan(self, steps: Iterable[Iterable[int]]) -> None:
+        """Append steps whose expert sets are known ahead (routed, queued work), in execution order."""
+        for s in steps:
+            s = tuple(sorted(set(s)))
+            self._planned.append(s)
+            refs = unit_references([s], self.L, self.unit)
+            self._refs.extend(refs)
+            self.future.extend(refs)
+
+    @property
+    def stats(self) -> ResidencyStats:
+        return ResidencyStats(**vars(self.cache.stats), bypass=self.bypass)
+
+    # -- decisions
+    def _assign(self, unit: Unit) -> int:
+        """Give the just-loaded `unit` the slot its victim freed (or a free one); drop stale wants."""
+        victim = self.cache.last_evicted
+        j = self._slot_of.pop(victim) if victim is not None else self._free.pop()
+        self._slot_of[unit] = j
+        for p in range(j * self.per_unit, (j + 1) * self.per_unit):
+            self.want.pop(p, None)
+        return j
+
+    def _want(self, p: int, layer: int, e: int, need: int) -> None:
+        if self.content[p] != (layer, e) or p in self.inflight:
+            self.want[p] = (layer, e, need)
+
+    def _access(self, layer: int, e: int) -> None:
+        unit = unit_of(layer, e, self.unit)
+        t = self._t
+        known = self._refs[t - self._refs_base] if t < self._refs_base + len(self._refs) else None
+        if known is None:  # not planned: the step becomes known now
+            self._refs.append(unit)
+            self.future.extend([unit])
+        elif known != unit:
+            raise CacheError(
+                f"step {self.step} uses {unit!r} at reference {t} but the plan says {known!r}; "
+                "plan() must list the experts of the steps in the order they run"
+            )
+        self._t += 1
+        if not self.cache.access(unit, t):
+            victim = self.cache.last_evicted
+            if self.unit == "expert" and victim in self._step_slot:
+                del self._step_slot[victim]  # evicted by its own step (more experts than slots): streams
+            self._assign(unit)
+
+    def begin_layer(self, layer: int, experts: Sequence[int]) -> dict[int, int | None]:
+        """Layer `layer` is about to run with `experts` (layer 0 starts a step). Returns expert ->
+        physical slot holding (or about to hold) its slice, or None (not resident: stream it)."""
+        experts = sorted(set(experts))
+        if layer == 0:
+            self._start_step(experts)
+        elif not 0 < layer < self.L or self.step < 0:
+            raise CacheError(f"layer={layer} out of range [0, {self.L}) or called before layer 0 of a step")
+        self.pinned = {}
+        self._layer = layer
+        need = self.step * self.L + layer
+        plan: dict[int, int | None] = {}
+        if self.unit == "slice":
+            for e in experts:
+                self._access(layer, e)
+            for e in experts:
+                j = self._slot_of.get((layer, e))
+                plan[e] = j
+                if j is not None:
+                    self.pinned[j] = (layer, e)
+                    self._want(j, layer, e, need)
+        else:
+            for e in experts:
+                if e not in self._step_slot and e not in self._accessed:
+                    self._accessed.add(e)
+                    self._access(-1, e)
+                    if e in self._slot_of:
+                        self._step_slot[e] = self._slot_of[e]
+            for e, j in self._step_slot.items():  # pin and want the rest of the step
+                for l2 in range(layer, self.L):
+                    p = j * self.L + l2
+                    self.pinned[p] = (l2, e)
+                    if self._slot_of.get(e) == j:
+                        self._want(p, l2, e, self.step * self.L + l2)
+            for e in experts:
+                j = self._step_slot.get(e)
+                plan[e] = None if j is None else j * self.L + layer
+        self.horizon = need + (self.depth if self.prefetch else 0)
+        if self.prefetch:
+            self._prefetch(layer, experts)
+        self.bypass += sum(1 for p in plan.values() if p is None)
+        return plan
+
+    def _forget_past(self) -> None:
+        """References before the running step are past: let the future view and our list drop them, so
+        bookkeeping stays bounded however long the store serves (amortised O(1) per reference)."""
+        self.future.advance(self._t)
+        drop = self._t - self._refs_base
+        if drop > max(1024, len(self._refs) - drop):
+            del self._refs[:drop]
+            self._refs_base = self._t
+
+    def _start_step(self, experts: list[int]) -> None:
+        self._forget_past()
+        self.step += 1
+        self._step_slot = {}
+        self._accessed = set()
+        self._cross_done = False
+        if self._planned:  # _access also checks every reference against the plan
+            planned = self._planned.popleft()
+            if tuple(experts) != planned:
+                raise CacheError(
+                    f"step {self.step} uses experts {experts}, the plan says {list(planned)}; "
+                    "plan() must list the experts of the steps in the order they run"
+                )
+
+    def _prefetch_unit(self, layer: int, e: int, need: int) -> None:
+        unit = unit_of(layer, e, self.unit)
+        if unit in self.cache:
+            return
+        if len(self.cache) >= self.capacity:
+            # never evict what the running layer (or, for whole experts, the running step) still reads
+            victim = self.cache.policy.victim(self.cache.resident, self._t - 1, self.future)
+            if (victim in self._step_slot) if self.unit == "expert" else victim[0] == self._layer:
+                return
+        if not self.cache.prefetch(unit, self._t):
+            return  # everything resident is needed sooner
+        j = self._assign(unit)
+        if self.unit == "slice":
+            self._want(j, layer, e, need)
+        else:
+            for l2 in range(self.L):
+                self._want(j * self.L + l2, l2, e, (self.step + 1) * self.L + l2)
+
+    def _prefetch(self, layer: int, experts: list[int]) -> None:
+        base = self.step * self.L
+        if self.unit == "slice":  # next layers of this step use the same experts (pre-gating)
+            for l2 in range(layer + 1, min(self.L, layer + 1 + self.depth)):
+                for e in experts:
+                    self._prefetch_unit(l2, e, base + l2)
+        if layer + self.depth >= self.L and self._planned and not self._cross_done:
+            self._cross_done = True  # the next step's first layers, once per step
+            nxt = self._planned[0]
+            if self.unit == "expert":
+                for e in nxt:
+                    self._prefetch_unit(-1, e, base + self.L)
+            else:
+                for l2 in range(0, layer + self.depth - self.L + 1):
+                    for e in nxt:
+                        self._prefetch_unit(l2, e, base + self.L + l2)
+
+    # -- the owner's side of a transfer
+    def next_load(self, any_need: bool = False) -> tuple[int, int, int, int] | None:
+        """The most urgent startable load (slot, layer, expert, need), or None.
+
+        `any_need` ignores the horizon."""
+        best = None
+        for p, (layer, e, need) in self.want.items():
+            if (need > self.horizon and not any_need) or p in self.inflight:
+                continue
+            pin = self.pinned.get(p)
+            if pin is not None and pin != (layer, e):
+                continue
+            if best is None or need < best[3]:
+                best = (p, layer, e, need)
+        return best
+
+    def start_load(self, p: int, layer: int, e: int) -> None:
+        self.want.pop(p, None)
+        self.inflight[p] = (layer, e)
+        self.content[p] = None
+
+    def finish_load(self, p: int) -> None:
+        self.content[p] = self.inflight.pop(p)

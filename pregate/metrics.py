@@ -5,6 +5,9 @@ tpot = (finish_time - first_token_time) / (num_generated - 1), defined for num_g
 normalized latency = e2e / num_generated (the Read-ME / Orca metric, seconds per generated token).
 Percentiles use linear interpolation between closest ranks (numpy's default ``method="linear"``):
 p-th percentile of sorted x[0..n-1] is x at fractional index (n - 1) * p / 100. No torch here.
+
+Owns the request and step records, `MetricsRecorder` and `summarize_run` (the one summary the engine,
+the simulator and the benchmarks report); imports only `pregate.errors`.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def describe(values: Sequence[float]) -> dict[str, float] | None:
     }
 
 
-def summarize(metrics: Sequence[RequestMetrics], steps: Sequence[StepRecord] = ()) -> dict:
+def summarize_run(metrics: Sequence[RequestMetrics], steps: Sequence[StepRecord] = ()) -> dict:
     """Summary of a run (JSON-serialisable apart from int histogram keys).
 
     Keys: num_requests, generated_tokens, makespan (first arrival to last finish, s), throughput
@@ -203,4 +206,4 @@ class MetricsRecorder:
         return rec
 
     def summary(self) -> dict:
-        return summarize(self.requests, self.steps)
+        return summarize_run(self.requests, self.steps)

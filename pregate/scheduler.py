@@ -21,7 +21,9 @@ Memory model: admission reserves ``P + max_new_tokens`` KV tokens for the whole 
 (no preemption), so a running request can always finish. Admission is strict FCFS in ``add_request``
 order (no overtaking: a large request at the head is never starved by small ones behind it).
 
-No torch here: requests, items and results are plain dataclasses (tested in a subprocess).
+No torch here: requests, items and results are plain dataclasses (tested in a subprocess). Owns the
+step protocol, admission and the batching policies (`SCHEDULING_POLICIES`, `make_scheduling_policy`);
+imports only `pregate.errors`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Callable, ClassVar, Iterable, Literal, Mapping, Protocol, Seq
 
 from pregate.errors import PregateError
 
-POLICY_NAMES = ("expert-aware", "decode-first", "prefill-first", "fcfs")
+SCHEDULING_POLICIES = ("expert-aware", "decode-first", "prefill-first", "fcfs")
 
 
 class SchedulerError(PregateError):
@@ -156,7 +158,7 @@ class StepResult:
 class SchedulerConfig:
     """Batching and memory budgets; identical for every policy so only the ordering differs."""
 
-    policy: str = "expert-aware"  # one of POLICY_NAMES
+    policy: str = "expert-aware"  # one of SCHEDULING_POLICIES
     token_budget: int = 256  # max tokens per step (prefill + decode)
     max_running: int = 32  # max admitted requests
     kv_capacity_tokens: int = 16384  # KV budget over running requests (prompt + max_new_tokens each)
@@ -169,9 +171,10 @@ class SchedulerConfig:
     min_queue_tokens: int = 2
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
+        if self.policy not in SCHEDULING_POLICIES:
             raise SchedulerError(
-                f"SchedulerConfig.policy={self.policy!r} is unknown; use one of {', '.join(POLICY_NAMES)}"
+                f"SchedulerConfig.policy={self.policy!r} is unknown; "
+                f"use one of {', '.join(SCHEDULING_POLICIES)}"
             )
         for name in ("token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk", "min_queue_tokens"):
             value = getattr(self, name)
@@ -397,17 +400,19 @@ class ExpertAwarePolicy:
                     break
 
 
-POLICIES: dict[str, Callable[[], BatchPolicy]] = {
+_POLICY_CLASSES: dict[str, Callable[[], BatchPolicy]] = {
     p.name: p for p in (ExpertAwarePolicy, DecodeFirstPolicy, PrefillFirstPolicy, FcfsPolicy)
 }
-assert tuple(POLICIES) == POLICY_NAMES
+assert tuple(_POLICY_CLASSES) == SCHEDULING_POLICIES
 
 
-def make_policy(name: str) -> BatchPolicy:
+def make_scheduling_policy(name: str) -> BatchPolicy:
     """Policy object by name; an unknown name raises SchedulerError listing the valid ones."""
-    if name not in POLICIES:
-        raise SchedulerError(f"unknown scheduling policy {name!r}; use one of {', '.join(POLICY_NAMES)}")
-    return POLICIES[name]()
+    if name not in _POLICY_CLASSES:
+        raise SchedulerError(
+            f"unknown scheduling policy {name!r}; use one of {', '.join(SCHEDULING_POLICIES)}"
+        )
+    return _POLICY_CLASSES[name]()
 
 
 # --------------------------------------------------------------------------------------- scheduler
@@ -418,7 +423,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.policy = make_policy(config.policy)
+        self.policy = make_scheduling_policy(config.policy)
         self._waiting: deque[Request] = deque()
         self._running: dict[str, Request] = {}  # admission order
         self._kv_used = 0

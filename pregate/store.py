@@ -10,7 +10,7 @@ I/O (`safe_open(...).get_slice(...)[e]`) into preallocated fast-tier buffers; an
 runs repeatable). GPU (`device="cuda"`): slow tier = pinned host copies of every expert, fast tier =
 GPU buffers, copies on their own CUDA stream, waited for with events (no host blocking; stall not timed).
 
-Decisions (hits, evictions, prefetches, slot contents) come from `pregate.sim.Residency`, the same
+Decisions (hits, evictions, prefetches, slot contents) come from `pregate.eviction.Residency`, the same
 object the simulator drives, over `pregate.eviction.ExpertCache` and its policies. Unit "expert": one
 cache reference per (step, expert); a missed expert's slices are loaded layer by layer. Unit "slice":
 one reference per (step, layer, expert). Prefetching (config.prefetch): a loader thread loads, while
@@ -22,6 +22,10 @@ streams the excess through a staging buffer (counted as bypass). Results are bit
 model's own weights: the buffers hold exact copies of the same padded [R, H] rows.
 
 Every wait has a timeout (config.timeout_s): a failure raises StoreError instead of hanging.
+
+Owns the store, its configuration and its counters (`ExpertStore`, `StoreConfig`, `StoreStats`).
+Runtime code: imports `pregate.eviction`, `pregate.moe` and `pregate.errors`, never the simulator or
+the benchmarks (the cache benchmark that drives it is `pregate.cache_bench`).
 """
 
 from __future__ import annotations
@@ -34,18 +38,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from pregate.errors import PregateError
-from pregate.eviction import POLICY_NAMES
+from pregate.eviction import EVICTION_POLICIES, UNITS, CacheError, Residency, ResidencyStats
 from pregate.moe import WEIGHTS_FILE, ExpertWeights
-from pregate.sim import UNITS, Residency, SimError
-
-if TYPE_CHECKING:
-    from pregate.scheduler import SchedulerConfig
-    from pregate.workload import WorkloadRequest
 
 _KEYS = ("w_gate", "w_up", "w_down")
 
@@ -79,8 +77,11 @@ class StoreConfig:
             raise StoreError(f"StoreConfig.capacity_bytes={self.capacity_bytes!r} must be an int >= 1")
         if self.unit not in UNITS:
             raise StoreError(f"StoreConfig.unit={self.unit!r} is unknown; use one of {', '.join(UNITS)}")
-        if self.policy not in POLICY_NAMES:
-            raise StoreError(f"StoreConfig.policy={self.policy!r} is unknown; choose one of {', '.join(POLICY_NAMES)}")
+        if self.policy not in EVICTION_POLICIES:
+            raise StoreError(
+                f"StoreConfig.policy={self.policy!r} is unknown; "
+                f"choose one of {', '.join(EVICTION_POLICIES)}"
+            )
         if self.bandwidth is not None and not (isinstance(self.bandwidth, (int, float)) and 0 < self.bandwidth < float("inf")):
             raise StoreError(f"StoreConfig.bandwidth={self.bandwidth!r} must be a finite number of bytes/s > 0, or None (no cap)")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
@@ -92,23 +93,14 @@ class StoreConfig:
 
 
 @dataclass
-class StoreStats:
-    """Counters of a store's life. stall_s: time `fetch` spent waiting for or doing loads."""
+class StoreStats(ResidencyStats):
+    """Counters of a store's life: the residency's (hits, misses, hit ratio...) plus its transfers.
+    stall_s: time `fetch` spent waiting for or doing loads; load_s: time the link spent on them."""
 
-    hits: int
-    misses: int
-    prefetches: int
-    evictions: int
-    bypass: int
-    slice_loads: int
-    bytes_loaded: int
-    stall_s: float
-    load_s: float
-
-    @property
-    def hit_ratio(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 0.0
+    slice_loads: int = 0
+    bytes_loaded: int = 0
+    stall_s: float = 0.0
+    load_s: float = 0.0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hit_ratio": self.hit_ratio}
@@ -155,7 +147,7 @@ class ExpertStore:
         self._offsets = self._expert_offsets(dtype)
         try:
             self.res = Residency(self.num_layers, config.unit, k, config.policy, config.window, config.prefetch, config.depth, config.seed)
-        except SimError as err:
+        except CacheError as err:
             raise StoreError(str(err)) from err
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -214,7 +206,7 @@ class ExpertStore:
         with self._cv:
             try:
                 self._plan = self.res.begin_layer(layer, experts)
-            except SimError as err:
+            except CacheError as err:
                 raise StoreError(str(err)) from err
             self._layer = layer
             self._cv.notify_all()
@@ -340,8 +332,13 @@ class ExpertStore:
 
     @property
     def stats(self) -> StoreStats:
-        r = self.res.stats
-        return StoreStats(r.hits, r.misses, r.prefetches, r.evictions, r.bypass, self._loads, self._bytes, self._stall, self._load_s)
+        return StoreStats(
+            **vars(self.res.stats),
+            slice_loads=self._loads,
+            bytes_loaded=self._bytes,
+            stall_s=self._stall,
+            load_s=self._load_s,
+        )
 
     def close(self) -> None:
         with self._cv:
@@ -359,235 +356,3 @@ class ExpertStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-# ----------------------------------------------------------------------------------------- measured replay
-
-
-@dataclass
-class ReplayRequest:
-    """A routed request with its token ids: the prompt and the reference response (teacher forcing)."""
-
-    trace: "WorkloadRequest"
-    prompt_ids: list[int]
-    output_ids: list[int]
-
-
-def replay(model, requests: list[ReplayRequest], scheduler: "SchedulerConfig", store: ExpertStore | None = None) -> dict:
-    """Serve `requests` (all queued at t=0) with the real Scheduler and the MoE on this machine.
-
-    Each step runs `forward_packed` on its items (prefill chunks and decode tokens, each request with its
-    own KV cache); the token fed after a prefill is the reference response (teacher forcing), so the
-    step sequence is the one `pregate.sim.scheduled_steps` predicts. Returns the metrics summary, one
-    record per step (duration, tokens, distinct experts, LM-head rows, stall) and `tokens`: the
-    argmax token at every item's last position (what greedy decoding would emit).
-    """
-    from pregate.metrics import MetricsRecorder
-    from pregate.moe import Routing, Segment
-    from pregate.scheduler import Request, Scheduler
-    from pregate.sim import step_result
-
-    by_id = {r.trace.request_id: r for r in requests}
-    traces = {rid: r.trace for rid, r in by_id.items()}
-    sched = Scheduler(scheduler)
-    rec = MetricsRecorder()
-    start = time.perf_counter()
-    for r in requests:
-        sched.add_request(Request(r.trace.request_id, list(r.trace.prompt_experts), r.trace.output_len))
-        rec.on_arrival(r.trace.request_id, at=start)
-    caches: dict = {}
-    steps, tokens = [], []
-    while sched.has_work():
-        out = sched.schedule()
-        ids, experts, segs, rows = [], [], [], []
-        for it in out.items:
-            r = by_id[it.request_id]
-            if it.request_id not in caches:
-                caches[it.request_id] = model.new_cache(len(r.prompt_ids) + len(r.output_ids))
-            if it.kind == "prefill":
-                ids += r.prompt_ids[it.start: it.start + it.num_tokens]
-            else:
-                ids.append(r.output_ids[it.start - len(r.prompt_ids)])
-            experts += it.experts
-            segs.append(Segment(it.num_tokens, caches[it.request_id]))
-            rows.append(len(ids) - 1)
-        stall0 = store.stats.stall_s if store is not None else 0.0
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            logits = model.forward_packed(torch.tensor(ids), segs, Routing.top1(torch.tensor(experts)),
-                                          logits_at=torch.tensor(rows), expert_source=store)
-        t1 = time.perf_counter()
-        tokens.append(logits.argmax(-1).tolist())
-        steps.append({"duration": t1 - t0, "tokens": out.num_tokens, "experts": out.unique_experts,
-                      "rows": len(rows), "stall": (store.stats.stall_s if store is not None else 0.0) - stall0})
-        result = step_result(out, sched, traces)
-        for rid in result.sampled:
-            rec.on_token(rid, at=t1)
-        for r in sched.update(out, result):
-            rec.on_finish(r.request_id, at=t1)
-            caches.pop(r.request_id, None)
-    return {"summary": rec.summary(), "steps": steps, "tokens": tokens}
-
-
-def route_sharegpt(model_dir: str | Path, n: int, max_prompt: int, max_output: int, seed: int = 0,
-                   router_dir: str | Path | None = None, model=None) -> tuple[list[ReplayRequest], str]:
-    """n ShareGPT first turns (prompt + reference response), routed token by token.
-
-    Routing: the trained pre-gating router of `router_dir` (or of `model_dir` when it holds one) via
-    `pregate.train.load_router`; otherwise the oracle routing the router is trained to imitate (each
-    token to the expert whose channels carry most of its activation mass, summed over layers; causal
-    like the router). Returns the requests and a sentence saying which routing was used.
-    """
-    import random
-
-    from transformers import AutoTokenizer
-
-    from pregate.moe import load_moe
-    from pregate.workload import WorkloadRequest, sharegpt_conversations
-
-    model_dir = Path(model_dir)
-    model = model if model is not None else load_moe(model_dir)  # first: it refuses a wrong directory clearly
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    router, how = None, "oracle routing (no trained router found: argmax over experts of the activation mass summed over layers)"
-    for cand in [router_dir, model_dir] if router_dir else [model_dir]:
-        if cand is not None and (Path(cand) / "router.safetensors").is_file():
-            from pregate.train import load_router
-            router, how = load_router(cand), f"trained router from {cand}"
-            break
-    pairs = sharegpt_conversations(20 * n)
-    order = list(range(len(pairs)))
-    random.Random(f"sharegpt-{seed}").shuffle(order)
-    out: list[ReplayRequest] = []
-    for i in order:
-        prompt, reference = pairs[i]
-        p_ids = tok(prompt)["input_ids"]
-        o_ids = tok(reference)["input_ids"][:max_output]
-        if not 1 <= len(p_ids) <= max_prompt or not o_ids:
-            continue
-        ids = torch.tensor([p_ids + o_ids])
-        with torch.no_grad():
-            if router is not None:
-                from pregate.train import routing_for
-                routing, _ = routing_for(router, ids)
-                if routing is None:
-                    raise StoreError("a layer-wise router has no pre-gated experts; use a pre-gating router")
-                experts = routing.expert_ids[:, 0].tolist()
-            else:
-                experts = model.expert_scores(ids).sum(0).argmax(-1).tolist()
-        rid = f"sharegpt-{len(out)}"
-        trace = WorkloadRequest(rid, prompt, len(o_ids), 0.0, len(p_ids), experts[: len(p_ids)], experts[len(p_ids):])
-        out.append(ReplayRequest(trace, p_ids, o_ids))
-        if len(out) == n:
-            return out, how
-    raise StoreError(f"only {len(out)} ShareGPT prompts have <= {max_prompt} tokens; lower n or raise max_prompt")
-
-
-# ----------------------------------------------------------------------------------------- bench cache
-
-PAPER_TABLE4 = {"random": {2: 0.34, 3: 0.50, 4: 0.68, 5: 0.83}, "lru": {2: 0.34, 3: 0.52, 4: 0.67, 5: 0.83},
-                "belady": {2: 0.44, 3: 0.62, 4: 0.77, 5: 0.88}}
-
-
-@dataclass
-class CacheBenchConfig:
-    """`pregate bench cache`: the routed ShareGPT trace, the scheduler, the store's link and capacities."""
-
-    requests: int = 24
-    max_prompt: int = 128
-    max_output: int = 64
-    seed: int = 0
-    capacities: tuple[int, ...] = (2, 3, 4, 5)
-    bandwidth: float = 1e9  # bytes/s cap of the emulated slow tier
-    depth: int = 1
-    token_budget: int = 64
-    max_running: int = 16
-    policy: str = "expert-aware"
-    router: str | None = None
-    measure: bool = True  # run the model (otherwise only the cache simulation)
-
-    def __post_init__(self) -> None:
-        for name in ("requests", "max_prompt", "max_output", "token_budget", "max_running", "depth"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise StoreError(f"CacheBenchConfig.{name}={v!r} must be an int >= 1")
-        if not self.capacities or any(not isinstance(k, int) or k < 1 for k in self.capacities):
-            raise StoreError(f"CacheBenchConfig.capacities={self.capacities!r} must be ints >= 1")
-        if not self.bandwidth > 0:
-            raise StoreError(f"CacheBenchConfig.bandwidth={self.bandwidth!r} must be > 0 bytes/s")
-
-
-def bench_cache(model_dir: str | Path, cfg: CacheBenchConfig, out_dir: str | Path) -> dict:
-    """Hit ratios of every policy at each k (whole experts) on one routed ShareGPT trace, then measured
-    normalized latency with the store (Belady) with prefetching off and on (tokens checked against an
-    all-resident run), the simulator calibrated on the first on-demand run and its error on the others,
-    and the Llama-2-7B / A100 projection. Writes the routed trace,
-    the reference string and PNG plots into out_dir; returns the JSON-able result."""
-    from pregate import sim
-    from pregate.moe import load_moe
-    from pregate.scheduler import SchedulerConfig
-    from pregate.workload import save_trace
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_moe(model_dir)
-    L, E = model.config.num_layers, model.num_experts
-    if max(cfg.capacities) > E:
-        raise StoreError(f"capacities {cfg.capacities} exceed the model's {E} experts")
-    reqs, how = route_sharegpt(model_dir, cfg.requests, cfg.max_prompt, cfg.max_output, cfg.seed, cfg.router, model)
-    traces = [r.trace for r in reqs]
-    save_trace(out_dir / "routed_trace.jsonl", traces)
-    scfg = SchedulerConfig(policy=cfg.policy, token_budget=cfg.token_budget, max_running=cfg.max_running)
-    steps = sim.scheduled_steps(traces, scfg)
-    sim.write_references(out_dir / "references.txt", steps, L, E, "expert")
-    ks = list(cfg.capacities)
-    table = sim.hit_ratio_table(steps, L, "expert", ks)
-    refs_per_step = sum(len(s) for s in steps) / len(steps)
-    window = max(1, round(refs_per_step))
-    table[f"belady-w{window}"] = sim.hit_ratio_table(steps, L, "expert", ks, ("belady",), window)["belady"]
-    with ExpertStore(model_dir, StoreConfig(capacity=1)) as probe:
-        slice_bytes = probe.slice_bytes
-    result: dict = {
-        "model": str(model_dir), "routing": how, "config": asdict(cfg), "num_layers": L, "num_experts": E,
-        "slice_bytes": slice_bytes, "expert_bytes": slice_bytes * L, "num_steps": len(steps),
-        "unique_experts_per_step": refs_per_step, "belady_window_refs": window,
-        "hit_ratio": table, "paper_hit_ratio": PAPER_TABLE4,
-        "demand_bytes": {p: {k: round((1 - h) * len(sim.unit_references(steps, L, "expert"))) * slice_bytes * L
-                             for k, h in row.items()} for p, row in table.items()},
-    }
-    if cfg.measure:
-        # calibration: the first on-demand run (compute terms by least squares on its steps with their
-        # stall removed; link speed = bytes / transfer time); every other run is a prediction
-        base = replay(model, reqs, scfg)
-        runs, link, calib = [], None, None
-        for k in ks:
-            for prefetch in (False, True):
-                scfg_store = StoreConfig(capacity=k, policy="belady", prefetch=prefetch, depth=cfg.depth, bandwidth=cfg.bandwidth)
-                with ExpertStore(model_dir, scfg_store) as store:
-                    store.plan(steps)
-                    got = replay(model, reqs, scfg, store)
-                    st = store.stats
-                if link is None and st.load_s > 0:
-                    link, calib = st.bytes_loaded / st.load_s, got["steps"]
-                nl = got["summary"]["normalized_latency"]
-                runs.append({"k": k, "prefetch": prefetch, "normalized_latency": nl["mean"], "normalized_latency_p95": nl["p95"],
-                             "stall_s": st.stall_s, "bytes_loaded": st.bytes_loaded, "hit_ratio": st.hit_ratio,
-                             "load_s": st.load_s, "tokens_identical": got["tokens"] == base["tokens"]})
-        cost = sim.calibrate(calib or base["steps"], L, slice_bytes, link or cfg.bandwidth)
-        pred_base = sim.simulate(traces, cost, sim.SimConfig(capacity=E, scheduler=scfg)).summary["normalized_latency"]["mean"]
-        for r in runs:
-            pred = sim.simulate(traces, cost, sim.SimConfig(capacity=r["k"], prefetch=r["prefetch"], depth=cfg.depth, scheduler=scfg))
-            pnl = pred.summary["normalized_latency"]["mean"]
-            r.update(sim_normalized_latency=pnl, sim_error=(pnl - r["normalized_latency"]) / r["normalized_latency"], sim_stall_s=pred.stall_s)
-        result["measured"] = {"all_resident_normalized_latency": base["summary"]["normalized_latency"]["mean"],
-                              "sim_all_resident": pred_base, "cost_model": cost.to_dict(), "runs": runs,
-                              "calibration": "first on-demand run: compute terms by least squares on its steps "
-                                             "(stall removed), bandwidth = bytes / transfer time; other runs are predictions"}
-    proj_cost = sim.llama2_7b_a100(E)
-    proj = []
-    for k in ks:
-        for prefetch in (False, True):
-            r = sim.simulate(traces, proj_cost, sim.SimConfig(capacity=k, prefetch=prefetch, depth=cfg.depth, scheduler=scfg))
-            proj.append({"k": k, "prefetch": prefetch, "normalized_latency": r.summary["normalized_latency"]["mean"],
-                         "hit_ratio": r.cache.hit_ratio, "stall_s": r.stall_s})
-    result["projection_llama2_7b_a100"] = {"cost_model": proj_cost.to_dict(), "runs": proj}
-    sim.plot_cache_bench(result, out_dir)
-    return result

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random Llama-family models (float32, CPU) built with transformers itself."""
 
+import random
+
 import pytest
 import torch
 
@@ -73,3 +75,38 @@ def tiny_checkpoint(tmp_path):
             (folder / f"{i}.txt").write_text(text)
         data.register_domain(name, folder)
     return path
+
+
+def routed_trace(n=12, seed=0, experts=7, arrivals=False):
+    """A routed trace (no model needed) with sticky experts, as Read-ME's router has: temporal locality."""
+    from pregate.workload import WorkloadRequest
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p, o = rng.randint(2, 20), rng.randint(1, 12)
+        e, pe, oe = rng.randrange(experts), [], []
+        for lst, m in ((pe, p), (oe, o)):
+            for _ in range(m):
+                e = e if rng.random() < 0.7 else rng.randrange(experts)
+                lst.append(e)
+        out.append(WorkloadRequest(f"r{i}", "", o, rng.uniform(0, 0.05) * i if arrivals else 0.0, p, pe, oe))
+    return out
+
+
+def bookkeeping_size(obj, seen: set | None = None) -> int:
+    """Entries held in the containers of `obj`, followed through pregate objects and nested containers
+    (tensors, files, threads and other foreign objects count 0): what a long run could grow."""
+    from collections import deque
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple, set, frozenset, deque)):
+        return len(obj) + sum(bookkeeping_size(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return len(obj) + sum(bookkeeping_size(k, seen) + bookkeeping_size(v, seen) for k, v in obj.items())
+    if type(obj).__module__.startswith("pregate.") and hasattr(obj, "__dict__"):
+        return sum(bookkeeping_size(v, seen) for v in vars(obj).values())
+    return 0

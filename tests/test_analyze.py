@@ -82,11 +82,11 @@ def test_reuse_distances_and_histogram_of_a_known_sequence():
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_lru_hit_ratio_from_reuse_distance_equals_the_cache_simulator(k):
-    from pregate.eviction import simulate
+    from pregate.eviction import simulate_cache
 
     rng = np.random.default_rng(k)
     refs = rng.choice(5, 300, p=[0.4, 0.3, 0.15, 0.1, 0.05]).tolist()
-    stats = simulate(refs, k, "lru")
+    stats = simulate_cache(refs, k, "lru")
     assert an.lru_hit_ratios(an.reuse_histogram(refs, 5))[k - 1] == pytest.approx(stats.hit_ratio)
 
 

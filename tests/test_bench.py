@@ -5,10 +5,19 @@ import json
 import pytest
 import torch
 
-from pregate.bench import HF, BenchConfig, BenchError, RunResult, format_table, replay, replay_hf_static, write_outputs
+from pregate.bench import (
+    HF,
+    BenchConfig,
+    BenchError,
+    RunResult,
+    format_serve_table,
+    replay_engine,
+    replay_hf_static,
+    write_serve_outputs,
+)
 from pregate.cli import build_parser
 from pregate.engine import Engine
-from pregate.metrics import summarize
+from pregate.metrics import summarize_run
 from pregate.router import PreGatingRouter, RouterConfig
 from pregate.scheduler import SchedulerConfig
 from pregate.workload import WorkloadRequest, synthetic_workload
@@ -30,7 +39,7 @@ def test_replay_respects_arrivals_and_serves_everyone(parts):
     trace.append(WorkloadRequest("too-long", "fox " * 400, 3, arrival_time=0.01))  # fails alone
     engine = Engine(moe, tok, router, SchedulerConfig(policy="expert-aware", token_budget=8, max_running=3))
     t0 = engine.metrics.clock()
-    res = replay(engine, trace)
+    res = replay_engine(engine, trace)
     assert sorted(m.request_id for m in res.requests) == sorted(r.request_id for r in trace[:5])
     assert list(res.failed) == ["too-long"] and "context" in res.failed["too-long"]
     by_id = {m.request_id: m for m in res.requests}
@@ -57,15 +66,15 @@ def test_table_json_and_plots(parts, tmp_path):
     moe, tok, router, hf = parts
     trace = synthetic_workload(3, prompt_len=5, output_len=3, rate=None)
     runs = {
-        "fcfs": [replay(Engine(moe, tok, router, SchedulerConfig(policy="fcfs")), trace)],
+        "fcfs": [replay_engine(Engine(moe, tok, router, SchedulerConfig(policy="fcfs")), trace)],
         HF: [replay_hf_static(hf, tok, trace, 2)],
     }
     from pregate.bench import flat_metrics
 
     result = {"policies": {n: flat_metrics(rs[0].summary()) for n, rs in runs.items()}, "workload": {"requests": 3}, "runs": runs}
-    table = format_table(result)
+    table = format_serve_table(result)
     assert "fcfs" in table and HF in table and "experts/step" in table
-    paths = write_outputs(result, tmp_path / "serve.json")
+    paths = write_serve_outputs(result, tmp_path / "serve.json")
     data = json.loads(paths[0].read_text())
     assert set(data["policies"]) == {"fcfs", HF} and data["workload"] == {"requests": 3}
     assert len(data["normalized_latency_samples"]["fcfs"]) == 3

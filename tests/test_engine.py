@@ -6,7 +6,7 @@ import torch
 from pregate.engine import Engine, EngineError, RequestError, SamplingParams, sample_token
 from pregate.moe import Routing, build_moe_from_dense
 from pregate.router import PreGatingRouter, RouterConfig
-from pregate.scheduler import POLICY_NAMES, SchedulerConfig
+from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
 from tests.conftest import tiny_hf_model, tiny_tokenizer
 from tests.test_moe import build
 
@@ -48,7 +48,7 @@ def reference_greedy(moe, router, ids: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 def test_batched_equals_one_by_one_greedy(moe_and_router, policy):
     moe, router = moe_and_router
     # a small token budget forces prefill chunking and expert-aware queue selection; 5 running at most

@@ -10,15 +10,19 @@ import pytest
 
 from pregate.errors import PregateError
 from pregate.eviction import (
-    POLICY_NAMES,
+    EVICTION_POLICIES,
+    CacheError,
     CacheStats,
     EvictionPolicy,
     ExpertCache,
     FutureView,
-    make_policy,
+    Residency,
+    make_eviction_policy,
     optimal_hits,
-    simulate,
+    simulate_cache,
+    unit_references,
 )
+from tests.conftest import bookkeeping_size
 
 
 def zipf_refs(n: int, units: int, seed: int, s: float = 1.1) -> list[int]:
@@ -37,19 +41,19 @@ def test_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_make_policy_builds_every_name_and_rejects_others():
-    for name in POLICY_NAMES:
-        policy = make_policy(name)
+def test_make_eviction_policy_builds_every_name_and_rejects_others():
+    for name in EVICTION_POLICIES:
+        policy = make_eviction_policy(name)
         assert policy.name == name
         assert isinstance(policy, EvictionPolicy)
     with pytest.raises(PregateError, match=r"'mru'.*random, lru, lfu, belady"):
-        make_policy("mru")
+        make_eviction_policy("mru")
 
 
 @pytest.mark.parametrize("capacity", [0, -1, 1.5, True, "2"])
 def test_bad_capacity_is_a_clear_error(capacity):
     with pytest.raises(PregateError, match=r"capacity="):
-        simulate([1, 2], capacity, "lru")
+        simulate_cache([1, 2], capacity, "lru")
     with pytest.raises(PregateError, match=r"capacity="):
         ExpertCache(capacity, "lru")
 
@@ -73,9 +77,9 @@ def test_belady_equals_exhaustive_optimum_on_small_strings():
         refs = [rng.randrange(units) for _ in range(rng.randint(1, 12))]
         capacity = rng.randint(1, 4)
         best = optimal_hits(refs, capacity)
-        assert simulate(refs, capacity, "belady").hits == best, (refs, capacity)
+        assert simulate_cache(refs, capacity, "belady").hits == best, (refs, capacity)
         for name in ("lru", "lfu", "random"):
-            assert simulate(refs, capacity, name, seed=rng.randrange(99)).hits <= best
+            assert simulate_cache(refs, capacity, name, seed=rng.randrange(99)).hits <= best
 
 
 def test_optimal_hits_known_values():
@@ -95,16 +99,16 @@ def test_optimal_hits_known_values():
 )
 def test_belady_beats_every_other_policy(refs):
     for capacity in (1, 2, 3, 5):
-        belady = simulate(refs, capacity, "belady").hits
+        belady = simulate_cache(refs, capacity, "belady").hits
         for name in ("lru", "lfu", "random"):
-            assert belady >= simulate(refs, capacity, name).hits, (name, capacity)
+            assert belady >= simulate_cache(refs, capacity, name).hits, (name, capacity)
 
 
 def test_loop_one_larger_than_cache():
     refs = [0, 1, 2, 3] * 25
-    assert simulate(refs, 3, "lru").hits == 0
-    assert simulate(refs, 3, "lfu").hits == 0
-    belady = simulate(refs, 3, "belady").hits
+    assert simulate_cache(refs, 3, "lru").hits == 0
+    assert simulate_cache(refs, 3, "lfu").hits == 0
+    belady = simulate_cache(refs, 3, "belady").hits
     assert belady == optimal_hits(refs, 3) and belady >= 60  # about two of every three references hit
 
 
@@ -143,9 +147,9 @@ def test_lfu_forgets_counts_on_eviction():
 
 def test_random_is_seeded_and_stays_within_residents():
     refs = uniform_refs(2000, 8, seed=3)
-    a = simulate(refs, 3, "random", seed=7)
-    assert simulate(refs, 3, "random", seed=7) == a
-    others = {simulate(refs, 3, "random", seed=s).hits for s in range(5)}
+    a = simulate_cache(refs, 3, "random", seed=7)
+    assert simulate_cache(refs, 3, "random", seed=7) == a
+    others = {simulate_cache(refs, 3, "random", seed=s).hits for s in range(5)}
     assert len(others) > 1  # the seed matters
     cache = ExpertCache(3, "random", seed=1)
     for t, u in enumerate(refs[:300]):
@@ -159,20 +163,20 @@ def test_random_is_seeded_and_stays_within_residents():
 def test_non_anticipating_policies_hit_k_over_n_on_uniform_refs(name):
     # With independent uniform references any policy that cannot see the future hits k/n of the time.
     refs = uniform_refs(20000, 10, seed=4)
-    assert abs(simulate(refs, 4, name).hit_ratio - 0.4) < 0.02
+    assert abs(simulate_cache(refs, 4, name).hit_ratio - 0.4) < 0.02
 
 
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("name", EVICTION_POLICIES)
 def test_capacity_covering_all_units_never_evicts(name):
     refs = zipf_refs(500, 7, seed=5)
-    stats = simulate(refs, 7, name)
+    stats = simulate_cache(refs, 7, name)
     assert stats.evictions == 0
     assert stats.misses == len(set(refs))
     assert stats.hit_ratio == pytest.approx(1 - len(set(refs)) / len(refs))
 
 
 def test_hit_ratio_of_empty_run_is_zero():
-    assert simulate([], 2, "belady") == CacheStats()
+    assert simulate_cache([], 2, "belady") == CacheStats()
     assert CacheStats().hit_ratio == 0.0
 
 
@@ -180,15 +184,15 @@ def test_window_zero_is_exactly_lru():
     for seed in range(5):
         refs = zipf_refs(2000, 9, seed=seed)
         for capacity in (1, 3, 5):
-            assert simulate(refs, capacity, "belady", window=0) == simulate(refs, capacity, "lru")
+            assert simulate_cache(refs, capacity, "belady", window=0) == simulate_cache(refs, capacity, "lru")
 
 
 def test_window_grows_from_lru_to_min():
     refs = uniform_refs(3000, 6, seed=0)
-    full = simulate(refs, 3, "belady").hits
-    hits = [simulate(refs, 3, "belady", window=w).hits for w in (0, 1, 2, 4, 8)]
-    assert hits == sorted(hits) and simulate(refs, 3, "lru").hits == hits[0] < hits[-1] <= full
-    assert simulate(refs, 3, "belady", window=len(refs)).hits == full
+    full = simulate_cache(refs, 3, "belady").hits
+    hits = [simulate_cache(refs, 3, "belady", window=w).hits for w in (0, 1, 2, 4, 8)]
+    assert hits == sorted(hits) and simulate_cache(refs, 3, "lru").hits == hits[0] < hits[-1] <= full
+    assert simulate_cache(refs, 3, "belady", window=len(refs)).hits == full
 
 
 def test_future_view_next_use_and_window():
@@ -211,14 +215,14 @@ def test_online_view_with_lookahead_equals_offline_window():
         cache.access(unit, t)
         view.extend(refs[t + ahead + 1 : t + ahead + 2])
         view.advance(t + 1)
-    assert cache.stats == simulate(refs, 4, "belady", window=ahead)
+    assert cache.stats == simulate_cache(refs, 4, "belady", window=ahead)
     with pytest.raises(PregateError, match=r"forgotten"):
         view.next_use(refs[0], 0)
 
 
 def test_victim_is_a_query_and_respects_pinned_units():
     view = FutureView.from_references([0, 1, 2, 3, 0, 1, 2])
-    for name in POLICY_NAMES:
+    for name in EVICTION_POLICIES:
         cache = ExpertCache(3, name, view, seed=2)
         for t in range(3):
             cache.access(t, t)
@@ -252,7 +256,7 @@ def test_prefetch_loads_what_is_needed_soon():
 
 def test_prefetch_refuses_to_evict_sooner_needed_unit():
     view = FutureView.from_references(["a", "b", "a", "b", "c"])
-    for name in POLICY_NAMES:
+    for name in EVICTION_POLICIES:
         cache = ExpertCache(2, name, view)
         cache.access("a", 0)
         cache.access("b", 1)
@@ -262,7 +266,7 @@ def test_prefetch_refuses_to_evict_sooner_needed_unit():
         assert (cache.resident, cache.stats, cache.loads) == before and cache.last_evicted is None
 
 
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("name", EVICTION_POLICIES)
 def test_prefetch_never_evicts_a_sooner_needed_unit_on_random_traces(name):
     rng = random.Random(8)
     for trial in range(30):
@@ -285,12 +289,12 @@ def test_prefetch_never_evicts_a_sooner_needed_unit_on_random_traces(name):
         assert cache.stats.loads == len(cache.loads)
 
 
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("name", EVICTION_POLICIES)
 def test_tuple_units_and_large_trace_are_fast(name):
     rng = random.Random(9)
     refs = [(rng.randrange(30), rng.randrange(8)) for _ in range(100_000)]  # (layer, expert)
     start = time.perf_counter()
-    stats = simulate(refs, 60, name)
+    stats = simulate_cache(refs, 60, name)
     elapsed = time.perf_counter() - start
     assert stats.accesses == len(refs) and stats.evictions == stats.misses - 60
     assert elapsed < 5.0, f"{name} took {elapsed:.1f}s for 1e5 accesses"
@@ -320,4 +324,82 @@ def test_hits_match_libcachesim():
         for capacity in (2, 5, 11):
             for ours, theirs in (("belady", lcs.Belady), ("lru", lcs.LRU), ("lfu", lcs.LFU)):
                 expected = _libcachesim_hits(lcs, theirs(capacity), refs)
-                assert simulate(refs, capacity, ours).hits == expected, (ours, capacity, seed)
+                assert simulate_cache(refs, capacity, ours).hits == expected, (ours, capacity, seed)
+
+
+def test_belady_is_optimal_on_small_reference_strings():
+    rng = random.Random(3)
+    for _ in range(30):
+        steps = [rng.sample(range(5), rng.randint(1, 3)) for _ in range(6)]
+        refs = unit_references(steps, 2, "expert")
+        for k in (1, 2, 3):
+            assert simulate_cache(refs, k, "belady").hits == optimal_hits(refs, k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Residency: slots over the cache, as the store and the simulator drive it
+# ---------------------------------------------------------------------------------------------------
+L, E = 4, 7
+
+
+def test_residency_rejects_a_contradicted_plan():
+    res = Residency(L, "slice", 4)
+    res.plan([[1, 2]])
+    with pytest.raises(CacheError, match="plan says"):
+        res.begin_layer(0, [3])
+
+
+def _long_replay(res: Residency, steps: list[list[int]]) -> Residency:
+    """Drive a Residency as the expert store does: plan each step as it is scheduled, run its layers."""
+    for experts in steps:
+        res.plan([experts])
+        for layer in range(L):
+            res.begin_layer(layer, experts)
+            for p, (lay, e, need) in list(res.want.items()):
+                if need <= res.horizon and p not in res.inflight and p not in res.pinned:
+                    res.start_load(p, lay, e)
+                    res.finish_load(p)
+    return res
+
+
+@pytest.mark.parametrize("unit", ["slice", "expert"])
+def test_long_replay_keeps_bookkeeping_bounded(monkeypatch, unit):
+    """A long-running server plans steps forever: past references are forgotten, decisions unchanged."""
+    rng = random.Random(0)
+    steps = [sorted(rng.sample(range(E), 2)) for _ in range(3000)]
+    res = _long_replay(Residency(L, unit, 3, policy="belady"), steps)
+    refs = len(steps) * 2 * (L if unit == "slice" else 1)
+    assert len(res._refs) < refs // 2
+    assert sum(len(b) for b in res.future._positions.values()) < refs // 2
+    monkeypatch.setattr(Residency, "_forget_past", lambda self: None)  # the old, unbounded bookkeeping
+    unbounded = _long_replay(Residency(L, unit, 3, policy="belady"), steps)
+    assert len(unbounded._refs) == refs
+    assert res.stats == unbounded.stats
+
+
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+@pytest.mark.parametrize("unit", ["slice", "expert"])
+def test_long_replay_keeps_every_structure_bounded(unit, policy):
+    """Every container the residency holds (its cache, policy, future view, slots), counted entry by
+    entry, stops growing: 3000 steps end no bigger than they were a thousand steps in (the load log
+    of the cache, once kept, doubled it)."""
+    rng = random.Random(1)
+    res = Residency(L, unit, 3, policy=policy, prefetch=True)
+    sizes = []
+    for i in range(3000):
+        experts = sorted(rng.sample(range(E), 2))
+        res.plan([experts])
+        for layer in range(L):
+            res.begin_layer(layer, experts)
+            while (job := res.next_load()) is not None:
+                res.start_load(job[0], job[1], job[2])
+                res.finish_load(job[0])
+        if i % 20 == 0:
+            sizes.append(bookkeeping_size(res))
+    assert res.stats.misses > 1000 and res.stats.evictions > 1000  # the cache really turned over
+    n = len(sizes)
+    early = max(sizes[n // 4 : n // 2])
+    late = max(sizes[3 * n // 4 :])
+    assert late <= 1.1 * early, (early, late)
+    assert late < 8 * 1024
+    assert res.cache.loads == []

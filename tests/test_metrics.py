@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pregate.errors import PregateError
-from pregate.metrics import MetricsRecorder, RequestMetrics, StepRecord, describe, percentile, summarize
+from pregate.metrics import MetricsRecorder, RequestMetrics, StepRecord, describe, percentile, summarize_run
 
 
 class FakeClock:
@@ -99,6 +99,6 @@ def test_recorder_explicit_times_and_errors():
     rec.on_abort("b")
     assert [r.request_id for r in rec.requests] == ["a"]
     with pytest.raises(PregateError, match="no finished requests"):
-        summarize([], [])
-    s = summarize(rec.requests)
+        summarize_run([], [])
+    s = summarize_run(rec.requests)
     assert s["tpot"] is None and s["num_steps"] == 0 and s["unique_experts_histogram"] == {}

@@ -10,7 +10,7 @@ import pytest
 
 from pregate.errors import PregateError
 from pregate.scheduler import (
-    POLICY_NAMES,
+    SCHEDULING_POLICIES,
     ExpertAwarePolicy,
     Request,
     Scheduler,
@@ -18,7 +18,7 @@ from pregate.scheduler import (
     SchedulerError,
     SchedulerOutput,
     StepResult,
-    make_policy,
+    make_scheduling_policy,
     run_steps,
 )
 
@@ -146,7 +146,7 @@ def mean_unique(outs: list[SchedulerOutput]) -> float:
 # ------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -162,7 +162,7 @@ def test_every_request_finishes_within_budgets(policy, cfg):
     check_complete(res, reqs)
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 def test_early_stop_and_staggered_arrivals(policy):
     reqs = make_requests(30, seed=3)
     cfg = SchedulerConfig(policy=policy, token_budget=12, max_running=10, kv_capacity_tokens=300, max_wait_steps=3)
@@ -174,7 +174,7 @@ def test_early_stop_and_staggered_arrivals(policy):
 def test_expert_aware_uses_fewer_experts_per_step():
     reqs_cfg = dict(token_budget=16, max_running=48, kv_capacity_tokens=100_000, max_wait_steps=4, prefill_chunk=32)
     means = {}
-    for policy in POLICY_NAMES:
+    for policy in SCHEDULING_POLICIES:
         reqs = make_requests(80, seed=5, prompt=(2, 8), new=(30, 60))
         means[policy] = mean_unique(drive(SchedulerConfig(policy=policy, **reqs_cfg), reqs, seed=6)["outs"])
     # uniform random experts, no temporal locality: the decoding pool stays near the budget (decodes keep
@@ -204,7 +204,7 @@ def test_prefill_first_has_no_waiting_bound():
     assert drive(cfg, reqs, seed=8, arrivals_per_step=1)["max_decode_skip"] > 2
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 def test_long_prompt_is_chunked(policy):
     long = Request("long", [i % NUM_EXPERTS for i in range(1000)], 3)
     short = Request("short", [1, 2, 3], 50)
@@ -255,7 +255,7 @@ def test_algorithm1_whole_queues_largest_first_then_partial_then_stop():
     taken = [it.experts[0] for it in items]
     assert sorted(taken) == [1, 1, 3, 3, 3, 3, 3]  # all of queue 3, then 2 of queue 1, then stop
     assert {it.request_id for it in items if it.experts == (1,)} == {"d1", "d5"}  # arrival order in partial
-    fcfs = make_policy("fcfs").select(reqs, cfg).items(reqs)
+    fcfs = make_scheduling_policy("fcfs").select(reqs, cfg).items(reqs)
     assert len({it.experts[0] for it in fcfs}) == 4 > len(set(taken)) == 2
 
 
@@ -325,7 +325,7 @@ def test_unknown_policy_and_bad_config():
     with pytest.raises(PregateError, match="expert-aware, decode-first, prefill-first, fcfs"):
         SchedulerConfig(policy="lifo")
     with pytest.raises(PregateError, match="unknown scheduling policy 'lifo'"):
-        make_policy("lifo")
+        make_scheduling_policy("lifo")
     with pytest.raises(PregateError, match="token_budget=0"):
         SchedulerConfig(token_budget=0)
     with pytest.raises(PregateError, match="max_wait_steps=-1"):

@@ -1,17 +1,21 @@
 """The tiered expert store on tiny random MoEs (float32, CPU): exactness, the replay, bad input."""
 
 import os
+import random
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+from pregate.cache_bench import ReplayRequest, replay_teacher_forced
 from pregate.moe import Routing, Segment, save_moe
 from pregate.scheduler import SchedulerConfig
 from pregate.sim import CostModel, SimConfig, scheduled_steps, simulate
-from pregate.store import ExpertStore, ReplayRequest, StoreConfig, StoreError, replay
+from pregate.store import ExpertStore, StoreConfig, StoreError
 from pregate.workload import WorkloadRequest
-from tests.conftest import tiny_hf_model
+from tests.conftest import bookkeeping_size, tiny_hf_model
 from tests.test_moe import build
 
 E = 4
@@ -72,13 +76,13 @@ def test_prefetch_never_changes_generated_tokens_and_sim_sees_the_same_cache(moe
     moe, path = moe_dir
     reqs = routed_requests()
     cfg = SchedulerConfig(token_budget=8, max_running=3)
-    base = replay(moe, reqs, cfg)
+    base = replay_teacher_forced(moe, reqs, cfg)
     steps = scheduled_steps([r.trace for r in reqs], cfg)
     assert len(base["steps"]) == len(steps)
     for prefetch in (False, True):
         with ExpertStore(path, StoreConfig(capacity=2, prefetch=prefetch, timeout_s=10)) as store:
             store.plan(steps)
-            got = replay(moe, reqs, cfg, store)
+            got = replay_teacher_forced(moe, reqs, cfg, store)
             stats = store.stats
         assert got["tokens"] == base["tokens"]
         # the simulator drives the same Residency/ExpertCache: identical cache decisions
@@ -152,6 +156,40 @@ def test_protocol_misuse(moe_dir):
         store.plan([[0, 1]])
         with pytest.raises(StoreError, match="plan says"):
             store.begin_layer(0, [2])
+
+
+def test_runtime_modules_never_import_the_simulator():
+    code = (
+        "import sys, pregate.store, pregate.engine, pregate.server\n"
+        "sim = ('pregate.sim', 'pregate.references', 'pregate.cache_bench')\n"
+        "bad = [m for m in sim if m in sys.modules]\n"
+        "assert not bad, f'runtime imports {bad}'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_long_serving_run_keeps_the_store_bookkeeping_bounded(moe_dir, prefetch):
+    """As `serve --resident-experts` drives it: each step planned as it is scheduled, then run. Every
+    container of the store and its residency, counted entry by entry, stops growing."""
+    _, path = moe_dir
+    rng = random.Random(0)
+    sizes = []
+    with ExpertStore(path, StoreConfig(capacity=2, prefetch=prefetch, timeout_s=10)) as store:
+        for i in range(2400):
+            experts = sorted(rng.sample(range(E), 2))
+            store.plan([experts])
+            for layer in range(store.num_layers):
+                store.begin_layer(layer, experts)
+                for e in experts:
+                    store.fetch(layer, e)
+            if i % 20 == 0:
+                sizes.append(bookkeeping_size(store))
+        assert store.stats.misses > 500
+    n = len(sizes)
+    early = max(sizes[n // 4 : n // 2])
+    late = max(sizes[3 * n // 4 :])
+    assert late <= 1.1 * early, (early, late)
 
 
 @pytest.mark.gpu
