@@ -400,8 +400,10 @@ def plot_bench(runs: dict[str, list[RunResult]], stem: Path) -> list[Path]:
     return paths
 
 
-def bench_serve(model_dir: str | Path, json_path: str | Path, cfg: BenchConfig, trace_path: str | Path | None = None) -> dict:
-    """The library function behind `pregate bench serve`: run, print the table, write JSON + plots."""
+def bench_serve(model_dir: str | Path, json_path: str | Path | None, cfg: BenchConfig,
+                trace_path: str | Path | None = None) -> dict:
+    """The library function behind `pregate bench serve`: run, print the table, and with json_path
+    write the JSON and the plots beside it."""
     if not Path(model_dir).is_dir():
         raise BenchError(f"{model_dir} is not a directory; give a MoE checkpoint from `pregate refactor` or `pregate train`")
     try:
@@ -409,6 +411,6 @@ def bench_serve(model_dir: str | Path, json_path: str | Path, cfg: BenchConfig, 
     except SchedulerError as err:
         raise BenchError(str(err)) from None
     print(format_serve_table(result))
-    for p in write_serve_outputs(result, json_path):
+    for p in write_serve_outputs(result, json_path) if json_path else ():
         print(f"wrote {p}")
     return result

@@ -597,11 +597,12 @@ def write_step_outputs(result: dict, json_path: str | Path) -> list[Path]:
     return [json_path, plot_step_vs_experts(result, plot)]
 
 
-def bench_step(model_dir: str | Path, json_path: str | Path, cfg: StepBenchConfig) -> dict:
-    """The library function behind `pregate bench step`: check, run, print the table, write JSON + plot."""
+def bench_step(model_dir: str | Path, json_path: str | Path | None, cfg: StepBenchConfig) -> dict:
+    """The library function behind `pregate bench step`: check, run, print the table, and with
+    json_path write the JSON and the plot beside it."""
     check_model(read_config(model_dir), cfg)  # before any weights load
     result = run_bench_step(model_dir, cfg)
     print(format_step_table(result))
-    for p in write_step_outputs(result, json_path):
+    for p in write_step_outputs(result, json_path) if json_path else ():
         print(f"wrote {p}")
     return result

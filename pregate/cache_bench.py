@@ -12,7 +12,7 @@ model and the router's loader; no runtime module imports it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -203,14 +203,13 @@ class CacheBenchConfig:
     capacities: tuple[int, ...] = (2, 3, 4, 5)
     bandwidth: float = 1e9  # bytes/s cap of the emulated slow tier
     depth: int = 1
-    token_budget: int = 64
-    max_running: int = 16
-    policy: str = "expert-aware"
+    # a smaller step than serve's default: the trace is short, and k experts must matter within a step
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(token_budget=64, max_running=16))
     router: str | None = None
     measure: bool = True  # run the model (otherwise only the cache simulation)
 
     def __post_init__(self) -> None:
-        for name in ("requests", "max_prompt", "max_output", "token_budget", "max_running", "depth"):
+        for name in ("requests", "max_prompt", "max_output", "depth"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise CacheBenchError(f"CacheBenchConfig.{name}={v!r} must be an int >= 1")
@@ -279,17 +278,18 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
     }
 
 
-def bench_cache(model_dir: str | Path, cfg: CacheBenchConfig, out_dir: str | Path) -> dict:
+def bench_cache(model_dir: str | Path, cfg: CacheBenchConfig, out_dir: str | Path | None = None) -> dict:
     """Hit ratios of every policy at each k (whole experts) on one routed ShareGPT trace, then measured
     normalized latency with the store (Belady) with prefetching off and on (tokens checked against an
     all-resident run), the simulator calibrated on the first on-demand run and its error on the others,
     and the Llama-2-7B / A100 projection. Writes the routed trace,
-    the reference string and PNG plots into out_dir; returns the JSON-able result."""
+    the reference string and PNG plots into out_dir, if given; returns the JSON-able result."""
     from pregate.moe import load_moe
     from pregate.workload import save_trace
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     model = load_moe(model_dir)
     L = model.config.num_layers
     E = model.num_experts
@@ -299,10 +299,11 @@ def bench_cache(model_dir: str | Path, cfg: CacheBenchConfig, out_dir: str | Pat
         model_dir, cfg.requests, cfg.max_prompt, cfg.max_output, cfg.seed, cfg.router, model
     )
     traces = [r.trace for r in reqs]
-    save_trace(out_dir / "routed_trace.jsonl", traces)
-    scfg = SchedulerConfig(policy=cfg.policy, token_budget=cfg.token_budget, max_running=cfg.max_running)
+    scfg = cfg.scheduler
     steps = sim.scheduled_steps(traces, scfg)
-    write_references(out_dir / "references.txt", steps, L, E, "expert")
+    if out_dir is not None:
+        save_trace(out_dir / "routed_trace.jsonl", traces)
+        write_references(out_dir / "references.txt", steps, L, E, "expert")
     ks = list(cfg.capacities)
     table = sim.hit_ratio_table(steps, L, "expert", ks)
     refs_per_step = sum(len(s) for s in steps) / len(steps)
@@ -347,7 +348,8 @@ def bench_cache(model_dir: str | Path, cfg: CacheBenchConfig, out_dir: str | Pat
                 }
             )
     result["projection_llama2_7b_a100"] = {"cost_model": proj_cost.to_dict(), "runs": proj}
-    plot_cache_bench(result, out_dir)
+    if out_dir is not None:
+        plot_cache_bench(result, out_dir)
     return result
 
 

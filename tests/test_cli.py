@@ -99,3 +99,80 @@ def test_trace_route_then_simulate_policies(tiny_checkpoint, tmp_path, capsys):
     assert "not a cost model" in capsys.readouterr().err
     assert main(["trace", "route", str(tmp_path / "missing"), "--out", str(tmp_path / "r.jsonl")]) == 2
     assert "not a directory" in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
+
+
+def test_top_level_help_imports_no_torch():
+    """`pregate --help` and a group's help fill in no subcommand, so they never import torch."""
+    code = (
+        "import sys\n"
+        "from pregate.cli import main\n"
+        "for argv in (['--help'], ['bench', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: pregate bench" in out
+    assert out.strip().endswith("False")
+
+
+def test_only_the_named_subcommand_is_filled_in():
+    parser = build_parser(["simulate", "trace.jsonl"])
+    args = parser.parse_args(["simulate", "trace.jsonl", "--resident-experts", "2", "3"])
+    assert args.resident_experts == [2, 3] and args.func.__name__ == "cmd_simulate"
+    # another subcommand named by the same parser has no options, so its flags are refused
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "cache", "dir", "--resident-experts", "2"])
+
+
+def test_scheduling_commands_share_one_set_of_options():
+    from pregate.cli.options import scheduler_config
+    from pregate.scheduler import SchedulerConfig
+
+    parser = build_parser()
+    flags = ["--token-budget", "48", "--max-running", "5", "--prefill-chunk", "64", "--kv-capacity", "4096",
+             "--max-wait-steps", "3", "--min-queue-tokens", "1"]
+    want = SchedulerConfig(policy="decode-first", token_budget=48, max_running=5, prefill_chunk=64,
+                           kv_capacity_tokens=4096, max_wait_steps=3, min_queue_tokens=1)
+    for argv in (["serve", "m"], ["bench", "server", "m"], ["bench", "cache", "m"], ["simulate", "t"],
+                 ["trace", "export", "m", "--out", "x"]):
+        args = parser.parse_args([*argv, "--policy", "decode-first", *flags])
+        assert scheduler_config(args) == want, argv
+    # defaults come from the dataclasses: serve's are SchedulerConfig's own
+    assert scheduler_config(parser.parse_args(["serve", "m"])) == SchedulerConfig()
+
+
+def test_json_is_optional_everywhere():
+    parser = build_parser()
+    for argv in (["data"], ["eval", "ppl", "m"], ["eval", "tasks", "m"], ["bench", "serve", "m"],
+                 ["bench", "step", "m"], ["bench", "server", "m"], ["bench", "cache", "m"], ["simulate", "t"]):
+        assert parser.parse_args(argv).json is None, argv
+
+
+def test_bench_cache_then_trace_export(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import json
+
+    from pregate.config import RefactorConfig
+    from pregate.extract import refactor
+
+    moe = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(
+        domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))
+    small = ["--requests", "4", "--max-prompt", "32", "--max-output", "6", "--token-budget", "16"]
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.iterdir())
+    assert main(["bench", "cache", str(moe), "--resident-experts", "1", "2", "--no-measure", *small]) == 0
+    assert "belady" in capsys.readouterr().out
+    assert set(tmp_path.iterdir()) == before  # without --json nothing is written
+    out = tmp_path / "cache" / "cache.json"
+    assert main(["bench", "cache", str(moe), "--resident-experts", "1", "2", "--json", str(out), *small]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["scheduler"]["token_budget"] == 16 and result["config"]["capacities"] == [1, 2]
+    assert all(r["tokens_identical"] for r in result["measured"]["runs"])
+    refs = tmp_path / "refs.txt"
+    trace = out.parent / "routed_trace.jsonl"
+    assert main(["trace", "export", str(moe), "--trace", str(trace), "--out", str(refs), "--token-budget", "16"]) == 0
+    assert (out.parent / "references.txt").read_text() == refs.read_text()
+    assert main(["trace", "export", str(tmp_path), "--out", str(refs)]) == 2
+    assert "not a pregate MoE checkpoint" in capsys.readouterr().err

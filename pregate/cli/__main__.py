@@ -1,0 +1,5 @@
+import sys
+
+from pregate.cli import main
+
+sys.exit(main())

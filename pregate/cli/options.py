@@ -1,0 +1,153 @@
+"""Options that several `pregate` commands share, each defined once.
+
+Defaults come from the config dataclasses, never from literals here. This module imports only the
+torch-free `scheduler` and `errors` at the top, so that `pregate --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from pregate.errors import PregateError
+from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
+    """`--json FILE` means the same in every command: also write `what` there; plots and traces, where a
+    command makes any, go beside it. Without it a command prints its table and writes nothing."""
+    p.add_argument("--json", metavar="FILE", help=f"also write {what} as JSON to FILE (plots, if any, beside it)")
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=1, default=str))
+        print(f"wrote {path}")
+
+
+def add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where converted base models are cached (default: $PREGATE_CACHE, else ~/.cache/pregate)",
+    )
+
+
+def add_domains(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--add-domain",
+        action="append",
+        metavar="NAME=PATH",
+        help='register your own domain from a folder of .txt/.md files or a JSONL file with a "text" field '
+        "(repeatable)",
+    )
+
+
+def register_domains(specs: list[str] | None) -> dict[str, str]:
+    from pregate import data
+
+    added = {}
+    for spec in specs or []:
+        name, _, where = spec.partition("=")
+        if not name or not where:
+            raise PregateError(f"--add-domain expects NAME=PATH, got {spec!r}")
+        data.register_domain(name, where)
+        added[name] = str(Path(where).resolve())
+    return added
+
+
+def add_dtype(p: argparse.ArgumentParser, default: str, help: str = "weight dtype") -> None:
+    p.add_argument("--dtype", choices=DTYPES, default=default, help=f"{help} (default {default})")
+
+
+def add_resident_experts(p: argparse.ArgumentParser, many: bool = False, default=None, help: str = "") -> None:
+    """One name for the expert-cache capacity k, in whole experts: one value (`serve`) or a sweep."""
+    kw = {"nargs": "+", "default": list(default)} if many else {"default": default}
+    p.add_argument("--resident-experts", metavar="K", type=positive_int, help=help, **kw)
+
+
+def add_scheduler_options(
+    p: argparse.ArgumentParser, defaults: SchedulerConfig | None = None, policy: bool = True
+) -> None:
+    """The batching options of every command that schedules, with `defaults` (a command's own
+    SchedulerConfig, else the dataclass's) shown in the help. `scheduler_config` reads them back.
+    policy=False leaves --policy out, for commands that compare several (`--policies`)."""
+    d = defaults or SchedulerConfig()
+    g = p.add_argument_group("scheduling")
+    if policy:
+        g.add_argument(
+            "--policy", choices=SCHEDULING_POLICIES, default=d.policy, help=f"batching policy (default {d.policy})"
+        )
+    g.add_argument(
+        "--token-budget", type=positive_int, default=d.token_budget,
+        help=f"tokens per step, prefill and decode (default {d.token_budget})",
+    )
+    g.add_argument(
+        "--max-running", type=positive_int, default=d.max_running,
+        help=f"requests running at once (default {d.max_running})",
+    )
+    g.add_argument(
+        "--kv-capacity", type=positive_int, default=d.kv_capacity_tokens,
+        help=f"KV-cache budget in tokens over running requests (default {d.kv_capacity_tokens})",
+    )
+    g.add_argument(
+        "--prefill-chunk", type=positive_int, default=d.prefill_chunk,
+        help=f"longest prefill chunk of one request in a step (default {d.prefill_chunk})",
+    )
+    g.add_argument(
+        "--max-wait-steps", type=int, default=d.max_wait_steps,
+        help=f"expert-aware: most consecutive steps a decoding request is skipped (default {d.max_wait_steps})",
+    )
+    g.add_argument(
+        "--min-queue-tokens", type=positive_int, default=d.min_queue_tokens,
+        help="expert-aware: expert queues below this many tokens wait once a step is half full "
+        f"(default {d.min_queue_tokens}; 1 = never)",
+    )
+
+
+def scheduler_config(args: argparse.Namespace, policy: str | None = None) -> SchedulerConfig:
+    """The SchedulerConfig that `add_scheduler_options` flags describe (`policy` overrides --policy)."""
+    return SchedulerConfig(
+        policy=policy or args.policy,
+        token_budget=args.token_budget,
+        max_running=args.max_running,
+        kv_capacity_tokens=args.kv_capacity,
+        prefill_chunk=args.prefill_chunk,
+        max_wait_steps=args.max_wait_steps,
+        min_queue_tokens=args.min_queue_tokens,
+    )
+
+
+def scheduler_budgets(args: argparse.Namespace) -> dict:
+    """The flags' budgets and expert-aware knobs as SchedulerConfig keyword arguments, without the
+    policy: for configs that run several policies under the same budgets (`BenchConfig`)."""
+    fields = asdict(scheduler_config(args, policy=SchedulerConfig().policy))
+    del fields["policy"]
+    return fields
+
+
+def add_workload_options(p: argparse.ArgumentParser, requests: int, max_prompt: int, max_output: int,
+                         seed: int = 0) -> None:
+    """The ShareGPT workload: how many requests and how long their prompts and outputs may be."""
+    g = p.add_argument_group("workload")
+    g.add_argument("--requests", type=positive_int, default=requests, help=f"ShareGPT requests (default {requests})")
+    g.add_argument(
+        "--max-prompt", type=positive_int, default=max_prompt, help=f"longest prompt in tokens (default {max_prompt})"
+    )
+    g.add_argument(
+        "--max-output", type=positive_int, default=max_output,
+        help=f"reference output tokens kept (default {max_output})",
+    )
+    g.add_argument("--seed", type=int, default=seed, help=f"seed of the sample (default {seed})")
