@@ -238,6 +238,7 @@ class Engine:
         device: str | torch.device | None = None,
         clock: Callable[[], float] = time.perf_counter,
         expert_store=None,
+        history: int | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -281,12 +282,13 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         eos = base.get("eos_token_id") if eos is None else eos
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.metrics = MetricsRecorder(clock)
+        self.history = history  # finished requests, steps and failures remembered; None: all (benchmarks)
+        self.metrics = MetricsRecorder(clock, keep=history)
         self._seqs: dict[str, _Sequence] = {}
         self.kv = model.new_cache(capacity=64, slots=8)  # one cache for every request, a slot each; grows
         self._ids = itertools.count()
         self._results: dict[str, GenerationOutput] = {}  # finished, not yet collected by generate/stream
-        self.failed: dict[str, str] = {}  # request_id -> reason, for requests rejected or failed
+        self.failed: dict[str, str] = {}  # request_id -> reason, for requests rejected or failed (_record_failure)
 
     # -- input
     def add_request(
@@ -432,7 +434,7 @@ class Engine:
             seq = self._seqs.get(rid)
             if seq is None:
                 continue
-            self.failed[rid] = message
+            self._record_failure(rid, message)
             self.metrics.on_abort(rid)
             events.append(self._finish(seq, "error", [], error=message, internal=True))
         return events
@@ -441,7 +443,7 @@ class Engine:
         """End every queued and running request with an internal error and start from an empty
         scheduler (the engine loop's last resort when a step failed outside its own guard)."""
         for rid in list(self._seqs):
-            self.failed[rid] = message
+            self._record_failure(rid, message)
             self.metrics.on_abort(rid)
             self._finish(self._seqs[rid], "error", [], error=message, internal=True)
         self.scheduler = Scheduler(self.scheduler_config)
@@ -459,7 +461,7 @@ class Engine:
             try:
                 self.add_request(prompt, p, request_id=rid)
             except PregateError as err:
-                self.failed[rid] = str(err)
+                self._record_failure(rid, str(err))
                 ids = list(prompt) if not isinstance(prompt, str) else []
                 self._results[rid] = GenerationOutput(rid, ids, [], "", "error", error=str(err))
             rids.append(rid)
@@ -603,9 +605,14 @@ class Engine:
                 seq.callback(ev)
             except Exception as err:  # a broken consumer ends its own request, never the engine
                 if not finished:
-                    self.failed[seq.rid] = f"output callback raised {type(err).__name__}: {err}"
+                    self._record_failure(seq.rid, f"output callback raised {type(err).__name__}: {err}")
                     self.abort(seq.rid)
         return ev
+
+    def _record_failure(self, rid: str, reason: str) -> None:
+        self.failed[rid] = reason
+        if self.history is not None and len(self.failed) > self.history:
+            del self.failed[next(iter(self.failed))]  # the oldest: dicts keep insertion order
 
     def _finish(
         self, seq: _Sequence, reason: str, toks: list[int], error: str | None = None, internal: bool = False

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -145,15 +145,18 @@ class MetricsRecorder:
     Times come from ``clock`` (default time.perf_counter; the simulator passes its virtual clock, tests a
     fake one) unless given explicitly with ``at=``. Call order per request: on_arrival, on_token (one call
     per generated token or a count), on_finish.
+
+    keep: remember only the last ``keep`` finished requests and steps (a long-running server); None keeps
+    every one (a benchmark summarises the whole run).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, keep: int | None = None) -> None:
         self.clock = clock
         self._arrival: dict[str, float] = {}
         self._first: dict[str, float] = {}
         self._count: dict[str, int] = {}
-        self.requests: list[RequestMetrics] = []  # finished, in finish order
-        self.steps: list[StepRecord] = []
+        self.requests: deque[RequestMetrics] = deque(maxlen=keep)  # finished, in finish order
+        self.steps: deque[StepRecord] = deque(maxlen=keep)
 
     def _t(self, at: float | None) -> float:
         return self.clock() if at is None else at

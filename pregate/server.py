@@ -51,6 +51,7 @@ class EngineStopped(PregateError):
     """The engine thread died, so the server exited; `pregate serve` exits with status 1."""
 
     exit_status = 1
+ENGINE_HISTORY = 4096  # finished requests, steps and failures a serving engine remembers (bounded memory)
 EVENT_POLL_S = 0.5  # how often a waiting handler checks that the engine thread is still alive
 
 
@@ -582,7 +583,7 @@ def load_engine(model_dir: str, config: SchedulerConfig | None = None, router_di
         print(f"expert offloading: {store.capacity} of {store.num_experts} experts resident, "
               f"{on_disk / 2**20:.0f} MiB of routed-expert weights read from disk as needed")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(moe, tokenizer, router, config or SchedulerConfig(), expert_store=store)
+    engine = Engine(moe, tokenizer, router, config or SchedulerConfig(), expert_store=store, history=ENGINE_HISTORY)
     return engine
 
 

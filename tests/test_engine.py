@@ -309,3 +309,16 @@ def test_kv_slots_are_reused_across_bursts(moe_and_router):
         shapes.append(tuple(engine.kv.k[0].shape))
     assert shapes[0] == shapes[-1] and shapes[0][0] <= 8  # no growth after the first burst
     assert sorted(engine.kv._free) == list(range(engine.kv.num_slots))  # every slot returned
+
+
+def test_a_long_running_engine_remembers_a_bounded_history(moe_and_router):
+    """A server's engine keeps only its last `history` finished requests, steps and failures."""
+    moe, router = moe_and_router
+    engine = Engine(moe, None, router, SchedulerConfig(max_running=4), history=3)
+    for round_ in range(4):
+        outs = engine.generate(prompts(6, seed=round_) + [[]], SamplingParams(max_tokens=3))  # [] is refused
+        assert [o.finish_reason for o in outs] == ["length"] * 6 + ["error"]
+    assert len(engine.metrics.requests) == 3 and len(engine.metrics.steps) == 3 and len(engine.failed) == 3
+    unbounded = Engine(moe, None, router, SchedulerConfig(max_running=4))
+    unbounded.generate(prompts(6), SamplingParams(max_tokens=3))
+    assert len(unbounded.metrics.requests) == 6 and len(unbounded.metrics.steps) > 5
