@@ -77,8 +77,8 @@ def cmd_data(args) -> None:
 
 
 def cmd_refactor(args) -> None:
-    from pregate.config import REFACTOR_PRESETS, RefactorConfig
-    from pregate.extract import refactor
+    from pregate.checkpoint import CONTROL_DIR, RECORD_FILE
+    from pregate.refactor import REFACTOR_PRESETS, RefactorConfig, refactor
 
     base = REFACTOR_PRESETS[args.preset].to_dict()
     for key in ("domains", "tokens_per_domain", "block_len", "remain_rate", "seed", "dtype", "batch_size"):
@@ -90,9 +90,9 @@ def cmd_refactor(args) -> None:
         raise PregateError("with --add-domain, also list the experts' domains with --domains (built-in and your own)")
     cfg = RefactorConfig(**base)
     out = refactor(args.base, args.out, cfg, force=args.force, cache=args.cache_dir, custom_domains=custom)
-    record = json.loads((out / "refactor.json").read_text())
+    record = json.loads((out / RECORD_FILE).read_text())
     ch = record["channels_per_layer"]
-    print(f"wrote MoE checkpoint {out} (same-size dense control in {out / 'control'})")
+    print(f"wrote MoE checkpoint {out} (same-size dense control in {out / CONTROL_DIR})")
     print(f"  MLP channels per layer: {ch['total']} dense; shared expert mean {sum(ch['shared']) / len(ch['shared']):.0f}; "
           f"activated per token {record['activated_channels_mean']:.0f}")
     for d, widths in ch["routed"].items():
@@ -152,6 +152,7 @@ _TRAIN_FLAGS = ("rounds", "router_steps", "expert_steps", "batch_size", "seq_len
 
 
 def cmd_train(args) -> None:
+    from pregate.checkpoint import LOG_FILE, PLOT_FILE
     from pregate.train import TrainConfig, read_state, train
 
     flags = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
@@ -164,12 +165,12 @@ def cmd_train(args) -> None:
         base = TrainConfig.preset(args.preset or "cpu").to_dict()
     cfg = TrainConfig(**{**base, **flags})
     out = train(args.model, args.out, cfg, resume=args.resume, force=args.force, cache=args.cache_dir)
-    log = json.loads((out / "train_log.json").read_text())
+    log = json.loads((out / LOG_FILE).read_text())
     for s in log["stages"]:
         extra = f"  router acc {s['last_acc']:.2f}" if "last_acc" in s else ""
         print(f"round {s['round'] + 1} {s['stage']:7s} loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}  "
               f"{s['tokens_per_s']:.0f} tok/s  {s['seconds']:.0f} s{extra}")
-    print(f"wrote {out} (router, MoE{', control' if cfg.train_control else ''}, train_log.json, loss.png); "
+    print(f"wrote {out} (router, MoE{', control' if cfg.train_control else ''}, {LOG_FILE}, {PLOT_FILE}); "
           f"evaluate with `pregate eval ppl {out}`")
 
 
@@ -245,14 +246,13 @@ def cmd_bench_cache(args) -> None:
 
 
 def cmd_trace_export(args) -> None:
+    from pregate.moe import load_config
     from pregate.scheduler import SchedulerConfig
     from pregate.sim import scheduled_steps, write_references
     from pregate.workload import load_trace
 
-    moe_cfg = json.loads((Path(args.model) / "pregate_config.json").read_text()) if Path(args.model).is_dir() else None
-    if moe_cfg is None:
-        raise PregateError(f"{args.model} is not a MoE checkpoint directory (it gives the layer and expert counts)")
-    layers, experts = moe_cfg["base"]["num_hidden_layers"], moe_cfg["num_experts"]
+    moe_cfg = load_config(args.model)  # the checkpoint gives the layer and expert counts
+    layers, experts = moe_cfg.num_layers, moe_cfg.num_experts
     if args.trace:
         traces = load_trace(args.trace)
     else:
@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the listing as JSON to this file")
     p.set_defaults(func=cmd_data)
 
-    from pregate.config import REFACTOR_PRESETS
+    from pregate.refactor import REFACTOR_PRESETS
 
     p = sub.add_parser("refactor", help="turn a dense model into a MoE checkpoint (activation statistics -> experts)")
     p.add_argument("base", help="base model: a packaged name (smollm2-135m), a .gguf file or a HF checkpoint directory")

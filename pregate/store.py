@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pregate.checkpoint import ROUTER_WEIGHTS, WEIGHTS_FILE
 from pregate.errors import PregateError
 from pregate.eviction import POLICY_NAMES
-from pregate.moe import WEIGHTS_FILE, ExpertWeights
+from pregate.moe import ExpertWeights
 from pregate.sim import UNITS, Residency, SimError
 
 if TYPE_CHECKING:
@@ -433,7 +434,7 @@ def route_sharegpt(model_dir: str | Path, n: int, max_prompt: int, max_output: i
     """n ShareGPT first turns (prompt + reference response), routed token by token.
 
     Routing: the trained pre-gating router of `router_dir` (or of `model_dir` when it holds one) via
-    `pregate.train.load_router`; otherwise the oracle routing the router is trained to imitate (each
+    `pregate.router.load_router`; otherwise the oracle routing the router is trained to imitate (each
     token to the expert whose channels carry most of its activation mass, summed over layers; causal
     like the router). Returns the requests and a sentence saying which routing was used.
     """
@@ -449,8 +450,8 @@ def route_sharegpt(model_dir: str | Path, n: int, max_prompt: int, max_output: i
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     router, how = None, "oracle routing (no trained router found: argmax over experts of the activation mass summed over layers)"
     for cand in [router_dir, model_dir] if router_dir else [model_dir]:
-        if cand is not None and (Path(cand) / "router.safetensors").is_file():
-            from pregate.train import load_router
+        if cand is not None and (Path(cand) / ROUTER_WEIGHTS).is_file():
+            from pregate.router import load_router
             router, how = load_router(cand), f"trained router from {cand}"
             break
     pairs = sharegpt_conversations(20 * n)
@@ -466,7 +467,7 @@ def route_sharegpt(model_dir: str | Path, n: int, max_prompt: int, max_output: i
         ids = torch.tensor([p_ids + o_ids])
         with torch.no_grad():
             if router is not None:
-                from pregate.train import routing_for
+                from pregate.router import routing_for
                 routing, _ = routing_for(router, ids)
                 if routing is None:
                     raise StoreError("a layer-wise router has no pre-gated experts; use a pre-gating router")

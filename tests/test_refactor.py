@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from pregate import hub
-from pregate.config import RefactorConfig
 from pregate.errors import PregateError
-from pregate.extract import atomic_dir, control_channels, domain_masks, expert_channels, refactor
+from pregate.checkpoint import atomic_dir
+from pregate.refactor import RefactorConfig, control_channels, domain_masks, expert_channels, refactor
 from pregate.moe import Routing, load_moe
 
 
