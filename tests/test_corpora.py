@@ -17,7 +17,10 @@ def test_strip_wiki_markup() -> None:
 
 
 def test_strip_html_keeps_visible_text() -> None:
-    page = "<html><head><title>t</title></head><body><script>var x=1;</script><p>A &amp; B</p><h1>T\u00b6</h1></body>"
+    page = (
+        "<html><head><title>t</title></head><body><script>var x=1;</script>"
+        "<p>A &amp; B</p><h1>T\u00b6</h1></body>"
+    )
     assert corpora.strip_html(page) == "A & B\nT"
 
 

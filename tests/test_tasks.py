@@ -148,9 +148,9 @@ def test_dense_matches_lm_eval_hf_backend_on_smollm2():
 
 def test_trained_checkpoint_scores_moe_router_as_the_moe_forward(tiny_checkpoint, tmp_path):
     """Default variants of a `pregate train` output; moe_router equals the MoE under routing_for."""
-    from pregate.refactor import RefactorConfig, refactor
     from pregate.harness import load_variants
     from pregate.moe import load_moe
+    from pregate.refactor import RefactorConfig, refactor
     from pregate.router import load_router, routing_for
     from pregate.train import TrainConfig, train
 
