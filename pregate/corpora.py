@@ -23,7 +23,7 @@ use on this machine:
 This module owns the readers (one ``_<source>_documents`` per source, each returning whole source
 documents in a deterministic order), the markup stripping, and ``BUILTINS``, the table of ``Corpus``
 entries that ``data`` registers as the built-in domains; chunking, splits and tokens are ``data``'s.
-Imports from the package: ``errors``, ``packages`` and ``workload`` (no torch).
+Imports from the package: ``packages`` and ``workload`` (both import only ``errors``; no torch).
 """
 
 from __future__ import annotations
