@@ -5,9 +5,9 @@ This module owns the statistics of expert choices (pure functions over integer e
 the collection of those choices on held-out text (test split of every domain, the blocks `eval ppl`
 reads) and the JSON/PNG outputs. Choices are top-1 experts:
 - router:     the pre-gating router of MODEL (`pregate train` output), one expert per token for all layers;
-- oracle:     the router's distillation target on MODEL's backbone (`train.distill_targets`: per layer,
+- oracle:     the router's distillation target on MODEL's backbone (`distill.distill_targets`: per layer,
               the share of the token's routed activation mass each expert's channels hold; summed over
-              layers for the single choice, as in `router.router_accuracy`);
+              layers for the single choice: `router.oracle_experts`, what `router_accuracy` compares to);
 - layerwise:  the per-layer gates of a `pregate train --layerwise` run on the same refactored model,
               each reading the hidden state entering its layer's MLP (that run's own backbone).
 
@@ -27,6 +27,9 @@ Definitions (entropies and mutual information in bits):
   distinct other experts referenced since the previous reference to the same expert (LRU stack
   distance; "cold" = first reference). Distance 0 is temporal locality; an LRU cache of k experts hits
   exactly the references with distance < k.
+
+Imports from the package: `errors` at import time (the statistics need no torch); `checkpoint`, `moe`,
+`router`, `distill`, `data`, `evaluate` and `plots` inside the functions that collect and draw.
 
 Legend: B blocks, n block length, T = B*n tokens, Y backbone layers, E routed experts, D domains.
 """
@@ -214,15 +217,15 @@ def _load_pregating(model_dir: Path):
     """(MoE, pre-gating router) of a `pregate train` output; clear errors for anything else."""
     import torch
 
+    from pregate.checkpoint import has_router
     from pregate.moe import load_moe
-    from pregate.router import LayerwiseGate
-    from pregate.train import ROUTER_CONFIG, load_router
+    from pregate.router import LayerwiseGate, load_router
 
     moe = load_moe(model_dir, torch.float32)
     if moe.num_experts == 0:
         raise PregateError(f"{model_dir} is a dense checkpoint (0 routed experts); "
                            "give a `pregate train` output")
-    if not (model_dir / ROUTER_CONFIG).is_file():
+    if not has_router(model_dir):
         raise PregateError(f"{model_dir} has no trained router; train one with "
                            f"`pregate train {model_dir} --out DIR` and analyze DIR")
     router = load_router(model_dir)
@@ -236,11 +239,11 @@ def _load_layerwise(path: Path, moe):
     """(MoE, LayerwiseGate) of a `pregate train --layerwise` output that fits `moe`."""
     import torch
 
+    from pregate.checkpoint import ROUTER_CONFIG, has_router
     from pregate.moe import load_moe
-    from pregate.router import LayerwiseGate
-    from pregate.train import ROUTER_CONFIG, load_router
+    from pregate.router import LayerwiseGate, load_router
 
-    if not path.is_dir() or not (path / ROUTER_CONFIG).is_file():
+    if not path.is_dir() or not has_router(path):
         raise PregateError(f"--layerwise {path} is not a `pregate train --layerwise` output "
                            f"(no {ROUTER_CONFIG}); train one with "
                            f"`pregate train PARENT --layerwise --out {path}`")
@@ -262,7 +265,8 @@ def collect_choices(moe, router, blocks, batch_size: int, layerwise=None, desc: 
     import torch
     from tqdm.auto import tqdm
 
-    from pregate.train import distill_targets, routing_for
+    from pregate.distill import distill_targets
+    from pregate.router import oracle_experts, routing_for
 
     parts: dict[str, list] = {"router": [], "oracle": [], "oracle_layers": [], "layerwise": []}
     with torch.no_grad():
@@ -272,7 +276,7 @@ def collect_choices(moe, router, blocks, batch_size: int, layerwise=None, desc: 
             eids, _ = router.route(router(ids))  # [b, n, K]
             parts["router"].append(eids[..., 0].numpy())
             scores = distill_targets(moe, ids)  # [b*n, Y, E]
-            parts["oracle"].append(scores.sum(1).argmax(-1).view(shape).numpy())
+            parts["oracle"].append(oracle_experts(scores).view(shape).numpy())
             parts["oracle_layers"].append(scores.argmax(-1).T.reshape(-1, *shape).numpy())
             if layerwise is not None:
                 lw_moe, gate = layerwise
@@ -461,9 +465,9 @@ def _heatmap(ax, matrix, title: str, xlabels, ylabels, vmax: float = 1.0, fontsi
 
 def plot_transitions(pairs: list[dict], experts: list[str], path: Path, title: str) -> Path:
     """A grid of P(expert at l+1 | expert at l) heatmaps, one per consecutive layer pair."""
-    from pregate.plots import _pyplot
+    from pregate.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(6, len(pairs))
     rows = math.ceil(len(pairs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1, 2.3 * rows + 0.6), squeeze=False)
@@ -485,9 +489,9 @@ def plot_transitions(pairs: list[dict], experts: list[str], path: Path, title: s
 
 def plot_usage(result: dict, path: Path) -> Path:
     """Domain x expert usage (share of each domain's tokens per expert): router beside oracle."""
-    from pregate.plots import _pyplot
+    from pregate.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     d, e = len(result["domains"]), len(result["experts"])
     fig, axes = plt.subplots(1, 2, figsize=(2 * (0.6 * e + 2), 0.5 * d + 2), squeeze=False)
     im = None
@@ -511,9 +515,9 @@ def plot_usage(result: dict, path: Path) -> Path:
 def plot_locality(result: dict, path: Path) -> Path:
     """Left: locality per domain (router, oracle, layer-wise mean; paper's Read-ME and Mixtral lines).
     Right: reuse-distance histograms (share of references)."""
-    from pregate.plots import _pyplot
+    from pregate.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     domains = result["domains"]
     series = {"pre-gating router": [result["router"]["locality"]["domains"][d]["fraction"] for d in domains],

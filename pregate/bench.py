@@ -23,11 +23,13 @@ from typing import Callable
 
 import torch
 
+from pregate.checkpoint import ROUTER_WEIGHTS, has_router
+from pregate.distill import DistillConfig, router_loss
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
-from pregate.router import PreGatingRouter, RouterConfig, distill_graded
+from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
 from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_workload
 
@@ -103,8 +105,9 @@ class RunResult:
 
 def distill_router(moe: MoEForCausalLM, tokenizer, steps: int = 40, seq_len: int = 128, batch: int = 4,
                    seed: int = 0, progress: Callable[[str], None] = print) -> PreGatingRouter:
-    """A paper-shaped router distilled for `steps` steps on the MoE's own expert scores (train split of
-    its domains, `distill_graded`). A stand-in for `pregate train` so a bare MoE can be benchmarked."""
+    """A paper-shaped router distilled for `steps` steps on the MoE's own backbone (train split of its
+    domains) with the training target and loss (`distill.router_loss`, `DistillConfig` defaults: the
+    graded loss on log-share scores). A stand-in for `pregate train` so a bare MoE can be benchmarked."""
     from pregate import data
 
     torch.manual_seed(seed)
@@ -117,9 +120,7 @@ def distill_router(moe: MoEForCausalLM, tokenizer, steps: int = 40, seq_len: int
     g = torch.Generator().manual_seed(seed)
     for i in range(steps):
         ids = pool[torch.randint(len(pool), (batch,), generator=g)]
-        with torch.no_grad():
-            scores = moe.expert_scores(ids).float().permute(1, 0, 2)  # [T, L, E]
-        loss = distill_graded(router(ids).reshape(-1, moe.num_experts), scores)
+        loss, _ = router_loss(DistillConfig(), router, moe, ids)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -137,13 +138,11 @@ def load_parts(model_dir: str | Path, cfg: BenchConfig, progress: Callable[[str]
     if moe.num_experts == 0:
         raise BenchError(f"{model_dir} has no routed experts; give a MoE checkpoint from `pregate refactor`/`train`")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if (Path(model_dir) / "router_config.json").is_file():
-        from pregate.train import load_router
-
+    if has_router(model_dir):
         router = load_router(model_dir)
         if not isinstance(router, PreGatingRouter):
             raise BenchError(f"{model_dir} holds a layer-wise gate; serving needs a pre-gating router")
-        return moe, tokenizer, router, f"trained ({model_dir}/router.safetensors)"
+        return moe, tokenizer, router, f"trained ({model_dir}/{ROUTER_WEIGHTS})"
     progress(f"{model_dir} has no trained router; distilling one for {cfg.router_steps} steps")
     moe32 = load_moe(model_dir, torch.float32)
     router = distill_router(moe32, tokenizer, cfg.router_steps, seed=cfg.seed, progress=progress)
@@ -353,9 +352,9 @@ def write_serve_outputs(result: dict, json_path: str | Path) -> list[Path]:
 
 
 def plot_bench(runs: dict[str, list[RunResult]], stem: Path) -> list[Path]:
-    from pregate.plots import _pyplot
+    from pregate.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
 
     paths = []
     fig, ax = plt.subplots(figsize=(6.5, 4))

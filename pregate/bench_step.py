@@ -40,10 +40,11 @@ import torch
 from torch import nn
 
 from pregate.bench import BenchConfig, BenchError, load_dense_parent, load_parts
+from pregate.checkpoint import CONFIG_FILE, ROUTER_CONFIG, has_router
 from pregate.engine import Engine, SamplingParams
-from pregate.moe import CONFIG_FILE, MoEConfig, MoEForCausalLM, Routing, Segment
+from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment
 from pregate.roofline import PARTS, Breakdown, measure_bandwidth, step_bytes, summarize_breakdown
-from pregate.router import PreGatingRouter, RouterConfig
+from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SchedulerConfig
 
 MOE = "moe"  # the MoE in the engine, controlled routing
@@ -142,10 +143,10 @@ def check_model(config: MoEConfig, cfg: StepBenchConfig, top_k: int = 1) -> None
         raise BenchError("the checkpoint does not name its dense parent (provenance.base in its "
                          f"{CONFIG_FILE}); pass --no-dense --no-hf to time the MoE alone")
     if cfg.layerwise is not None:
-        meta = Path(cfg.layerwise) / "router_config.json"
+        meta = Path(cfg.layerwise) / ROUTER_CONFIG
         kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
         if kind != "layerwise":
-            raise BenchError(f"--layerwise {cfg.layerwise} holds no layer-wise gate (router_config.json kind "
+            raise BenchError(f"--layerwise {cfg.layerwise} holds no layer-wise gate ({ROUTER_CONFIG} kind "
                              f"{kind!r}); give a `pregate train --layerwise` output directory")
 
 
@@ -385,15 +386,13 @@ def run_bench_step(
     check_model(config, cfg)
     gate = None
     if cfg.layerwise is not None:
-        from pregate.train import load_router
-
         gate = load_router(cfg.layerwise)
         shape = (len(gate.gates), gate.gates[0].in_features, gate.gates[0].out_features)
         if shape != (config.num_layers, config.base["hidden_size"], config.num_experts):
             raise BenchError(f"--layerwise gate (layers, hidden, experts) = {shape} does not fit the model "
                              f"{(config.num_layers, config.base['hidden_size'], config.num_experts)}")
     notes: list[str] = []
-    if (Path(model_dir) / "router_config.json").is_file():
+    if has_router(model_dir):
         moe, tokenizer, router, router_note = load_parts(model_dir, BenchConfig(dtype=cfg.dtype), progress)
     else:
         from transformers import AutoTokenizer
@@ -558,9 +557,9 @@ def format_step_table(result: dict) -> str:
 
 def plot_step_vs_experts(result: dict, path: str | Path) -> Path:
     """Decode-step time against distinct experts (median, min-max bars) with both floors drawn."""
-    from pregate.plots import _pyplot
+    from pregate.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = result["distinct_experts"]
     xs = [r["experts"] for r in rows]
     med = [r["decode_ms"]["median"] for r in rows]

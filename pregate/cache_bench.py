@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pregate import sim
+from pregate.checkpoint import ROUTER_WEIGHTS
 from pregate.errors import PregateError
 from pregate.eviction import unit_references
 from pregate.metrics import MetricsRecorder
@@ -130,7 +131,7 @@ def route_sharegpt(
     """n ShareGPT first turns (prompt + reference response), routed token by token.
 
     Routing: the trained pre-gating router of `router_dir` (or of `model_dir` when it holds one) via
-    `pregate.train.load_router`; otherwise the oracle routing the router is trained to imitate (each
+    `pregate.router.load_router`; otherwise the oracle routing the router is trained to imitate (each
     token to the expert whose channels carry most of its activation mass, summed over layers; causal
     like the router). Returns the requests and a sentence saying which routing was used.
     """
@@ -138,7 +139,9 @@ def route_sharegpt(
 
     from transformers import AutoTokenizer
 
+    from pregate.distill import distill_targets
     from pregate.moe import load_moe
+    from pregate.router import oracle_experts
     from pregate.workload import sharegpt_conversations
 
     model_dir = Path(model_dir)
@@ -146,12 +149,12 @@ def route_sharegpt(
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     router = None
     how = (
-        "oracle routing (no trained router found: "
-        "argmax over experts of the activation mass summed over layers)"
+        "oracle routing (no trained router found: the expert the router is trained to imitate, "
+        "pregate.router.oracle_experts)"
     )
     for cand in [router_dir, model_dir] if router_dir else [model_dir]:
-        if cand is not None and (Path(cand) / "router.safetensors").is_file():
-            from pregate.train import load_router
+        if cand is not None and (Path(cand) / ROUTER_WEIGHTS).is_file():
+            from pregate.router import load_router
 
             router, how = load_router(cand), f"trained router from {cand}"
             break
@@ -168,7 +171,7 @@ def route_sharegpt(
         ids = torch.tensor([p_ids + o_ids])
         with torch.no_grad():
             if router is not None:
-                from pregate.train import routing_for
+                from pregate.router import routing_for
 
                 routing, _ = routing_for(router, ids)
                 if routing is None:
@@ -177,7 +180,7 @@ def route_sharegpt(
                     )
                 experts = routing.expert_ids[:, 0].tolist()
             else:
-                experts = model.expert_scores(ids).sum(0).argmax(-1).tolist()
+                experts = oracle_experts(distill_targets(model, ids)).tolist()
         rid = f"sharegpt-{len(out)}"
         p = len(p_ids)
         trace = WorkloadRequest(rid, prompt, len(o_ids), 0.0, p, experts[:p], experts[p:])
@@ -399,9 +402,9 @@ def format_cache_table(result: dict) -> str:
 
 def plot_cache_bench(result: dict, out_dir: str | Path) -> list[Path]:
     """hit_ratio.png (policies vs k, paper dashed) and latency.png (on-demand vs prefetch per k)."""
-    from pregate.plots import _pyplot
+    from pregate.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))

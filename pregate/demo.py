@@ -4,6 +4,8 @@ refactor (7 domain experts + shared expert) -> train (router distillation, exper
 the `demo` training preset) -> test perplexity of every variant -> table and plot -> the serving half
 (pregate.demo_serving: MoE vs dense vs HF generate, batching policies, expert cache hit ratios). Each stage writes into
 the output directory and is skipped on a second run when its output is complete (force=True redoes all).
+A thin driver: it imports the entry points of each stage (`refactor`, `train`, `evaluate`, `plots`,
+`demo_serving`) and the file names of `checkpoint`.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pregate.config import REFACTOR_PRESETS
+from pregate.checkpoint import CONTROL_DIR, PLOT_FILE, STATE_FILE
 from pregate.demo_serving import format_serving, serving_summary
 from pregate.errors import PregateError
 from pregate.evaluate import PplConfig, evaluate_ppl, format_table
-from pregate.extract import refactor
 from pregate.moe import load_moe
 from pregate.plots import plot_perplexity
-from pregate.train import STATE_FILE, TrainConfig, train
+from pregate.refactor import REFACTOR_PRESETS, refactor
+from pregate.train import TrainConfig, train
 
 BASE = "smollm2-135m"
 EVAL_TOKENS = 2048
@@ -28,7 +30,7 @@ TRAIN_PRESET = "demo"
 def _complete(moe_dir: Path) -> bool:
     try:
         load_moe(moe_dir)
-        load_moe(moe_dir / "control")
+        load_moe(moe_dir / CONTROL_DIR)
         return True
     except PregateError:
         return False
@@ -68,7 +70,7 @@ def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
     print()
     print(f"activated MLP channels per token and layer: MoE {result['activated_channels']['moe']:.0f} "
           f"of {result['activated_channels']['dense']} dense (the control keeps the same number)")
-    print(f"wrote {out / 'ppl.json'}, {plot} and {train_dir / 'loss.png'}")
+    print(f"wrote {out / 'ppl.json'}, {plot} and {train_dir / PLOT_FILE}")
     print()
     print("[4/4] serving: MoE vs dense parent vs HF generate, batching policies, expert cache")
     serving = serving_summary(train_dir)

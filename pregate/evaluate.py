@@ -3,9 +3,10 @@
 Variants (all on the same test-split blocks of every domain):
 - dense:      the parent model.
 - moe_domain: every token of domain d routed to d's expert (only for domains that have an expert).
-- moe_oracle: each token routed to the expert whose channels capture most of the activation mass
-              the dense parent produced for it (summed over layers): the router's distillation target and
-              an upper bound for any token-level router.
+- moe_oracle: each token routed by the oracle routing (`router.oracle_experts` of the distillation
+              scores `distill.normalised_scores`) of the activation mass the dense parent produced for it:
+              the expert whose channels best cover the token's routed mass across layers, the expert a
+              trained router's accuracy is measured against, and a bound for any token-level router.
 - moe_random: a uniformly random expert per token (seeded): the floor.
 - control:    the same-size dense control (as many channels per token as the MoE activates); for a
               checkpoint written by `pregate train`, the untrained one of the parent MoE it was trained from.
@@ -13,6 +14,9 @@ Variants (all on the same test-split blocks of every domain):
 - control_trained: (trained checkpoints) the control trained with the same tokens and recipe (<model>/control).
 Variants a checkpoint cannot provide (no router, no control) are left out of the table.
 Perplexity = exp(mean next-token cross-entropy over all predicted positions of the blocks).
+
+Imports from the package: `errors`, `checkpoint`, `data`, `hub`, `stats`, `moe`, `router` and `distill`
+(never the trainer).
 
 Legend: B blocks, n block length, T = B*n tokens, L layers, E experts, I MLP channels.
 """
@@ -29,9 +33,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pregate import data, hub
+from pregate.checkpoint import CONTROL_DIR, has_router
+from pregate.distill import normalised_scores
 from pregate.errors import PregateError
-from pregate.extract import CONTROL_DIR
 from pregate.moe import MoEForCausalLM, Routing, load_moe
+from pregate.router import load_router, oracle_experts, routing_for
 from pregate.stats import capture_mlp_inputs
 
 VARIANTS = ("dense", "moe_domain", "moe_oracle", "moe_random", "control", "moe_router", "control_trained")
@@ -67,12 +73,12 @@ def expert_masks(moe: MoEForCausalLM, num_channels: int) -> torch.Tensor:
     return masks
 
 
-def oracle_scores(captured: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
-    """Share of each layer's activation mass |a| that each expert's channels hold -> [L, T, E]."""
+def expert_mass(captured: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+    """Activation mass sum |a| over each routed expert's channels, from the dense parent's MLP inputs
+    (one [.., I] per layer) -> [L, T, E]: what `MoEForCausalLM.expert_scores` measures on the MoE."""
     out = []
     for l, a in enumerate(captured):
-        mass = a.float().abs().reshape(-1, a.shape[-1])  # [T, I]
-        out.append((mass @ masks[l].T) / mass.sum(-1, keepdim=True).clamp_min(1e-12))
+        out.append(a.float().abs().reshape(-1, a.shape[-1]) @ masks[l].T)  # [T, I] @ [I, E]
     return torch.stack(out)
 
 
@@ -107,7 +113,9 @@ def domain_perplexities(
         ids = blocks[start : start + batch_size]
         with capture_mlp_inputs(dense) as captured:
             dense_logits = dense(input_ids=ids).logits
-        oracle = None if masks is None else oracle_scores(captured, masks).sum(0).argmax(-1)  # [T]
+        oracle = None
+        if masks is not None:
+            oracle = oracle_experts(normalised_scores(expert_mass(captured, masks)))  # [T]
         for name, logits in [("dense", dense_logits)] + [(n, f(ids, oracle)) for n, f in runs.items()]:
             loss, count = next_token_nll(logits, ids)
             totals[name][0] += loss
@@ -169,10 +177,8 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
 
 def _trained_runs(moe_dir: str | Path, moe: MoEForCausalLM, variants: list[str]) -> dict[str, Callable]:
     """moe_router and control_trained for a `pregate train` output directory (when present)."""
-    from pregate.train import ROUTER_CONFIG, load_router, routing_for
-
     runs: dict[str, Callable] = {}
-    if "moe_router" in variants and (Path(moe_dir) / ROUTER_CONFIG).is_file():
+    if "moe_router" in variants and has_router(moe_dir):
         router = load_router(moe_dir)
         runs["moe_router"] = lambda ids, _o: moe(ids, *routing_for(router, ids))
     control_dir = Path(moe_dir) / CONTROL_DIR

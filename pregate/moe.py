@@ -16,6 +16,9 @@ forward (what the serving engine needs) and a plain [B, L] batch is just B equal
 Legend: B batch, L sequence length, T tokens in the flat stream, H hidden, S shared channels,
 R routed channels per expert (padded to the widest expert with zero rows), E routed experts,
 K experts per token, V vocab, N query heads, G key/value heads, D head dim.
+
+Persistence: `save_moe`, `load_moe` and `load_config` (the file names are `checkpoint`'s). Imports from
+the package only `errors` and `checkpoint`.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pregate import checkpoint
+from pregate.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from pregate.errors import PregateError
 
 FORMAT = "pregate-moe"
 FORMAT_VERSION = 1
-CONFIG_FILE = "pregate_config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -77,7 +80,7 @@ class MoEConfig:
     @classmethod
     def from_json(cls, data: dict) -> "MoEConfig":
         if data.get("format") != FORMAT:
-            raise PregateError("not a pregate MoE checkpoint (its pregate_config.json has the wrong format tag)")
+            raise PregateError(f"not a pregate MoE checkpoint (its {CONFIG_FILE} has the wrong format tag)")
         if data.get("version") != FORMAT_VERSION:
             raise PregateError(f"pregate MoE format version {data.get('version')} is not supported (need {FORMAT_VERSION})")
         fields = {k: v for k, v in data.items() if k not in ("format", "version")}
@@ -698,6 +701,16 @@ def save_moe(model: MoEForCausalLM, out: Path) -> None:
 ROUTED_KEYS = ("w_gate", "w_up", "w_down")  # checkpoint names of the stacked routed experts
 
 
+def load_config(path: str | Path) -> MoEConfig:
+    """The MoEConfig of a checkpoint directory, without reading weights; a clear PregateError when
+    `path` is not a pregate MoE checkpoint or its config is damaged."""
+    data = checkpoint.read_config(path)
+    try:
+        return MoEConfig.from_json(data)
+    except (TypeError, KeyError) as err:
+        raise PregateError(f"{Path(path) / CONFIG_FILE} is damaged ({err}); rewrite the checkpoint") from err
+
+
 def load_moe(path: str | Path, dtype: torch.dtype | None = None, device=None, routed_experts: bool = True) -> MoEForCausalLM:
     """Load a pregate MoE checkpoint directory; clear errors for foreign or truncated checkpoints.
 
@@ -706,15 +719,7 @@ def load_moe(path: str | Path, dtype: torch.dtype | None = None, device=None, ro
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not path.is_dir():
-        raise PregateError(f"{path} is not a directory; give a checkpoint written by `pregate refactor`")
-    if not cfg_file.is_file():
-        raise PregateError(f"{path} is not a pregate MoE checkpoint (no {CONFIG_FILE}); make one with `pregate refactor`")
-    try:
-        config = MoEConfig.from_json(json.loads(cfg_file.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise PregateError(f"{cfg_file} is damaged ({err}); rewrite the checkpoint") from err
+    config = load_config(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise PregateError(f"{path} has no {WEIGHTS_FILE}: the checkpoint is incomplete")

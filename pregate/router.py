@@ -10,8 +10,14 @@ Contents
 - Two heads: "softmax" (a linear layer, logits over experts) and "dselect" (DSelect-k, Hazimeh et al.
   2021: k binary-encoded single-expert selectors mixed by softmax(alpha); `forward` returns log q).
 - `LayerwiseGate`: the conventional per-layer linear gate, for comparison.
-- Pure losses: `distill_kl` (paper), `distill_graded` (official code), `dselect_entropy`, and the
-  metric `router_accuracy`.
+- Pure losses: `distill_kl` (paper), `distill_graded` (official code), `dselect_entropy`, the oracle
+  routing `oracle_experts` and the metric `router_accuracy`.
+- Persistence: `save_router` / `load_router` (`checkpoint.ROUTER_WEIGHTS` + `checkpoint.ROUTER_CONFIG` in
+  a `pregate train` output), and `routing_for`, which turns a router's choice into the backbone's
+  `Routing` (or per-layer gate).
+
+Imports from the package: `errors`, `checkpoint` (file names) and `moe` (`Routing` only). Training code
+and serving code both import this module; it imports neither.
 
 Dimension legend: B batch, L tokens in this call, P tokens already cached, T = P + L, D router width,
 H attention heads, Dh head width, F MLP hidden, E experts, K selected experts / selectors,
@@ -22,15 +28,19 @@ Sequences are unpadded: position t of a row is its t-th token (the engine keeps 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pregate.checkpoint import ROUTER_CONFIG, ROUTER_WEIGHTS
 from pregate.errors import PregateError
+from pregate.moe import Routing
 
 RouterHead = Literal["softmax", "dselect"]
 ROUTER_HEADS: tuple[str, ...] = ("softmax", "dselect")
@@ -577,6 +587,83 @@ class LayerwiseGate(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Persistence, and routing the backbone
+
+
+Gate = PreGatingRouter | LayerwiseGate
+
+
+def save_router(router: Gate, out: Path) -> None:
+    """ROUTER_WEIGHTS + ROUTER_CONFIG ({"kind": "pregating"|"layerwise", ...}) into the directory `out`."""
+    from safetensors.torch import save_file
+
+    if isinstance(router, PreGatingRouter):
+        meta = {"kind": "pregating", "config": router.cfg.to_dict()}
+    else:
+        g = router.gates[0]
+        meta = {
+            "kind": "layerwise",
+            "num_layers": len(router.gates),
+            "hidden_size": g.in_features,
+            "num_experts": g.out_features,
+            "top_k": router.top_k,
+        }
+    state = {k: v.contiguous() for k, v in router.state_dict().items()}
+    save_file(state, str(Path(out) / ROUTER_WEIGHTS))
+    (Path(out) / ROUTER_CONFIG).write_text(json.dumps(meta, indent=1))
+
+
+def router_meta(path: str | Path) -> dict:
+    """The parsed ROUTER_CONFIG of a directory that holds a router (kind, and config or gate shape)."""
+    cfg_file = Path(path) / ROUTER_CONFIG
+    if not cfg_file.is_file():
+        raise RouterError(
+            f"{path} holds no trained router ({ROUTER_CONFIG}); train one with `pregate train`."
+        )
+    return json.loads(cfg_file.read_text())
+
+
+def load_router(path: str | Path, device=None) -> Gate:
+    """The trained router of a `pregate train` output directory (float32, eval mode)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, weights = path / ROUTER_CONFIG, path / ROUTER_WEIGHTS
+    if not cfg_file.is_file() or not weights.is_file():
+        raise RouterError(
+            f"{path} holds no trained router ({ROUTER_CONFIG} + {ROUTER_WEIGHTS}); "
+            "train one with `pregate train`."
+        )
+    meta = router_meta(path)
+    if meta.get("kind") == "pregating":
+        router: Gate = PreGatingRouter(RouterConfig.from_dict(meta["config"]))
+    elif meta.get("kind") == "layerwise":
+        router = LayerwiseGate(meta["num_layers"], meta["hidden_size"], meta["num_experts"], meta["top_k"])
+    else:
+        raise RouterError(f"{cfg_file}: unknown router kind {meta.get('kind')!r}.")
+    router.load_state_dict(load_file(str(weights)), strict=True)
+    return router.float().to(device).eval()
+
+
+def routing_for(router: Gate, ids: Tensor) -> tuple[Routing | None, Callable | None]:
+    """(routing, layer_router) for `MoEForCausalLM.forward(ids [B, n], routing, layer_router)`.
+
+    Decisions and weights are constants (no gradient reaches the router or flows through the weights)."""
+    if isinstance(router, LayerwiseGate):
+
+        def layer_router(layer: int, h: Tensor) -> Routing:
+            with torch.no_grad():
+                eids, w = router.route(router(layer, h))  # [T, K]
+            return Routing(eids, w.to(h.dtype))
+
+        return None, layer_router
+    with torch.no_grad():
+        eids, w = router.route(router(ids))  # [B, n, K]
+    k = eids.shape[-1]
+    return Routing(eids.reshape(-1, k), w.reshape(-1, k).float()), None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Distillation losses and metric (pure functions of router logits and targets)
 
 
@@ -622,12 +709,21 @@ def distill_graded(logits: Tensor, target_scores: Tensor, smoothing: float = 0.1
 
 
 @torch.no_grad()
+def oracle_experts(target_scores: Tensor) -> Tensor:
+    """The oracle routing: target_scores [.., Y, E] -> the expert [..] with the highest score summed over
+    the Y layers. With the distillation targets (log shares) this is the one expert that best covers
+    the token's routed activation mass across layers: what `router_accuracy` compares a router against,
+    `eval ppl`'s moe_oracle routes by and `analyze` calls the oracle."""
+    return target_scores.sum(dim=-2).argmax(dim=-1)
+
+
+@torch.no_grad()
 def router_accuracy(logits: Tensor, target_scores: Tensor) -> float:
-    """Fraction of tokens whose argmax(logits) equals the argmax of the scores summed over layers."""
+    """Fraction of tokens whose argmax(logits) equals the oracle expert (`oracle_experts`)."""
     logits, scores = _flatten(logits, target_scores)
     if logits.shape[0] == 0:
         raise RouterError("router_accuracy got no tokens.")
-    return (logits.argmax(dim=-1) == scores.sum(dim=1).argmax(dim=-1)).float().mean().item()
+    return (logits.argmax(dim=-1) == oracle_experts(scores)).float().mean().item()
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -561,10 +561,9 @@ def load_engine(model_dir: str, config: SchedulerConfig | None = None, router_di
     while a layer computes). The model then computes in the checkpoint's dtype."""
     from transformers import AutoTokenizer
 
-    from pregate.config import parse_dtype
+    from pregate.checkpoint import parse_dtype
     from pregate.moe import load_moe
-    from pregate.router import PreGatingRouter
-    from pregate.train import load_router
+    from pregate.router import PreGatingRouter, load_router
 
     store, weights_dtype = None, parse_dtype(dtype)
     if resident_experts is not None:

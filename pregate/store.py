@@ -41,9 +41,10 @@ from pathlib import Path
 
 import torch
 
+from pregate.checkpoint import WEIGHTS_FILE
 from pregate.errors import PregateError
 from pregate.eviction import EVICTION_POLICIES, UNITS, CacheError, Residency, ResidencyStats
-from pregate.moe import WEIGHTS_FILE, ExpertWeights
+from pregate.moe import ExpertWeights
 
 _KEYS = ("w_gate", "w_up", "w_down")
 

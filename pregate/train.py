@@ -1,14 +1,9 @@
 """Read-ME training: alternating router distillation and expert tuning, plus a same-size dense control.
 
 A round is a router stage then an expert stage (SPEC section 1):
-- Router stage (backbone frozen): run the current backbone with every expert on (shared + all routed
-  experts, weight 1: the dense path); per token t, layer y and routed expert e take the activation mass
-  m[y, t, e] = sum |a| over e's channels (`MoEForCausalLM.expert_scores`). Normalised target:
-  share[y, t, e] = m / sum_e' m (the fraction of the token's routed activation mass that e's channels
-  hold: how much of what the token activates e covers), scores = log(share) / temperature, so
-  softmax(scores) = share^(1/T), renormalised. The router (token ids only) is fitted to these per-layer
-  targets, summed over layers, with the paper's KL ("kl") or the official code's graded loss ("graded").
-  Accuracy: argmax of the router vs argmax of the scores summed over layers (= the eval's moe_oracle).
+- Router stage (backbone frozen): the router (token ids only) is fitted to per-layer targets from the
+  current backbone run dense: the share of each token's routed activation mass each expert's channels
+  hold (`distill`: targets, the "kl" or "graded" loss, accuracy against the oracle routing).
 - Expert stage (router frozen): the backbone trains through the MoE path with the router's routing
   (ids and weights are constants), causal-LM loss, optionally mixed with KL to the dense parent's logits.
 Each stage runs a cosine schedule (optional linear warmup) from its peak lr, the peak x round_decay per
@@ -26,6 +21,11 @@ processes; after backward every trainable parameter's gradient (zeros where unus
 processes, which equals one process on the whole batch (equal-length rows). Only the main process
 writes checkpoints, logs and progress bars.
 
+This module owns the recipe: `TrainConfig` and its presets, the batches and the lr schedule, the
+expert-stage loss, the `Trainer`, writing and resuming the output directory, and `train()`. Components own
+their parts: router targets and loss in `distill`, router persistence in `router`, the file names in
+`checkpoint`, the loss plot in `plots`. Serving code never imports this module.
+
 Legend: B rows, n sequence length, T = B*n tokens, Y backbone layers, E routed experts, K experts per token.
 """
 
@@ -33,35 +33,45 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pregate.checkpoint import (
+    CONFIG_FILE,
+    CONTROL_DIR,
+    LOG_FILE,
+    PLOT_FILE,
+    RECORD_FILE,
+    ROUTER_CONFIG,
+    ROUTER_WEIGHTS,
+    STATE_FILE,
+    STATS_FILE,
+    WEIGHTS_FILE,
+    atomic_dir,
+    copy_tokenizer,
+    link_tree,
+)
+from pregate.distill import router_loss
 from pregate.errors import PregateError
-from pregate.extract import CONTROL_DIR, atomic_dir
-from pregate.moe import CONFIG_FILE, WEIGHTS_FILE, MoEForCausalLM, Routing, load_moe, save_moe
+from pregate.moe import MoEForCausalLM, load_moe, save_moe
+from pregate.plots import plot_losses
 from pregate.router import (
+    Gate,
     LayerwiseGate,
     PreGatingRouter,
     RouterConfig,
-    distill_graded,
-    distill_kl,
-    dselect_entropy,
-    router_accuracy,
+    load_router,
+    routing_for,
+    save_router,
 )
 
-ROUTER_WEIGHTS = "router.safetensors"
-ROUTER_CONFIG = "router_config.json"
-STATE_FILE = "train_state.json"
-LOG_FILE = "train_log.json"
-PLOT_FILE = "loss.png"
 KINDS = ("router", "expert", "control")
 _ALWAYS_REWRITTEN = {STATE_FILE, LOG_FILE, PLOT_FILE}
 
@@ -172,91 +182,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 TRAIN_PRESETS["demo"] = {**TRAIN_PRESETS["cpu"], "rounds": 1}  # make demo: ~5 minutes on 2 cores, control included
 
 
-# ----------------------------------------------------------------------------------------- routers on disk
-
-
-Gate = PreGatingRouter | LayerwiseGate
-
-
-def save_router(router: Gate, out: Path) -> None:
-    """router.safetensors + router_config.json ({"kind": "pregating"|"layerwise", ...}) into `out`."""
-    from safetensors.torch import save_file
-
-    if isinstance(router, PreGatingRouter):
-        meta = {"kind": "pregating", "config": router.cfg.to_dict()}
-    else:
-        g = router.gates[0]
-        meta = {"kind": "layerwise", "num_layers": len(router.gates), "hidden_size": g.in_features,
-                "num_experts": g.out_features, "top_k": router.top_k}
-    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, str(Path(out) / ROUTER_WEIGHTS))
-    (Path(out) / ROUTER_CONFIG).write_text(json.dumps(meta, indent=1))
-
-
-def load_router(path: str | Path, device=None) -> Gate:
-    """The trained router of a `pregate train` output directory (float32, eval mode)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_file, weights = path / ROUTER_CONFIG, path / ROUTER_WEIGHTS
-    if not cfg_file.is_file() or not weights.is_file():
-        raise TrainError(f"{path} holds no trained router ({ROUTER_CONFIG} + {ROUTER_WEIGHTS}); train one with `pregate train`.")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("kind") == "pregating":
-        router: Gate = PreGatingRouter(RouterConfig.from_dict(meta["config"]))
-    elif meta.get("kind") == "layerwise":
-        router = LayerwiseGate(meta["num_layers"], meta["hidden_size"], meta["num_experts"], meta["top_k"])
-    else:
-        raise TrainError(f"{cfg_file}: unknown router kind {meta.get('kind')!r}.")
-    router.load_state_dict(load_file(str(weights)), strict=True)
-    return router.float().to(device).eval()
-
-
-def routing_for(router: Gate, ids: torch.Tensor) -> tuple[Routing | None, Callable | None]:
-    """(routing, layer_router) for `MoEForCausalLM.forward(ids [B, n], routing, layer_router)`.
-
-    Decisions and weights are constants (no gradient reaches the router or flows through the weights)."""
-    if isinstance(router, LayerwiseGate):
-        def layer_router(layer: int, h: torch.Tensor) -> Routing:
-            with torch.no_grad():
-                eids, w = router.route(router(layer, h))  # [T, K]
-            return Routing(eids, w.to(h.dtype))
-
-        return None, layer_router
-    with torch.no_grad():
-        eids, w = router.route(router(ids))  # [B, n, K]
-    k = eids.shape[-1]
-    return Routing(eids.reshape(-1, k), w.reshape(-1, k).float()), None
-
-
-# ----------------------------------------------------------------------------------------- targets and data
-
-
-def normalised_scores(mass: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Expert activation mass [Y, T, E] -> distillation scores [T, Y, E] = log(share) / temperature."""
-    share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
-    return (share.clamp_min(1e-6).log() / temperature).transpose(0, 1)
-
-
-@torch.no_grad()
-def distill_targets(moe: MoEForCausalLM, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """ids [B, n] -> scores [B*n, Y, E] from the current backbone run dense (every expert, weight 1)."""
-    return normalised_scores(moe.expert_scores(ids), temperature)
-
-
-@torch.no_grad()
-def layer_inputs(moe: MoEForCausalLM, ids: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense run recording each MLP's input: (hidden [Y, T, H], scores [T, Y, E]) for a LayerwiseGate."""
-    t, e = ids.numel(), moe.num_experts
-    every = Routing.all_experts(t, e, ids.device)
-    hidden: list[torch.Tensor] = []
-
-    def record(_layer: int, h: torch.Tensor) -> Routing:
-        hidden.append(h)
-        return every
-
-    mass = torch.zeros(len(moe.layers), t, e, device=ids.device)
-    moe(ids, None, layer_router=record, scores=mass)
-    return torch.stack(hidden), normalised_scores(mass, temperature)
+# ----------------------------------------------------------------------------------------- data and schedule
 
 
 def batch_pool(tokenizer, domains: list[str], cfg: TrainConfig) -> torch.Tensor:
@@ -291,28 +217,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)))
 
 
-# ----------------------------------------------------------------------------------------- losses
-
-
-def router_loss(cfg: TrainConfig, router: Gate, moe: MoEForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Distillation loss and accuracy of the router on ids [B, n] (targets from the frozen backbone)."""
-    lossf = (lambda lg, sc: distill_kl(lg, sc)) if cfg.loss == "kl" else (lambda lg, sc: distill_graded(lg, sc, cfg.smoothing))
-    if isinstance(router, LayerwiseGate):
-        hidden, scores = layer_inputs(moe, ids, cfg.temperature)  # [Y, T, H], [T, Y, E]
-        losses, accs = [], []
-        for y in range(hidden.shape[0]):
-            logits = router(y, hidden[y])
-            losses.append(lossf(logits, scores[:, y : y + 1]))
-            accs.append(router_accuracy(logits, scores[:, y : y + 1]))
-        return torch.stack(losses).sum(), sum(accs) / len(accs)
-    scores = distill_targets(moe, ids, cfg.temperature)
-    if cfg.head == "dselect" and cfg.dselect_entropy > 0:
-        logits, selectors = router.forward_with_selectors(ids)
-        extra = cfg.dselect_entropy * dselect_entropy(selectors)
-    else:
-        logits, extra = router(ids), 0.0
-    logits = logits.reshape(-1, logits.shape[-1])  # [T, E]
-    return lossf(logits, scores) + extra, router_accuracy(logits, scores)
+# ----------------------------------------------------------------------------------------- expert-stage loss
 
 
 def lm_loss(cfg: TrainConfig, model: MoEForCausalLM, ids: torch.Tensor, router: Gate | None, parent: nn.Module | None) -> tuple[torch.Tensor, float]:
@@ -438,28 +343,6 @@ def _stage_list(cfg: TrainConfig) -> list[tuple[int, str]]:
     return moe + ([(r, "control") for r in range(cfg.rounds)] if cfg.train_control else [])
 
 
-def _link_tree(src: Path, dst: Path, skip: set[str]) -> None:
-    """Hard-link (copy if linking fails) every file of src into dst, except relative paths in `skip`.
-    Safe because checkpoint files are only ever replaced, never written in place."""
-    import shutil
-
-    for path in src.rglob("*"):
-        rel = path.relative_to(src).as_posix()
-        if path.is_dir() or rel in skip or rel.startswith(".") or any(rel.startswith(s + "/") for s in skip):
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
-
-
-def _tokenizer_files(src: Path) -> list[Path]:
-    return [p for p in src.iterdir() if p.is_file() and (p.name.startswith("tokenizer") or p.name in (
-        "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt"))]
-
-
 def write_checkpoint(out: Path, trainer: Trainer, source: Path, state: dict, changed: set[str] | None) -> None:
     """Atomically replace `out` with the current models. changed None: write everything (a new run);
     otherwise the parts in `changed` ("moe", "router", "control") are written and the rest hard-linked
@@ -477,14 +360,15 @@ def write_checkpoint(out: Path, trainer: Trainer, source: Path, state: dict, cha
         if "control" in changed:
             skip |= {f"{CONTROL_DIR}/{CONFIG_FILE}", f"{CONTROL_DIR}/{WEIGHTS_FILE}"}
         if old is not None:
-            _link_tree(old, tmp, skip)
+            link_tree(old, tmp, skip)
         else:  # first checkpoint: the tokenizer and refactoring record come from the source
-            for p in _tokenizer_files(source) + [source / n for n in ("refactor.json", "stats.safetensors") if (source / n).is_file()]:
-                shutil.copy2(p, tmp / p.name)
+            copy_tokenizer(source, tmp)
+            for name in (RECORD_FILE, STATS_FILE):
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
             if trainer.control is not None:
                 (tmp / CONTROL_DIR).mkdir()
-                for p in _tokenizer_files(source / CONTROL_DIR):
-                    shutil.copy2(p, tmp / CONTROL_DIR / p.name)
+                copy_tokenizer(source / CONTROL_DIR, tmp / CONTROL_DIR)
         if "moe" in changed:
             save_moe(trainer.moe, tmp)
         if "router" in changed:
@@ -494,44 +378,6 @@ def write_checkpoint(out: Path, trainer: Trainer, source: Path, state: dict, cha
         (tmp / LOG_FILE).write_text(json.dumps({"config": state["config"], **trainer.log}, indent=1))
         plot_losses(trainer.log, tmp / PLOT_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-
-def plot_losses(log: dict, path: Path) -> Path:
-    """Expert-stage LM loss (MoE and control) over training steps, router and expert stages shaded
-    differently (like the paper's Figure 7); a lower panel shows the router's distillation accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[2, 1])
-    shades = {"router": ("tab:orange", "router stage"), "expert": ("tab:blue", "expert stage")}
-    for s in log["stages"]:
-        if s["stage"] in shades:
-            xs = [e["x"] for e in log["steps"] if e["model"] == "moe" and e["round"] == s["round"] and e["stage"] == s["stage"]]
-            color, label = shades[s["stage"]]
-            for ax in (top, bottom):
-                ax.axvspan(min(xs) - 0.5, max(xs) + 0.5, color=color, alpha=0.12, lw=0, label=label if ax is top else None)
-            shades[s["stage"]] = (color, None)  # one legend entry per kind
-    for model, style in (("moe", "tab:blue"), ("control", "tab:gray")):
-        pts = [(e["x"], e["lm"]) for e in log["steps"] if e["model"] == model and "lm" in e]
-        if pts:
-            xs, ys = zip(*pts)
-            top.plot(xs, ys, ".", color=style, ms=3, alpha=0.5)
-            # batches mix domains of very different difficulty: the trend is the running mean of 8 steps
-            smooth = [sum(ys[max(0, i - 7) : i + 1]) / len(ys[max(0, i - 7) : i + 1]) for i in range(len(ys))]
-            top.plot(xs, smooth, "-", color=style, lw=1.8, label=f"{model} LM loss, mean of 8 steps" + (" (same tokens)" if model == "control" else ""))
-    acc = [(e["x"], e["acc"]) for e in log["steps"] if "acc" in e]
-    if acc:
-        bottom.plot(*zip(*acc), ".-", color="tab:orange", ms=3, lw=1)
-    top.set_ylabel("train cross-entropy")
-    top.legend(fontsize=8)
-    bottom.set_ylabel("router acc.")
-    bottom.set_xlabel("training step (each step: one global batch of tokens)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------- entry point

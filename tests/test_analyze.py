@@ -113,8 +113,7 @@ def test_bad_config():
 @pytest.fixture
 def trained(tiny_checkpoint, tmp_path):
     """(refactored MoE, pre-gating run, layer-wise run): the tiny checkpoints of tests/test_train.py."""
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
+    from pregate.refactor import RefactorConfig, refactor
     from pregate.train import TrainConfig, train
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32")

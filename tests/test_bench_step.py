@@ -14,8 +14,7 @@ from pregate.bench_step import (
 )
 from pregate.cli import main
 from pregate.moe import load_moe, save_moe
-from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig
-from pregate.train import save_router
+from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig, save_router
 from tests.test_moe import build
 
 TINY = dict(batch_sizes=[1, 3], expert_batch=3, prompt_len=4, warmup_steps=1, decode_steps=3, floor_mb=1)
@@ -79,7 +78,7 @@ def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, c
 @pytest.mark.parametrize("distinct", [1, 2, 3])
 def test_controlled_routing_gives_d_distinct_experts(moe_dir, distinct):
     moe = load_moe(moe_dir, torch.float32)
-    from pregate.train import load_router
+    from pregate.router import load_router
 
     router = load_router(moe_dir)
     cfg = StepBenchConfig(**TINY)
@@ -89,7 +88,7 @@ def test_controlled_routing_gives_d_distinct_experts(moe_dir, distinct):
 
 
 def test_fixed_router_assigns_request_n_expert_n_mod_d(moe_dir):
-    from pregate.train import load_router
+    from pregate.router import load_router
 
     fixed = FixedRouter(load_router(moe_dir), 2)
     got = []
@@ -110,7 +109,7 @@ def test_fixed_router_assigns_request_n_expert_n_mod_d(moe_dir):
 
 def test_byte_accounting_by_hand(moe_dir):
     moe = load_moe(moe_dir, torch.float32)
-    from pregate.train import load_router
+    from pregate.router import load_router
 
     router = load_router(moe_dir)
     cfg = json.loads((moe_dir / "pregate_config.json").read_text())

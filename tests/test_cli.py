@@ -76,8 +76,7 @@ def test_refactor_and_eval_from_the_command_line(tiny_checkpoint, tmp_path, caps
 def test_trace_route_then_simulate_policies(tiny_checkpoint, tmp_path, capsys):
     import json
 
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
+    from pregate.refactor import RefactorConfig, refactor
     from pregate.workload import load_trace
 
     moe = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))
@@ -154,8 +153,7 @@ def test_json_is_optional_everywhere():
 def test_bench_cache_then_trace_export(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     import json
 
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
+    from pregate.refactor import RefactorConfig, refactor
 
     moe = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(
         domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))

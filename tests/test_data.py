@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from pregate import data
+from pregate import corpora, data
 from pregate.data import DOMAIN_NAMES, DataError, DomainInfo
 from pregate.errors import PregateError
 
@@ -104,8 +102,8 @@ def test_domain_info_marks_the_stand_ins() -> None:
         if info.stand_in:
             assert "stand-in" in info.note
     assert "Shakespeare" in infos["book"].source and "Bible" in infos["book"].source
-    if not data._python_docs_present():
-        assert data.PYTHON_DOC_APT in infos["c4"].source
+    if not corpora._python_docs_present():
+        assert corpora.PYTHON_DOC_APT in infos["c4"].source
 
 
 def test_describe_domains_rows_add_up() -> None:
@@ -125,17 +123,6 @@ def test_wikipedia_is_article_text() -> None:
     assert joined.count("{{") < 50 and "<ref" not in joined and "'''" not in joined
 
 
-def test_strip_wiki_markup() -> None:
-    src = ("'''Foo''' is a [[bar (thing)|bar]] and [[baz]].{{Infobox x|a={{nested}}}}<ref>cite</ref>\n"
-           "== History ==\n[[File:x.jpg|thumb|a [[link]] caption]]See [http://x.org the site].")
-    assert data.strip_wiki_markup(src) == "Foo is a bar and baz.\nHistory\nSee the site."
-
-
-def test_strip_html_keeps_visible_text() -> None:
-    page = "<html><head><title>t</title></head><body><script>var x=1;</script><p>A &amp; B</p><h1>T\u00b6</h1></body>"
-    assert data.strip_html(page) == "A & B\nT"
-
-
 def test_chunk_text_bounds_and_preserves_words() -> None:
     text = "\n\n".join(f"para {i} " + "word " * (i * 37 % 300) for i in range(60)) + "\n\n" + "x" * 9000
     chunks = data.chunk_text(text, max_chars=1000)
@@ -143,12 +130,6 @@ def test_chunk_text_bounds_and_preserves_words() -> None:
     assert "".join("".join(chunks).split()) == "".join(text.split())
     with pytest.raises(DataError, match="max_chars"):
         data.chunk_text(text, max_chars=0)
-
-
-def test_newsgroups_unpickler_refuses_other_classes() -> None:
-    evil = pickle.dumps(print, protocol=0)  # a global reference to builtins.print
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        data._NewsgroupsUnpickler(io.BytesIO(evil)).load()
 
 
 # --- tokens -----------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """The serving half of `make demo` on a tiny trained checkpoint: every system runs, the table prints."""
 
 from pregate.bench import DENSE, HF, BenchConfig
-from pregate.config import RefactorConfig
 from pregate.demo_serving import format_serving, serving_summary
-from pregate.extract import refactor
+from pregate.refactor import RefactorConfig, refactor
 from pregate.train import TrainConfig, train
 
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from pregate import data, hub
-from pregate.config import RefactorConfig
 from pregate.errors import PregateError
 from pregate.evaluate import PplConfig, evaluate_ppl, format_table, next_token_nll
-from pregate.extract import refactor
+from pregate.refactor import RefactorConfig, refactor
 
 
 def test_full_remain_rate_every_variant_equals_dense(tiny_checkpoint, tmp_path):

@@ -16,8 +16,7 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError
 from pregate.export import export_hf
 from pregate.moe import build_moe_from_dense, load_moe, save_moe
-from pregate.router import LayerwiseGate
-from pregate.train import load_router, routing_for, save_router
+from pregate.router import LayerwiseGate, load_router, routing_for, save_router
 from tests.conftest import tiny_hf_model
 from tests.test_engine import VOCAB, prompts, tiny_router
 from tests.test_moe import build
@@ -154,8 +153,7 @@ def test_refactored_full_remain_rate_exports_the_dense_parent(tiny_checkpoint, t
     # `pregate refactor --remain-rate 1`: every channel in the shared expert; a router is added as train would
     from transformers import AutoModelForCausalLM
 
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
+    from pregate.refactor import RefactorConfig, refactor
     from pregate.router import PreGatingRouter, RouterConfig
 
     cfg = RefactorConfig(

@@ -30,8 +30,7 @@ def test_bench_server_config_is_checked():
 
 def test_pregate_bench_server_command(tiny_checkpoint, tmp_path, capsys):
     from pregate.cli import main
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
+    from pregate.refactor import RefactorConfig, refactor
     from pregate.train import TrainConfig, train
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")

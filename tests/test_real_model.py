@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from pregate import hub
-from pregate.config import RefactorConfig
 from pregate.evaluate import PplConfig, evaluate_ppl
-from pregate.extract import refactor
 from pregate.moe import Routing, load_moe
+from pregate.refactor import RefactorConfig, refactor
 
 
 @pytest.mark.slow

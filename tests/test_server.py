@@ -11,10 +11,9 @@ import torch
 import uvicorn
 from transformers import AutoTokenizer
 
-from pregate.config import RefactorConfig
 from pregate.engine import Engine, SamplingParams
-from pregate.extract import refactor
 from pregate.moe import load_moe
+from pregate.refactor import RefactorConfig, refactor
 from pregate.router import PreGatingRouter, RouterConfig
 from pregate.server import build_app
 
@@ -104,7 +103,8 @@ def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_pa
     import subprocess
     import sys
 
-    from pregate.train import TrainConfig, load_router, train
+    from pregate.router import load_router
+    from pregate.train import TrainConfig, train
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)

@@ -82,8 +82,7 @@ def test_generate_until_is_greedy_and_stops(tiny_lm, how):
 
 
 def test_simple_evaluate_end_to_end_on_packaged_tasks(tiny_checkpoint, tmp_path):
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
+    from pregate.refactor import RefactorConfig, refactor
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
@@ -149,11 +148,11 @@ def test_dense_matches_lm_eval_hf_backend_on_smollm2():
 
 def test_trained_checkpoint_scores_moe_router_as_the_moe_forward(tiny_checkpoint, tmp_path):
     """Default variants of a `pregate train` output; moe_router equals the MoE under routing_for."""
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
     from pregate.harness import load_variants
     from pregate.moe import load_moe
-    from pregate.train import TrainConfig, load_router, routing_for, train
+    from pregate.refactor import RefactorConfig, refactor
+    from pregate.router import load_router, routing_for
+    from pregate.train import TrainConfig, train
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)

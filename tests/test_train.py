@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_moe(tiny_checkpoint: Path, tmp_path: Path) -> Path:
-    from pregate.config import RefactorConfig
-    from pregate.extract import refactor
+    from pregate.refactor import RefactorConfig, refactor
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32")
     return refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
@@ -65,7 +64,7 @@ def same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("loss", ["graded", "kl"])
 def test_router_step_lowers_distillation_loss_and_freezes_backbone(moe_dir, loss):
-    from pregate.train import router_loss
+    from pregate.distill import router_loss
 
     cfg = tiny_cfg(router_steps=1, loss=loss)
     trainer, batch = trainer_on_one_batch(moe_dir, cfg)
@@ -163,7 +162,8 @@ def test_resume_after_a_kill_gives_the_same_losses(moe_dir, tmp_path):
 
 
 def test_dselect_top2_trains_and_routes_two_weighted_experts(moe_dir, tmp_path):
-    from pregate.train import load_router, routing_for, train
+    from pregate.router import load_router, routing_for
+    from pregate.train import train
 
     out = train(moe_dir, tmp_path / "ds", tiny_cfg(rounds=1, head="dselect", top_k=2, dselect_entropy=0.01, train_control=False), progress=False)
     router = load_router(out)
@@ -178,7 +178,8 @@ def test_dselect_top2_trains_and_routes_two_weighted_experts(moe_dir, tmp_path):
 
 
 def test_layerwise_gate_trains_and_runs_in_the_moe(moe_dir, tmp_path):
-    from pregate.train import load_router, routing_for, train
+    from pregate.router import load_router, routing_for
+    from pregate.train import train
 
     out = train(moe_dir, tmp_path / "lw", tiny_cfg(rounds=1, layerwise=True, train_control=False), progress=False)
     log = json.loads((out / "train_log.json").read_text())

@@ -112,12 +112,12 @@ def add_trace_export(p) -> None:
 
 
 def cmd_trace_export(args) -> None:
-    from pregate.checkpoint import read_moe_config  # MERGE: name from the persistence branch
+    from pregate.moe import load_config
     from pregate.references import write_references
     from pregate.sim import scheduled_steps
     from pregate.workload import load_trace
 
-    moe_cfg = read_moe_config(args.model)
+    moe_cfg = load_config(args.model)  # the checkpoint gives the layer and expert counts
     if args.trace:
         traces = load_trace(args.trace)
     else:

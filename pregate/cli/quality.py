@@ -46,7 +46,7 @@ _REFACTOR_FLAGS = ("domains", "tokens_per_domain", "block_len", "remain_rate", "
 
 
 def add_refactor(p) -> None:
-    from pregate.config import REFACTOR_PRESETS
+    from pregate.refactor import REFACTOR_PRESETS
 
     p.add_argument("base", help="base model: a packaged name (smollm2-135m), a .gguf file or a HF checkpoint directory")
     p.add_argument("--out", required=True, help="output checkpoint directory (refused if it exists, unless --force)")
@@ -77,8 +77,8 @@ def add_refactor(p) -> None:
 
 
 def cmd_refactor(args) -> None:
-    from pregate.config import REFACTOR_PRESETS, RefactorConfig
-    from pregate.extract import refactor
+    from pregate.checkpoint import CONTROL_DIR, RECORD_FILE
+    from pregate.refactor import REFACTOR_PRESETS, RefactorConfig, refactor
 
     base = REFACTOR_PRESETS[args.preset].to_dict()
     for key in _REFACTOR_FLAGS:
@@ -90,10 +90,10 @@ def cmd_refactor(args) -> None:
         raise PregateError("with --add-domain, also list the experts' domains with --domains (built-in and your own)")
     cfg = RefactorConfig(**base)
     out = refactor(args.base, args.out, cfg, force=args.force, cache=args.cache_dir, custom_domains=custom)
-    record = json.loads((out / "refactor.json").read_text())
+    record = json.loads((out / RECORD_FILE).read_text())
     ch = record["channels_per_layer"]
     shared = sum(ch["shared"]) / len(ch["shared"])
-    print(f"wrote MoE checkpoint {out} (same-size dense control in {out / 'control'})")
+    print(f"wrote MoE checkpoint {out} (same-size dense control in {out / CONTROL_DIR})")
     print(
         f"  MLP channels per layer: {ch['total']} dense; shared expert mean {shared:.0f}; "
         f"activated per token {record['activated_channels_mean']:.0f}"
@@ -250,6 +250,7 @@ def add_train(p) -> None:
 
 
 def cmd_train(args) -> None:
+    from pregate.checkpoint import LOG_FILE, PLOT_FILE
     from pregate.train import TrainConfig, read_state, train
 
     flags = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
@@ -265,7 +266,7 @@ def cmd_train(args) -> None:
         base = TrainConfig.preset(args.preset or "cpu").to_dict()
     cfg = TrainConfig(**{**base, **flags})
     out = train(args.model, args.out, cfg, resume=args.resume, force=args.force, cache=args.cache_dir)
-    log = json.loads((out / "train_log.json").read_text())
+    log = json.loads((out / LOG_FILE).read_text())
     for s in log["stages"]:
         extra = f"  router acc {s['last_acc']:.2f}" if "last_acc" in s else ""
         print(
@@ -273,7 +274,7 @@ def cmd_train(args) -> None:
             f"{s['tokens_per_s']:.0f} tok/s  {s['seconds']:.0f} s{extra}"
         )
     parts = "router, MoE" + (", control" if cfg.train_control else "")
-    print(f"wrote {out} ({parts}, train_log.json, loss.png); evaluate with `pregate eval ppl {out}`")
+    print(f"wrote {out} ({parts}, {LOG_FILE}, {PLOT_FILE}); evaluate with `pregate eval ppl {out}`")
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -1,9 +1,13 @@
-"""From activation statistics to masks, experts and a physical MoE checkpoint (Read-ME refactoring).
+"""`pregate refactor`: from activation statistics to masks, experts and a MoE checkpoint (Read-ME).
 
 Per domain d and layer l keep the top `remain_rate` channels by mean |a| (the domain mask). The shared
 expert is the intersection of all domain masks; routed expert d is domain d's mask minus the shared
 channels. A same-size dense control keeps, per layer, as many channels as a token activates in the MoE
 (shared + mean routed width), ranked by statistics pooled over all domains.
+
+This module owns the refactoring: its typed configuration `RefactorConfig` with the named presets
+`REFACTOR_PRESETS`, the channel selection and `refactor()`, which writes the checkpoint layout of
+`checkpoint`. Imports from the package: `errors`, `checkpoint`, `data`, `hub`, `stats` and `moe`.
 
 Legend: D domains (= routed experts), L layers, I MLP channels.
 """
@@ -11,23 +15,58 @@ Legend: D domains (= routed experts), L layers, I MLP channels.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pregate import data, hub, stats
-from pregate.config import RefactorConfig, parse_dtype
+from pregate.checkpoint import CONTROL_DIR, RECORD_FILE, STATS_FILE, atomic_dir, parse_dtype
 from pregate.errors import PregateError
 from pregate.moe import build_moe_from_dense, save_moe
 
-STATS_FILE = "stats.safetensors"
-RECORD_FILE = "refactor.json"
-CONTROL_DIR = "control"
+
+@dataclass
+class RefactorConfig:
+    """How `pregate refactor` turns a dense model into a MoE (SPEC section 1)."""
+
+    domains: list[str] = field(default_factory=lambda: list(data.DOMAIN_NAMES))
+    tokens_per_domain: int = 16 * 4096  # the paper: ~16 x 4096 tokens per domain
+    block_len: int = 512
+    remain_rate: float = 0.5  # fraction of MLP channels each domain keeps
+    seed: int = 0
+    dtype: str = "bfloat16"  # dtype of the written checkpoint (statistics are always float32)
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if not 0.0 < self.remain_rate <= 1.0:
+            raise PregateError(f"remain_rate must lie in (0, 1], got {self.remain_rate}")
+        if not self.domains:
+            raise PregateError("domains: give at least one domain")
+        if len(set(self.domains)) != len(self.domains):
+            raise PregateError(f"domains: {self.domains} lists a domain twice")
+        if self.block_len < 2:
+            raise PregateError(f"block_len must be >= 2, got {self.block_len}")
+        if self.tokens_per_domain < self.block_len:
+            raise PregateError(
+                f"tokens_per_domain ({self.tokens_per_domain}) must be at least block_len ({self.block_len})"
+            )
+        if self.batch_size < 1:
+            raise PregateError(f"batch_size must be >= 1, got {self.batch_size}")
+        parse_dtype(self.dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+REFACTOR_PRESETS = {
+    "paper": RefactorConfig(),
+    # make demo: the seven domains on a budget that runs in a few minutes on 2 CPU cores
+    "demo": RefactorConfig(tokens_per_domain=8192, block_len=512),
+    "tiny": RefactorConfig(tokens_per_domain=256, block_len=64, dtype="float32"),
+}
 
 
 def domain_masks(means: torch.Tensor, remain_rate: float) -> torch.Tensor:
@@ -52,27 +91,6 @@ def control_channels(means: torch.Tensor, widths: list[int]) -> list[torch.Tenso
     """Top `widths[l]` channels of layer l by statistics pooled (averaged) over domains; means [D, L, I]."""
     pooled = means.mean(dim=0)  # [L, I]
     return [pooled[l].topk(w).indices.sort().values for l, w in enumerate(widths)]
-
-
-@contextmanager
-def atomic_dir(out: Path, force: bool):
-    """Yield a temporary directory that replaces `out` only when the block finishes without error."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise PregateError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{int(time.time())}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def collect_statistics(hf_model, tokenizer, cfg: RefactorConfig) -> torch.Tensor:
@@ -139,13 +157,3 @@ def refactor(
         tokenizer.save_pretrained(tmp / CONTROL_DIR)
     return out
 
-
-def load_statistics(moe_dir: str | Path) -> tuple[list[str], torch.Tensor]:
-    path = Path(moe_dir) / STATS_FILE
-    if not path.is_file():
-        raise PregateError(f"{path} is missing: this checkpoint was not written by `pregate refactor`")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        domains = json.loads(f.metadata()["domains"])
-    return domains, load_file(str(path))["means"]

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from pregate import hub
-from pregate.config import RefactorConfig
 from pregate.errors import PregateError
-from pregate.extract import atomic_dir, control_channels, domain_masks, expert_channels, refactor
 from pregate.moe import Routing, load_moe
+from pregate.refactor import RefactorConfig, control_channels, domain_masks, expert_channels, refactor
 
 
 def test_masks_shared_and_routed_follow_the_spec():
@@ -75,14 +74,6 @@ def test_unsupported_architecture_is_refused(tmp_path):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(PregateError, match="unsupported architecture 'gpt2'"):
         hub.load_dense(str(tmp_path))
-
-
-def test_atomic_dir_discards_a_failed_write(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "out", force=False) as tmp:
-            (tmp / "half-written").write_text("x")
-            raise RuntimeError("killed")
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_model_package_is_a_clear_error(monkeypatch):
