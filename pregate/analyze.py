@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 
 PAPER = {
     "locality_readme": 2921 / 4096,
@@ -206,8 +206,7 @@ class AnalyzeConfig:
     def __post_init__(self):
         for name in ("tokens_per_domain", "block_len", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PregateError(f"AnalyzeConfig.{name}={value!r}: must be an integer >= 1")
+            check_int(f"AnalyzeConfig.{name}", value)
         if self.block_len < 2 or self.tokens_per_domain < self.block_len:
             raise PregateError(f"need block_len >= 2 and tokens_per_domain >= block_len "
                                f"(got {self.block_len}, {self.tokens_per_domain})")

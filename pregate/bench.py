@@ -26,7 +26,7 @@ import torch
 from pregate.checkpoint import ROUTER_WEIGHTS, has_router
 from pregate.distill import DistillConfig, router_loss
 from pregate.engine import Engine, SamplingParams
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
 from pregate.router import PreGatingRouter, RouterConfig, load_router
@@ -72,8 +72,7 @@ class BenchConfig:
         for name in ("requests", "token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk",
                      "max_prompt_tokens", "max_output_tokens", "repeats", "router_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise BenchError(f"BenchConfig.{name}={v!r} must be an integer >= 1")
+            check_int(f"BenchConfig.{name}", v, error=BenchError)
         if self.rate is not None and not self.rate > 0:
             raise BenchError(f"rate={self.rate!r} must be > 0 requests/s (omit it for all at t=0)")
         if self.dtype not in ("float32", "bfloat16"):

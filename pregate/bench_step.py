@@ -42,7 +42,8 @@ from torch import nn
 from pregate.bench import BenchConfig, BenchError, load_dense_parent, load_parts
 from pregate.checkpoint import CONFIG_FILE, ROUTER_CONFIG, has_router
 from pregate.engine import Engine, SamplingParams
-from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment
+from pregate.errors import PregateError, check_int
+from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
 from pregate.roofline import PARTS, Breakdown, measure_bandwidth, step_bytes, summarize_breakdown
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SchedulerConfig
@@ -81,8 +82,7 @@ class StepBenchConfig:
             raise BenchError(f"batch sizes {sizes!r} must be integers >= 1 (e.g. --batch-sizes 1 2 4 8)")
         for name in ("expert_batch", "batch_experts", "prompt_len", "decode_steps", "floor_mb"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise BenchError(f"StepBenchConfig.{name}={v!r} must be an integer >= 1")
+            check_int(f"StepBenchConfig.{name}", v, error=BenchError)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise BenchError(f"StepBenchConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         if not isinstance(self.repeats, int) or self.repeats < 3 or self.repeats % 2 == 0:
@@ -111,20 +111,12 @@ class StepBenchConfig:
 
 
 def read_config(model_dir: str | Path) -> MoEConfig:
-    """The MoE config of a checkpoint directory, without loading weights (clear error if it is none)."""
-    from pregate.errors import PregateError
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise BenchError(f"{path} is not a directory; give a MoE checkpoint from `pregate refactor` or "
-                         "`pregate train`")
-    if not (path / CONFIG_FILE).is_file():
-        raise BenchError(f"{path} is not a pregate MoE checkpoint (no {CONFIG_FILE}); "
-                         "make one with `pregate refactor`")
+    """The MoE config of a checkpoint directory, without loading weights (`moe.load_config`), with its
+    error as a BenchError."""
     try:
-        return MoEConfig.from_json(json.loads((path / CONFIG_FILE).read_text()))
-    except (PregateError, json.JSONDecodeError, TypeError, KeyError) as err:
-        raise BenchError(f"{path / CONFIG_FILE}: {err}") from None
+        return load_config(model_dir)
+    except PregateError as err:
+        raise BenchError(str(err)) from None
 
 
 def check_model(config: MoEConfig, cfg: StepBenchConfig, top_k: int = 1) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from pregate import sim
 from pregate.checkpoint import ROUTER_WEIGHTS
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 from pregate.eviction import unit_references
 from pregate.metrics import MetricsRecorder
 from pregate.references import write_references
@@ -214,8 +214,7 @@ class CacheBenchConfig:
     def __post_init__(self) -> None:
         for name in ("requests", "max_prompt", "max_output", "depth"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise CacheBenchError(f"CacheBenchConfig.{name}={v!r} must be an int >= 1")
+            check_int(f"CacheBenchConfig.{name}", v, error=CacheBenchError)
         if not self.capacities or any(not isinstance(k, int) or k < 1 for k in self.capacities):
             raise CacheBenchError(f"CacheBenchConfig.capacities={self.capacities!r} must be ints >= 1")
         if not self.bandwidth > 0:

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from pregate.corpora import BUILTINS, read_text
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 
 DOMAIN_NAMES: tuple[str, ...] = ("arxiv", "book", "c4", "common_crawl", "github", "stackexchange", "wikipedia")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -252,8 +252,7 @@ def token_stream(tokenizer, name: str, split: str, n_tokens: int) -> torch.LongT
     """Exactly ``n_tokens`` ids: the split's documents in order, tokenized one at a time (lazily, so a
     small request never tokenizes a whole corpus), with ``tokenizer.eos_token_id`` between documents
     when the tokenizer has one. Raises DataError when the split holds fewer tokens."""
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
-        raise DataError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    check_int("n_tokens", n_tokens, error=DataError)
     docs = split_documents(name, split)
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
@@ -269,10 +268,8 @@ def token_stream(tokenizer, name: str, split: str, n_tokens: int) -> torch.LongT
 
 def token_blocks(tokenizer, name: str, split: str, n_tokens: int, block_len: int) -> torch.LongTensor:
     """[n_tokens // block_len, block_len] ids cut from ``token_stream`` (the remainder is not read)."""
-    if isinstance(block_len, bool) or not isinstance(block_len, int) or block_len <= 0:
-        raise DataError(f"block_len must be a positive integer, got {block_len!r}")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < block_len:
-        raise DataError(f"n_tokens must be an integer >= block_len ({block_len}), got {n_tokens!r}")
+    check_int("block_len", block_len, error=DataError)
+    check_int("n_tokens", n_tokens, block_len, error=DataError, why="at least one block")
     n_blocks = n_tokens // block_len
     return token_stream(tokenizer, name, split, n_blocks * block_len).view(n_blocks, block_len)
 

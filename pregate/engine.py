@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from pregate.detokenize import IncrementalDetokenizer
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 from pregate.metrics import MetricsRecorder
 from pregate.moe import MoEForCausalLM, Routing, Segment
 from pregate.router import PreGatingRouter
@@ -105,12 +105,11 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         m, least = self.max_tokens, 0 if self.prompt_logprobs is not None else 1
-        if not isinstance(m, int) or isinstance(m, bool) or m < least:
-            raise RequestError(f"SamplingParams.max_tokens={m!r} must be an integer >= {least} (0 only to score a prompt)")
+        check_int("SamplingParams.max_tokens", m, least, error=RequestError, why="0 only to score a prompt")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
-            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
-                raise RequestError(f"SamplingParams.{name}={k!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
+            if k is not None:
+                check_int(f"SamplingParams.{name}", k, 0, MAX_LOGPROBS, error=RequestError, why="or None")
         t = self.temperature
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
             raise RequestError(f"SamplingParams.temperature={t!r} must be a finite number >= 0 (0 = greedy)")
@@ -118,8 +117,8 @@ class SamplingParams:
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
             raise RequestError(f"SamplingParams.top_p={p!r} must lie in (0, 1] (1 = no nucleus cut)")
         s = self.seed
-        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**64):
-            raise RequestError(f"SamplingParams.seed={s!r} must be None or an integer in [0, 2**64)")
+        if s is not None:
+            check_int("SamplingParams.seed", s, 0, 2**64 - 1, error=RequestError, why="or None")
         bad = next((s for s in self.stop if not isinstance(s, str) or not s), None)
         if bad is not None:
             raise RequestError(f"SamplingParams.stop contains {bad!r}; stop strings must be non-empty strings")

@@ -1,7 +1,54 @@
-"""User-facing errors. The CLI prints these as one clear line instead of a traceback."""
+"""User-facing errors, and the one check of an integer or a number that names the field and its value.
+
+Every layer imports this module, so it imports nothing from the package. The CLI prints a PregateError
+as one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+import math
 
 
 class PregateError(Exception):
     """A mistake the user can fix (bad input, missing file, wrong option); the message says how."""
 
     exit_status = 2  # what `pregate` exits with after printing the message
+
+
+def check_int(
+    name: str,
+    value: object,
+    minimum: int = 1,
+    maximum: int | None = None,
+    error: type[PregateError] = PregateError,
+    why: str = "",
+) -> int:
+    """`value` itself, if it is an integer (a bool is not) in [minimum, maximum]; otherwise `error`
+    saying `name=value must be an integer >= minimum` (and why, when given)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+        maximum is not None and value > maximum
+    ):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise error(f"{name}={value!r} must be an integer {bound}{f' ({why})' if why else ''}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: object,
+    above: float | None = None,
+    minimum: float | None = None,
+    error: type[PregateError] = PregateError,
+    why: str = "",
+) -> float:
+    """`value` itself, if it is a finite real number (a bool is not) > above and >= minimum, where given;
+    otherwise `error` naming the field and the value."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (above is not None and not value > above)
+        or (minimum is not None and not value >= minimum)
+    ):
+        bound = f" > {above}" if above is not None else f" >= {minimum}" if minimum is not None else ""
+        raise error(f"{name}={value!r} must be a finite number{bound}{f' ({why})' if why else ''}")
+    return value

@@ -46,7 +46,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 
 Unit = Hashable
 
@@ -645,8 +645,7 @@ class Residency:
     ) -> None:
         self.L = num_layers
         self.unit = check_unit(unit)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise CacheError(f"prefetch depth={depth!r} must be an int >= 1 (layers loaded ahead)")
+        check_int("prefetch depth", depth, error=CacheError, why="layers loaded ahead")
         self.future = FutureView(window)
         self.cache = ExpertCache(capacity, policy, self.future, seed, keep_loads=False)
         self.capacity = capacity

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pregate.checkpoint import ROUTER_CONFIG, ROUTER_WEIGHTS
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int, check_number
 from pregate.moe import Routing
 
 RouterHead = Literal["softmax", "dselect"]
@@ -75,14 +75,11 @@ class RouterConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_experts", "dim", "n_heads", "mlp_hidden", "max_seq_len", "top_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise RouterError(f"RouterConfig.{name}={value!r}: must be an integer >= 1.")
-        if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 0:
-            raise RouterError(f"RouterConfig.n_layers={self.n_layers!r}: must be an integer >= 0.")
+            check_int(f"RouterConfig.{name}", value, error=RouterError)
+        check_int("RouterConfig.n_layers", self.n_layers, 0, error=RouterError)
         for name in ("rope_theta", "norm_eps", "dselect_gamma"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise RouterError(f"RouterConfig.{name}={value!r}: must be a number > 0.")
+            check_number(f"RouterConfig.{name}", value, above=0, error=RouterError)
         if self.dim % self.n_heads != 0:
             raise RouterError(
                 f"RouterConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}: "

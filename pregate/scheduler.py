@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Literal, Mapping, Protocol, Sequence
 
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 
 SCHEDULING_POLICIES = ("expert-aware", "decode-first", "prefill-first", "fcfs")
 
@@ -178,11 +178,8 @@ class SchedulerConfig:
             )
         for name in ("token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk", "min_queue_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SchedulerError(f"SchedulerConfig.{name}={value!r} must be an integer >= 1")
-        w = self.max_wait_steps
-        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
-            raise SchedulerError(f"SchedulerConfig.max_wait_steps={w!r} must be an integer >= 0")
+            check_int(f"SchedulerConfig.{name}", value, error=SchedulerError)
+        check_int("SchedulerConfig.max_wait_steps", self.max_wait_steps, 0, error=SchedulerError)
 
     @property
     def waiting_bound_guaranteed(self) -> bool:

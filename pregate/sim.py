@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 from pregate.eviction import EVICTION_POLICIES, Residency, ResidencyStats, simulate_cache, unit_references
 from pregate.metrics import MetricsRecorder
 from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult
@@ -57,8 +57,7 @@ class CostModel:
     def __post_init__(self) -> None:
         for name in ("num_layers", "slice_bytes"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SimError(f"CostModel.{name}={v!r} must be an int >= 1")
+            check_int(f"CostModel.{name}", v, error=SimError)
         bw = self.bandwidth
         if not (isinstance(bw, (int, float)) and bw > 0 and math.isfinite(bw)):
             raise SimError(f"CostModel.bandwidth={bw!r} must be a finite number of bytes/s > 0")

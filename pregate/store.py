@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from pregate.checkpoint import WEIGHTS_FILE
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 from pregate.eviction import EVICTION_POLICIES, UNITS, CacheError, Residency, ResidencyStats
 from pregate.moe import ExpertWeights
 
@@ -72,8 +72,8 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if (self.capacity is None) == (self.capacity_bytes is None):
             raise StoreError("give exactly one of StoreConfig.capacity (units) or capacity_bytes")
-        if self.capacity is not None and (isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1):
-            raise StoreError(f"StoreConfig.capacity={self.capacity!r} must be an int >= 1 (units resident at once)")
+        if self.capacity is not None:
+            check_int("StoreConfig.capacity", self.capacity, error=StoreError, why="units resident at once")
         if self.capacity_bytes is not None and (not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 1):
             raise StoreError(f"StoreConfig.capacity_bytes={self.capacity_bytes!r} must be an int >= 1")
         if self.unit not in UNITS:
@@ -85,8 +85,7 @@ class StoreConfig:
             )
         if self.bandwidth is not None and not (isinstance(self.bandwidth, (int, float)) and 0 < self.bandwidth < float("inf")):
             raise StoreError(f"StoreConfig.bandwidth={self.bandwidth!r} must be a finite number of bytes/s > 0, or None (no cap)")
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
-            raise StoreError(f"StoreConfig.depth={self.depth!r} must be an int >= 1 (layers loaded ahead)")
+        check_int("StoreConfig.depth", self.depth, error=StoreError, why="layers loaded ahead")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise StoreError(f"StoreConfig.timeout_s={self.timeout_s!r} must be > 0 seconds")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 0):

@@ -59,7 +59,7 @@ from pregate.checkpoint import (
     link_tree,
 )
 from pregate.distill import router_loss
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 from pregate.moe import MoEForCausalLM, load_moe, save_moe
 from pregate.plots import plot_losses
 from pregate.router import (
@@ -118,10 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("rounds", "router_steps", "expert_steps", "batch_size", "top_k", "tokens_per_domain"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TrainError(f"TrainConfig.{name}={value!r}: must be an integer >= 1 (zero steps train nothing).")
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise TrainError(f"TrainConfig.seq_len={self.seq_len!r}: must be an integer >= 2 (next-token targets).")
+            check_int(f"TrainConfig.{name}", value, error=TrainError, why="zero steps train nothing")
+        check_int("TrainConfig.seq_len", self.seq_len, 2, error=TrainError, why="next-token targets")
         if self.tokens_per_domain < self.seq_len:
             raise TrainError(f"TrainConfig.tokens_per_domain={self.tokens_per_domain} is below seq_len={self.seq_len}: raise it.")
         for name in ("router_lr", "expert_lr", "temperature"):

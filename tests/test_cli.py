@@ -121,6 +121,7 @@ def test_only_the_named_subcommand_is_filled_in():
     parser = build_parser(["simulate", "trace.jsonl"])
     args = parser.parse_args(["simulate", "trace.jsonl", "--resident-experts", "2", "3"])
     assert args.resident_experts == [2, 3] and args.func.__name__ == "cmd_simulate"
+    assert parser.parse_args(["simulate", "t", "--cache-policy", "lru"]).cache_policy == "lru"
     # another subcommand named by the same parser has no options, so its flags are refused
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "cache", "dir", "--resident-experts", "2"])

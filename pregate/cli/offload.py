@@ -164,7 +164,9 @@ def add_simulate(p) -> None:
         help=f"cache capacities k, in units (default {' '.join(map(str, d.capacities))})",
     )
     p.add_argument("--unit", choices=UNITS, default="expert")
-    p.add_argument("--cache-policy", choices=SCHEDULING_POLICIES, default="belady")
+    p.add_argument(
+        "--cache-policy", choices=EVICTION_POLICIES, default="belady", help="eviction policy (default belady)"
+    )
     p.add_argument("--depth", type=positive_int, default=d.depth, help=f"layers prefetched ahead (default {d.depth})")
     add_json(p)
     _add_cache_scheduler(p)
