@@ -46,7 +46,7 @@ import numpy as np
 
 from pregate.errors import PregateError, check_int
 
-PAPER = {
+PAPER_ANALYSIS = {
     "locality_readme": 2921 / 4096,
     "locality_mixtral": 850 / 4096,
     "source": "Read-ME (NeurIPS 2024): 2921 of 4096 tokens reuse the previous token's expert, 850 in Mixtral",
@@ -368,7 +368,7 @@ def analyze(model_dir: str | Path, out: str | Path, cfg: AnalyzeConfig | None = 
         "tokens_per_domain": cfg.tokens_per_domain,
         "block_len": cfg.block_len,
         "split": "test",
-        "paper": PAPER,
+        "paper": PAPER_ANALYSIS,
         "notes": notes,
     }
     routers = {"router": {}, "oracle": {}}
@@ -434,8 +434,8 @@ def format_summary(result: dict) -> str:
     lines = [
         f"temporal locality, pre-gating router: {loc['same']}/{loc['pairs']} consecutive pairs = "
         f"{100 * loc['fraction']:.1f} % ({loc['per_4096']}/4096; chance {100 * loc['chance']:.1f} %; "
-        f"paper 2921/4096 = {100 * PAPER['locality_readme']:.1f} %, Mixtral 850/4096 = "
-        f"{100 * PAPER['locality_mixtral']:.1f} %)",
+        f"paper 2921/4096 = {100 * PAPER_ANALYSIS['locality_readme']:.1f} %, Mixtral 850/4096 = "
+        f"{100 * PAPER_ANALYSIS['locality_mixtral']:.1f} %)",
         f"temporal locality, oracle: {100 * result['oracle']['locality']['all']['fraction']:.1f} %",
         f"router agrees with the oracle on {100 * r['oracle_agreement']:.1f} % of tokens",
         f"LRU hit ratio from the router's reuse distances, k = 1..{len(result['experts'])}: "
@@ -526,8 +526,8 @@ def plot_locality(result: dict, path: Path) -> Path:
     for i, (name, ys) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(domains))]
         left.bar(xs, ys, width, label=name)
-    left.axhline(PAPER["locality_readme"], color="tab:green", ls="--", lw=1, label="paper Read-ME 2921/4096")
-    left.axhline(PAPER["locality_mixtral"], color="tab:red", ls="--", lw=1, label="paper Mixtral 850/4096")
+    left.axhline(PAPER_ANALYSIS["locality_readme"], color="tab:green", ls="--", lw=1, label="paper Read-ME 2921/4096")
+    left.axhline(PAPER_ANALYSIS["locality_mixtral"], color="tab:red", ls="--", lw=1, label="paper Mixtral 850/4096")
     if lw:
         left.axhline(lw["locality_mean"], color="tab:purple", ls=":", lw=1.5,
                      label="layer-wise gates, mean of layers")

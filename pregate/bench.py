@@ -220,7 +220,7 @@ def replay_hf_static(hf, tokenizer, trace: list[WorkloadRequest], batch_size: in
 # ----------------------------------------------------------------------------------------- the benchmark
 
 
-METRICS = {  # table column -> (summary key, field)
+SERVE_METRICS = {  # table column -> (summary key, field)
     "norm_mean": ("normalized_latency", "mean"), "norm_p50": ("normalized_latency", "p50"),
     "norm_p95": ("normalized_latency", "p95"), "norm_p99": ("normalized_latency", "p99"),
     "norm_max": ("normalized_latency", "max"), "ttft_mean": ("ttft", "mean"), "ttft_p95": ("ttft", "p95"),
@@ -232,7 +232,7 @@ METRICS = {  # table column -> (summary key, field)
 
 def flat_metrics(summary: dict) -> dict[str, float | None]:
     out = {}
-    for name, (key, sub) in METRICS.items():
+    for name, (key, sub) in SERVE_METRICS.items():
         v = summary.get(key)
         out[name] = (v or {}).get(sub) if sub else v
     return out
@@ -289,7 +289,7 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
     policies = {}
     for name, rs in runs.items():
         flats = [flat_metrics(r.summary()) for r in rs]
-        policies[name] = {k: (statistics.median(v) if (v := [f[k] for f in flats if f[k] is not None]) else None) for k in METRICS}
+        policies[name] = {k: (statistics.median(v) if (v := [f[k] for f in flats if f[k] is not None]) else None) for k in SERVE_METRICS}
         policies[name]["failed"] = max(len(r.failed) for r in rs)
         spread = [f["norm_mean"] for f in flats if f["norm_mean"] is not None]
         if spread:

@@ -48,9 +48,9 @@ from pregate.roofline import PARTS, Breakdown, measure_bandwidth, step_bytes, su
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SchedulerConfig
 
-MOE = "moe"  # the MoE in the engine, controlled routing
-DENSE = "dense"  # the dense parent in the same engine
-HF = "hf-generate"  # HF generate on the dense parent
+STEP_MOE = "moe"  # the MoE in the engine, controlled routing
+STEP_DENSE = "dense"  # the dense parent in the same engine
+STEP_HF = "hf-generate"  # HF generate on the dense parent
 
 
 @dataclass
@@ -110,7 +110,7 @@ class StepBenchConfig:
         return list(range(1, min(num_experts, self.expert_batch) + 1))
 
 
-def read_config(model_dir: str | Path) -> MoEConfig:
+def model_config(model_dir: str | Path) -> MoEConfig:
     """The MoE config of a checkpoint directory, without loading weights (`moe.load_config`), with its
     error as a BenchError."""
     try:
@@ -374,7 +374,7 @@ def run_bench_step(
     model_dir: str | Path, cfg: StepBenchConfig, progress: Callable[[str], None] = print
 ) -> dict:
     """Run every measurement; returns the result dict that `write_step_outputs` saves (see module doc)."""
-    config = read_config(model_dir)
+    config = model_config(model_dir)
     check_model(config, cfg)
     gate = None
     if cfg.layerwise is not None:
@@ -407,20 +407,20 @@ def run_bench_step(
 
     jobs: dict[tuple[str, int, int], Callable[[], dict]] = {}
     for b in cfg.batch_sizes:
-        jobs[(MOE, b, min(cfg.batch_experts, b))] = lambda b=b: time_engine(moe, tokenizer, router, b,
+        jobs[(STEP_MOE, b, min(cfg.batch_experts, b))] = lambda b=b: time_engine(moe, tokenizer, router, b,
                                                                           min(cfg.batch_experts, b), cfg)
         if dense is not None and cfg.dense:
-            jobs[(DENSE, b, 0)] = lambda b=b: time_engine(dense, tokenizer, None, b, 0, cfg)
+            jobs[(STEP_DENSE, b, 0)] = lambda b=b: time_engine(dense, tokenizer, None, b, 0, cfg)
         if hf is not None and cfg.hf:
-            jobs[(HF, b, 0)] = lambda b=b: time_hf(hf, b, cfg)
+            jobs[(STEP_HF, b, 0)] = lambda b=b: time_hf(hf, b, cfg)
     for d in dcounts:
-        key = (MOE, cfg.expert_batch, d)
+        key = (STEP_MOE, cfg.expert_batch, d)
         jobs.setdefault(key, lambda d=d: time_engine(moe, tokenizer, router, cfg.expert_batch, d, cfg))
     names = list(jobs)
 
     progress(f"warm-up: every system once at batch {max(cfg.batch_sizes)}")
     for key in names:
-        if key[1] == max(cfg.batch_sizes) and (key[0] != MOE or key[2] == min(cfg.batch_experts, key[1])):
+        if key[1] == max(cfg.batch_sizes) and (key[0] != STEP_MOE or key[2] == min(cfg.batch_experts, key[1])):
             jobs[key]()
     runs: dict[tuple[str, int, int], list[dict]] = {k: [] for k in names}
     for rep in range(cfg.repeats):
@@ -436,23 +436,23 @@ def run_bench_step(
         row = {"system": system, "batch": b, "experts": d,
                "decode_ms": spread([r["decode"] for r in rs], cfg.flag_spread),
                "prefill_ms": spread([r["prefill"] for r in rs], cfg.flag_spread)}
-        if system != HF:
+        if system != STEP_HF:
             row["unique_experts_seen"] = sorted({u for r in rs for u in r["unique_experts"]})
-            if system == MOE and row["unique_experts_seen"] != [d]:
+            if system == STEP_MOE and row["unique_experts_seen"] != [d]:
                 seen = row["unique_experts_seen"]
                 notes.append(f"batch {b}, {d} experts asked: the engine's steps had {seen}")
         context = rs[0].get("context", cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2)
-        model = moe if system == MOE else dense
-        nbytes = step_bytes(model, b, list(range(d)), context, router if system == MOE else None)
+        model = moe if system == STEP_MOE else dense
+        nbytes = step_bytes(model, b, list(range(d)), context, router if system == STEP_MOE else None)
         rows.append(_floors(row, nbytes, bw))
         if row["decode_ms"]["flagged"]:  # prefill flags stay in the JSON: one step each, noisier
             dm = row["decode_ms"]
             notes.append(f"{system} batch {b} experts {d}: decode repeat(s) {dm['flagged']} (0-based) more "
                          f"than {cfg.flag_spread:.0%} from the median {dm['median']:.2f} ms")
-    batch_rows = [r for r in rows if r["system"] != MOE or r["experts"] == min(cfg.batch_experts, r["batch"])]
+    batch_rows = [r for r in rows if r["system"] != STEP_MOE or r["experts"] == min(cfg.batch_experts, r["batch"])]
     batch_rows = [r for r in batch_rows if r["batch"] in cfg.batch_sizes]
     expert_rows = [r for r in rows
-                   if r["system"] == MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts]
+                   if r["system"] == STEP_MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts]
 
     breakdown: dict = {}
     if cfg.breakdown:
@@ -563,7 +563,7 @@ def plot_step_vs_experts(result: dict, path: str | Path) -> Path:
     ax.plot(xs, [r["floor_gemv_ms"] for r in rows], "r:", label="floor: bytes / torch GEMV rate")
     b = result["config"]["expert_batch"]
     for r in result["batch_sizes"]:
-        if r["system"] == DENSE and r["batch"] == b:
+        if r["system"] == STEP_DENSE and r["batch"] == b:
             ax.axhline(r["decode_ms"]["median"], color="gray", lw=1, label=f"dense parent, batch {b}")
     ax.set_xlabel(f"distinct routed experts in the step (batch {b})")
     ax.set_ylabel("decode step (ms)")
@@ -591,7 +591,7 @@ def write_step_outputs(result: dict, json_path: str | Path) -> list[Path]:
 def bench_step(model_dir: str | Path, json_path: str | Path | None, cfg: StepBenchConfig) -> dict:
     """The library function behind `pregate bench step`: check, run, print the table, and with
     json_path write the JSON and the plot beside it."""
-    check_model(read_config(model_dir), cfg)  # before any weights load
+    check_model(model_config(model_dir), cfg)  # before any weights load
     result = run_bench_step(model_dir, cfg)
     print(format_step_table(result))
     for p in write_step_outputs(result, json_path) if json_path else ():

@@ -16,7 +16,7 @@ from pathlib import Path
 from pregate.checkpoint import CONTROL_DIR, PLOT_FILE, STATE_FILE
 from pregate.demo_serving import format_serving, serving_summary
 from pregate.errors import PregateError
-from pregate.evaluate import PplConfig, evaluate_ppl, format_table
+from pregate.evaluate import PplConfig, evaluate_ppl, format_ppl_table
 from pregate.moe import load_moe
 from pregate.plots import plot_perplexity
 from pregate.refactor import REFACTOR_PRESETS, refactor
@@ -66,7 +66,7 @@ def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
     (out / "ppl.json").write_text(json.dumps(result, indent=1))
     plot = plot_perplexity(result, out / "ppl.png")
     print()
-    print(format_table(result))
+    print(format_ppl_table(result))
     print()
     print(f"activated MLP channels per token and layer: MoE {result['activated_channels']['moe']:.0f} "
           f"of {result['activated_channels']['dense']} dense (the control keeps the same number)")

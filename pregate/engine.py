@@ -249,7 +249,7 @@ class Engine:
             if router is None:
                 raise EngineError(
                     f"the model has {model.num_experts} routed experts, so the engine needs a router; "
-                    "pass a PreGatingRouter (e.g. pregate.train.load_router(checkpoint_dir))"
+                    "pass a PreGatingRouter (e.g. pregate.router.load_router(checkpoint_dir))"
                 )
             if not isinstance(router, PreGatingRouter):
                 raise EngineError(

@@ -40,7 +40,7 @@ from pregate.moe import MoEForCausalLM, Routing, load_moe
 from pregate.router import load_router, oracle_experts, routing_for
 from pregate.stats import capture_mlp_inputs
 
-VARIANTS = ("dense", "moe_domain", "moe_oracle", "moe_random", "control", "moe_router", "control_trained")
+PPL_VARIANTS = ("dense", "moe_domain", "moe_oracle", "moe_random", "control", "moe_router", "control_trained")
 
 
 @dataclass
@@ -49,13 +49,13 @@ class PplConfig:
     tokens_per_domain: int = 4096
     block_len: int = 512
     batch_size: int = 4
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(PPL_VARIANTS))
     seed: int = 0
 
     def __post_init__(self):
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        unknown = [v for v in self.variants if v not in PPL_VARIANTS]
         if unknown:
-            raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+            raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(PPL_VARIANTS)}")
         if self.block_len < 2 or self.tokens_per_domain < self.block_len:
             raise PregateError(
                 f"need block_len >= 2 and tokens_per_domain >= block_len (got {self.block_len}, {self.tokens_per_domain})"
@@ -188,10 +188,10 @@ def _trained_runs(moe_dir: str | Path, moe: MoEForCausalLM, variants: list[str])
     return runs
 
 
-def format_table(result: dict) -> str:
+def format_ppl_table(result: dict) -> str:
     """A plain-text table: one row per domain, one column per variant, plus the geometric mean."""
     domains = result["domains"]
-    variants = [v for v in [*VARIANTS, *sorted({k for r in domains.values() for k in r} - set(VARIANTS))] if any(v in r for r in domains.values())]
+    variants = [v for v in [*PPL_VARIANTS, *sorted({k for r in domains.values() for k in r} - set(PPL_VARIANTS))] if any(v in r for r in domains.values())]
     width = max(12, *(len(v) + 2 for v in variants))
     lines = ["domain".ljust(14) + "".join(v.rjust(width) for v in variants)]
     for d, row in domains.items():

@@ -54,7 +54,7 @@ from pregate.router import PreGatingRouter, load_router, router_meta, routing_fo
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ids [B, n], rows [R] -> logits [R, V]
 GenerateFn = Callable[[list[list[int]], int, list[str]], list[str]]  # (prompts, max new, stops) -> texts
 
-VARIANTS = ("dense", "moe_router", "control_trained", "control", "moe_random")
+TASK_VARIANTS = ("dense", "moe_router", "control_trained", "control", "moe_random")
 DEFAULT_VARIANTS = ("dense", "moe_router", "control_trained")
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's own default when a config names no context length
 
@@ -270,9 +270,9 @@ def load_variants(model: str, variants: list[str] | None, cache: str | None = No
     asked for by name that the checkpoint cannot provide is an error that says what provides it.
     Factories load lazily, so one variant is in memory at a time.
     """
-    unknown = [v for v in variants or [] if v not in VARIANTS]
+    unknown = [v for v in variants or [] if v not in TASK_VARIANTS]
     if unknown:
-        raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(TASK_VARIANTS)}")
     path = Path(model)
     is_moe = is_checkpoint(path)
     if is_moe:
@@ -303,7 +303,7 @@ def load_variants(model: str, variants: list[str] | None, cache: str | None = No
         )
         reasons.setdefault("control", f"{model} is not a `pregate refactor` output with a control")
     else:
-        for v in VARIANTS[1:]:
+        for v in TASK_VARIANTS[1:]:
             reasons[v] = (
                 f"{model} is a dense base model; {v} needs a MoE checkpoint (`pregate refactor`/`train`)"
             )

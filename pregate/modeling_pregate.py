@@ -42,7 +42,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_pregate import PregateConfig
 
-ACTIVATIONS = {
+_ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -295,7 +295,7 @@ class PregateExperts(nn.Module):
 class PregateMoEMLP(nn.Module):
     def __init__(self, config: PregateConfig, layer_idx: int):
         super().__init__()
-        act = ACTIVATIONS[config.hidden_act]
+        act = _ACTIVATIONS[config.hidden_act]
         self.shared = PregateSharedExpert(config.hidden_size, config.shared_channels[layer_idx], act)
         widths = config.expert_channels[layer_idx] if config.num_experts else []
         # stacked to R, the widest expert of any layer (what pregate stores)

@@ -316,7 +316,7 @@ def _budget(tasks: list[str], limit: int | None) -> dict[int | None, list[str]]:
     return groups
 
 
-METRICS = ("acc", "acc_norm", "perplexity", "em", "f1")
+TASK_METRICS = ("acc", "acc_norm", "perplexity", "em", "f1")
 
 
 def summarize(results: dict) -> dict:
@@ -326,7 +326,7 @@ def summarize(results: dict) -> dict:
     n = results.get("n-samples", {})
     for task, row in rows.items():
         entry = {}
-        for m in METRICS:
+        for m in TASK_METRICS:
             if f"{m},none" in row:
                 entry[m] = row[f"{m},none"]
                 se = row.get(f"{m}_stderr,none")
@@ -392,7 +392,7 @@ def _cell(entry: dict, metric: str) -> str:
     )
 
 
-def format_table(result: dict) -> str:
+def format_tasks_table(result: dict) -> str:
     """Rows task x metric, one column per variant: percent with lm-eval's standard error."""
     variants = list(result["variants"])
     tasks = list(dict.fromkeys(t for v in variants for t in result["variants"][v]))
@@ -400,7 +400,7 @@ def format_table(result: dict) -> str:
     lines = ["task".ljust(26) + "metric".ljust(12) + "n".rjust(6) + "".join(v.rjust(width) for v in variants)]
     for t in tasks:
         entries = [result["variants"][v].get(t, {}) for v in variants]
-        for m in METRICS:
+        for m in TASK_METRICS:
             if any(m in e for e in entries):
                 n = next((e.get("n") for e in entries if "n" in e), "")
                 lines.append(
@@ -417,7 +417,7 @@ def format_table(result: dict) -> str:
 # The paper's downstream numbers that SPEC.md states (percent). Its table also lists HellaSwag, WinoGrande,
 # ARC-E/C, LogiQA and CoQA for Read-ME and its baselines; those values are not in SPEC.md and are not
 # copied here: "-" marks them.
-PAPER = {"mmlu": {"Read-ME": 38.9, "dense control": 27.1}}
+PAPER_TASKS = {"mmlu": {"Read-ME": 38.9, "dense control": 27.1}}
 PAPER_ROWS = [
     ("mmlu", "MMLU (5-shot)", "acc"),
     ("hellaswag", "HellaSwag", "acc_norm"),
@@ -438,7 +438,7 @@ def format_paper_table(result: dict | None) -> str:
     head = ["task", "metric", "paper Read-ME", "paper dense control", *[f"ours {v}" for v in ours]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, label, metric in PAPER_ROWS:
-        paper = PAPER.get(task, {})
+        paper = PAPER_TASKS.get(task, {})
         cells = [
             label,
             metric,

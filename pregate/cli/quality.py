@@ -106,7 +106,7 @@ def cmd_refactor(args) -> None:
 
 
 def add_eval_ppl(p) -> None:
-    from pregate.evaluate import VARIANTS, PplConfig
+    from pregate.evaluate import PPL_VARIANTS, PplConfig
 
     d = PplConfig()
     p.add_argument("model", help="a MoE checkpoint directory written by `pregate refactor`")
@@ -118,7 +118,7 @@ def add_eval_ppl(p) -> None:
     )
     p.add_argument("--block-len", type=positive_int, default=d.block_len, help=f"default {d.block_len}")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--variants", nargs="+", help=f"subset of: {' '.join(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", help=f"subset of: {' '.join(PPL_VARIANTS)}")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the random routing (default {d.seed})")
     add_domains(p)
     add_cache(p)
@@ -126,7 +126,7 @@ def add_eval_ppl(p) -> None:
 
 
 def cmd_eval_ppl(args) -> None:
-    from pregate.evaluate import PplConfig, evaluate_ppl, format_table
+    from pregate.evaluate import PplConfig, evaluate_ppl, format_ppl_table
 
     register_domains(args.add_domain)
     cfg = PplConfig(
@@ -138,7 +138,7 @@ def cmd_eval_ppl(args) -> None:
         seed=args.seed,
     )
     result = evaluate_ppl(args.model, cfg, cache=args.cache_dir)
-    print(format_table(result))
+    print(format_ppl_table(result))
     write_json(args.json, result)
 
 
@@ -174,7 +174,7 @@ def add_eval_tasks(p) -> None:
 
 
 def cmd_eval_tasks(args) -> None:
-    from pregate.tasks import evaluate_tasks, format_paper_table, format_table
+    from pregate.tasks import evaluate_tasks, format_paper_table, format_tasks_table
 
     if args.check_hf:
         _check_hf(args)
@@ -183,7 +183,7 @@ def cmd_eval_tasks(args) -> None:
         args.model, args.tasks, args.variants, limit=args.limit, batch_size=args.batch_size,
         cache=args.cache_dir, seed=args.seed,
     )
-    print(format_table(result))
+    print(format_tasks_table(result))
     print()
     print(format_paper_table(result))
     write_json(args.json, result)
