@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -102,17 +102,19 @@ def normalised_mi(counts: np.ndarray) -> float:
 def layer_pairs(choices: np.ndarray, num_experts: int) -> list[dict]:
     """For choices [Y, T] (expert per layer and token): one entry per consecutive layer pair."""
     out = []
-    for l in range(len(choices) - 1):
-        counts = joint_counts(choices[l], choices[l + 1], num_experts)
-        out.append({
-            "layers": [l, l + 1],
-            "mi_bits": mutual_information(counts),
-            "normalised_mi": normalised_mi(counts),
-            "entropy_bits": [entropy(counts.sum(1)), entropy(counts.sum(0))],
-            "same_expert": float(np.trace(counts) / max(1, counts.sum())),
-            "transition": transition_matrix(counts).round(4).tolist(),
-            "counts": counts.tolist(),
-        })
+    for i in range(len(choices) - 1):
+        counts = joint_counts(choices[i], choices[i + 1], num_experts)
+        out.append(
+            {
+                "layers": [i, i + 1],
+                "mi_bits": mutual_information(counts),
+                "normalised_mi": normalised_mi(counts),
+                "entropy_bits": [entropy(counts.sum(1)), entropy(counts.sum(0))],
+                "same_expert": float(np.trace(counts) / max(1, counts.sum())),
+                "transition": transition_matrix(counts).round(4).tolist(),
+                "counts": counts.tolist(),
+            }
+        )
     return out
 
 
@@ -208,8 +210,10 @@ class AnalyzeConfig:
             value = getattr(self, name)
             check_int(f"AnalyzeConfig.{name}", value)
         if self.block_len < 2 or self.tokens_per_domain < self.block_len:
-            raise PregateError(f"need block_len >= 2 and tokens_per_domain >= block_len "
-                               f"(got {self.block_len}, {self.tokens_per_domain})")
+            raise PregateError(
+                f"need block_len >= 2 and tokens_per_domain >= block_len "
+                f"(got {self.block_len}, {self.tokens_per_domain})"
+            )
 
 
 def _load_pregating(model_dir: Path):
@@ -222,15 +226,20 @@ def _load_pregating(model_dir: Path):
 
     moe = load_moe(model_dir, torch.float32)
     if moe.num_experts == 0:
-        raise PregateError(f"{model_dir} is a dense checkpoint (0 routed experts); "
-                           "give a `pregate train` output")
+        raise PregateError(
+            f"{model_dir} is a dense checkpoint (0 routed experts); give a `pregate train` output"
+        )
     if not has_router(model_dir):
-        raise PregateError(f"{model_dir} has no trained router; train one with "
-                           f"`pregate train {model_dir} --out DIR` and analyze DIR")
+        raise PregateError(
+            f"{model_dir} has no trained router; train one with "
+            f"`pregate train {model_dir} --out DIR` and analyze DIR"
+        )
     router = load_router(model_dir)
     if isinstance(router, LayerwiseGate):
-        raise PregateError(f"{model_dir} holds layer-wise gates, not a pre-gating router: "
-                           f"give the pre-gating run as MODEL and this one as --layerwise {model_dir}")
+        raise PregateError(
+            f"{model_dir} holds layer-wise gates, not a pre-gating router: "
+            f"give the pre-gating run as MODEL and this one as --layerwise {model_dir}"
+        )
     return moe, router
 
 
@@ -243,18 +252,24 @@ def _load_layerwise(path: Path, moe):
     from pregate.router import LayerwiseGate, load_router
 
     if not path.is_dir() or not has_router(path):
-        raise PregateError(f"--layerwise {path} is not a `pregate train --layerwise` output "
-                           f"(no {ROUTER_CONFIG}); train one with "
-                           f"`pregate train PARENT --layerwise --out {path}`")
+        raise PregateError(
+            f"--layerwise {path} is not a `pregate train --layerwise` output "
+            f"(no {ROUTER_CONFIG}); train one with "
+            f"`pregate train PARENT --layerwise --out {path}`"
+        )
     gate = load_router(path)
     if not isinstance(gate, LayerwiseGate):
-        raise PregateError(f"--layerwise {path} holds a pre-gating router, not layer-wise gates; "
-                           "train them with `pregate train PARENT --layerwise --out DIR`")
+        raise PregateError(
+            f"--layerwise {path} holds a pre-gating router, not layer-wise gates; "
+            "train them with `pregate train PARENT --layerwise --out DIR`"
+        )
     lw_moe = load_moe(path, torch.float32)
     if lw_moe.num_experts != moe.num_experts or len(lw_moe.layers) != len(moe.layers):
-        raise PregateError(f"--layerwise {path} has {len(lw_moe.layers)} layers x {lw_moe.num_experts} "
-                           f"experts, MODEL {len(moe.layers)} x {moe.num_experts}: "
-                           "train both from the same refactored model")
+        raise PregateError(
+            f"--layerwise {path} has {len(lw_moe.layers)} layers x {lw_moe.num_experts} "
+            f"experts, MODEL {len(moe.layers)} x {moe.num_experts}: "
+            "train both from the same refactored model"
+        )
     return lw_moe, gate
 
 
@@ -282,7 +297,7 @@ def collect_choices(moe, router, blocks, batch_size: int, layerwise=None, desc: 
                 _, layer_router = routing_for(gate, ids)
                 picked = []
 
-                def record(layer, h, layer_router=layer_router, picked=picked):
+                def record(layer, h, layer_router=layer_router, picked=picked, shape=shape):
                     routing = layer_router(layer, h)
                     picked.append(routing.expert_ids[:, 0].view(shape))
                     return routing
@@ -302,8 +317,13 @@ def collect_choices(moe, router, blocks, batch_size: int, layerwise=None, desc: 
 def _locality(blocks: np.ndarray, num_experts: int) -> dict:
     same, pairs = temporal_locality(blocks)
     frac = same / max(1, pairs)
-    return {"same": same, "pairs": pairs, "fraction": frac, "per_4096": round(4096 * frac),
-            "chance": chance_locality(usage_counts(blocks, num_experts))}
+    return {
+        "same": same,
+        "pairs": pairs,
+        "fraction": frac,
+        "per_4096": round(4096 * frac),
+        "chance": chance_locality(usage_counts(blocks, num_experts)),
+    }
 
 
 def _layer_analysis(per_domain: dict[str, np.ndarray], num_experts: int) -> dict:
@@ -311,10 +331,15 @@ def _layer_analysis(per_domain: dict[str, np.ndarray], num_experts: int) -> dict
     pooled = np.concatenate([c.reshape(c.shape[0], -1) for c in per_domain.values()], axis=1)  # [Y, T]
     layers = pooled.shape[0]
     locality = []
-    for l in range(layers):
-        locality.append(_locality(np.concatenate([c[l] for c in per_domain.values()]), num_experts))
-    reuse = add_histograms([reuse_histogram(c[l].reshape(-1).tolist(), num_experts)
-                            for c in per_domain.values() for l in range(layers)])
+    for i in range(layers):
+        locality.append(_locality(np.concatenate([c[i] for c in per_domain.values()]), num_experts))
+    reuse = add_histograms(
+        [
+            reuse_histogram(c[i].reshape(-1).tolist(), num_experts)
+            for c in per_domain.values()
+            for i in range(layers)
+        ]
+    )
     pairs = layer_pairs(pooled, num_experts)
     return {
         "pairs": pairs,
@@ -326,8 +351,12 @@ def _layer_analysis(per_domain: dict[str, np.ndarray], num_experts: int) -> dict
     }
 
 
-def analyze(model_dir: str | Path, out: str | Path, cfg: AnalyzeConfig | None = None,
-            layerwise_dir: str | Path | None = None) -> dict:
+def analyze(
+    model_dir: str | Path,
+    out: str | Path,
+    cfg: AnalyzeConfig | None = None,
+    layerwise_dir: str | Path | None = None,
+) -> dict:
     """Run every analysis on MODEL (and its layer-wise twin when given); write JSON and PNGs into `out`."""
     from transformers import AutoTokenizer
 
@@ -345,14 +374,18 @@ def analyze(model_dir: str | Path, out: str | Path, cfg: AnalyzeConfig | None = 
         data.domain_info(d)
     notes = []
     if layerwise is None:
-        notes.append("no --layerwise: layer redundancy and layer-wise locality skipped; train the gates with "
-                     f"`pregate train {moe.config.provenance.get('parent', 'PARENT')} --layerwise --out DIR` "
-                     "and pass --layerwise DIR")
+        notes.append(
+            "no --layerwise: layer redundancy and layer-wise locality skipped; train the gates with "
+            f"`pregate train {moe.config.provenance.get('parent', 'PARENT')} --layerwise --out DIR` "
+            "and pass --layerwise DIR"
+        )
     else:
         lw_parent = layerwise[0].config.provenance.get("parent")
         if lw_parent != moe.config.provenance.get("parent"):
-            notes.append(f"the layer-wise run was trained from {lw_parent}, MODEL from "
-                         f"{moe.config.provenance.get('parent')}: not the same refactored model")
+            notes.append(
+                f"the layer-wise run was trained from {lw_parent}, MODEL from "
+                f"{moe.config.provenance.get('parent')}: not the same refactored model"
+            )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     e = moe.num_experts
     choices = {}
@@ -392,10 +425,15 @@ def analyze(model_dir: str | Path, out: str | Path, cfg: AnalyzeConfig | None = 
         pooled = np.concatenate(flat, axis=1)  # [Y, T]
         p_router = usage_counts(all_router, e) / all_router.size
         lw["router_agreement"] = []
-        for l in range(len(moe.layers)):
-            p_gate = usage_counts(pooled[l], e) / pooled.shape[1]
-            lw["router_agreement"].append({"layer": l, "agreement": agreement(pooled[l], all_router),
-                                           "chance": float((p_router * p_gate).sum())})
+        for i in range(len(moe.layers)):
+            p_gate = usage_counts(pooled[i], e) / pooled.shape[1]
+            lw["router_agreement"].append(
+                {
+                    "layer": i,
+                    "agreement": agreement(pooled[i], all_router),
+                    "chance": float((p_router * p_gate).sum()),
+                }
+            )
         result["layerwise_gates"] = lw
     out.mkdir(parents=True, exist_ok=True)
     result["figures"] = [p.name for p in write_figures(result, out)]
@@ -446,10 +484,14 @@ def format_summary(result: dict) -> str:
         agree = [a["agreement"] for a in lw["router_agreement"]]
         per_layer = [x["fraction"] for x in lw["locality_per_layer"]]
         mean = 100 * lw["locality_mean"]
-        lines.append(f"temporal locality, layer-wise gates: mean over layers {mean:.1f} % "
-                     f"(min {100 * min(per_layer):.1f}, max {100 * max(per_layer):.1f})")
-        lines.append(f"layer-wise gates agree with the router's choice: mean {100 * np.mean(agree):.1f} % "
-                     f"(per layer {100 * min(agree):.1f} .. {100 * max(agree):.1f} %)")
+        lines.append(
+            f"temporal locality, layer-wise gates: mean over layers {mean:.1f} % "
+            f"(min {100 * min(per_layer):.1f}, max {100 * max(per_layer):.1f})"
+        )
+        lines.append(
+            f"layer-wise gates agree with the router's choice: mean {100 * np.mean(agree):.1f} % "
+            f"(per layer {100 * min(agree):.1f} .. {100 * max(agree):.1f} %)"
+        )
     lines.extend(f"note: {n}" for n in result["notes"])
     return "\n".join(lines)
 
@@ -475,7 +517,7 @@ def plot_transitions(pairs: list[dict], experts: list[str], path: Path, title: s
     for ax, p in zip(axes.flat, pairs):
         label = f"{p['layers'][0]}->{p['layers'][1]}  nMI {p['normalised_mi']:.2f}"
         im = _heatmap(ax, p["transition"], label, short, short, fontsize=6)
-    for ax in list(axes.flat)[len(pairs):]:
+    for ax in list(axes.flat)[len(pairs) :]:
         ax.axis("off")
     fig.suptitle(f"{title}: P(expert at layer l+1 (columns) | expert at layer l (rows))", fontsize=9)
     fig.tight_layout()
@@ -519,24 +561,33 @@ def plot_locality(result: dict, path: Path) -> Path:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     domains = result["domains"]
-    series = {"pre-gating router": [result["router"]["locality"]["domains"][d]["fraction"] for d in domains],
-              "oracle": [result["oracle"]["locality"]["domains"][d]["fraction"] for d in domains]}
+    series = {
+        "pre-gating router": [result["router"]["locality"]["domains"][d]["fraction"] for d in domains],
+        "oracle": [result["oracle"]["locality"]["domains"][d]["fraction"] for d in domains],
+    }
     lw = result.get("layerwise_gates")
     width = 0.8 / len(series)
     for i, (name, ys) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(domains))]
         left.bar(xs, ys, width, label=name)
-    left.axhline(PAPER_ANALYSIS["locality_readme"], color="tab:green", ls="--", lw=1, label="paper Read-ME 2921/4096")
-    left.axhline(PAPER_ANALYSIS["locality_mixtral"], color="tab:red", ls="--", lw=1, label="paper Mixtral 850/4096")
+    left.axhline(
+        PAPER_ANALYSIS["locality_readme"], color="tab:green", ls="--", lw=1, label="paper Read-ME 2921/4096"
+    )
+    left.axhline(
+        PAPER_ANALYSIS["locality_mixtral"], color="tab:red", ls="--", lw=1, label="paper Mixtral 850/4096"
+    )
     if lw:
-        left.axhline(lw["locality_mean"], color="tab:purple", ls=":", lw=1.5,
-                     label="layer-wise gates, mean of layers")
+        left.axhline(
+            lw["locality_mean"], color="tab:purple", ls=":", lw=1.5, label="layer-wise gates, mean of layers"
+        )
     left.set_xticks(range(len(domains)), domains, rotation=20)
     left.set_ylim(0, 1)
     left.set_ylabel("tokens with the previous token's expert")
     left.legend(fontsize=7, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
-    strings = {"pre-gating router": result["router"]["reuse_distance"],
-               "oracle": result["oracle"]["reuse_distance"]}
+    strings = {
+        "pre-gating router": result["router"]["reuse_distance"],
+        "oracle": result["oracle"]["reuse_distance"],
+    }
     if lw:
         strings["layer-wise gates (per layer)"] = lw["reuse_distance"]
     labels = [str(i) for i in range(len(result["experts"]))] + ["cold"]
@@ -558,9 +609,21 @@ def plot_locality(result: dict, path: Path) -> Path:
 def write_figures(result: dict, out: Path) -> list[Path]:
     paths = [plot_usage(result, out / "usage.png"), plot_locality(result, out / "locality.png")]
     if len(result["oracle_layers"]["pairs"]):
-        paths.append(plot_transitions(result["oracle_layers"]["pairs"], result["experts"],
-                                      out / "transitions_oracle.png", "per-layer oracle"))
+        paths.append(
+            plot_transitions(
+                result["oracle_layers"]["pairs"],
+                result["experts"],
+                out / "transitions_oracle.png",
+                "per-layer oracle",
+            )
+        )
     if result.get("layerwise_gates") and result["layerwise_gates"]["pairs"]:
-        paths.append(plot_transitions(result["layerwise_gates"]["pairs"], result["experts"],
-                                      out / "transitions_layerwise.png", "layer-wise gates"))
+        paths.append(
+            plot_transitions(
+                result["layerwise_gates"]["pairs"],
+                result["experts"],
+                out / "transitions_layerwise.png",
+                "layer-wise gates",
+            )
+        )
     return paths

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -69,8 +69,17 @@ class BenchConfig:
             raise BenchError(
                 f"policies={self.policies!r}: use one or more of {', '.join(SCHEDULING_POLICIES)}"
             )
-        for name in ("requests", "token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk",
-                     "max_prompt_tokens", "max_output_tokens", "repeats", "router_steps"):
+        for name in (
+            "requests",
+            "token_budget",
+            "max_running",
+            "kv_capacity_tokens",
+            "prefill_chunk",
+            "max_prompt_tokens",
+            "max_output_tokens",
+            "repeats",
+            "router_steps",
+        ):
             v = getattr(self, name)
             check_int(f"BenchConfig.{name}", v, error=BenchError)
         if self.rate is not None and not self.rate > 0:
@@ -83,10 +92,15 @@ class BenchConfig:
             raise BenchError(str(err)) from None
 
     def scheduler(self, policy: str) -> SchedulerConfig:
-        return SchedulerConfig(policy=policy, token_budget=self.token_budget, max_running=self.max_running,
-                               kv_capacity_tokens=self.kv_capacity_tokens, max_wait_steps=self.max_wait_steps,
-                               min_queue_tokens=self.min_queue_tokens,
-                               prefill_chunk=self.prefill_chunk)
+        return SchedulerConfig(
+            policy=policy,
+            token_budget=self.token_budget,
+            max_running=self.max_running,
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            max_wait_steps=self.max_wait_steps,
+            min_queue_tokens=self.min_queue_tokens,
+            prefill_chunk=self.prefill_chunk,
+        )
 
 
 @dataclass
@@ -102,8 +116,15 @@ class RunResult:
 # ----------------------------------------------------------------------------------------- routers
 
 
-def distill_router(moe: MoEForCausalLM, tokenizer, steps: int = 40, seq_len: int = 128, batch: int = 4,
-                   seed: int = 0, progress: Callable[[str], None] = print) -> PreGatingRouter:
+def distill_router(
+    moe: MoEForCausalLM,
+    tokenizer,
+    steps: int = 40,
+    seq_len: int = 128,
+    batch: int = 4,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+) -> PreGatingRouter:
     """A paper-shaped router distilled for `steps` steps on the MoE's own backbone (train split of its
     domains) with the training target and loss (`distill.router_loss`, `DistillConfig` defaults: the
     graded loss on log-share scores). A stand-in for `pregate train` so a bare MoE can be benchmarked."""
@@ -111,10 +132,14 @@ def distill_router(moe: MoEForCausalLM, tokenizer, steps: int = 40, seq_len: int
 
     torch.manual_seed(seed)
     base = moe.config.base
-    router = PreGatingRouter(RouterConfig.preset("readme", vocab_size=base["vocab_size"], num_experts=moe.num_experts))
+    router = PreGatingRouter(
+        RouterConfig.preset("readme", vocab_size=base["vocab_size"], num_experts=moe.num_experts)
+    )
     router.init_embedding_from(moe.embed_tokens.weight.float())
     domains = list(moe.config.provenance.get("domains") or moe.config.expert_names)
-    pool = torch.cat([data.token_blocks(tokenizer, d, "train", seq_len * batch * 2, seq_len) for d in domains])
+    pool = torch.cat(
+        [data.token_blocks(tokenizer, d, "train", seq_len * batch * 2, seq_len) for d in domains]
+    )
     opt = torch.optim.AdamW(router.parameters(), lr=5e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     for i in range(steps):
@@ -135,7 +160,9 @@ def load_parts(model_dir: str | Path, cfg: BenchConfig, progress: Callable[[str]
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
     moe = load_moe(model_dir, dtype)
     if moe.num_experts == 0:
-        raise BenchError(f"{model_dir} has no routed experts; give a MoE checkpoint from `pregate refactor`/`train`")
+        raise BenchError(
+            f"{model_dir} has no routed experts; give a MoE checkpoint from `pregate refactor`/`train`"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if has_router(model_dir):
         router = load_router(model_dir)
@@ -174,7 +201,9 @@ def replay_engine(engine: Engine, trace: list[WorkloadRequest]) -> RunResult:
             r = pending[i]
             params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
             try:
-                engine.add_request(r.prompt, params, request_id=r.request_id, arrival_time=t0 + r.arrival_time)
+                engine.add_request(
+                    r.prompt, params, request_id=r.request_id, arrival_time=t0 + r.arrival_time
+                )
             except PregateError as err:
                 engine.failed[r.request_id] = str(err)
             i += 1
@@ -209,9 +238,20 @@ def replay_hf_static(hf, tokenizer, trace: list[WorkloadRequest], batch_size: in
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
         n = max(r.output_len for r in batch)
         start = time.perf_counter()
-        hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+        hf.generate(
+            input_ids=x,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         end = time.perf_counter()
-        steps.append(StepRecord(len(steps), start, end, len(batch) * (width + n), 0, len(batch) * width, len(batch) * n))
+        steps.append(
+            StepRecord(
+                len(steps), start, end, len(batch) * (width + n), 0, len(batch) * width, len(batch) * n
+            )
+        )
         # static batching returns nothing before the batch ends: first token = finish = batch end
         done += [RequestMetrics(r.request_id, t0 + r.arrival_time, end, end, r.output_len) for r in batch]
     return RunResult(done, steps, {})
@@ -221,12 +261,19 @@ def replay_hf_static(hf, tokenizer, trace: list[WorkloadRequest], batch_size: in
 
 
 SERVE_METRICS = {  # table column -> (summary key, field)
-    "norm_mean": ("normalized_latency", "mean"), "norm_p50": ("normalized_latency", "p50"),
-    "norm_p95": ("normalized_latency", "p95"), "norm_p99": ("normalized_latency", "p99"),
-    "norm_max": ("normalized_latency", "max"), "ttft_mean": ("ttft", "mean"), "ttft_p95": ("ttft", "p95"),
-    "tpot_mean": ("tpot", "mean"), "throughput": ("throughput", None),
-    "experts_per_step": ("unique_experts_per_step_mean", None), "tokens_per_step": ("tokens_per_step_mean", None),
-    "step_time_mean": ("step_time_mean", None), "makespan": ("makespan", None),
+    "norm_mean": ("normalized_latency", "mean"),
+    "norm_p50": ("normalized_latency", "p50"),
+    "norm_p95": ("normalized_latency", "p95"),
+    "norm_p99": ("normalized_latency", "p99"),
+    "norm_max": ("normalized_latency", "max"),
+    "ttft_mean": ("ttft", "mean"),
+    "ttft_p95": ("ttft", "p95"),
+    "tpot_mean": ("tpot", "mean"),
+    "throughput": ("throughput", None),
+    "experts_per_step": ("unique_experts_per_step_mean", None),
+    "tokens_per_step": ("tokens_per_step_mean", None),
+    "step_time_mean": ("step_time_mean", None),
+    "makespan": ("makespan", None),
 }
 
 
@@ -238,17 +285,31 @@ def flat_metrics(summary: dict) -> dict[str, float | None]:
     return out
 
 
-def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | None = None,
-              progress: Callable[[str], None] = print) -> dict:
+def run_bench(
+    model_dir: str | Path,
+    cfg: BenchConfig,
+    trace_path: str | Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
     """Run the benchmark; returns {"policies": {name: {metric: median}}, "workload": {...}, "runs": ...}."""
     moe, tokenizer, router, router_note = load_parts(model_dir, cfg, progress)
     if trace_path is not None and Path(trace_path).is_file():
         trace = load_trace(trace_path)
         source = f"trace {trace_path}"
     else:
-        count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
-        trace = sharegpt_workload(cfg.requests, cfg.rate, cfg.seed, count, cfg.max_prompt_tokens,
-                                  cfg.max_output_tokens, pool=max(500, 20 * cfg.requests))
+
+        def count(s: str) -> int:
+            return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+        trace = sharegpt_workload(
+            cfg.requests,
+            cfg.rate,
+            cfg.seed,
+            count,
+            cfg.max_prompt_tokens,
+            cfg.max_output_tokens,
+            pool=max(500, 20 * cfg.requests),
+        )
         source = "ShareGPT first turns"
         if trace_path is not None:
             save_trace(trace_path, trace)
@@ -277,36 +338,52 @@ def run_bench(model_dir: str | Path, cfg: BenchConfig, trace_path: str | Path | 
         replay_hf_static(hf, tokenizer, warm, cfg.max_running)
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
     for rep in range(cfg.repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]  # rotate: no run is always first
+        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate: no run is always first
         for name in order:
             t = time.perf_counter()
             res = one(name)
             runs[name].append(res)
             s = flat_metrics(res.summary())
-            progress(f"repeat {rep + 1}/{cfg.repeats} {name:14s} {time.perf_counter() - t:6.1f} s  "
-                     f"norm mean {s['norm_mean'] * 1e3:7.1f} ms/tok  p95 {s['norm_p95'] * 1e3:7.1f}  "
-                     f"experts/step {s['experts_per_step'] or 0:.2f}" + (f"  failed {len(res.failed)}" if res.failed else ""))
+            progress(
+                f"repeat {rep + 1}/{cfg.repeats} {name:14s} {time.perf_counter() - t:6.1f} s  "
+                f"norm mean {s['norm_mean'] * 1e3:7.1f} ms/tok  p95 {s['norm_p95'] * 1e3:7.1f}  "
+                f"experts/step {s['experts_per_step'] or 0:.2f}"
+                + (f"  failed {len(res.failed)}" if res.failed else "")
+            )
     policies = {}
     for name, rs in runs.items():
         flats = [flat_metrics(r.summary()) for r in rs]
-        policies[name] = {k: (statistics.median(v) if (v := [f[k] for f in flats if f[k] is not None]) else None) for k in SERVE_METRICS}
+        policies[name] = {
+            k: (statistics.median(v) if (v := [f[k] for f in flats if f[k] is not None]) else None)
+            for k in SERVE_METRICS
+        }
         policies[name]["failed"] = max(len(r.failed) for r in rs)
         spread = [f["norm_mean"] for f in flats if f["norm_mean"] is not None]
         if spread:
             policies[name]["norm_mean_spread"] = [min(spread), max(spread)]
             policies[name]["outlier_repeats"] = outliers = far_off(spread)
             for i in outliers:
-                progress(f"warning: repeat {i + 1} of {name} is far off the others "
-                         f"(norm mean {spread[i] * 1e3:.1f} ms/tok against a median of "
-                         f"{statistics.median(spread) * 1e3:.1f}); the machine was probably disturbed")
+                progress(
+                    f"warning: repeat {i + 1} of {name} is far off the others "
+                    f"(norm mean {spread[i] * 1e3:.1f} ms/tok against a median of "
+                    f"{statistics.median(spread) * 1e3:.1f}); the machine was probably disturbed"
+                )
     if HF in policies:
         policies[HF]["tpot_mean"] = None  # static batches return every token at the batch's end
     prompt_lens = [r.prompt_tokens or 0 for r in trace]
     workload = {
-        "source": source, "requests": len(trace), "rate": cfg.rate, "seed": cfg.seed,
-        "prompt_tokens_mean": sum(prompt_lens) / len(trace), "output_tokens_mean": sum(r.output_len for r in trace) / len(trace),
-        "last_arrival": max(r.arrival_time for r in trace), "model": str(model_dir), "router": router_note,
-        "config": asdict(cfg), "threads": torch.get_num_threads(), "num_layers": len(moe.layers),
+        "source": source,
+        "requests": len(trace),
+        "rate": cfg.rate,
+        "seed": cfg.seed,
+        "prompt_tokens_mean": sum(prompt_lens) / len(trace),
+        "output_tokens_mean": sum(r.output_len for r in trace) / len(trace),
+        "last_arrival": max(r.arrival_time for r in trace),
+        "model": str(model_dir),
+        "router": router_note,
+        "config": asdict(cfg),
+        "threads": torch.get_num_threads(),
+        "num_layers": len(moe.layers),
     }
     return {"policies": policies, "workload": workload, "runs": runs}
 
@@ -318,12 +395,24 @@ def far_off(values: list[float], factor: float = 1.5) -> list[int]:
 
 
 def format_serve_table(result: dict) -> str:
-    cols = [("norm_mean", 1e3), ("norm_p50", 1e3), ("norm_p95", 1e3), ("norm_p99", 1e3), ("norm_max", 1e3),
-            ("ttft_mean", 1), ("tpot_mean", 1e3), ("throughput", 1), ("experts_per_step", 1)]
+    cols = [
+        ("norm_mean", 1e3),
+        ("norm_p50", 1e3),
+        ("norm_p95", 1e3),
+        ("norm_p99", 1e3),
+        ("norm_max", 1e3),
+        ("ttft_mean", 1),
+        ("tpot_mean", 1e3),
+        ("throughput", 1),
+        ("experts_per_step", 1),
+    ]
     head = f"{'policy':14s}" + "".join(f"{c:>12s}" for c, _ in cols[:-1]) + f"{'experts/step':>14s}"
     head += f"{'norm_mean range':>20s}"
-    lines = [head, "(medians over repeats; normalized latency and TPOT in ms/token, TTFT in s, throughput in "
-             "generated tok/s; range: fastest and slowest repeat)"]
+    lines = [
+        head,
+        "(medians over repeats; normalized latency and TPOT in ms/token, TTFT in s, throughput in "
+        "generated tok/s; range: fastest and slowest repeat)",
+    ]
     for name, m in result["policies"].items():
         cells = "".join(f"{m[c] * s:12.2f}" if m[c] is not None else f"{'-':>12s}" for c, s in cols[:-1])
         lo, hi = m.get("norm_mean_spread") or (None, None)
@@ -340,12 +429,26 @@ def write_serve_outputs(result: dict, json_path: str | Path) -> list[Path]:
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     runs = result["runs"]
-    out = {"policies": result["policies"], "workload": result["workload"],
-           "normalized_latency_samples": {n: [m.normalized_latency for m in rs[0].requests] for n, rs in runs.items()},
-           # every MoE step of every repeat: what `pregate simulate --cost` fits its cost model to
-           "engine_steps": [{"duration": st.duration, "tokens": st.num_tokens, "experts": st.unique_experts,
-                             "rows": st.num_decode_tokens} for n, rs in runs.items() if n not in (DENSE, HF)
-                            for r in rs for st in r.steps]}
+    out = {
+        "policies": result["policies"],
+        "workload": result["workload"],
+        "normalized_latency_samples": {
+            n: [m.normalized_latency for m in rs[0].requests] for n, rs in runs.items()
+        },
+        # every MoE step of every repeat: what `pregate simulate --cost` fits its cost model to
+        "engine_steps": [
+            {
+                "duration": st.duration,
+                "tokens": st.num_tokens,
+                "experts": st.unique_experts,
+                "rows": st.num_decode_tokens,
+            }
+            for n, rs in runs.items()
+            if n not in (DENSE, HF)
+            for r in rs
+            for st in r.steps
+        ],
+    }
     json_path.write_text(json.dumps(out, indent=1))
     return [json_path, *plot_bench(runs, json_path.with_suffix(""))]
 
@@ -376,7 +479,13 @@ def plot_bench(runs: dict[str, list[RunResult]], stem: Path) -> list[Path]:
         steps = [s for r in rs for s in r.steps if s.num_prefill_tokens == 0 and s.unique_experts > 0]
         if not steps:
             continue
-        ax.scatter([s.unique_experts + (hash(name) % 7 - 3) * 0.03 for s in steps], [s.duration * 1e3 for s in steps], s=6, alpha=0.3, label=name)
+        ax.scatter(
+            [s.unique_experts + (hash(name) % 7 - 3) * 0.03 for s in steps],
+            [s.duration * 1e3 for s in steps],
+            s=6,
+            alpha=0.3,
+            label=name,
+        )
     by_e: dict[int, list[float]] = {}
     for rs in (runs[n] for n in runs if n not in (DENSE, HF)):
         for r in rs:
@@ -398,12 +507,19 @@ def plot_bench(runs: dict[str, list[RunResult]], stem: Path) -> list[Path]:
     return paths
 
 
-def bench_serve(model_dir: str | Path, json_path: str | Path | None, cfg: BenchConfig,
-                trace_path: str | Path | None = None) -> dict:
+def bench_serve(
+    model_dir: str | Path,
+    json_path: str | Path | None,
+    cfg: BenchConfig,
+    trace_path: str | Path | None = None,
+) -> dict:
     """The library function behind `pregate bench serve`: run, print the table, and with json_path
     write the JSON and the plots beside it."""
     if not Path(model_dir).is_dir():
-        raise BenchError(f"{model_dir} is not a directory; give a MoE checkpoint from `pregate refactor` or `pregate train`")
+        raise BenchError(
+            f"{model_dir} is not a directory; give a MoE checkpoint from `pregate refactor` or "
+            "`pregate train`"
+        )
     try:
         result = run_bench(model_dir, cfg, trace_path)
     except SchedulerError as err:

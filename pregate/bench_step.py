@@ -32,9 +32,9 @@ import importlib.util
 import json
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -86,13 +86,17 @@ class StepBenchConfig:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise BenchError(f"StepBenchConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         if not isinstance(self.repeats, int) or self.repeats < 3 or self.repeats % 2 == 0:
-            raise BenchError(f"repeats={self.repeats!r} must be an odd integer >= 3 "
-                             "(the median is then one of the repeats)")
+            raise BenchError(
+                f"repeats={self.repeats!r} must be an odd integer >= 3 "
+                "(the median is then one of the repeats)"
+            )
         if self.experts is not None:
             bad = [d for d in self.experts if not isinstance(d, int) or d < 1 or d > self.expert_batch]
             if not self.experts or bad:
-                raise BenchError(f"distinct experts {self.experts!r} must lie in 1..expert batch "
-                                 f"{self.expert_batch} (each request has one primary expert)")
+                raise BenchError(
+                    f"distinct experts {self.experts!r} must lie in 1..expert batch "
+                    f"{self.expert_batch} (each request has one primary expert)"
+                )
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
         if not self.flag_spread > 0:
@@ -123,23 +127,30 @@ def check_model(config: MoEConfig, cfg: StepBenchConfig, top_k: int = 1) -> None
     """Options that depend on the model: distinct experts within 1..E (and >= top_k), a layer-wise gate."""
     e = config.num_experts
     if e == 0:
-        raise BenchError("the checkpoint has no routed experts; give a MoE checkpoint from "
-                         "`pregate refactor` or `pregate train`")
+        raise BenchError(
+            "the checkpoint has no routed experts; give a MoE checkpoint from "
+            "`pregate refactor` or `pregate train`"
+        )
     wanted = cfg.expert_counts(e) + [cfg.batch_experts]
     if max(wanted) > e:
         raise BenchError(f"{max(wanted)} distinct experts asked for, but the model has {e} routed experts")
     if min(wanted) < top_k:
-        raise BenchError(f"the router picks top-{top_k} experts per token, so a step has at least {top_k} "
-                         "distinct experts")
+        raise BenchError(
+            f"the router picks top-{top_k} experts per token, so a step has at least {top_k} distinct experts"
+        )
     if (cfg.dense or cfg.hf) and not config.provenance.get("base"):
-        raise BenchError("the checkpoint does not name its dense parent (provenance.base in its "
-                         f"{CONFIG_FILE}); pass --no-dense --no-hf to time the MoE alone")
+        raise BenchError(
+            "the checkpoint does not name its dense parent (provenance.base in its "
+            f"{CONFIG_FILE}); pass --no-dense --no-hf to time the MoE alone"
+        )
     if cfg.layerwise is not None:
         meta = Path(cfg.layerwise) / ROUTER_CONFIG
         kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
         if kind != "layerwise":
-            raise BenchError(f"--layerwise {cfg.layerwise} holds no layer-wise gate ({ROUTER_CONFIG} kind "
-                             f"{kind!r}); give a `pregate train --layerwise` output directory")
+            raise BenchError(
+                f"--layerwise {cfg.layerwise} holds no layer-wise gate ({ROUTER_CONFIG} kind "
+                f"{kind!r}); give a `pregate train --layerwise` output directory"
+            )
 
 
 # ----------------------------------------------------------------------------------------- routing
@@ -157,8 +168,9 @@ class FixedRouter(PreGatingRouter):
     def __init__(self, inner: PreGatingRouter, distinct: int) -> None:
         nn.Module.__init__(self)
         if not inner.cfg.top_k <= distinct <= inner.cfg.num_experts:
-            raise BenchError(f"distinct={distinct} must lie in top_k..E = "
-                             f"{inner.cfg.top_k}..{inner.cfg.num_experts}")
+            raise BenchError(
+                f"distinct={distinct} must lie in top_k..E = {inner.cfg.top_k}..{inner.cfg.num_experts}"
+            )
         self.inner = inner
         self.cfg = inner.cfg
         self.distinct = distinct
@@ -207,8 +219,15 @@ def prompts(vocab: int, batch: int, length: int, seed: int, avoid: Sequence[int]
     return ids.tolist()
 
 
-def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None, batch: int, distinct: int,
-                cfg: StepBenchConfig, breakdown: bool = False) -> dict:
+def time_engine(
+    model: MoEForCausalLM,
+    tokenizer,
+    router: PreGatingRouter | None,
+    batch: int,
+    distinct: int,
+    cfg: StepBenchConfig,
+    breakdown: bool = False,
+) -> dict:
     """One measurement through the engine's public API: prefill step, decode steps, experts per step.
 
     Returns prefill (s), decode (median s over the timed decode steps), decode_steps (all timed
@@ -216,9 +235,13 @@ def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None
     `breakdown` the median parts (ms) of the timed steps."""
     fixed = FixedRouter(router, distinct) if router is not None else None
     max_tokens = cfg.warmup_steps + cfg.decode_steps + 1  # the first token comes from the prefill
-    sched = SchedulerConfig(policy="fcfs", token_budget=batch * cfg.prompt_len, max_running=batch,
-                            kv_capacity_tokens=batch * (cfg.prompt_len + max_tokens),
-                            prefill_chunk=cfg.prompt_len)
+    sched = SchedulerConfig(
+        policy="fcfs",
+        token_budget=batch * cfg.prompt_len,
+        max_running=batch,
+        kv_capacity_tokens=batch * (cfg.prompt_len + max_tokens),
+        prefill_chunk=cfg.prompt_len,
+    )
     engine = Engine(model, tokenizer, fixed, sched)
     avoid = list(getattr(tokenizer, "all_special_ids", None) or [])
     for ids in prompts(model.config.base["vocab_size"], batch, cfg.prompt_len, cfg.seed + batch, avoid):
@@ -236,8 +259,10 @@ def time_engine(model: MoEForCausalLM, tokenizer, router: PreGatingRouter | None
     decode = [i for i, s in enumerate(steps) if s.num_prefill_tokens == 0 and s.num_decode_tokens == batch]
     timed = decode[cfg.warmup_steps :]
     if prefill != [0] or len(timed) != cfg.decode_steps:
-        raise BenchError(f"batch {batch}: expected 1 prefill step and {cfg.decode_steps} timed decode steps, "
-                         f"got {len(prefill)} and {len(timed)} (scheduler budgets?)")
+        raise BenchError(
+            f"batch {batch}: expected 1 prefill step and {cfg.decode_steps} timed decode steps, "
+            f"got {len(prefill)} and {len(timed)} (scheduler budgets?)"
+        )
     out = {
         "prefill": steps[0].duration,
         "decode": statistics.median(steps[i].duration for i in timed),
@@ -261,8 +286,14 @@ def time_hf(hf, batch: int, cfg: StepBenchConfig) -> dict:
 
     def gen(new: int) -> float:
         t = time.perf_counter()
-        hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                    do_sample=False, pad_token_id=pad)
+        hf.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         return time.perf_counter() - t
 
     one = gen(1)
@@ -290,8 +321,13 @@ def time_llama_cpp(path: Path, cfg: StepBenchConfig, vocab: int) -> dict:
     from llama_cpp import Llama
 
     n_ctx = cfg.prompt_len + cfg.warmup_steps + cfg.decode_steps + 8
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
-                n_batch=max(8, cfg.prompt_len), verbose=False)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_threads=torch.get_num_threads(),
+        n_batch=max(8, cfg.prompt_len),
+        verbose=False,
+    )
     out = {"prefill": [], "decode": []}
     for rep in range(cfg.repeats):
         ids = prompts(vocab, 1, cfg.prompt_len, cfg.seed + rep)[0]
@@ -331,8 +367,9 @@ def time_layerwise(model: MoEForCausalLM, gate, batch: int, cfg: StepBenchConfig
     with bd:
         t = time.perf_counter()
         segments = [Segment(cfg.prompt_len, kv, b) for b in range(batch)]
-        logits = model.forward_packed(ids.reshape(-1), segments, None, layer_router=layer_router,
-                                      logits_at=rows)
+        logits = model.forward_packed(
+            ids.reshape(-1), segments, None, layer_router=layer_router, logits_at=rows
+        )
         prefill = time.perf_counter() - t
         bd.take()
         tok = logits.argmax(-1)  # [B]
@@ -344,8 +381,11 @@ def time_layerwise(model: MoEForCausalLM, gate, batch: int, cfg: StepBenchConfig
             tok = logits.argmax(-1)
             steps.append((time.perf_counter() - t, bd.take(), sum(seen) / len(seen)))
     timed = steps[cfg.warmup_steps :]
-    out = {"prefill": prefill, "decode": statistics.median(s[0] for s in timed),
-           "experts_per_layer": statistics.mean(s[2] for s in timed)}
+    out = {
+        "prefill": prefill,
+        "decode": statistics.median(s[0] for s in timed),
+        "experts_per_layer": statistics.mean(s[2] for s in timed),
+    }
     out["breakdown"] = summarize_breakdown([(d, p) for d, p, _ in timed])
     return out
 
@@ -357,8 +397,13 @@ def spread(values: list[float], flag: float) -> dict:
     """Median, min, max over repeats (ms) and the repeats further than `flag` x median from it."""
     med = statistics.median(values)
     far = [i for i, v in enumerate(values) if med > 0 and abs(v - med) > flag * med]
-    return {"median": med * 1e3, "min": min(values) * 1e3, "max": max(values) * 1e3,
-            "repeats": [v * 1e3 for v in values], "flagged": far}
+    return {
+        "median": med * 1e3,
+        "min": min(values) * 1e3,
+        "max": max(values) * 1e3,
+        "repeats": [v * 1e3 for v in values],
+        "flagged": far,
+    }
 
 
 def _floors(row: dict, nbytes: dict, bw: dict) -> dict:
@@ -381,8 +426,10 @@ def run_bench_step(
         gate = load_router(cfg.layerwise)
         shape = (len(gate.gates), gate.gates[0].in_features, gate.gates[0].out_features)
         if shape != (config.num_layers, config.base["hidden_size"], config.num_experts):
-            raise BenchError(f"--layerwise gate (layers, hidden, experts) = {shape} does not fit the model "
-                             f"{(config.num_layers, config.base['hidden_size'], config.num_experts)}")
+            raise BenchError(
+                f"--layerwise gate (layers, hidden, experts) = {shape} does not fit the model "
+                f"{(config.num_layers, config.base['hidden_size'], config.num_experts)}"
+            )
     notes: list[str] = []
     if has_router(model_dir):
         moe, tokenizer, router, router_note = load_parts(model_dir, BenchConfig(dtype=cfg.dtype), progress)
@@ -407,8 +454,9 @@ def run_bench_step(
 
     jobs: dict[tuple[str, int, int], Callable[[], dict]] = {}
     for b in cfg.batch_sizes:
-        jobs[(STEP_MOE, b, min(cfg.batch_experts, b))] = lambda b=b: time_engine(moe, tokenizer, router, b,
-                                                                          min(cfg.batch_experts, b), cfg)
+        jobs[(STEP_MOE, b, min(cfg.batch_experts, b))] = lambda b=b: time_engine(
+            moe, tokenizer, router, b, min(cfg.batch_experts, b), cfg
+        )
         if dense is not None and cfg.dense:
             jobs[(STEP_DENSE, b, 0)] = lambda b=b: time_engine(dense, tokenizer, None, b, 0, cfg)
         if hf is not None and cfg.hf:
@@ -420,7 +468,9 @@ def run_bench_step(
 
     progress(f"warm-up: every system once at batch {max(cfg.batch_sizes)}")
     for key in names:
-        if key[1] == max(cfg.batch_sizes) and (key[0] != STEP_MOE or key[2] == min(cfg.batch_experts, key[1])):
+        if key[1] == max(cfg.batch_sizes) and (
+            key[0] != STEP_MOE or key[2] == min(cfg.batch_experts, key[1])
+        ):
             jobs[key]()
     runs: dict[tuple[str, int, int], list[dict]] = {k: [] for k in names}
     for rep in range(cfg.repeats):
@@ -428,14 +478,20 @@ def run_bench_step(
         for key in names[shift:] + names[:shift]:  # rotate: no measurement is always first
             res = jobs[key]()
             runs[key].append(res)
-            progress(f"repeat {rep + 1}/{cfg.repeats} {key[0]:11s} batch {key[1]:3d} experts {key[2]}: "
-                     f"decode {res['decode'] * 1e3:8.2f} ms  prefill {res['prefill'] * 1e3:8.1f} ms")
+            progress(
+                f"repeat {rep + 1}/{cfg.repeats} {key[0]:11s} batch {key[1]:3d} experts {key[2]}: "
+                f"decode {res['decode'] * 1e3:8.2f} ms  prefill {res['prefill'] * 1e3:8.1f} ms"
+            )
 
     rows = []
     for (system, b, d), rs in runs.items():
-        row = {"system": system, "batch": b, "experts": d,
-               "decode_ms": spread([r["decode"] for r in rs], cfg.flag_spread),
-               "prefill_ms": spread([r["prefill"] for r in rs], cfg.flag_spread)}
+        row = {
+            "system": system,
+            "batch": b,
+            "experts": d,
+            "decode_ms": spread([r["decode"] for r in rs], cfg.flag_spread),
+            "prefill_ms": spread([r["prefill"] for r in rs], cfg.flag_spread),
+        }
         if system != STEP_HF:
             row["unique_experts_seen"] = sorted({u for r in rs for u in r["unique_experts"]})
             if system == STEP_MOE and row["unique_experts_seen"] != [d]:
@@ -447,12 +503,19 @@ def run_bench_step(
         rows.append(_floors(row, nbytes, bw))
         if row["decode_ms"]["flagged"]:  # prefill flags stay in the JSON: one step each, noisier
             dm = row["decode_ms"]
-            notes.append(f"{system} batch {b} experts {d}: decode repeat(s) {dm['flagged']} (0-based) more "
-                         f"than {cfg.flag_spread:.0%} from the median {dm['median']:.2f} ms")
-    batch_rows = [r for r in rows if r["system"] != STEP_MOE or r["experts"] == min(cfg.batch_experts, r["batch"])]
+            notes.append(
+                f"{system} batch {b} experts {d}: decode repeat(s) {dm['flagged']} (0-based) more "
+                f"than {cfg.flag_spread:.0%} from the median {dm['median']:.2f} ms"
+            )
+    batch_rows = [
+        r for r in rows if r["system"] != STEP_MOE or r["experts"] == min(cfg.batch_experts, r["batch"])
+    ]
     batch_rows = [r for r in batch_rows if r["batch"] in cfg.batch_sizes]
-    expert_rows = [r for r in rows
-                   if r["system"] == STEP_MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts]
+    expert_rows = [
+        r
+        for r in rows
+        if r["system"] == STEP_MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
+    ]
 
     breakdown: dict = {}
     if cfg.breakdown:
@@ -465,16 +528,24 @@ def run_bench_step(
             breakdown["pregating"].append(row)
             if gate is not None:
                 lw = time_layerwise(moe, gate, b, cfg)
-                breakdown["layerwise"].append({"batch": b, "experts_per_layer": lw["experts_per_layer"],
-                                               **lw["breakdown"]})
+                breakdown["layerwise"].append(
+                    {"batch": b, "experts_per_layer": lw["experts_per_layer"], **lw["breakdown"]}
+                )
         if gate is not None:
-            notes.append("layer-wise gate: timed with direct model.forward_packed calls (the engine serves "
-                         "pre-gating routers only); its experts are its own choice, not controlled")
+            notes.append(
+                "layer-wise gate: timed with direct model.forward_packed calls (the engine serves "
+                "pre-gating routers only); its experts are its own choice, not controlled"
+            )
 
     llama = {"system": "llama.cpp (dense parent, batch 1)"}
     path, why = llama_cpp_gguf(cfg, config)
-    llama.update({"gguf": str(path) if path else None, "gguf_bytes": path.stat().st_size if path else None,
-                  "gguf_note": why})
+    llama.update(
+        {
+            "gguf": str(path) if path else None,
+            "gguf_bytes": path.stat().st_size if path else None,
+            "gguf_note": why,
+        }
+    )
     if not cfg.llama_cpp:
         llama["skipped"] = "not asked for (--no-llama-cpp)"
     elif importlib.util.find_spec("llama_cpp") is None:
@@ -493,11 +564,19 @@ def run_bench_step(
         notes.append(f"llama.cpp skipped: {llama['skipped']}")
 
     return {
-        "model": str(model_dir), "base": config.provenance.get("base"), "router": router_note,
-        "config": asdict(cfg), "threads": torch.get_num_threads(), "num_experts": config.num_experts,
-        "top_k": router.cfg.top_k, "bandwidth": bw, "batch_sizes": batch_rows,
+        "model": str(model_dir),
+        "base": config.provenance.get("base"),
+        "router": router_note,
+        "config": asdict(cfg),
+        "threads": torch.get_num_threads(),
+        "num_experts": config.num_experts,
+        "top_k": router.cfg.top_k,
+        "bandwidth": bw,
+        "batch_sizes": batch_rows,
         "distinct_experts": expert_rows,
-        "breakdown": breakdown, "llama_cpp": llama, "notes": notes,
+        "breakdown": breakdown,
+        "llama_cpp": llama,
+        "notes": notes,
     }
 
 
@@ -507,20 +586,28 @@ def run_bench_step(
 def _row_line(r: dict) -> str:
     d, p = r["decode_ms"], r["prefill_ms"]
     flag = "!" if d["flagged"] else ""
-    return (f"{r['system']:12s}{r['batch']:6d}{r['experts']:8d}{d['median']:11.2f}{flag:1s}"
-            f"{d['min']:9.2f}{d['max']:9.2f}{p['median']:11.1f}{r['bytes']['total'] / 1e6:9.1f}"
-            f"{r['floor_read_ms']:9.2f}{r['floor_gemv_ms']:9.2f}{r['ratio_read']:8.2f}{r['ratio_gemv']:8.2f}")
+    return (
+        f"{r['system']:12s}{r['batch']:6d}{r['experts']:8d}{d['median']:11.2f}{flag:1s}"
+        f"{d['min']:9.2f}{d['max']:9.2f}{p['median']:11.1f}{r['bytes']['total'] / 1e6:9.1f}"
+        f"{r['floor_read_ms']:9.2f}{r['floor_gemv_ms']:9.2f}{r['ratio_read']:8.2f}{r['ratio_gemv']:8.2f}"
+    )
 
 
 def format_step_table(result: dict) -> str:
-    head = (f"{'system':12s}{'batch':>6s}{'experts':>8s}{'decode ms':>11s} {'min':>9s}{'max':>9s}"
-            f"{'prefill ms':>11s}{'MB read':>9s}{'floor rd':>9s}{'floor mv':>9s}{'x read':>8s}{'x gemv':>8s}")
+    head = (
+        f"{'system':12s}{'batch':>6s}{'experts':>8s}{'decode ms':>11s} {'min':>9s}{'max':>9s}"
+        f"{'prefill ms':>11s}{'MB read':>9s}{'floor rd':>9s}{'floor mv':>9s}{'x read':>8s}{'x gemv':>8s}"
+    )
     bw = result["bandwidth"]
-    lines = [f"bandwidth: plain read {bw['read'] / 1e9:.2f} GB/s, "
-             f"torch GEMV ({bw['dtype']}) {bw['gemv'] / 1e9:.2f} GB/s",
-             "floor = MB read / bandwidth (rd: plain read, mv: GEMV); x = time / floor; "
-             "! = a repeat far off the median",
-             "", "decode step by batch size", head]
+    lines = [
+        f"bandwidth: plain read {bw['read'] / 1e9:.2f} GB/s, "
+        f"torch GEMV ({bw['dtype']}) {bw['gemv'] / 1e9:.2f} GB/s",
+        "floor = MB read / bandwidth (rd: plain read, mv: GEMV); x = time / floor; "
+        "! = a repeat far off the median",
+        "",
+        "decode step by batch size",
+        head,
+    ]
     lines += [_row_line(r) for r in result["batch_sizes"]]
     lines += ["", f"decode step by distinct experts (batch {result['config']['expert_batch']})", head]
     lines += [_row_line(r) for r in result["distinct_experts"]]
@@ -541,8 +628,10 @@ def format_step_table(result: dict) -> str:
         lines += [f"llama.cpp: skipped ({ll['skipped']})", f"  {would}"]
     else:
         dm = ll["decode_ms"]
-        lines.append(f"llama.cpp batch 1: decode {dm['median']:.2f} ms (min {dm['min']:.2f}, "
-                     f"max {dm['max']:.2f}), {ll['gguf']} ({ll['gguf_bytes']} bytes)")
+        lines.append(
+            f"llama.cpp batch 1: decode {dm['median']:.2f} ms (min {dm['min']:.2f}, "
+            f"max {dm['max']:.2f}), {ll['gguf']} ({ll['gguf_bytes']} bytes)"
+        )
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 

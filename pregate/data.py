@@ -25,16 +25,24 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from pregate.corpora import BUILTINS, read_text
 from pregate.errors import PregateError, check_int
 
-DOMAIN_NAMES: tuple[str, ...] = ("arxiv", "book", "c4", "common_crawl", "github", "stackexchange", "wikipedia")
+DOMAIN_NAMES: tuple[str, ...] = (
+    "arxiv",
+    "book",
+    "c4",
+    "common_crawl",
+    "github",
+    "stackexchange",
+    "wikipedia",
+)
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 CHUNK_CHARS = 4000  # ~1k tokens: long enough for context, small enough that 106 articles give many chunks
 MIN_SPLIT_DOCS = 3
@@ -99,8 +107,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def _user_documents(path: Path) -> list[str]:
     if path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md")),
-                       key=lambda p: p.relative_to(path).as_posix())
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md")),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
         return [read_text(p) for p in files]
     docs = []
     with open(path, encoding="utf-8") as f:
@@ -110,11 +120,15 @@ def _user_documents(path: Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object "
-                                f'like {{"text": "..."}}') from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be an object "
+                    f'like {{"text": "..."}}'
+                ) from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f'{path}:{lineno}: expected an object with a string "text" field, '
-                                f"got {line.strip()[:80]!r}")
+                raise DataError(
+                    f'{path}:{lineno}: expected an object with a string "text" field, '
+                    f"got {line.strip()[:80]!r}"
+                )
             docs.append(row["text"])
     return docs
 
@@ -128,17 +142,25 @@ def register_domain(name: str, path: str | Path) -> DomainInfo:
     no non-empty text.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise DataError(f"domain name {name!r} is invalid: use letters, digits, '_', '.', '-' "
-                        f"(starting with a letter or digit)")
+        raise DataError(
+            f"domain name {name!r} is invalid: use letters, digits, '_', '.', '-' "
+            f"(starting with a letter or digit)"
+        )
     if name in BUILTINS:
-        raise DataError(f"domain name {name!r} is a built-in domain; choose another name "
-                        f"(built-ins: {', '.join(DOMAIN_NAMES)})")
+        raise DataError(
+            f"domain name {name!r} is a built-in domain; choose another name "
+            f"(built-ins: {', '.join(DOMAIN_NAMES)})"
+        )
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"domain path {str(p)!r} does not exist; give a folder of .txt/.md files or a .jsonl file")
+        raise DataError(
+            f"domain path {str(p)!r} does not exist; give a folder of .txt/.md files or a .jsonl file"
+        )
     if p.is_file() and p.suffix.lower() != ".jsonl":
-        raise DataError(f"domain path {str(p)!r} is a {p.suffix or 'suffix-less'} file; give a folder of "
-                        f".txt/.md files or a .jsonl file with a \"text\" field")
+        raise DataError(
+            f"domain path {str(p)!r} is a {p.suffix or 'suffix-less'} file; give a folder of "
+            f'.txt/.md files or a .jsonl file with a "text" field'
+        )
     p = p.resolve()
     previous = _USER.get(name)
     info = DomainInfo(name=name, source=f"user domain from {p}", stand_in=False, note="")
@@ -146,8 +168,10 @@ def register_domain(name: str, path: str | Path) -> DomainInfo:
     _clear_caches()
     try:
         if not load_documents(name):
-            raise DataError(f"domain path {str(p)!r} holds no text: it needs .txt/.md files "
-                            f"(folder) or \"text\" fields (.jsonl) that are not empty")
+            raise DataError(
+                f"domain path {str(p)!r} holds no text: it needs .txt/.md files "
+                f'(folder) or "text" fields (.jsonl) that are not empty'
+            )
     except Exception:
         if previous is None:
             del _USER[name]
@@ -165,8 +189,10 @@ def available_domains() -> tuple[str, ...]:
 
 def _check_name(name: str) -> None:
     if name not in BUILTINS and name not in _USER:
-        raise DataError(f"unknown domain {name!r}; valid: {', '.join(available_domains())} "
-                        f"(or add one with register_domain)")
+        raise DataError(
+            f"unknown domain {name!r}; valid: {', '.join(available_domains())} "
+            f"(or add one with register_domain)"
+        )
 
 
 def domain_info(name: str) -> DomainInfo:
@@ -182,7 +208,7 @@ def domain_info(name: str) -> DomainInfo:
 # Documents and splits.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _documents(name: str) -> tuple[str, ...]:
     raw = BUILTINS[name].loader() if name in BUILTINS else _user_documents(_USER[name][1])
     seen: set[str] = set()
@@ -217,14 +243,16 @@ def assign_splits(documents: Sequence[str]) -> list[str]:
     for split in ("test", "validation"):
         missing = need - labels.count(split)
         if missing > 0:
-            train = sorted((i for i, s in enumerate(labels) if s == "train"),
-                           key=lambda i: (_sha1(f"{split}:{documents[i]}"), documents[i]))
+            train = sorted(
+                (i for i, s in enumerate(labels) if s == "train"),
+                key=lambda i: (_sha1(f"{split}:{documents[i]}"), documents[i]),
+            )
             for i in train[:missing]:
                 labels[i] = split
     return labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splits(name: str) -> dict[str, tuple[str, ...]]:
     docs = _documents(name)
     labels = assign_splits(docs)
@@ -262,8 +290,10 @@ def token_stream(tokenizer, name: str, split: str, n_tokens: int) -> torch.LongT
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if len(ids) >= n_tokens:
             return torch.tensor(ids[:n_tokens], dtype=torch.long)
-    raise DataError(f"domain {name!r} split {split!r} has only {len(ids)} tokens but {n_tokens} were "
-                    f"requested; ask for fewer tokens or use another split/domain")
+    raise DataError(
+        f"domain {name!r} split {split!r} has only {len(ids)} tokens but {n_tokens} were "
+        f"requested; ask for fewer tokens or use another split/domain"
+    )
 
 
 def token_blocks(tokenizer, name: str, split: str, n_tokens: int, block_len: int) -> torch.LongTensor:
@@ -282,9 +312,15 @@ def describe_domains(names: Sequence[str] | None = None) -> list[dict]:
         info = domain_info(name)
         splits = _splits(name)
         docs = _documents(name)
-        rows.append({
-            "name": name, "source": info.source, "stand_in": info.stand_in, "note": info.note,
-            "documents": len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs),
-            **{s: len(splits[s]) for s in SPLITS},
-        })
+        rows.append(
+            {
+                "name": name,
+                "source": info.source,
+                "stand_in": info.stand_in,
+                "note": info.note,
+                "documents": len(docs),
+                "bytes": sum(len(d.encode("utf-8")) for d in docs),
+                **{s: len(splits[s]) for s in SPLITS},
+            }
+        )
     return rows

@@ -2,8 +2,9 @@
 
 refactor (7 domain experts + shared expert) -> train (router distillation, expert tuning, same-size control;
 the `demo` training preset) -> test perplexity of every variant -> table and plot -> the serving half
-(pregate.demo_serving: MoE vs dense vs HF generate, batching policies, expert cache hit ratios). Each stage writes into
-the output directory and is skipped on a second run when its output is complete (force=True redoes all).
+(pregate.demo_serving: MoE vs dense vs HF generate, batching policies, expert cache hit ratios). Each
+stage writes into the output directory and is skipped on a second run when its output is complete
+(force=True redoes all).
 A thin driver: it imports the entry points of each stage (`refactor`, `train`, `evaluate`, `plots`,
 `demo_serving`) and the file names of `checkpoint`.
 """
@@ -41,7 +42,11 @@ def _trained(train_dir: Path, cfg: TrainConfig) -> bool:
         state = json.loads((train_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return state.get("config") == cfg.to_dict() and state["stages_done"] == len(state["stages"]) and _complete(train_dir)
+    return (
+        state.get("config") == cfg.to_dict()
+        and state["stages_done"] == len(state["stages"])
+        and _complete(train_dir)
+    )
 
 
 def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
@@ -50,14 +55,19 @@ def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
     cfg = REFACTOR_PRESETS["demo"]
     rebuilt = force or not _complete(moe_dir)
     if rebuilt:
-        print(f"[1/4] refactor {BASE} into 7 domain experts ({cfg.tokens_per_domain} train tokens per domain)")
+        print(
+            f"[1/4] refactor {BASE} into 7 domain experts ({cfg.tokens_per_domain} train tokens per domain)"
+        )
         refactor(BASE, moe_dir, cfg, force=True, cache=cache)
     else:
         print(f"[1/4] reuse {moe_dir} (pass --force to rebuild)")
     tcfg = TrainConfig.preset(TRAIN_PRESET)
     if rebuilt or not _trained(train_dir, tcfg):
-        print(f"[2/4] train: {tcfg.rounds} round of {tcfg.router_steps} router + {tcfg.expert_steps} expert steps "
-              f"({tcfg.batch_size} x {tcfg.seq_len} tokens each), then the same-size control on the same tokens")
+        print(
+            f"[2/4] train: {tcfg.rounds} round of {tcfg.router_steps} router + {tcfg.expert_steps} expert "
+            "steps "
+            f"({tcfg.batch_size} x {tcfg.seq_len} tokens each), then the same-size control on the same tokens"
+        )
         train(moe_dir, train_dir, tcfg, force=True, cache=cache)
     else:
         print(f"[2/4] reuse {train_dir} (pass --force to retrain)")
@@ -68,8 +78,10 @@ def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
     print()
     print(format_ppl_table(result))
     print()
-    print(f"activated MLP channels per token and layer: MoE {result['activated_channels']['moe']:.0f} "
-          f"of {result['activated_channels']['dense']} dense (the control keeps the same number)")
+    print(
+        f"activated MLP channels per token and layer: MoE {result['activated_channels']['moe']:.0f} "
+        f"of {result['activated_channels']['dense']} dense (the control keeps the same number)"
+    )
     print(f"wrote {out / 'ppl.json'}, {plot} and {train_dir / PLOT_FILE}")
     print()
     print("[4/4] serving: MoE vs dense parent vs HF generate, batching policies, expert cache")

@@ -73,23 +73,30 @@ def format_serving(summary: dict) -> str:
     moe = load["expert-aware"]
     cfg = summary["config"]
     lines = [
-        f"serving: {cfg['requests']} ShareGPT requests at once, <= {cfg['max_output_tokens']} new tokens each "
+        f"serving: {cfg['requests']} ShareGPT requests at once, "
+        f"<= {cfg['max_output_tokens']} new tokens each "
         f"({summary['workload']['threads']} threads; medians of {cfg['repeats']} interleaved repeats)",
-        f"{'system':16s}{'norm. latency':>15s}{'p95':>9s}{'tok/s':>9s}{'decode step':>13s}{'experts/step':>14s}"
-        f"{'repeats range':>18s}",
+        f"{'system':16s}{'norm. latency':>15s}{'p95':>9s}{'tok/s':>9s}"
+        f"{'decode step':>13s}{'experts/step':>14s}{'repeats range':>18s}",
     ]
     for name, m in load.items():
         step = f"{m['decode_step_ms']:10.1f} ms" if m["decode_step_ms"] is not None else f"{'-':>13s}"
         experts = f"{m['experts_per_step']:14.2f}" if m["experts_per_step"] else f"{'-':>14s}"
         lo, hi = m["range_ms"]
-        lines.append(f"{name:16s}{m['norm_mean_ms']:12.1f} ms{m['norm_p95_ms']:9.1f}{m['throughput']:9.1f}"
-                     f"{step}{experts}{lo:10.1f} - {hi:5.1f}")
+        lines.append(
+            f"{name:16s}{m['norm_mean_ms']:12.1f} ms{m['norm_p95_ms']:9.1f}{m['throughput']:9.1f}"
+            f"{step}{experts}{lo:10.1f} - {hi:5.1f}"
+        )
     if DENSE in load and HF in load:
-        lines.append(f"MoE (expert-aware) throughput: {moe['throughput'] / load[DENSE]['throughput']:.2f}x the dense "
-                     f"parent in the same engine, {moe['throughput'] / load[HF]['throughput']:.2f}x HF generate")
+        lines.append(
+            f"MoE (expert-aware) throughput: {moe['throughput'] / load[DENSE]['throughput']:.2f}x the dense "
+            f"parent in the same engine, {moe['throughput'] / load[HF]['throughput']:.2f}x HF generate"
+        )
     lines.append("")
     ks = CACHE_CAPACITIES
-    lines.append(f"expert cache hit ratio with k whole experts resident ({summary['routing'].split(' (')[0]})")
+    lines.append(
+        f"expert cache hit ratio with k whole experts resident ({summary['routing'].split(' (')[0]})"
+    )
     lines.append(f"{'policy':16s}" + "".join(f"{'k=' + str(k):>9s}" for k in ks))
     for policy, row in summary["hit_ratio"].items():
         lines.append(f"{policy:16s}" + "".join(f"{row[k]:9.2f}" for k in ks))

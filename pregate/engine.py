@@ -30,8 +30,8 @@ import itertools
 import operator
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -121,7 +121,9 @@ class SamplingParams:
             check_int("SamplingParams.seed", s, 0, 2**64 - 1, error=RequestError, why="or None")
         bad = next((s for s in self.stop if not isinstance(s, str) or not s), None)
         if bad is not None:
-            raise RequestError(f"SamplingParams.stop contains {bad!r}; stop strings must be non-empty strings")
+            raise RequestError(
+                f"SamplingParams.stop contains {bad!r}; stop strings must be non-empty strings"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -258,8 +260,10 @@ class Engine:
                 )
             if router.cfg.num_experts != model.num_experts or router.cfg.vocab_size != base["vocab_size"]:
                 raise EngineError(
-                    f"router (vocab {router.cfg.vocab_size}, {router.cfg.num_experts} experts) does not fit the "
-                    f"model (vocab {base['vocab_size']}, {model.num_experts} experts); use the router trained for it"
+                    f"router (vocab {router.cfg.vocab_size}, {router.cfg.num_experts} experts) does not "
+                    "fit the "
+                    f"model (vocab {base['vocab_size']}, {model.num_experts} experts); use the router "
+                    "trained for it"
                 )
             self.router: PreGatingRouter | None = router.to(self.device).eval()
             self.top_k = router.cfg.top_k
@@ -268,12 +272,20 @@ class Engine:
         self.store = expert_store
         if expert_store is not None:
             dtype = next(model.parameters()).dtype
-            if self.router is None or (expert_store.num_experts, expert_store.num_layers) != (model.num_experts, len(model.layers)):
-                raise EngineError(f"the expert store ({expert_store.num_experts} experts, {expert_store.num_layers} layers) "
-                                  f"does not belong to this model ({model.num_experts} experts, {len(model.layers)} layers)")
+            if self.router is None or (expert_store.num_experts, expert_store.num_layers) != (
+                model.num_experts,
+                len(model.layers),
+            ):
+                raise EngineError(
+                    f"the expert store ({expert_store.num_experts} experts, {expert_store.num_layers} "
+                    "layers) "
+                    f"does not belong to this model ({model.num_experts} experts, {len(model.layers)} layers)"
+                )
             if expert_store.dtype != dtype:
-                raise EngineError(f"the expert store holds {expert_store.dtype} weights, the model computes in {dtype}; "
-                                  f"load the model in {expert_store.dtype} (the checkpoint's dtype)")
+                raise EngineError(
+                    f"the expert store holds {expert_store.dtype} weights, the model computes in {dtype}; "
+                    f"load the model in {expert_store.dtype} (the checkpoint's dtype)"
+                )
         # longest sequence: the backbone's positions and the router's cache (the last token is never routed)
         self.max_context = int(base.get("max_position_embeddings") or 1 << 30)
         if self.router is not None:
@@ -287,7 +299,9 @@ class Engine:
         self.kv = model.new_cache(capacity=64, slots=8)  # one cache for every request, a slot each; grows
         self._ids = itertools.count()
         self._results: dict[str, GenerationOutput] = {}  # finished, not yet collected by generate/stream
-        self.failed: dict[str, str] = {}  # request_id -> reason, for requests rejected or failed (_record_failure)
+        self.failed: dict[
+            str, str
+        ] = {}  # request_id -> reason, for requests rejected or failed (_record_failure)
 
     # -- input
     def add_request(
@@ -313,7 +327,8 @@ class Engine:
         total = len(ids) + params.max_tokens
         if total > self.max_context:
             raise RequestError(
-                f"request {rid!r}: prompt {len(ids)} + max_tokens {params.max_tokens} = {total} tokens exceeds "
+                f"request {rid!r}: prompt {len(ids)} + max_tokens {params.max_tokens} = {total} tokens "
+                "exceeds "
                 f"the context of {self.max_context}; shorten the prompt or lower max_tokens"
             )
         # everything that can fail comes before the scheduler sees the request, so a failure leaves no trace
@@ -326,7 +341,9 @@ class Engine:
             if callback is not None:
                 callback(RequestOutput(rid, [], "", True, "length", prompt_logprobs=scored))
             else:
-                self._results[rid] = GenerationOutput(rid, list(ids), [], "", "length", prompt_logprobs=scored)
+                self._results[rid] = GenerationOutput(
+                    rid, list(ids), [], "", "length", prompt_logprobs=scored
+                )
             return rid
         generator = None
         if not params.greedy:
@@ -334,7 +351,17 @@ class Engine:
             generator = torch.Generator().manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         seq = _Sequence(
-            rid, params, list(ids), len(ids), route_ids, route_w, -1, rcache, generator, callback, detok,
+            rid,
+            params,
+            list(ids),
+            len(ids),
+            route_ids,
+            route_w,
+            -1,
+            rcache,
+            generator,
+            callback,
+            detok,
             prompt_logprobs=scored,
         )
         try:
@@ -370,14 +397,21 @@ class Engine:
         try:
             sampled, finished, new_tokens = self._execute(out)
         except Exception as err:  # our bug or a broken input inside the step: fail its requests, go on
-            return self._fail_step(out, f"internal error in engine step {out.step}: {type(err).__name__}: {err}")
+            return self._fail_step(
+                out, f"internal error in engine step {out.step}: {type(err).__name__}: {err}"
+            )
         now = self.metrics.clock()
-        for rid, tok in new_tokens.items():
+        for rid in new_tokens:
             self.metrics.on_token(rid, at=now)
         done = self.scheduler.update(out, StepResult(sampled, frozenset(finished)))
         self.metrics.on_step(
-            out.step, start, out.num_tokens, out.unique_experts if self.router is not None else 0,
-            out.num_prefill_tokens, out.num_decode_tokens, end=now,
+            out.step,
+            start,
+            out.num_tokens,
+            out.unique_experts if self.router is not None else 0,
+            out.num_prefill_tokens,
+            out.num_decode_tokens,
+            end=now,
         )
         done_ids = {r.request_id for r in done}
         events: list[RequestOutput] = []
@@ -448,12 +482,18 @@ class Engine:
         self.scheduler = Scheduler(self.scheduler_config)
 
     # -- drivers
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
         """Serve all prompts together until done; results in prompt order. A request that cannot be
         served comes back with finish_reason "error" and the message in `error`; the others run."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
-            raise RequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts; give one or one per prompt")
+            raise RequestError(
+                f"got {len(plist)} SamplingParams for {len(prompts)} prompts; give one or one per prompt"
+            )
         rids: list[str] = []
         for prompt, p in zip(prompts, plist):
             rid = f"gen-{next(self._ids)}"
@@ -468,7 +508,9 @@ class Engine:
             self.step()
         return [self._results.pop(r) for r in rids]
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Iterator[RequestOutput]:
         """Add one request and drive the engine (every request progresses) until it ends, yielding its
         events as they happen. Raises RequestError before the first event if it cannot be served."""
         rid = self.add_request(prompt, params, request_id)
@@ -487,11 +529,15 @@ class Engine:
     def _encode(self, prompt: str | Sequence[int], rid: str) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise RequestError(f"request {rid!r}: a text prompt needs an engine built with a tokenizer; pass token ids")
+                raise RequestError(
+                    f"request {rid!r}: a text prompt needs an engine built with a tokenizer; pass token ids"
+                )
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise RequestError(f"request {rid!r}: the prompt is not valid Unicode text ({err.reason})") from None
+                raise RequestError(
+                    f"request {rid!r}: the prompt is not valid Unicode text ({err.reason})"
+                ) from None
             ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
         else:
             ids = []
@@ -560,9 +606,13 @@ class Engine:
         x = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         routing = Routing(torch.cat(routes), torch.cat(weights)) if self.router is not None else None
         at = torch.tensor(rows, dtype=torch.long, device=self.device)
-        if self.store is not None:  # the store's known future: this step's experts, in the order layers use them
+        if (
+            self.store is not None
+        ):  # the store's known future: this step's experts, in the order layers use them
             self.store.plan([torch.unique(routing.expert_ids).tolist()])
-        logits = self.model.forward_packed(x, segments, routing, logits_at=at, expert_source=self.store)  # [n, V]
+        logits = self.model.forward_packed(
+            x, segments, routing, logits_at=at, expert_source=self.store
+        )  # [n, V]
         return logits.float().cpu()
 
     def _stop_reason(self, seq: _Sequence, tok: int) -> str | None:
@@ -586,7 +636,12 @@ class Engine:
         return None
 
     def _emit(
-        self, seq: _Sequence, toks: list[int], finished: bool = False, error: str | None = None, internal: bool = False
+        self,
+        seq: _Sequence,
+        toks: list[int],
+        finished: bool = False,
+        error: str | None = None,
+        internal: bool = False,
     ) -> RequestOutput:
         # hold back only a tail that could still grow into a stop string, so streamed text never shows one
         hold = 0 if finished else _stop_prefix_len(seq.text, seq.params.stop)
@@ -624,8 +679,13 @@ class Engine:
             seq.text = seq.detok.text
         if seq.callback is None:  # a streamed request's consumer already has everything: keep nothing
             self._results[seq.rid] = GenerationOutput(
-                seq.rid, seq.tokens[: seq.prompt_len], seq.generated, seq.text, reason,
-                seq.route_ids[seq.prompt_len : len(seq.tokens) - 1, 0].tolist(), error=error,
+                seq.rid,
+                seq.tokens[: seq.prompt_len],
+                seq.generated,
+                seq.text,
+                reason,
+                seq.route_ids[seq.prompt_len : len(seq.tokens) - 1, 0].tolist(),
+                error=error,
                 logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 prompt_logprobs=seq.prompt_logprobs,
             )

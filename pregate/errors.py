@@ -24,8 +24,11 @@ def check_int(
 ) -> int:
     """`value` itself, if it is an integer (a bool is not) in [minimum, maximum]; otherwise `error`
     saying `name=value must be an integer >= minimum` (and why, when given)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-        maximum is not None and value > maximum
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
     ):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise error(f"{name}={value!r} must be an integer {bound}{f' ({why})' if why else ''}")

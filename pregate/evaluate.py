@@ -11,7 +11,8 @@ Variants (all on the same test-split blocks of every domain):
 - control:    the same-size dense control (as many channels per token as the MoE activates); for a
               checkpoint written by `pregate train`, the untrained one of the parent MoE it was trained from.
 - moe_router: (trained checkpoints) routed by the trained router, its top-k experts with its weights.
-- control_trained: (trained checkpoints) the control trained with the same tokens and recipe (<model>/control).
+- control_trained: (trained checkpoints) the control trained with the same tokens and recipe
+  (<model>/control).
 Variants a checkpoint cannot provide (no router, no control) are left out of the table.
 Perplexity = exp(mean next-token cross-entropy over all predicted positions of the blocks).
 
@@ -24,9 +25,9 @@ Legend: B blocks, n block length, T = B*n tokens, L layers, E experts, I MLP cha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,18 +59,19 @@ class PplConfig:
             raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(PPL_VARIANTS)}")
         if self.block_len < 2 or self.tokens_per_domain < self.block_len:
             raise PregateError(
-                f"need block_len >= 2 and tokens_per_domain >= block_len (got {self.block_len}, {self.tokens_per_domain})"
+                f"need block_len >= 2 and tokens_per_domain >= block_len (got {self.block_len}, "
+                f"{self.tokens_per_domain})"
             )
 
 
 def expert_masks(moe: MoEForCausalLM, num_channels: int) -> torch.Tensor:
     """[L, E, I] float: 1 where routed expert e of layer l holds dense channel i."""
     masks = torch.zeros(len(moe.layers), moe.num_experts, num_channels)
-    for l, layer in enumerate(moe.layers):
+    for layer_no, layer in enumerate(moe.layers):
         index = layer.mlp.expert_index  # [E, R], -1 = padding
         for e in range(moe.num_experts):
             idx = index[e][index[e] >= 0]
-            masks[l, e, idx] = 1.0
+            masks[layer_no, e, idx] = 1.0
     return masks
 
 
@@ -77,14 +79,16 @@ def expert_mass(captured: list[torch.Tensor], masks: torch.Tensor) -> torch.Tens
     """Activation mass sum |a| over each routed expert's channels, from the dense parent's MLP inputs
     (one [.., I] per layer) -> [L, T, E]: what `MoEForCausalLM.expert_scores` measures on the MoE."""
     out = []
-    for l, a in enumerate(captured):
-        out.append(a.float().abs().reshape(-1, a.shape[-1]) @ masks[l].T)  # [T, I] @ [I, E]
+    for i, a in enumerate(captured):
+        out.append(a.float().abs().reshape(-1, a.shape[-1]) @ masks[i].T)  # [T, I] @ [I, E]
     return torch.stack(out)
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """Summed cross-entropy of predicting ids[:, 1:] from logits[:, :-1], and the count."""
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    )
     return loss.item(), ids[:, 1:].numel()
 
 
@@ -126,7 +130,8 @@ def domain_perplexities(
 def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, extra_runs=None) -> dict:
     """Perplexity table {"domains": {domain: {variant: ppl}}, ...} for a refactored checkpoint.
 
-    extra_runs: optional {name: (domain -> run function)} for variants that later stages add (trained router...).
+    extra_runs: optional {name: (domain -> run function)} for variants that later stages add (trained
+    router...).
     """
     moe = load_moe(moe_dir, torch.float32)
     base = moe.config.provenance.get("base")
@@ -156,14 +161,20 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
         if "moe_oracle" in cfg.variants:
             runs["moe_oracle"] = lambda ids, oracle: moe(ids, Routing.top1(oracle))
         if "moe_random" in cfg.variants:
-            runs["moe_random"] = lambda ids, _o: moe(ids, Routing.top1(torch.randint(0, moe.num_experts, (ids.numel(),), generator=gen)))
+            runs["moe_random"] = lambda ids, _o: moe(
+                ids, Routing.top1(torch.randint(0, moe.num_experts, (ids.numel(),), generator=gen))
+            )
         if control is not None:
             runs["control"] = lambda ids, _o: control(ids, None)
         runs.update(trained_runs)
         for name, make in (extra_runs or {}).items():
             runs[name] = make(d)
         result = domain_perplexities(blocks, runs, dense, masks, cfg.batch_size, desc=f"perplexity {d}")
-        table[d] = {v: result[v] for v in ["dense", *runs] if v in result and (v in cfg.variants or v in (extra_runs or {}))}
+        table[d] = {
+            v: result[v]
+            for v in ["dense", *runs]
+            if v in result and (v in cfg.variants or v in (extra_runs or {}))
+        }
     return {
         "model": str(moe_dir),
         "base": base,
@@ -171,7 +182,10 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
         "tokens_per_domain": cfg.tokens_per_domain,
         "block_len": cfg.block_len,
         "split": "test",
-        "activated_channels": {"moe": moe.config.activated_channels(), "dense": dense.config.intermediate_size},
+        "activated_channels": {
+            "moe": moe.config.activated_channels(),
+            "dense": dense.config.intermediate_size,
+        },
     }
 
 
@@ -191,11 +205,17 @@ def _trained_runs(moe_dir: str | Path, moe: MoEForCausalLM, variants: list[str])
 def format_ppl_table(result: dict) -> str:
     """A plain-text table: one row per domain, one column per variant, plus the geometric mean."""
     domains = result["domains"]
-    variants = [v for v in [*PPL_VARIANTS, *sorted({k for r in domains.values() for k in r} - set(PPL_VARIANTS))] if any(v in r for r in domains.values())]
+    variants = [
+        v
+        for v in [*PPL_VARIANTS, *sorted({k for r in domains.values() for k in r} - set(PPL_VARIANTS))]
+        if any(v in r for r in domains.values())
+    ]
     width = max(12, *(len(v) + 2 for v in variants))
     lines = ["domain".ljust(14) + "".join(v.rjust(width) for v in variants)]
     for d, row in domains.items():
-        lines.append(d.ljust(14) + "".join((f"{row[v]:.2f}" if v in row else "-").rjust(width) for v in variants))
+        lines.append(
+            d.ljust(14) + "".join((f"{row[v]:.2f}" if v in row else "-").rjust(width) for v in variants)
+        )
     geo = []
     for v in variants:
         vals = [row[v] for row in domains.values() if v in row]

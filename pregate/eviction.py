@@ -64,8 +64,7 @@ class CacheError(PregateError):
 def _check_capacity(capacity: object) -> int:
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise CacheError(
-            f"capacity={capacity!r} is invalid: the fast tier must hold at least one unit; "
-            "pass an int >= 1"
+            f"capacity={capacity!r} is invalid: the fast tier must hold at least one unit; pass an int >= 1"
         )
     return capacity
 
@@ -107,7 +106,7 @@ def unit_of(layer: int, expert: int, unit: str) -> Unit:
 
 def unit_references(steps: Iterable[Iterable[int]], num_layers: int, unit: str) -> list[Unit]:
     """The reference string (cache units) of a sequence of steps' expert sets."""
-    return [unit_of(l, e, unit) for s in steps for l, e in step_references(s, num_layers, unit)]
+    return [unit_of(layer, e, unit) for s in steps for layer, e in step_references(s, num_layers, unit)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -177,8 +177,9 @@ def _check_out(out: Path, force: bool) -> None:
         )
 
 
-def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, router_dir: str | Path | None = None,
-              force: bool = False) -> dict:
+def export_hf(
+    checkpoint_dir: str | Path, out_dir: str | Path, router_dir: str | Path | None = None, force: bool = False
+) -> dict:
     """Write the Hugging Face export of `checkpoint_dir` (a `pregate train` output, or any MoE checkpoint
     with `router_dir`) into `out_dir`; returns a summary. The directory appears complete or not at all.
 

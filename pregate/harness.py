@@ -30,8 +30,8 @@ Legend: B rows, n tokens per row, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -118,7 +118,9 @@ class _Run:
 
     async def bad(self, client, body: dict) -> None:
         try:
-            r = await client.post(f"{self.url}/v1/completions", json={"max_tokens": 2, **body}, timeout=self.cfg.timeout_s)
+            r = await client.post(
+                f"{self.url}/v1/completions", json={"max_tokens": 2, **body}, timeout=self.cfg.timeout_s
+            )
         except Exception as err:  # no answer at all
             return self.fail("lost", f"bad request {body}: {type(err).__name__}: {err}")
         try:
@@ -137,8 +139,12 @@ class _Run:
         t0 = time.perf_counter()
         first = None
         try:
-            async with client.stream("POST", f"{self.url}/v1/completions", json={**body, "stream": True},
-                                     timeout=self.cfg.timeout_s) as r:
+            async with client.stream(
+                "POST",
+                f"{self.url}/v1/completions",
+                json={**body, "stream": True},
+                timeout=self.cfg.timeout_s,
+            ) as r:
                 if r.status_code != 200:
                     await r.aread()
                     self.fail("failed", f"status {r.status_code}: {r.text}")
@@ -173,9 +179,14 @@ class _Run:
                 if u < self.cfg.bad_share:
                     await self.bad(client, BAD_BODIES[(i + j) % len(BAD_BODIES)])
                     continue
-                body = {"prompt": SHORT_PROMPTS[(i + j) % len(SHORT_PROMPTS)], "max_tokens": self.cfg.max_tokens,
-                        "temperature": 0}
-                await self.stream(client, body, leave_early=u < self.cfg.bad_share + self.cfg.disconnect_share)
+                body = {
+                    "prompt": SHORT_PROMPTS[(i + j) % len(SHORT_PROMPTS)],
+                    "max_tokens": self.cfg.max_tokens,
+                    "temperature": 0,
+                }
+                await self.stream(
+                    client, body, leave_early=u < self.cfg.bad_share + self.cfg.disconnect_share
+                )
 
         await asyncio.gather(*(one_client(i, d) for i, d in enumerate(plans)))
 
@@ -183,7 +194,9 @@ class _Run:
         body = {"prompt": long_prompt, "max_tokens": self.cfg.max_tokens, "temperature": 0}
         longs = [asyncio.create_task(self.stream(client, body)) for _ in range(self.cfg.long_prompts)]
         await asyncio.sleep(0.05)  # the short one arrives behind the burst
-        short = await self.stream(client, {"prompt": SHORT_PROMPTS[0], "max_tokens": self.cfg.max_tokens, "temperature": 0})
+        short = await self.stream(
+            client, {"prompt": SHORT_PROMPTS[0], "max_tokens": self.cfg.max_tokens, "temperature": 0}
+        )
         await asyncio.gather(*longs)
         return short
 
@@ -204,8 +217,12 @@ async def _drive(url: str, cfg: ServerBenchConfig, long_prompt: list[int]) -> Se
     return run.result
 
 
-def bench_server(engine, cfg: ServerBenchConfig | None = None, json_path: str | Path | None = None,
-                 model_name: str = "bench") -> ServerBenchResult:
+def bench_server(
+    engine,
+    cfg: ServerBenchConfig | None = None,
+    json_path: str | Path | None = None,
+    model_name: str = "bench",
+) -> ServerBenchResult:
     """Serve `engine` on loopback, run the load and fault benchmark against it, stop; results also
     written to json_path when given. The long prompts are the tokenizer's ids of a repeated sentence."""
     import socket
@@ -216,10 +233,13 @@ def bench_server(engine, cfg: ServerBenchConfig | None = None, json_path: str | 
 
     cfg = cfg or ServerBenchConfig()
     if cfg.long_prompt_tokens + cfg.max_tokens > engine.max_context:
-        raise PregateError(f"long_prompt_tokens {cfg.long_prompt_tokens} + max_tokens {cfg.max_tokens} exceeds the "
-                           f"model's context of {engine.max_context}; lower --long-prompt-tokens")
-    ids = engine.tokenizer("the quick brown fox jumps over the lazy dog. " * cfg.long_prompt_tokens,
-                           add_special_tokens=False)["input_ids"][: cfg.long_prompt_tokens]
+        raise PregateError(
+            f"long_prompt_tokens {cfg.long_prompt_tokens} + max_tokens {cfg.max_tokens} exceeds the "
+            f"model's context of {engine.max_context}; lower --long-prompt-tokens"
+        )
+    ids = engine.tokenizer(
+        "the quick brown fox jumps over the lazy dog. " * cfg.long_prompt_tokens, add_special_tokens=False
+    )["input_ids"][: cfg.long_prompt_tokens]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -249,11 +269,14 @@ def format_result(r: ServerBenchResult) -> str:
 
     shorts = ", ".join("-" if v is None else f"{v:.2f}" for v in r.short_ttft_after_burst_s)
     rss = ", ".join(f"{v:.0f}" for v in r.rss_mb_after_bursts)
-    return "\n".join([
-        f"completed {r.completed} (bad requests refused properly: {r.refused}), disconnected {r.disconnected}, "
-        f"failed {r.failed}, lost {r.lost}; healthy after: {r.healthy_after}",
-        f"TTFT p50/p95/p99 {ms(r.ttft_s)} ms; end-to-end p50/p95/p99 {ms(r.e2e_s)} ms",
-        f"short request behind each burst, TTFT s: {shorts or '-'}",
-        f"RSS MiB: before {r.rss_mb_before:.0f}; after each burst {rss or '-'}",
-        *r.failures[:5],
-    ])
+    return "\n".join(
+        [
+            f"completed {r.completed} (bad requests refused properly: {r.refused}), disconnected "
+            f"{r.disconnected}, "
+            f"failed {r.failed}, lost {r.lost}; healthy after: {r.healthy_after}",
+            f"TTFT p50/p95/p99 {ms(r.ttft_s)} ms; end-to-end p50/p95/p99 {ms(r.e2e_s)} ms",
+            f"short request behind each burst, TTFT s: {shorts or '-'}",
+            f"RSS MiB: before {r.rss_mb_before:.0f}; after each burst {rss or '-'}",
+            *r.failures[:5],
+        ]
+    )

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from pregate.errors import PregateError
 
@@ -37,7 +37,9 @@ class RequestMetrics:
 
     def __post_init__(self) -> None:
         if self.num_generated < 1:
-            raise MetricsError(f"request {self.request_id!r}: num_generated={self.num_generated} must be >= 1")
+            raise MetricsError(
+                f"request {self.request_id!r}: num_generated={self.num_generated} must be >= 1"
+            )
         if not self.arrival <= self.first_token_time <= self.finish_time:
             raise MetricsError(
                 f"request {self.request_id!r}: need arrival <= first_token_time <= finish_time, got "
@@ -183,7 +185,9 @@ class MetricsRecorder:
         self._live(rid, "on_finish")
         if self._count[rid] == 0:
             raise MetricsError(f"on_finish for request {rid!r} before any on_token; use on_abort to drop it")
-        m = RequestMetrics(rid, self._arrival.pop(rid), self._first.pop(rid), self._t(at), self._count.pop(rid))
+        m = RequestMetrics(
+            rid, self._arrival.pop(rid), self._first.pop(rid), self._t(at), self._count.pop(rid)
+        )
         self.requests.append(m)
         return m
 
@@ -204,7 +208,9 @@ class MetricsRecorder:
         end: float | None = None,
     ) -> StepRecord:
         """Record a step that began at ``start`` (read ``clock()`` before running it) and ends now."""
-        rec = StepRecord(step, start, self._t(end), num_tokens, unique_experts, num_prefill_tokens, num_decode_tokens)
+        rec = StepRecord(
+            step, start, self._t(end), num_tokens, unique_experts, num_prefill_tokens, num_decode_tokens
+        )
         self.steps.append(rec)
         return rec
 

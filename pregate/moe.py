@@ -23,10 +23,12 @@ the package only `errors` and `checkpoint`.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,12 @@ from pregate.errors import PregateError
 FORMAT = "pregate-moe"
 FORMAT_VERSION = 1
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
 
 
 @dataclass
@@ -56,7 +63,9 @@ class MoEConfig:
     def __post_init__(self):
         n = self.base["num_hidden_layers"]
         if len(self.shared_channels) != n or len(self.expert_channels) != n:
-            raise PregateError(f"MoE config lists channels for {len(self.shared_channels)} layers, model has {n}")
+            raise PregateError(
+                f"MoE config lists channels for {len(self.shared_channels)} layers, model has {n}"
+            )
         if any(len(row) != self.num_experts for row in self.expert_channels):
             raise PregateError("MoE config: every layer must list one width per routed expert")
 
@@ -71,18 +80,22 @@ class MoEConfig:
 
     def activated_channels(self) -> float:
         """Mean MLP channels a token activates per layer with top-1 routing (shared + mean routed)."""
-        per_layer = [s + (sum(r) / len(r) if r else 0) for s, r in zip(self.shared_channels, self.expert_channels)]
+        per_layer = [
+            s + (sum(r) / len(r) if r else 0) for s, r in zip(self.shared_channels, self.expert_channels)
+        ]
         return sum(per_layer) / len(per_layer)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "MoEConfig":
+    def from_json(cls, data: dict) -> MoEConfig:
         if data.get("format") != FORMAT:
             raise PregateError(f"not a pregate MoE checkpoint (its {CONFIG_FILE} has the wrong format tag)")
         if data.get("version") != FORMAT_VERSION:
-            raise PregateError(f"pregate MoE format version {data.get('version')} is not supported (need {FORMAT_VERSION})")
+            raise PregateError(
+                f"pregate MoE format version {data.get('version')} is not supported (need {FORMAT_VERSION})"
+            )
         fields = {k: v for k, v in data.items() if k not in ("format", "version")}
         return cls(**fields)
 
@@ -93,7 +106,9 @@ ExpertWeights = tuple[torch.Tensor, torch.Tensor]  # gate|up [2R, H] (see MoEMLP
 class ExpertSource(Protocol):
     """Where routed-expert weights come from during a forward (an offloading store implements this)."""
 
-    def begin_layer(self, layer: int, experts: list[int]) -> None: ...  # the experts this layer will use, in order
+    def begin_layer(
+        self, layer: int, experts: list[int]
+    ) -> None: ...  # the experts this layer will use, in order
     def fetch(self, layer: int, expert: int) -> ExpertWeights: ...  # blocks until resident
 
 
@@ -108,12 +123,12 @@ class Routing:
     weights: torch.Tensor
 
     @classmethod
-    def top1(cls, expert_ids: torch.Tensor) -> "Routing":
+    def top1(cls, expert_ids: torch.Tensor) -> Routing:
         ids = expert_ids.reshape(-1, 1).long()
         return cls(ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device))
 
     @classmethod
-    def all_experts(cls, num_tokens: int, num_experts: int, device=None) -> "Routing":
+    def all_experts(cls, num_tokens: int, num_experts: int, device=None) -> Routing:
         """Every token uses every expert with weight 1: the dense-equivalent path (and oracle scoring)."""
         ids = torch.arange(num_experts, device=device).expand(num_tokens, num_experts)
         return cls(ids.contiguous(), torch.ones(num_tokens, num_experts, device=device))
@@ -129,7 +144,9 @@ class RoutingPlan:
     def __init__(self, routing: Routing, num_experts: int):
         ids = routing.expert_ids
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-            raise PregateError(f"expert ids must lie in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
+            raise PregateError(
+                f"expert ids must lie in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]"
+            )
         flat = ids.reshape(-1)
         k = ids.shape[-1] if ids.dim() > 1 else 1
         sort = torch.argsort(flat, stable=True)
@@ -179,8 +196,16 @@ class KVCache:
     (slots and capacity double) only when a request needs more than any before it.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, device=None,
-                 capacity: int = 64, slots: int = 1):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype=torch.float32,
+        device=None,
+        capacity: int = 64,
+        slots: int = 1,
+    ):
         shape = (slots, num_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
@@ -328,8 +353,9 @@ class Attention(nn.Module):
                 vl[slots, :, pos] = v[:, rows].transpose(0, 1)
                 qs = q.new_zeros(hi - lo, n, 1, d)
                 qs[slots - lo, :, 0] = q[:, rows].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, kl[lo:hi, :, :span], vl[lo:hi, :, :span],
-                                                   attn_mask=mask, enable_gqa=gqa)  # [S', N, 1, D]
+                o = F.scaled_dot_product_attention(
+                    qs, kl[lo:hi, :, :span], vl[lo:hi, :, :span], attn_mask=mask, enable_gqa=gqa
+                )  # [S', N, 1, D]
                 out[:, rows] = o[slots - lo, :, 0].transpose(0, 1)
             for i in plan.alone:
                 seg, start = segments[i], plan.starts[i]
@@ -345,9 +371,12 @@ class Attention(nn.Module):
                     mask = None  # one new token sees everything cached
                 else:
                     # query i sits at position past + i and sees keys 0..past + i
-                    mask = torch.ones(seg.length, past + seg.length, dtype=torch.bool, device=x.device).tril(past)
-                out[:, start:end] = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask,
-                                                                   enable_gqa=gqa)[0]
+                    mask = torch.ones(seg.length, past + seg.length, dtype=torch.bool, device=x.device).tril(
+                        past
+                    )
+                out[:, start:end] = F.scaled_dot_product_attention(
+                    qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa
+                )[0]
         return self.o_proj(out.transpose(0, 1).reshape(t, n * d).to(x.dtype))
 
 
@@ -383,8 +412,15 @@ class MoEMLP(nn.Module):
     channels each holds.
     """
 
-    def __init__(self, hidden: int, shared: int, widths: list[int], routed_width: int, act: str,
-                 routed_weights: bool = True):
+    def __init__(
+        self,
+        hidden: int,
+        shared: int,
+        widths: list[int],
+        routed_width: int,
+        act: str,
+        routed_weights: bool = True,
+    ):
         super().__init__()
         num_experts = len(widths)
         self.widths = list(widths)
@@ -409,9 +445,10 @@ class MoEMLP(nn.Module):
         x: torch.Tensor,
         plan: RoutingPlan | None,
         scores: torch.Tensor | None = None,
-        fetch: "Callable[[int], ExpertWeights] | None" = None,
+        fetch: Callable[[int], ExpertWeights] | None = None,
     ) -> torch.Tensor:
-        """x [T, H] -> [T, H]. If `scores` [T, E] is given, add each expert's activation mass sum|a| per token.
+        """x [T, H] -> [T, H]. If `scores` [T, E] is given, add each expert's activation mass sum|a| per
+        token.
 
         fetch(e) -> (gate|up [2R, H], down transposed [R, H]), in this module's fused layout, supplies expert
         weights from elsewhere (an offloading store); by default they are this module's own parameters.
@@ -423,7 +460,9 @@ class MoEMLP(nn.Module):
         xs = x if plan.one_group else x[plan.order]  # [T*K, H] grouped by expert
         if fetch is None:
             if self.w_gate_up.shape[1] == 0:
-                raise PregateError("this model's routed experts were released to an expert store; pass expert_source")
+                raise PregateError(
+                    "this model's routed experts were released to an expert store; pass expert_source"
+                )
             if torch.is_grad_enabled() and self.w_gate_up.requires_grad:
                 # unbind, not w[e]: its backward stacks E gradients once instead of E full-size zero tensors
                 own = list(zip(self.w_gate_up.unbind(0), self.w_down_t.unbind(0)))
@@ -476,12 +515,23 @@ def _split_mlp(module, state, prefix, *args) -> None:
         wu = torch.zeros_like(wg)
         for e, w in enumerate(module.widths if r else []):
             wg[e, :w], wu[e, :w] = gate_up[e, :w], gate_up[e, w : 2 * w]
-        state[f"{prefix}w_gate"], state[f"{prefix}w_up"], state[f"{prefix}w_down"] = wg, wu, down_t.transpose(1, 2)
+        state[f"{prefix}w_gate"], state[f"{prefix}w_up"], state[f"{prefix}w_down"] = (
+            wg,
+            wu,
+            down_t.transpose(1, 2),
+        )
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, head_dim: int, shared: int, widths: list[int], routed_width: int,
-                 routed_weights: bool = True):
+    def __init__(
+        self,
+        cfg: dict,
+        head_dim: int,
+        shared: int,
+        widths: list[int],
+        routed_width: int,
+        routed_weights: bool = True,
+    ):
         super().__init__()
         eps = cfg["rms_norm_eps"]
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
@@ -563,7 +613,9 @@ class MoEForCausalLM(nn.Module):
         for s in segments:
             if s.cache is not None:
                 s.cache.reserve(s.past + s.length)
-        positions = torch.cat([torch.arange(s.past, s.past + s.length) for s in segments]).to(input_ids.device)
+        positions = torch.cat([torch.arange(s.past, s.past + s.length) for s in segments]).to(
+            input_ids.device
+        )
         h = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rope(positions, self.attention_dtype)
         attention = AttentionPlan(segments, input_ids.device)
@@ -577,7 +629,7 @@ class MoEForCausalLM(nn.Module):
             fetch = None
             if expert_source is not None and layer_plan is not None:
                 expert_source.begin_layer(i, [e for e, _, _ in layer_plan.groups])
-                fetch = lambda e, i=i: expert_source.fetch(i, e)
+                fetch = functools.partial(expert_source.fetch, i)
             h = h + layer.mlp(x, layer_plan, None if scores is None else scores[i], fetch)
         for s in segments:
             if s.cache is not None:
@@ -585,7 +637,9 @@ class MoEForCausalLM(nn.Module):
         h = self.norm(h)
         return self.lm_logits(h if logits_at is None else h[logits_at])
 
-    def forward(self, input_ids: torch.Tensor, routing: Routing | None = None, layer_router=None, scores=None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, routing: Routing | None = None, layer_router=None, scores=None
+    ) -> torch.Tensor:
         """input_ids [B, L]; routing over the B*L tokens in row-major order -> logits [B, L, V]."""
         b, n = input_ids.shape
         segments = [Segment(n) for _ in range(b)]
@@ -636,7 +690,13 @@ def dense_weights(hf_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_moe_from_dense(hf_model, shared_idx: list[torch.Tensor], expert_idx: list[list[torch.Tensor]], names=None, provenance=None) -> MoEForCausalLM:
+def build_moe_from_dense(
+    hf_model,
+    shared_idx: list[torch.Tensor],
+    expert_idx: list[list[torch.Tensor]],
+    names=None,
+    provenance=None,
+) -> MoEForCausalLM:
     """Slice a dense model's MLPs into shared + routed experts.
 
     shared_idx[l]: channel indices of the shared expert of layer l; expert_idx[l][e]: channels of routed
@@ -660,10 +720,14 @@ def build_moe_from_dense(hf_model, shared_idx: list[torch.Tensor], expert_idx: l
     for name, tensor in weights.items():
         if ".mlp." not in name:
             state[name] = tensor
-    for l in range(config.num_layers):
-        p = f"layers.{l}.mlp."
-        gate, up, down = weights[p + "gate_proj.weight"], weights[p + "up_proj.weight"], weights[p + "down_proj.weight"]
-        s = shared_idx[l].long()
+    for layer_no in range(config.num_layers):
+        p = f"layers.{layer_no}.mlp."
+        gate, up, down = (
+            weights[p + "gate_proj.weight"],
+            weights[p + "up_proj.weight"],
+            weights[p + "down_proj.weight"],
+        )
+        s = shared_idx[layer_no].long()
         state[p + "gate_proj.weight"] = gate[s]
         state[p + "up_proj.weight"] = up[s]
         state[p + "down_proj.weight"] = down[:, s]
@@ -671,7 +735,7 @@ def build_moe_from_dense(hf_model, shared_idx: list[torch.Tensor], expert_idx: l
         wu = gate.new_zeros(num_experts, r, gate.shape[1])
         wd = gate.new_zeros(num_experts, down.shape[0], r)
         index = torch.full((num_experts, r), -1, dtype=torch.long)
-        for e, idx in enumerate(expert_idx[l]):
+        for e, idx in enumerate(expert_idx[layer_no]):
             idx = idx.long()
             n = len(idx)
             wg[e, :n], wu[e, :n], wd[e, :, :n] = gate[idx], up[idx], down[:, idx]
@@ -711,7 +775,9 @@ def load_config(path: str | Path) -> MoEConfig:
         raise PregateError(f"{Path(path) / CONFIG_FILE} is damaged ({err}); rewrite the checkpoint") from err
 
 
-def load_moe(path: str | Path, dtype: torch.dtype | None = None, device=None, routed_experts: bool = True) -> MoEForCausalLM:
+def load_moe(
+    path: str | Path, dtype: torch.dtype | None = None, device=None, routed_experts: bool = True
+) -> MoEForCausalLM:
     """Load a pregate MoE checkpoint directory; clear errors for foreign or truncated checkpoints.
 
     routed_experts False: the routed experts are never read or allocated (serving with an expert store
@@ -736,6 +802,8 @@ def load_moe(path: str | Path, dtype: torch.dtype | None = None, device=None, ro
     if not routed_experts:  # left out on purpose
         missing = [m for m in missing if not m.endswith((".w_gate_up", ".w_down_t"))]
     if missing or unexpected:
-        raise PregateError(f"{weights} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise PregateError(
+            f"{weights} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     dtype = dtype or state["embed_tokens.weight"].dtype
     return model.to(device=device, dtype=dtype).eval()

@@ -34,7 +34,9 @@ MAX_DEPTH = 32  # JSON nesting; a real request needs 5
 ROLES = ("system", "user", "assistant")
 
 IGNORED = frozenset({"user", "metadata", "store", "service_tier"})  # never change the answer
-COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed"})
+COMMON = frozenset(
+    {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed"}
+)
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 # fields we do not serve, with the values at which they change nothing (accepted as if absent)
@@ -114,7 +116,9 @@ def parse_completion(body: dict, model_name: str) -> ApiRequest:
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     max_tokens = _int(body, "max_tokens", 0, None)
     if max_tokens == 0 and not echo:
-        raise BadField("max_tokens", "max_tokens=0 is only meaningful with echo (scoring the prompt); send at least 1")
+        raise BadField(
+            "max_tokens", "max_tokens=0 is only meaningful with echo (scoring the prompt); send at least 1"
+        )
     prompt_logprobs = logprobs if echo and logprobs is not None else None
     params = _sampling(body, max_tokens, logprobs, prompt_logprobs, "max_tokens")
     req = ApiRequest(False, params, prompts=prompts, echo=echo, logprobs=logprobs, **_common(body))
@@ -152,7 +156,9 @@ def _check_fields(body: dict, served: frozenset, model_name: str) -> None:
         raise BadField(key, f"unrecognized request argument supplied: {key}")
     model = body.get("model")
     if model is not None and model != model_name:
-        raise BadField("model", f"the model {model!r:.80} does not exist; this server serves {model_name!r}", 404)
+        raise BadField(
+            "model", f"the model {model!r:.80} does not exist; this server serves {model_name!r}", 404
+        )
 
 
 def _common(body: dict) -> dict:
@@ -164,14 +170,18 @@ def _common(body: dict) -> dict:
         if not stream:
             raise BadField("stream_options", "stream_options is only allowed when stream is true")
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise BadField("stream_options", f"stream_options must be {{\"include_usage\": bool}}, got {options!r:.80}")
+            raise BadField(
+                "stream_options", f'stream_options must be {{"include_usage": bool}}, got {options!r:.80}'
+            )
         include_usage = _bool(options, "include_usage", param="stream_options.include_usage")
     return {"n": 1 if n is None else n, "stream": stream, "include_usage": include_usage}
 
 
 def _check_choices(req: ApiRequest, prompts: int) -> None:
     if prompts * req.n > MAX_CHOICES:
-        raise BadField("n", f"{prompts} prompt(s) x n={req.n} is {prompts * req.n} choices; at most {MAX_CHOICES}")
+        raise BadField(
+            "n", f"{prompts} prompt(s) x n={req.n} is {prompts * req.n} choices; at most {MAX_CHOICES}"
+        )
 
 
 def _bool(body: dict, key: str, param: str | None = None) -> bool:
@@ -208,8 +218,13 @@ def _sampling(body: dict, max_tokens: int | None, logprobs, prompt_logprobs, max
     fields = {"temperature": body.get("temperature"), "top_p": body.get("top_p"), "seed": body.get("seed")}
     values = {k: v for k, v in fields.items() if v is not None}
     try:
-        return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens, stop=stop, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, **values)
+        return SamplingParams(
+            max_tokens=16 if max_tokens is None else max_tokens,
+            stop=stop,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            **values,
+        )
     except PregateError as err:
         name = next((k for k in fields if f".{k}=" in str(err)), None)
         raise BadField(max_name if ".max_tokens=" in str(err) else name, str(err)) from None
@@ -220,7 +235,9 @@ def _prompts(prompt) -> tuple:
     if isinstance(prompt, str):
         return (_text(prompt, "prompt"),)
     if not isinstance(prompt, list) or not prompt:
-        raise BadField("prompt", "prompt must be a string, a list of token ids, or a non-empty list of either")
+        raise BadField(
+            "prompt", "prompt must be a string, a list of token ids, or a non-empty list of either"
+        )
     if all(isinstance(p, str) for p in prompt):
         return tuple(_text(p, "prompt") for p in prompt)
     if all(isinstance(p, list) for p in prompt):
@@ -272,7 +289,9 @@ def _content(content, where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise BadField(f"{where}[{j}]", f"{where}[{j}]: only text parts are supported, got type {kind!r:.40}")
+            raise BadField(
+                f"{where}[{j}]", f"{where}[{j}]: only text parts are supported, got type {kind!r:.40}"
+            )
         texts.append(_text(part["text"], f"{where}[{j}]"))
     return "\n".join(texts)
 
@@ -297,8 +316,13 @@ def text_offsets(tokenizer, ids: list[int], start: int) -> list[int]:
     return out
 
 
-def completion_logprobs(tokenizer, prompt: list[tuple[int, TokenLogprob | None]], generated: list[TokenLogprob],
-                        start: int, echoed_len: int) -> dict:
+def completion_logprobs(
+    tokenizer,
+    prompt: list[tuple[int, TokenLogprob | None]],
+    generated: list[TokenLogprob],
+    start: int,
+    echoed_len: int,
+) -> dict:
     """OpenAI's completions logprobs object {tokens, token_logprobs, top_logprobs, text_offset}.
 
     prompt: echoed prompt tokens with their logprobs (None for the first), at text offsets from `start`;
@@ -333,5 +357,8 @@ def chat_logprobs(tokenizer, generated: list[TokenLogprob]) -> dict:
         s = token_text(tokenizer, t)
         return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
 
-    content = [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]} for lp in generated]
+    content = [
+        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
+        for lp in generated
+    ]
     return {"content": content}

@@ -77,36 +77,47 @@ def domain_masks(means: torch.Tensor, remain_rate: float) -> torch.Tensor:
 
 
 def expert_channels(masks: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-    """masks [D, L, I] -> (shared[l] indices, routed[l][d] indices), sorted ascending."""
+    """masks [D, L, I] -> (shared[layer] indices, routed[layer][d] indices), sorted ascending."""
     shared_mask = masks.all(dim=0)  # [L, I]
-    shared = [torch.nonzero(shared_mask[l]).flatten() for l in range(masks.shape[1])]
+    shared = [torch.nonzero(shared_mask[layer]).flatten() for layer in range(masks.shape[1])]
     routed = [
-        [torch.nonzero(masks[d, l] & ~shared_mask[l]).flatten() for d in range(masks.shape[0])]
-        for l in range(masks.shape[1])
+        [torch.nonzero(masks[d, layer] & ~shared_mask[layer]).flatten() for d in range(masks.shape[0])]
+        for layer in range(masks.shape[1])
     ]
     return shared, routed
 
 
 def control_channels(means: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    """Top `widths[l]` channels of layer l by statistics pooled (averaged) over domains; means [D, L, I]."""
+    """Top `widths[i]` channels of layer i by statistics pooled (averaged) over domains; means [D, L, I]."""
     pooled = means.mean(dim=0)  # [L, I]
-    return [pooled[l].topk(w).indices.sort().values for l, w in enumerate(widths)]
+    return [pooled[i].topk(w).indices.sort().values for i, w in enumerate(widths)]
 
 
 def collect_statistics(hf_model, tokenizer, cfg: RefactorConfig) -> torch.Tensor:
     """Per-domain channel means on each domain's train split -> [D, L, I] float32."""
-    blocks = {d: data.token_blocks(tokenizer, d, "train", cfg.tokens_per_domain, cfg.block_len) for d in cfg.domains}
+    blocks = {
+        d: data.token_blocks(tokenizer, d, "train", cfg.tokens_per_domain, cfg.block_len) for d in cfg.domains
+    }
     return torch.stack(
-        [stats.channel_means(hf_model, blocks[d], cfg.batch_size, desc=f"statistics {d}") for d in cfg.domains]
+        [
+            stats.channel_means(hf_model, blocks[d], cfg.batch_size, desc=f"statistics {d}")
+            for d in cfg.domains
+        ]
     )
 
 
 def refactor(
-    base: str, out: str | Path, cfg: RefactorConfig, force: bool = False, cache: str | None = None, custom_domains: dict | None = None
+    base: str,
+    out: str | Path,
+    cfg: RefactorConfig,
+    force: bool = False,
+    cache: str | None = None,
+    custom_domains: dict | None = None,
 ) -> Path:
     """Refactor dense `base` into a MoE checkpoint at `out` (and its same-size dense control in out/control).
 
-    custom_domains {name: path}: user domains (already registered) to record, so evaluation can find them again.
+    custom_domains {name: path}: user domains (already registered) to record, so evaluation can find them
+    again.
     """
     out = Path(out)
     if out.exists() and not force:  # fail before minutes of statistics, not after
@@ -129,7 +140,10 @@ def refactor(
     }
     dtype = parse_dtype(cfg.dtype)
     moe = build_moe_from_dense(hf_model, shared, routed, names=cfg.domains, provenance=provenance)
-    widths = [round(moe.config.shared_channels[l] + sum(r) / len(r)) for l, r in enumerate(moe.config.expert_channels)]
+    widths = [
+        round(moe.config.shared_channels[layer] + sum(r) / len(r))
+        for layer, r in enumerate(moe.config.expert_channels)
+    ]
     control = build_moe_from_dense(
         hf_model,
         control_channels(means, widths),
@@ -140,7 +154,11 @@ def refactor(
     with atomic_dir(out, force) as tmp:
         save_moe(moe.to(dtype), tmp)
         tokenizer.save_pretrained(tmp)
-        save_file({"means": means.contiguous()}, str(tmp / STATS_FILE), metadata={"domains": json.dumps(cfg.domains)})
+        save_file(
+            {"means": means.contiguous()},
+            str(tmp / STATS_FILE),
+            metadata={"domains": json.dumps(cfg.domains)},
+        )
         record = {
             **provenance,
             "channels_per_layer": {
@@ -156,4 +174,3 @@ def refactor(
         save_moe(control.to(dtype), tmp / CONTROL_DIR)
         tokenizer.save_pretrained(tmp / CONTROL_DIR)
     return out
-

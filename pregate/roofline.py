@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,8 +30,13 @@ def _nbytes(module: nn.Module | None) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def step_bytes(model: MoEForCausalLM, batch: int, experts: Sequence[int], context: float,
-               router: PreGatingRouter | None = None) -> dict[str, float]:
+def step_bytes(
+    model: MoEForCausalLM,
+    batch: int,
+    experts: Sequence[int],
+    context: float,
+    router: PreGatingRouter | None = None,
+) -> dict[str, float]:
     """Bytes a decode step of `batch` tokens must read at least, by part, and their "total".
 
     experts: the distinct routed experts of the step (pre-gating: the same in every layer); each is read
@@ -39,8 +44,13 @@ def step_bytes(model: MoEForCausalLM, batch: int, experts: Sequence[int], contex
     """
     w = model.embed_tokens.weight
     hidden, elt = w.shape[1], w.element_size()
-    out = {"embed_rows": float(batch * hidden * elt), "attention": 0.0, "norms": float(_nbytes(model.norm)),
-           "shared": 0.0, "routed": 0.0}
+    out = {
+        "embed_rows": float(batch * hidden * elt),
+        "attention": 0.0,
+        "norms": float(_nbytes(model.norm)),
+        "shared": 0.0,
+        "routed": 0.0,
+    }
     for layer in model.layers:
         mlp = layer.mlp
         out["attention"] += _nbytes(layer.self_attn)
@@ -99,8 +109,13 @@ def measure_bandwidth(
         moved += ws.numel() * elt
         spent += t
         del ws
-    return {"read": read, "gemv": moved / spent, "gemv_per_shape": per_shape, "buffer_bytes": total,
-            "dtype": str(dtype).removeprefix("torch.")}
+    return {
+        "read": read,
+        "gemv": moved / spent,
+        "gemv_per_shape": per_shape,
+        "buffer_bytes": total,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 # ----------------------------------------------------------------------------------------- breakdown
@@ -124,7 +139,7 @@ class Breakdown:
         self._t: dict[str, float] = {}
         self.gate_start: float | None = None  # set by a layer-wise gate's wrapper
 
-    def __enter__(self) -> "Breakdown":
+    def __enter__(self) -> Breakdown:
         now = time.perf_counter
         t = self._t
 
@@ -192,4 +207,3 @@ def summarize_breakdown(steps: list[tuple[float, dict[str, float]]]) -> dict[str
     rest = step - parts: scheduling, routing plan, sampling, detokenizing, and the hooks' own cost."""
     rows = [{**parts, "rest": dur - sum(parts.values()), "step": dur} for dur, parts in steps]
     return {k: statistics.median(r[k] for r in rows) * 1e3 for k in (*PARTS, "rest", "step")}
-

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -318,11 +319,13 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: RouterCache | list[RouterCache] | None,
-                layer: int) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: RouterCache | list[RouterCache] | None, layer: int
+    ) -> Tensor:
         """x [B, L, D], cos/sin [L, Dh] for the new positions -> [B, L, D].
 
-        cache a list: row b is one new token of its own sequence (cache[b], batch 1), cos/sin [B, 1, 1, Dh]."""
+        cache a list: row b is one new token of its own sequence (cache[b], batch 1), cos/sin
+        [B, 1, 1, Dh]."""
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = q * cos + _rotate_half(q) * sin  # [B, H, L, Dh]
@@ -392,7 +395,9 @@ class PreGatingRouter(nn.Module):
             self.head = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
         else:
             self.head = DSelectKHead(cfg.dim, cfg.num_experts, cfg.top_k, cfg.dselect_gamma)
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+        inv_freq = 1.0 / cfg.rope_theta ** (
+            torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim
+        )
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)  # [max_seq_len, Dh], HF Llama layout
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
@@ -479,13 +484,19 @@ class PreGatingRouter(nn.Module):
         (float32: within 1e-5). Each sequence keeps its own cache and length."""
         ids = self._check_ids(tokens.reshape(-1, 1))  # [B, 1]
         if len(caches) != ids.shape[0]:
-            raise RouterError(f"step_tokens got {ids.shape[0]} tokens but {len(caches)} caches; give one each.")
+            raise RouterError(
+                f"step_tokens got {ids.shape[0]} tokens but {len(caches)} caches; give one each."
+            )
         positions = []
         for c in caches:
             if c.batch_size != 1 or len(c.keys) != len(self.layers):
-                raise RouterError("step_tokens needs one batch-1 cache per token, made by this router's new_cache().")
+                raise RouterError(
+                    "step_tokens needs one batch-1 cache per token, made by this router's new_cache()."
+                )
             if c.length + 1 > self.cfg.max_seq_len:
-                raise RouterError(f"sequence length {c.length + 1} exceeds RouterConfig.max_seq_len={self.cfg.max_seq_len}.")
+                raise RouterError(
+                    f"sequence length {c.length + 1} exceeds RouterConfig.max_seq_len={self.cfg.max_seq_len}."
+                )
             c._reserve(1)
             positions.append(c.length)
         x = self.embed(ids)  # [B, 1, D]
@@ -512,7 +523,9 @@ class PreGatingRouter(nn.Module):
     # -- setup ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_embedding_from(self, backbone_embedding: Tensor, generator: torch.Generator | None = None) -> None:
+    def init_embedding_from(
+        self, backbone_embedding: Tensor, generator: torch.Generator | None = None
+    ) -> None:
         """Initialise the router embedding from the backbone's token embedding [V, Hb].
 
         Hb >= dim: take the first `dim` columns (what the official Read-ME code does). Hb < dim: the
@@ -666,8 +679,10 @@ def routing_for(router: Gate, ids: Tensor) -> tuple[Routing | None, Callable | N
 
 def _flatten(logits: Tensor, target_scores: Tensor) -> tuple[Tensor, Tensor]:
     """logits [.., E], target_scores [.., Y, E] -> [N, E], [N, Y, E]."""
-    if target_scores.ndim != logits.ndim + 1 or target_scores.shape[:-2] != logits.shape[:-1] or (
-        target_scores.shape[-1] != logits.shape[-1]
+    if (
+        target_scores.ndim != logits.ndim + 1
+        or target_scores.shape[:-2] != logits.shape[:-1]
+        or (target_scores.shape[-1] != logits.shape[-1])
     ):
         raise RouterError(
             f"target_scores shape {tuple(target_scores.shape)} does not fit logits {tuple(logits.shape)}: "

@@ -29,8 +29,9 @@ imports only `pregate.errors`.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Literal, Mapping, Protocol, Sequence
+from typing import ClassVar, Literal, Protocol
 
 from pregate.errors import PregateError, check_int
 
@@ -176,7 +177,13 @@ class SchedulerConfig:
                 f"SchedulerConfig.policy={self.policy!r} is unknown; "
                 f"use one of {', '.join(SCHEDULING_POLICIES)}"
             )
-        for name in ("token_budget", "max_running", "kv_capacity_tokens", "prefill_chunk", "min_queue_tokens"):
+        for name in (
+            "token_budget",
+            "max_running",
+            "kv_capacity_tokens",
+            "prefill_chunk",
+            "min_queue_tokens",
+        ):
             value = getattr(self, name)
             check_int(f"SchedulerConfig.{name}", value, error=SchedulerError)
         check_int("SchedulerConfig.max_wait_steps", self.max_wait_steps, 0, error=SchedulerError)
@@ -485,7 +492,9 @@ class Scheduler:
         StepResult.finished instead.
         """
         if self._pending is not None and request_id in self._pending.request_ids:
-            raise SchedulerError(f"request {request_id!r} is in step {self._pending.step}; finish it via update()")
+            raise SchedulerError(
+                f"request {request_id!r} is in step {self._pending.step}; finish it via update()"
+            )
         for w in self._waiting:
             if w.request_id == request_id:
                 self._waiting.remove(w)
@@ -502,7 +511,9 @@ class Scheduler:
         # fewer than max_running run; then the policy picks <= 1 item per running request within
         # token_budget; every runnable request not picked has waited_steps += 1, picked ones reset to 0.
         if self._pending is not None:
-            raise SchedulerError(f"step {self._pending.step} was scheduled but not updated; call update() first")
+            raise SchedulerError(
+                f"step {self._pending.step} was scheduled but not updated; call update() first"
+            )
         self._admit()
         runnable = [r for r in self._running.values() if r.runnable]
         batch = self.policy.select(runnable, self.config)

@@ -25,21 +25,28 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pregate.engine import Engine, RequestOutput, SamplingParams
 from pregate.errors import PregateError
-from pregate.protocol import (ApiRequest, BadField, chat_logprobs, check_depth, completion_logprobs, parse_chat,
-                              parse_completion)
+from pregate.protocol import (
+    ApiRequest,
+    BadField,
+    chat_logprobs,
+    check_depth,
+    completion_logprobs,
+    parse_chat,
+    parse_completion,
+)
 from pregate.scheduler import SchedulerConfig
 
 log = logging.getLogger("pregate.server")
@@ -51,6 +58,8 @@ class EngineStopped(PregateError):
     """The engine thread died, so the server exited; `pregate serve` exits with status 1."""
 
     exit_status = 1
+
+
 ENGINE_HISTORY = 4096  # finished requests, steps and failures a serving engine remembers (bounded memory)
 EVENT_POLL_S = 0.5  # how often a waiting handler checks that the engine thread is still alive
 
@@ -88,7 +97,7 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def start(self) -> "EngineLoop":
+    def start(self) -> EngineLoop:
         self._thread.start()
         return self
 
@@ -179,8 +188,13 @@ class EngineLoop:
         self._waiting.clear()
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-           headers: dict | None = None):
+def _error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict | None = None,
+):
     """An answer in OpenAI's error shape: {"error": {message, type, param, code}}."""
     body = {"message": message, "type": kind, "param": param, "code": str(status)}
     return JSONResponse(status_code=status, content={"error": body}, headers=headers)
@@ -241,15 +255,20 @@ class _Guard:
         hosts = self.limits.allowed_hosts
         if hosts is not None:
             host = headers.get("host", "")
-            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            name = (
+                host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            )
             if name.lower() not in hosts:
                 return _error(400, f"Host {host!r:.80} is not allowed; this server answers {sorted(hosts)}")
         key = self.limits.api_key
         if key is not None and scope["path"] != "/health" and scope["method"] != "OPTIONS":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return _error(401, "missing or wrong API key; send Authorization: Bearer <key>",
-                              headers={"WWW-Authenticate": "Bearer"})
+                return _error(
+                    401,
+                    "missing or wrong API key; send Authorization: Bearer <key>",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         return None
 
 
@@ -271,7 +290,9 @@ async def _read_json(request: Request, limit: int) -> dict:
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > limit:
-            raise _Refused(_error(413, f"the request body is over {limit} bytes; at most {limit} are accepted"))
+            raise _Refused(
+                _error(413, f"the request body is over {limit} bytes; at most {limit} are accepted")
+            )
     try:
         body = json.loads(bytes(raw))
     except RecursionError:
@@ -308,7 +329,9 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
 
     limits = limits or ServerLimits()
     runner = EngineLoop(engine)
-    tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="pregate-tokenize")  # one: HF tokenizers are not re-entrant
+    tokenize_pool = ThreadPoolExecutor(
+        1, thread_name_prefix="pregate-tokenize"
+    )  # one: HF tokenizers are not re-entrant
     tok = engine.tokenizer
     capacity = engine.scheduler_config.max_running + limits.max_queued
 
@@ -325,8 +348,12 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
     if limits.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(limits.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(limits.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
@@ -340,7 +367,11 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def encode_chat(messages) -> list[int]:
-        return list(tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(
+            tok.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
 
     async def prompt_ids(req: ApiRequest) -> list[list[int]]:
         """Token ids of every prompt, tokenized off the event loop."""
@@ -351,7 +382,9 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             try:
                 return [await loop.run_in_executor(tokenize_pool, encode_chat, req.messages)]
             except Exception as err:  # a malformed message list is the client's mistake
-                raise BadField("messages", f"cannot apply the chat template to these messages: {err}") from None
+                raise BadField(
+                    "messages", f"cannot apply the chat template to these messages: {err}"
+                ) from None
         out = []
         for p in req.prompts:
             if isinstance(p, str):
@@ -371,8 +404,12 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             return _error(err.status, str(err), param=err.param)
         choices = [_Choice(p * req.n + j, p) for p in range(len(ids)) for j in range(req.n)]
         if runner.in_flight + len(choices) > capacity:
-            return _error(429, f"the server is full ({capacity} requests queued or running); retry shortly",
-                          "rate_limit_error", headers={"Retry-After": "1"})
+            return _error(
+                429,
+                f"the server is full ({capacity} requests queued or running); retry shortly",
+                "rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
         events: asyncio.Queue = asyncio.Queue()
         by_rid = {f"{rid}-{c.index}": c for c in choices}
@@ -381,7 +418,11 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             runner.submit(ids[c.prompt], req.choice_params(c.index % req.n), sub, loop, events)
         created = int(time.time())
         n_prompt = sum(len(x) for x in ids)
-        echo = [(tok.decode(x) if isinstance(p, tuple) else p) for p, x in zip(req.prompts, ids)] if req.echo else None
+        echo = (
+            [(tok.decode(x) if isinstance(p, tuple) else p) for p, x in zip(req.prompts, ids)]
+            if req.echo
+            else None
+        )
 
         checked = [time.monotonic()]  # when the client's connection was last checked
 
@@ -427,9 +468,14 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
 
         def usage() -> dict:
             completion = sum(c.tokens for c in choices)
-            return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
+            return {
+                "prompt_tokens": n_prompt,
+                "completion_tokens": completion,
+                "total_tokens": n_prompt + completion,
+            }
 
         obj = "chat.completion" if chat else "text_completion"
+
         # every choice's first event (its first token, or why it failed) before any answer
         async def next_or_answer():
             """(choice, event), or (None, the answer) when the client left or a choice failed."""
@@ -462,13 +508,33 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
             for c in choices:
                 if chat:
                     lp = chat_logprobs(tok, c.logprobs) if req.logprobs is not None else None
-                    out.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": lp, "finish_reason": c.finish_reason})
+                    out.append(
+                        {
+                            "index": c.index,
+                            "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lp,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
                 else:
                     head = echo[c.prompt] if echo else ""
                     lp = logprobs_of(c, c.logprobs, 0, head)
-                    out.append({"index": c.index, "text": head + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": out, "usage": usage()}
+                    out.append(
+                        {
+                            "index": c.index,
+                            "text": head + c.text,
+                            "logprobs": lp,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
+            return {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model_name,
+                "choices": out,
+                "usage": usage(),
+            }
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
         text_pos = {c.index: 0 for c in choices}  # characters sent per choice (for text_offset)
@@ -488,7 +554,13 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
                 lp = logprobs_of(c, new_lp, text_pos[c.index], head)
                 text_pos[c.index] += len(head) + len(ev.new_text)
                 body = {"index": c.index, "text": head + ev.new_text, "logprobs": lp, "finish_reason": reason}
-            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [body]}
+            payload = {
+                "id": rid,
+                "object": chunk_obj,
+                "created": created,
+                "model": model_name,
+                "choices": [body],
+            }
             return f"data: {json.dumps(payload)}\n\n"
 
         early_first = {c.index: ev for c, ev in early}
@@ -504,7 +576,12 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
                     if ev.error is not None:  # the request failed mid-stream: say so, then end the stream
                         abort_all()
                         kind = "server_error" if ev.internal_error else "invalid_request_error"
-                        err = {"message": ev.error, "type": kind, "param": None, "code": "500" if ev.internal_error else "400"}
+                        err = {
+                            "message": ev.error,
+                            "type": kind,
+                            "param": None,
+                            "code": "500" if ev.internal_error else "400",
+                        }
                         yield f"data: {json.dumps({'error': err})}\n\n"
                         break
                     absorb(c, ev)
@@ -513,8 +590,14 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
                         yield text
                     if all(x.done for x in choices):
                         if req.include_usage:
-                            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name,
-                                       "choices": [], "usage": usage()}
+                            payload = {
+                                "id": rid,
+                                "object": chunk_obj,
+                                "created": created,
+                                "model": model_name,
+                                "choices": [],
+                                "usage": usage(),
+                            }
                             yield f"data: {json.dumps(payload)}\n\n"
                         break
                 yield "data: [DONE]\n\n"
@@ -552,8 +635,14 @@ def _reason(reason: str | None) -> str | None:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason)
 
 
-def load_engine(model_dir: str, config: SchedulerConfig | None = None, router_dir: str | None = None,
-                dtype: str = "bfloat16", resident_experts: int | None = None, prefetch: bool = False) -> Engine:
+def load_engine(
+    model_dir: str,
+    config: SchedulerConfig | None = None,
+    router_dir: str | None = None,
+    dtype: str = "bfloat16",
+    resident_experts: int | None = None,
+    prefetch: bool = False,
+) -> Engine:
     """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
 
     resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
@@ -571,25 +660,45 @@ def load_engine(model_dir: str, config: SchedulerConfig | None = None, router_di
 
         store = ExpertStore(model_dir, StoreConfig(capacity=resident_experts, prefetch=prefetch))
         if store.dtype != weights_dtype:
-            print(f"note: with --resident-experts the model computes in the checkpoint's {store.dtype}, not {dtype}")
+            print(
+                f"note: with --resident-experts the model computes in the checkpoint's {store.dtype}, not "
+                f"{dtype}"
+            )
         weights_dtype = store.dtype
     moe = load_moe(model_dir, weights_dtype, routed_experts=store is None)  # offloaded: never all in memory
     router = load_router(router_dir or model_dir) if moe.num_experts else None
     if router is not None and not isinstance(router, PreGatingRouter):
-        raise PregateError(f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained without --layerwise")
+        raise PregateError(
+            f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained "
+            "without --layerwise"
+        )
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
-        print(f"expert offloading: {store.capacity} of {store.num_experts} experts resident, "
-              f"{on_disk / 2**20:.0f} MiB of routed-expert weights read from disk as needed")
+        print(
+            f"expert offloading: {store.capacity} of {store.num_experts} experts resident, "
+            f"{on_disk / 2**20:.0f} MiB of routed-expert weights read from disk as needed"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(moe, tokenizer, router, config or SchedulerConfig(), expert_store=store, history=ENGINE_HISTORY)
+    engine = Engine(
+        moe, tokenizer, router, config or SchedulerConfig(), expert_store=store, history=ENGINE_HISTORY
+    )
     return engine
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: SchedulerConfig | None = None,
-          router_dir: str | None = None, dtype: str = "bfloat16", model_name: str | None = None,
-          resident_experts: int | None = None, prefetch: bool = False, limits: ServerLimits | None = None,
-          timeout_keep_alive: float = 5, timeout_graceful: float = GRACEFUL_S) -> None:
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: SchedulerConfig | None = None,
+    router_dir: str | None = None,
+    dtype: str = "bfloat16",
+    model_name: str | None = None,
+    resident_experts: int | None = None,
+    prefetch: bool = False,
+    limits: ServerLimits | None = None,
+    timeout_keep_alive: float = 5,
+    timeout_graceful: float = GRACEFUL_S,
+) -> None:
     """Serve a trained pregate MoE (`load_engine`) until interrupted.
 
     limits: see ServerLimits; bound to a loopback address, only loopback Host headers are accepted.
@@ -605,19 +714,32 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise PregateError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
+            raise PregateError(
+                f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
+            ) from None
     engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch)
     store = engine.store
     name = model_name or Path(model_dir).resolve().name
-    print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy {engine.scheduler_config.policy}, "
-          f"{torch.get_num_threads()} torch threads); Ctrl-C stops", flush=True)
+    print(
+        f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy "
+        f"{engine.scheduler_config.policy}, "
+        f"{torch.get_num_threads()} torch threads); Ctrl-C stops",
+        flush=True,
+    )
     limits = limits or ServerLimits()
     if host in LOOPBACK_HOSTS and limits.allowed_hosts is None:  # a web page's DNS rebinding cannot reach us
         limits = replace(limits, allowed_hosts=LOOPBACK_HOSTS)
     app = build_app(engine, name, limits)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=timeout_graceful,
-                       timeout_keep_alive=timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=timeout_graceful,
+            timeout_keep_alive=timeout_keep_alive,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        )
     )
     runner = app.state.runner
     runner.on_death = lambda: setattr(server, "should_exit", True)  # a supervisor restarts us on exit 1
@@ -627,4 +749,6 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, config: Sch
         if store is not None:
             store.close()
     if runner.error is not None:
-        raise EngineStopped(f"{runner.error}; the server stopped (exit status 1 so a supervisor can restart it)")
+        raise EngineStopped(
+            f"{runner.error}; the server stopped (exit status 1 so a supervisor can restart it)"
+        )

@@ -8,8 +8,8 @@ Legend: L layers, I MLP channels, T tokens, B blocks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,7 @@ def capture_mlp_inputs(hf_model) -> Iterator[list]:
     captured: list = [None] * len(mlp_modules(hf_model))
     handles = []
     for i, mlp in enumerate(mlp_modules(hf_model)):
+
         def hook(_module, args, i=i):
             captured[i] = args[0].detach()
 
@@ -38,8 +39,11 @@ def capture_mlp_inputs(hf_model) -> Iterator[list]:
 
 
 @torch.no_grad()
-def channel_means(hf_model, blocks: torch.Tensor, batch_size: int = 4, desc: str = "statistics") -> torch.Tensor:
-    """Mean |act(gate x) * up x| per layer and channel over all tokens of `blocks` [B, n] -> [L, I] float32."""
+def channel_means(
+    hf_model, blocks: torch.Tensor, batch_size: int = 4, desc: str = "statistics"
+) -> torch.Tensor:
+    """Mean |act(gate x) * up x| per layer and channel over all tokens of `blocks` [B, n] -> [L, I] "
+    "float32."""
     total = None
     tokens = 0
     with capture_mlp_inputs(hf_model) as captured:

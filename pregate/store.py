@@ -74,17 +74,23 @@ class StoreConfig:
             raise StoreError("give exactly one of StoreConfig.capacity (units) or capacity_bytes")
         if self.capacity is not None:
             check_int("StoreConfig.capacity", self.capacity, error=StoreError, why="units resident at once")
-        if self.capacity_bytes is not None and (not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 1):
+        if self.capacity_bytes is not None and (
+            not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 1
+        ):
             raise StoreError(f"StoreConfig.capacity_bytes={self.capacity_bytes!r} must be an int >= 1")
         if self.unit not in UNITS:
             raise StoreError(f"StoreConfig.unit={self.unit!r} is unknown; use one of {', '.join(UNITS)}")
         if self.policy not in EVICTION_POLICIES:
             raise StoreError(
-                f"StoreConfig.policy={self.policy!r} is unknown; "
-                f"choose one of {', '.join(EVICTION_POLICIES)}"
+                f"StoreConfig.policy={self.policy!r} is unknown; choose one of {', '.join(EVICTION_POLICIES)}"
             )
-        if self.bandwidth is not None and not (isinstance(self.bandwidth, (int, float)) and 0 < self.bandwidth < float("inf")):
-            raise StoreError(f"StoreConfig.bandwidth={self.bandwidth!r} must be a finite number of bytes/s > 0, or None (no cap)")
+        if self.bandwidth is not None and not (
+            isinstance(self.bandwidth, (int, float)) and 0 < self.bandwidth < float("inf")
+        ):
+            raise StoreError(
+                f"StoreConfig.bandwidth={self.bandwidth!r} must be a finite number of bytes/s > 0, or None "
+                "(no cap)"
+            )
         check_int("StoreConfig.depth", self.depth, error=StoreError, why="layers loaded ahead")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise StoreError(f"StoreConfig.timeout_s={self.timeout_s!r} must be > 0 seconds")
@@ -129,7 +135,9 @@ class ExpertStore:
         except (SafetensorError, OSError, ValueError) as err:
             raise StoreError(f"{self.path} cannot be read ({err}): truncated or damaged checkpoint") from err
         self.num_layers = sum(1 for k in keys if k.endswith(".mlp.w_gate"))
-        if self.num_layers == 0 or any(f"layers.{l}.mlp.{n}" not in keys for l in range(self.num_layers) for n in _KEYS):
+        if self.num_layers == 0 or any(
+            f"layers.{layer}.mlp.{n}" not in keys for layer in range(self.num_layers) for n in _KEYS
+        ):
             raise StoreError(f"{self.path} holds no stacked routed experts (layers.N.mlp.w_gate/w_up/w_down)")
         e, r, h = self._file.get_slice("layers.0.mlp.w_gate").get_shape()
         self.num_experts, self.width, self.hidden = e, r, h
@@ -139,14 +147,28 @@ class ExpertStore:
         units = e if config.unit == "expert" else e * self.num_layers
         k = config.capacity if config.capacity is not None else config.capacity_bytes // unit_bytes
         if k < 1:
-            raise StoreError(f"capacity_bytes={config.capacity_bytes} holds no {config.unit} ({unit_bytes} bytes each); raise it")
+            raise StoreError(
+                f"capacity_bytes={config.capacity_bytes} holds no {config.unit} ({unit_bytes} bytes each); "
+                "raise it"
+            )
         if k > units:
-            raise StoreError(f"capacity={k} exceeds the {units} {config.unit} units of this model; use 1..{units}")
+            raise StoreError(
+                f"capacity={k} exceeds the {units} {config.unit} units of this model; use 1..{units}"
+            )
         self.capacity = k
         self._fd = os.open(self.path, os.O_RDONLY)
         self._offsets = self._expert_offsets(dtype)
         try:
-            self.res = Residency(self.num_layers, config.unit, k, config.policy, config.window, config.prefetch, config.depth, config.seed)
+            self.res = Residency(
+                self.num_layers,
+                config.unit,
+                k,
+                config.policy,
+                config.window,
+                config.prefetch,
+                config.depth,
+                config.seed,
+            )
         except CacheError as err:
             raise StoreError(str(err)) from err
         self.device = torch.device(config.device)
@@ -154,15 +176,22 @@ class ExpertStore:
             raise StoreError("StoreConfig.device='cuda' but no CUDA device is available; use device='cpu'")
         n = self.res.num_slots
         # true width of every expert: what the fused layout packs (see MoEMLP), from the checkpoint itself
-        self.widths = [(self._file.get_tensor(f"layers.{l}.mlp.expert_index") >= 0).sum(1).tolist()
-                       for l in range(self.num_layers)]
+        self.widths = [
+            (self._file.get_tensor(f"layers.{layer}.mlp.expert_index") >= 0).sum(1).tolist()
+            for layer in range(self.num_layers)
+        ]
         # the fast tier holds experts as the model computes them: gate|up [2R, H] and down transposed [R, H]
         self._gate_up = torch.zeros(n, 2 * r, h, dtype=dtype, device=self.device)
         self._down_t = torch.zeros(n, r, h, dtype=dtype, device=self.device)
-        self._stage = (torch.zeros(2 * r, h, dtype=dtype, device=self.device),
-                       torch.zeros(r, h, dtype=dtype, device=self.device))  # a slice that is not resident
-        self._raw = (torch.zeros(r, h, dtype=dtype, device=self.device), torch.zeros(r, h, dtype=dtype, device=self.device),
-                     torch.zeros(h, r, dtype=dtype, device=self.device))  # one slice as the file holds it
+        self._stage = (
+            torch.zeros(2 * r, h, dtype=dtype, device=self.device),
+            torch.zeros(r, h, dtype=dtype, device=self.device),
+        )  # a slice that is not resident
+        self._raw = (
+            torch.zeros(r, h, dtype=dtype, device=self.device),
+            torch.zeros(r, h, dtype=dtype, device=self.device),
+            torch.zeros(h, r, dtype=dtype, device=self.device),
+        )  # one slice as the file holds it
         self._cv = threading.Condition()
         self._io = threading.Lock()  # one link: transfers never overlap each other
         self._plan: dict[int, int | None] = {}
@@ -186,12 +215,15 @@ class ExpertStore:
             header = json.loads(fh.read(n))
         size = os.path.getsize(self.path)
         out = {}
-        for l in range(self.num_layers):
+        for i in range(self.num_layers):
             for name in _KEYS:
-                start, end = header[f"layers.{l}.mlp.{name}"]["data_offsets"]
+                start, end = header[f"layers.{i}.mlp.{name}"]["data_offsets"]
                 if 8 + n + end > size:
-                    raise StoreError(f"{self.path} is truncated ({size} bytes, layer {l} needs {8 + n + end}); rewrite the checkpoint")
-                out[(l, name)] = (8 + n + start, (end - start) // self.num_experts)
+                    raise StoreError(
+                        f"{self.path} is truncated ({size} bytes, layer {i} needs {8 + n + end}); rewrite "
+                        "the checkpoint"
+                    )
+                out[(i, name)] = (8 + n + start, (end - start) // self.num_experts)
         return out
 
     # -- protocol
@@ -215,7 +247,10 @@ class ExpertStore:
 
     def fetch(self, layer: int, expert: int) -> ExpertWeights:
         if layer != self._layer or expert not in self._plan:
-            raise StoreError(f"fetch({layer}, {expert}) was not announced: call begin_layer({layer}, [...{expert}...]) first")
+            raise StoreError(
+                f"fetch({layer}, {expert}) was not announced: call begin_layer({layer}, [...{expert}...]) "
+                "first"
+            )
         key = (layer, expert)
         p = self._plan[expert]
         t0 = time.perf_counter()
@@ -234,7 +269,10 @@ class ExpertStore:
                         res.start_load(p, *key)  # on demand (or ahead of the loader)
                     elif p in res.inflight:
                         if not self._cv.wait(timeout=max(0.0, deadline - time.perf_counter())):
-                            raise StoreError(f"timed out after {self.config.timeout_s}s waiting for expert {expert} layer {layer}")
+                            raise StoreError(
+                                f"timed out after {self.config.timeout_s}s waiting for expert {expert} "
+                                f"layer {layer}"
+                            )
                         continue
                     else:
                         break  # the slot went to another unit: stream this slice
@@ -246,7 +284,8 @@ class ExpertStore:
 
     # -- transfers
     def _copy(self, key: tuple[int, int], dst: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Read one slice from the slow tier into dst (gate|up, down transposed), honouring the bandwidth cap."""
+        """Read one slice from the slow tier into dst (gate|up, down transposed), honouring the bandwidth "
+        "cap."""
         layer, e = key
         with self._io:
             t0 = time.perf_counter()
@@ -258,7 +297,9 @@ class ExpertStore:
                     base, per = self._offsets[(layer, name)]
                     got = os.preadv(self._fd, [d.view(-1).view(torch.uint8).numpy()], base + e * per)
                     if got != per:
-                        raise StoreError(f"short read from {self.path} (layer {layer}, expert {e}): truncated checkpoint?")
+                        raise StoreError(
+                            f"short read from {self.path} (layer {layer}, expert {e}): truncated checkpoint?"
+                        )
             gate, up, down = self._raw
             w = self.widths[layer][e]
             dst[0][:w].copy_(gate[:w])
@@ -285,7 +326,9 @@ class ExpertStore:
                 self.res.inflight.pop(p, None)
                 self._error = err
                 self._cv.notify_all()
-            raise StoreError(f"loading expert {key[1]} layer {key[0]} from {self.path} failed: {err}") from err
+            raise StoreError(
+                f"loading expert {key[1]} layer {key[0]} from {self.path} failed: {err}"
+            ) from err
         with self._cv:
             self.res.finish_load(p)
             self._cv.notify_all()
@@ -311,8 +354,10 @@ class ExpertStore:
         self._stream = torch.cuda.Stream(self.device)
         self._events = [torch.cuda.Event() for _ in range(self.res.num_slots)]
         self._released = torch.cuda.Event()
-        self._host = [tuple(self._file.get_tensor(f"layers.{l}.mlp.{n}").pin_memory() for n in _KEYS)
-                      for l in range(self.num_layers)]
+        self._host = [
+            tuple(self._file.get_tensor(f"layers.{layer}.mlp.{n}").pin_memory() for n in _KEYS)
+            for layer in range(self.num_layers)
+        ]
 
     def _cuda_begin(self) -> None:
         # copies issued from now on wait for the compute queued so far (earlier layers read those slots)
@@ -350,9 +395,8 @@ class ExpertStore:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "ExpertStore":
+    def __enter__(self) -> ExpertStore:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-

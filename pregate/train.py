@@ -34,9 +34,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,10 @@ class TrainConfig:
             check_int(f"TrainConfig.{name}", value, error=TrainError, why="zero steps train nothing")
         check_int("TrainConfig.seq_len", self.seq_len, 2, error=TrainError, why="next-token targets")
         if self.tokens_per_domain < self.seq_len:
-            raise TrainError(f"TrainConfig.tokens_per_domain={self.tokens_per_domain} is below seq_len={self.seq_len}: raise it.")
+            raise TrainError(
+                f"TrainConfig.tokens_per_domain={self.tokens_per_domain} is below seq_len={self.seq_len}: "
+                "raise it."
+            )
         for name in ("router_lr", "expert_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise TrainError(f"TrainConfig.{name}={getattr(self, name)!r}: must be > 0.")
@@ -129,12 +133,19 @@ class TrainConfig:
             if not lo <= getattr(self, name) <= hi:
                 raise TrainError(f"TrainConfig.{name}={getattr(self, name)!r}: must lie in [{lo}, {hi}].")
         if not 0 <= self.smoothing < 1 or self.weight_decay < 0 or self.dselect_entropy < 0:
-            raise TrainError(f"TrainConfig: smoothing={self.smoothing} must be in [0, 1), weight_decay={self.weight_decay} "
-                             f"and dselect_entropy={self.dselect_entropy} must be >= 0.")
+            raise TrainError(
+                f"TrainConfig: smoothing={self.smoothing} must be in [0, 1), "
+                f"weight_decay={self.weight_decay} "
+                f"and dselect_entropy={self.dselect_entropy} must be >= 0."
+            )
         if self.warmup < 0 or self.warmup >= min(self.router_steps, self.expert_steps):
             raise TrainError(f"TrainConfig.warmup={self.warmup}: must be >= 0 and below every stage's steps.")
-        choices = {"loss": ("graded", "kl"), "head": ("softmax", "dselect"), "control_budget": ("tokens", "updates"),
-                   "router_preset": ("readme", "tiny")}
+        choices = {
+            "loss": ("graded", "kl"),
+            "head": ("softmax", "dselect"),
+            "control_budget": ("tokens", "updates"),
+            "router_preset": ("readme", "tiny"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainError(f"TrainConfig.{name}={getattr(self, name)!r}: choose one of {allowed}.")
@@ -142,7 +153,7 @@ class TrainConfig:
             raise TrainError("TrainConfig.layerwise=True uses linear per-layer gates: set head='softmax'.")
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
         if name not in TRAIN_PRESETS:
             raise TrainError(f"training preset {name!r} is unknown; choose one of {sorted(TRAIN_PRESETS)}.")
         return cls(**{**TRAIN_PRESETS[name], **overrides})
@@ -151,11 +162,13 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise TrainError(f"training config has unknown keys {unknown}: written by another pregate version?")
+            raise TrainError(
+                f"training config has unknown keys {unknown}: written by another pregate version?"
+            )
         return cls(**data)
 
     def steps(self, kind: str) -> int:
@@ -168,16 +181,38 @@ class TrainConfig:
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's schedule (8 x (100 router + 200 expert steps)); the batch is ours (the paper: ~1B tokens).
-    "paper": dict(rounds=8, router_steps=100, expert_steps=200, batch_size=16, seq_len=1024, tokens_per_domain=524288),
-    # 2 CPU cores, SmolLM2-135M, 7 domains: 57k tokens per model, every pool block seen once; docs/training.md
-    # has the measured time. The router needs tens of steps to beat chance (40 steps at 5e-4: 41-49 % agreement
-    # with the oracle; higher lrs were worse). The expert lr is 4x the paper's: the budget is ~20,000x smaller.
-    "cpu": dict(rounds=2, router_steps=40, expert_steps=16, batch_size=2, seq_len=256, tokens_per_domain=8192,
-                expert_lr=2e-4),
-    "tiny": dict(rounds=2, router_steps=2, expert_steps=2, batch_size=2, seq_len=32, tokens_per_domain=256,
-                 router_preset="tiny", router_lr=1e-2, expert_lr=1e-3),
+    "paper": dict(
+        rounds=8, router_steps=100, expert_steps=200, batch_size=16, seq_len=1024, tokens_per_domain=524288
+    ),
+    # 2 CPU cores, SmolLM2-135M, 7 domains: 57k tokens per model, every pool block seen once;
+    # docs/training.md has the measured time. The router needs tens of steps to beat chance (40 steps at
+    # 5e-4: 41-49 % agreement with the oracle; higher lrs were worse). The expert lr is 4x the paper's:
+    # the budget is ~20,000x smaller.
+    "cpu": dict(
+        rounds=2,
+        router_steps=40,
+        expert_steps=16,
+        batch_size=2,
+        seq_len=256,
+        tokens_per_domain=8192,
+        expert_lr=2e-4,
+    ),
+    "tiny": dict(
+        rounds=2,
+        router_steps=2,
+        expert_steps=2,
+        batch_size=2,
+        seq_len=32,
+        tokens_per_domain=256,
+        router_preset="tiny",
+        router_lr=1e-2,
+        expert_lr=1e-3,
+    ),
 }
-TRAIN_PRESETS["demo"] = {**TRAIN_PRESETS["cpu"], "rounds": 1}  # make demo: ~5 minutes on 2 cores, control included
+TRAIN_PRESETS["demo"] = {
+    **TRAIN_PRESETS["cpu"],
+    "rounds": 1,
+}  # make demo: ~5 minutes on 2 cores, control included
 
 
 # ----------------------------------------------------------------------------------------- data and schedule
@@ -187,7 +222,9 @@ def batch_pool(tokenizer, domains: list[str], cfg: TrainConfig) -> torch.Tensor:
     """Equal train-split block counts of every domain, concatenated -> [N, seq_len] long."""
     from pregate import data
 
-    return torch.cat([data.token_blocks(tokenizer, d, "train", cfg.tokens_per_domain, cfg.seq_len) for d in domains])
+    return torch.cat(
+        [data.token_blocks(tokenizer, d, "train", cfg.tokens_per_domain, cfg.seq_len) for d in domains]
+    )
 
 
 def stage_batches(pool: torch.Tensor, cfg: TrainConfig, round_: int, kind: str) -> Iterator[torch.Tensor]:
@@ -218,7 +255,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, min_ratio: float) -> 
 # ----------------------------------------------------------------------------------------- expert-stage loss
 
 
-def lm_loss(cfg: TrainConfig, model: MoEForCausalLM, ids: torch.Tensor, router: Gate | None, parent: nn.Module | None) -> tuple[torch.Tensor, float]:
+def lm_loss(
+    cfg: TrainConfig, model: MoEForCausalLM, ids: torch.Tensor, router: Gate | None, parent: nn.Module | None
+) -> tuple[torch.Tensor, float]:
     """(optimised loss, causal-LM cross-entropy) of ids [B, n] through the MoE path (or the control)."""
     routing, layer_router = routing_for(router, ids) if router is not None else (None, None)
     logits = model(ids, routing, layer_router)[:, :-1]  # [B, n-1, V]
@@ -227,7 +266,9 @@ def lm_loss(cfg: TrainConfig, model: MoEForCausalLM, ids: torch.Tensor, router: 
         return ce, ce.item()
     with torch.no_grad():
         teacher = F.log_softmax(parent(input_ids=ids).logits[:, :-1].float(), -1)
-    kd = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+    kd = F.kl_div(
+        F.log_softmax(logits, -1).flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean"
+    )
     return (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd, ce.item()
 
 
@@ -237,9 +278,17 @@ def lm_loss(cfg: TrainConfig, model: MoEForCausalLM, ids: torch.Tensor, router: 
 class Trainer:
     """Holds the models, the batch pool and the log; `run_stage` trains one (round, kind) stage."""
 
-    def __init__(self, cfg: TrainConfig, moe: MoEForCausalLM, router: Gate, pool: torch.Tensor,
-                 control: MoEForCausalLM | None = None, parent: nn.Module | None = None, accelerator=None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        moe: MoEForCausalLM,
+        router: Gate,
+        pool: torch.Tensor,
+        control: MoEForCausalLM | None = None,
+        parent: nn.Module | None = None,
+        accelerator=None,
+        progress: bool = True,
+    ):
         from accelerate import Accelerator
 
         self.cfg, self.pool = cfg, pool
@@ -265,8 +314,10 @@ class Trainer:
     def _optimizer(self, module: nn.Module) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
         params = [p for p in module.parameters()]
         module.requires_grad_(True)
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95)), params
 
     def _sync_grads(self, params: list[nn.Parameter]) -> None:
@@ -295,9 +346,18 @@ class Trainer:
         steps = cfg.steps(kind)
         peak = (cfg.router_lr if kind == "router" else cfg.expert_lr) * cfg.round_decay**round_
         opt, params = self._optimizer(module)
-        x0 = round_ * (cfg.router_steps + cfg.expert_steps) + (cfg.router_steps if kind == "expert" or (
-            kind == "control" and cfg.control_budget == "updates") else 0)
-        bar = tqdm(total=steps, desc=f"round {round_ + 1}/{cfg.rounds} {kind}", unit="step", disable=not self.progress, leave=False)
+        x0 = round_ * (cfg.router_steps + cfg.expert_steps) + (
+            cfg.router_steps
+            if kind == "expert" or (kind == "control" and cfg.control_budget == "updates")
+            else 0
+        )
+        bar = tqdm(
+            total=steps,
+            desc=f"round {round_ + 1}/{cfg.rounds} {kind}",
+            unit="step",
+            disable=not self.progress,
+            leave=False,
+        )
         start, tokens, losses = time.perf_counter(), 0, []
         for i, batch in enumerate(stage_batches(self.pool, cfg, round_, kind)):
             ids = self._local(batch)
@@ -307,26 +367,48 @@ class Trainer:
             if kind == "router":
                 loss, metric = router_loss(cfg, self.router, self.moe, ids)
             else:
-                loss, metric = lm_loss(cfg, module, ids, self.router if kind == "expert" else None, self.parent)
+                loss, metric = lm_loss(
+                    cfg, module, ids, self.router if kind == "expert" else None, self.parent
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             self._sync_grads(params)
             opt.step()
             tokens += batch.numel()
-            entry = {"model": "control" if kind == "control" else "moe", "round": round_, "stage": kind, "step": i,
-                     "x": x0 + i, "loss": self._mean(loss.item()), "lr": lr, "tokens": tokens}
+            entry = {
+                "model": "control" if kind == "control" else "moe",
+                "round": round_,
+                "stage": kind,
+                "step": i,
+                "x": x0 + i,
+                "loss": self._mean(loss.item()),
+                "lr": lr,
+                "tokens": tokens,
+            }
             entry["acc" if kind == "router" else "lm"] = self._mean(metric)
             self.log["steps"].append(entry)
             losses.append(entry["loss"])
             rate = tokens / max(1e-9, time.perf_counter() - start)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}",
-                            **({"acc": f"{entry['acc']:.2f}"} if kind == "router" else {}))
+            bar.set_postfix(
+                loss=f"{entry['loss']:.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{rate:.0f}",
+                **({"acc": f"{entry['acc']:.2f}"} if kind == "router" else {}),
+            )
             bar.update()
         bar.close()
         module.requires_grad_(False)
         seconds = time.perf_counter() - start
-        summary = {"round": round_, "stage": kind, "steps": steps, "tokens": tokens, "seconds": round(seconds, 2),
-                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "first_loss": losses[0], "last_loss": losses[-1]}
+        summary = {
+            "round": round_,
+            "stage": kind,
+            "steps": steps,
+            "tokens": tokens,
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+        }
         if kind == "router":
             summary["last_acc"] = self.log["steps"][-1]["acc"]
         self.log["stages"].append(summary)
@@ -341,7 +423,9 @@ def _stage_list(cfg: TrainConfig) -> list[tuple[int, str]]:
     return moe + ([(r, "control") for r in range(cfg.rounds)] if cfg.train_control else [])
 
 
-def write_checkpoint(out: Path, trainer: Trainer, source: Path, state: dict, changed: set[str] | None) -> None:
+def write_checkpoint(
+    out: Path, trainer: Trainer, source: Path, state: dict, changed: set[str] | None
+) -> None:
     """Atomically replace `out` with the current models. changed None: write everything (a new run);
     otherwise the parts in `changed` ("moe", "router", "control") are written and the rest hard-linked
     from the previous checkpoint in `out`."""
@@ -391,9 +475,15 @@ def _new_router(cfg: TrainConfig, moe: MoEForCausalLM) -> Gate:
         overrides["dim"] = cfg.router_dim
     if cfg.router_layers is not None:
         overrides["n_layers"] = cfg.router_layers
-    preset = RouterConfig.preset(cfg.router_preset, vocab_size=base["vocab_size"], num_experts=moe.num_experts, **overrides)
+    preset = RouterConfig.preset(
+        cfg.router_preset, vocab_size=base["vocab_size"], num_experts=moe.num_experts, **overrides
+    )
     overrides["max_seq_len"] = max(preset.max_seq_len, cfg.seq_len)
-    router = PreGatingRouter(RouterConfig.preset(cfg.router_preset, vocab_size=base["vocab_size"], num_experts=moe.num_experts, **overrides))
+    router = PreGatingRouter(
+        RouterConfig.preset(
+            cfg.router_preset, vocab_size=base["vocab_size"], num_experts=moe.num_experts, **overrides
+        )
+    )
     router.init_embedding_from(moe.embed_tokens.weight.float())
     return router
 
@@ -403,11 +493,20 @@ def _load_source(moe_dir: Path, cfg: TrainConfig) -> MoEForCausalLM:
         raise TrainError(f"{moe_dir} does not exist; give a MoE checkpoint written by `pregate refactor`.")
     moe = load_moe(moe_dir, torch.float32)  # raises for foreign checkpoints
     if moe.num_experts == 0:
-        raise TrainError(f"{moe_dir} is a dense checkpoint (0 routed experts), not a pregate MoE; give the refactored MoE directory.")
+        raise TrainError(
+            f"{moe_dir} is a dense checkpoint (0 routed experts), not a pregate MoE; give the refactored "
+            "MoE directory."
+        )
     if cfg.top_k > moe.num_experts:
-        raise TrainError(f"top_k={cfg.top_k} exceeds the {moe.num_experts} routed experts of {moe_dir}; use --top-k <= {moe.num_experts}.")
+        raise TrainError(
+            f"top_k={cfg.top_k} exceeds the {moe.num_experts} routed experts of {moe_dir}; use --top-k <= "
+            f"{moe.num_experts}."
+        )
     if cfg.train_control and not (moe_dir / CONTROL_DIR / CONFIG_FILE).is_file():
-        raise TrainError(f"{moe_dir / CONTROL_DIR} (the same-size dense control) is missing; re-run `pregate refactor` or pass --no-control.")
+        raise TrainError(
+            f"{moe_dir / CONTROL_DIR} (the same-size dense control) is missing; re-run `pregate refactor` "
+            "or pass --no-control."
+        )
     return moe
 
 
@@ -417,13 +516,24 @@ def read_state(out: str | Path) -> dict:
     if not out.is_dir():
         raise TrainError(f"--resume: {out} does not exist; start a new run without --resume.")
     if not (out / STATE_FILE).is_file():
-        raise TrainError(f"--resume: {out} has no {STATE_FILE}: it is not a `pregate train` output directory.")
+        raise TrainError(
+            f"--resume: {out} has no {STATE_FILE}: it is not a `pregate train` output directory."
+        )
     return json.loads((out / STATE_FILE).read_text())
 
 
-def train(moe_dir: str | Path, out: str | Path, cfg: TrainConfig | None = None, *, resume: bool = False,
-          force: bool = False, cache: str | None = None, progress: bool = True, accelerator=None,
-          stop_after: int | None = None) -> Path:
+def train(
+    moe_dir: str | Path,
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    cache: str | None = None,
+    progress: bool = True,
+    accelerator=None,
+    stop_after: int | None = None,
+) -> Path:
     """Train the router and experts of `moe_dir` (and its control) into `out`; returns `out`.
 
     resume=True continues `out` after its last completed stage; cfg None means the saved config, and a
@@ -438,12 +548,18 @@ def train(moe_dir: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
         saved = TrainConfig.from_dict(state["config"])
         if cfg is not None and cfg != saved:
             diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
-            raise TrainError(f"--resume: options differ from the run in {out} (saved, given): {diff}; drop them or start anew.")
+            raise TrainError(
+                f"--resume: options differ from the run in {out} (saved, given): {diff}; drop them or "
+                "start anew."
+            )
         cfg = saved
         if Path(state["source"]) != moe_dir:
             raise TrainError(f"--resume: {out} was trained from {state['source']}, not {moe_dir}.")
     elif out.exists() and not force:
-        raise TrainError(f"{out} already exists; choose another --out, pass --resume to continue it or --force to replace it.")
+        raise TrainError(
+            f"{out} already exists; choose another --out, pass --resume to continue it or --force to "
+            "replace it."
+        )
     cfg = cfg or TrainConfig.preset("cpu")
     moe = _load_source(moe_dir, cfg)
     from transformers import AutoTokenizer
@@ -467,7 +583,11 @@ def train(moe_dir: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
     provenance = {"parent": str(moe_dir), "training": cfg.to_dict()}
     moe.config.provenance = {**moe.config.provenance, **provenance}
     if control is not None:
-        control.config.provenance = {**control.config.provenance, **provenance, "parent": str(moe_dir / CONTROL_DIR)}
+        control.config.provenance = {
+            **control.config.provenance,
+            **provenance,
+            "parent": str(moe_dir / CONTROL_DIR),
+        }
     trainer = Trainer(cfg, moe, router, pool, control, parent, accelerator, progress)
     if state is not None and (out / LOG_FILE).is_file():
         saved_log = json.loads((out / LOG_FILE).read_text())
@@ -483,8 +603,13 @@ def train(moe_dir: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
         changed = {"router"} if kind == "router" else {"moe"} if kind == "expert" else {"control"}
         if state is None and index == 0:
             changed = None  # a new run: write everything, link nothing from a replaced --force directory
-        new_state = {"source": str(moe_dir), "config": cfg.to_dict(), "stages": names, "stages_done": index + 1,
-                     "num_processes": trainer.acc.num_processes}
+        new_state = {
+            "source": str(moe_dir),
+            "config": cfg.to_dict(),
+            "stages": names,
+            "stages_done": index + 1,
+            "num_processes": trainer.acc.num_processes,
+        }
         if trainer.acc.is_main_process:
             write_checkpoint(out, trainer, moe_dir, new_state, changed)
         trainer.acc.wait_for_everyone()

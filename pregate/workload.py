@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from pregate.errors import PregateError
 from pregate.packages import package_file
@@ -150,7 +150,11 @@ def sharegpt_workload(
     the reference response's token count clipped to [1, max_output_tokens]. Request ids are
     ``sharegpt-<i>`` in arrival order.
     """
-    for name, v in (("n", n), ("max_prompt_tokens", max_prompt_tokens), ("max_output_tokens", max_output_tokens)):
+    for name, v in (
+        ("n", n),
+        ("max_prompt_tokens", max_prompt_tokens),
+        ("max_output_tokens", max_output_tokens),
+    ):
         if not isinstance(v, int) or v < 1:
             raise WorkloadError(f"{name}={v!r} must be an integer >= 1")
     arrivals = poisson_arrivals(n, rate, seed)
@@ -202,8 +206,11 @@ def synthetic_workload(
     rng = random.Random(f"synthetic-{seed}")
     return [
         WorkloadRequest(
-            f"synthetic-{i}", " ".join(rng.choice(_WORDS) for _ in range(prompt_len)), output_len,
-            arrivals[i], prompt_tokens=prompt_len,
+            f"synthetic-{i}",
+            " ".join(rng.choice(_WORDS) for _ in range(prompt_len)),
+            output_len,
+            arrivals[i],
+            prompt_tokens=prompt_len,
         )
         for i in range(n)
     ]
@@ -233,7 +240,9 @@ def _check_line(d: object, where: str) -> WorkloadRequest:
         raise WorkloadError(f"{where}: missing field(s) {', '.join(missing)}")
     unknown = sorted(set(d) - _FIELDS)
     if unknown:
-        raise WorkloadError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
+        raise WorkloadError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}"
+        )
     if not isinstance(d["request_id"], str) or not isinstance(d["prompt"], str):
         raise WorkloadError(f"{where}: request_id and prompt must be strings")
     if not isinstance(d["output_len"], int) or d["output_len"] < 1:
@@ -241,7 +250,9 @@ def _check_line(d: object, where: str) -> WorkloadRequest:
     t = d.get("arrival_time", 0.0)
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
         raise WorkloadError(f"{where}: arrival_time={t!r} must be a finite number >= 0")
-    if d.get("prompt_tokens") is not None and (not isinstance(d["prompt_tokens"], int) or d["prompt_tokens"] < 0):
+    if d.get("prompt_tokens") is not None and (
+        not isinstance(d["prompt_tokens"], int) or d["prompt_tokens"] < 0
+    ):
         raise WorkloadError(f"{where}: prompt_tokens={d['prompt_tokens']!r} must be an integer >= 0")
     for k in ("prompt_experts", "output_experts"):
         v = d.get(k)

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 from pregate.errors import PregateError
 
-DESCRIPTION = "Refactor a dense LLM into a router-decoupled Mixture of Experts (Read-ME) and serve it with pre-gating."
+DESCRIPTION = (
+    "Refactor a dense LLM into a router-decoupled Mixture of Experts (Read-ME) and serve it with pre-gating."
+)
 
 GROUPS = {
     "eval": "evaluate quality",
@@ -27,7 +29,11 @@ GROUPS = {
 
 # (path, help, "module:add function"), in the order `pregate --help` lists them
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("data",), "list the domain corpora, their sources and sizes, and which are stand-ins", "quality:add_data"),
+    (
+        ("data",),
+        "list the domain corpora, their sources and sizes, and which are stand-ins",
+        "quality:add_data",
+    ),
     (
         ("refactor",),
         "turn a dense model into a MoE checkpoint (activation statistics -> experts)",
@@ -137,7 +143,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         if len(path) == 2:
             if path[0] not in groups:
                 group = sub.add_parser(path[0], help=GROUPS[path[0]])
-                groups[path[0]] = group.add_subparsers(dest=f"{path[0]}_command", required=True, metavar="KIND")
+                groups[path[0]] = group.add_subparsers(
+                    dest=f"{path[0]}_command", required=True, metavar="KIND"
+                )
             parent = groups[path[0]]
         p = parent.add_parser(path[-1], help=help, description=help)
         if named is None or named[: len(path)] == path:

@@ -43,15 +43,23 @@ def add_bench_cache(p) -> None:
     p.add_argument("model", help="a MoE checkpoint directory")
     add_json(p)
     add_resident_experts(
-        p, many=True, default=d.capacities,
+        p,
+        many=True,
+        default=d.capacities,
         help=f"cache capacities k to compare, in whole experts (default {' '.join(map(str, d.capacities))})",
     )
     p.add_argument(
-        "--bandwidth", type=float, default=d.bandwidth,
+        "--bandwidth",
+        type=float,
+        default=d.bandwidth,
         help=f"bytes/s cap of the emulated slow tier (default {d.bandwidth:g})",
     )
-    p.add_argument("--depth", type=positive_int, default=d.depth, help=f"layers prefetched ahead (default {d.depth})")
-    p.add_argument("--router", help="directory of a trained router (default: the model's, else oracle routing)")
+    p.add_argument(
+        "--depth", type=positive_int, default=d.depth, help=f"layers prefetched ahead (default {d.depth})"
+    )
+    p.add_argument(
+        "--router", help="directory of a trained router (default: the model's, else oracle routing)"
+    )
     p.add_argument("--no-measure", action="store_true", help="only the cache simulation, no model runs")
     _add_cache_workload(p)
     _add_cache_scheduler(p)
@@ -62,9 +70,16 @@ def cmd_bench_cache(args) -> None:
     from pregate.cache_bench import CacheBenchConfig, bench_cache, format_cache_table
 
     cfg = CacheBenchConfig(
-        requests=args.requests, max_prompt=args.max_prompt, max_output=args.max_output, seed=args.seed,
-        capacities=tuple(args.resident_experts), bandwidth=args.bandwidth, depth=args.depth,
-        scheduler=scheduler_config(args), router=args.router, measure=not args.no_measure,
+        requests=args.requests,
+        max_prompt=args.max_prompt,
+        max_output=args.max_output,
+        seed=args.seed,
+        capacities=tuple(args.resident_experts),
+        bandwidth=args.bandwidth,
+        depth=args.depth,
+        scheduler=scheduler_config(args),
+        router=args.router,
+        measure=not args.no_measure,
     )
     out_dir = Path(args.json).parent if args.json else None
     result = bench_cache(args.model, cfg, out_dir)
@@ -79,7 +94,9 @@ def cmd_bench_cache(args) -> None:
 
 
 def add_trace_route(p) -> None:
-    p.add_argument("model", help="a MoE checkpoint directory (its trained router is used, else oracle routing)")
+    p.add_argument(
+        "model", help="a MoE checkpoint directory (its trained router is used, else oracle routing)"
+    )
     p.add_argument("--out", required=True, help="output JSONL trace")
     p.add_argument("--router", help="directory of a trained router (default: the model's own)")
     _add_cache_workload(p)
@@ -90,7 +107,9 @@ def cmd_trace_route(args) -> None:
     from pregate.cache_bench import route_sharegpt
     from pregate.workload import save_trace
 
-    requests, how = route_sharegpt(args.model, args.requests, args.max_prompt, args.max_output, args.seed, args.router)
+    requests, how = route_sharegpt(
+        args.model, args.requests, args.max_prompt, args.max_output, args.seed, args.router
+    )
     save_trace(args.out, [r.trace for r in requests])
     print(f"wrote {args.out}: {len(requests)} ShareGPT requests, {how}")
 
@@ -127,7 +146,10 @@ def cmd_trace_export(args) -> None:
         traces = [r.trace for r in routed]
     steps = scheduled_steps(traces, scheduler_config(args))
     path = write_references(args.out, steps, moe_cfg.num_layers, moe_cfg.num_experts, args.unit)
-    print(f"wrote {path}: {len(steps)} steps, unit {args.unit} (format: see pregate.references.write_references)")
+    print(
+        f"wrote {path}: {len(steps)} steps, unit {args.unit} (format: see "
+        "pregate.references.write_references)"
+    )
 
 
 # ----------------------------------------------------------------------------------------- simulate
@@ -141,7 +163,9 @@ def add_simulate(p) -> None:
     d = _cache_bench_defaults()
     p.add_argument("trace", help="a routed trace JSONL (prompt_experts and output_experts per request)")
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), default="llama2-7b-a100",
+        "--preset",
+        choices=sorted(PRESETS),
+        default="llama2-7b-a100",
         help="documented cost model (default llama2-7b-a100)",
     )
     p.add_argument(
@@ -150,24 +174,31 @@ def add_simulate(p) -> None:
         "(fitted to its measured engine steps); overrides --preset",
     )
     p.add_argument(
-        "--policies", nargs="+", choices=SCHEDULING_POLICIES,
+        "--policies",
+        nargs="+",
+        choices=SCHEDULING_POLICIES,
         help="compare these batching policies instead (every expert resident, no offloading)",
     )
     p.add_argument(
-        "--rate", type=float,
+        "--rate",
+        type=float,
         help="with --policies: Poisson arrivals at this many requests/s (default: the trace's times)",
     )
     p.add_argument("--requests", type=positive_int, help="use only the first N requests of the trace")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     add_resident_experts(
-        p, many=True, default=d.capacities,
+        p,
+        many=True,
+        default=d.capacities,
         help=f"cache capacities k, in units (default {' '.join(map(str, d.capacities))})",
     )
     p.add_argument("--unit", choices=UNITS, default="expert")
     p.add_argument(
         "--cache-policy", choices=EVICTION_POLICIES, default="belady", help="eviction policy (default belady)"
     )
-    p.add_argument("--depth", type=positive_int, default=d.depth, help=f"layers prefetched ahead (default {d.depth})")
+    p.add_argument(
+        "--depth", type=positive_int, default=d.depth, help=f"layers prefetched ahead (default {d.depth})"
+    )
     add_json(p)
     _add_cache_scheduler(p)
     p.set_defaults(func=cmd_simulate)
@@ -208,12 +239,16 @@ def _compare_policies(args, cost, traces) -> None:
     result = compare_policies(traces, cost, args.policies, scfg, args.rate, args.seed)
     arrivals = "trace arrival times" if args.rate is None else f"Poisson {args.rate} req/s (seed {args.seed})"
     print(
-        f"{len(traces)} requests, {arrivals}, token budget {scfg.token_budget}, max running {scfg.max_running}, "
+        f"{len(traces)} requests, {arrivals}, token budget {scfg.token_budget}, max running "
+        f"{scfg.max_running}, "
         "every expert resident (normalized latency in ms/token, simulated)"
     )
     baseline = "decode-first" if "decode-first" in args.policies else args.policies[0]
     print(format_policy_table(result, baseline))
-    write_json(args.json, {"cost_model": cost.to_dict(), "rate": args.rate, "requests": len(traces), "policies": result})
+    write_json(
+        args.json,
+        {"cost_model": cost.to_dict(), "rate": args.rate, "requests": len(traces), "policies": result},
+    )
 
 
 def _sweep_capacities(args, cost, traces) -> None:
@@ -225,11 +260,17 @@ def _sweep_capacities(args, cost, traces) -> None:
     for k in args.resident_experts:
         for prefetch in (False, True):
             sim_cfg = SimConfig(
-                capacity=k, unit=args.unit, policy=args.cache_policy, prefetch=prefetch, depth=args.depth,
+                capacity=k,
+                unit=args.unit,
+                policy=args.cache_policy,
+                prefetch=prefetch,
+                depth=args.depth,
                 scheduler=scfg,
             )
             r = simulate(traces, cost, sim_cfg)
             nl = r.summary["normalized_latency"]["mean"]
             rows.append({"k": k, "prefetch": prefetch, **r.to_dict()})
-            print(f"{k:<3d} {str(prefetch):<9s} {100 * r.cache.hit_ratio:6.1f}%    {nl:<28.4g}  {r.stall_s:.3g}")
+            print(
+                f"{k:<3d} {str(prefetch):<9s} {100 * r.cache.hit_ratio:6.1f}%    {nl:<28.4g}  {r.stall_s:.3g}"
+            )
     write_json(args.json, {"cost_model": cost.to_dict(), "runs": rows})

@@ -27,7 +27,9 @@ def positive_int(text: str) -> int:
 def add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
     """`--json FILE` means the same in every command: also write `what` there; plots and traces, where a
     command makes any, go beside it. Without it a command prints its table and writes nothing."""
-    p.add_argument("--json", metavar="FILE", help=f"also write {what} as JSON to FILE (plots, if any, beside it)")
+    p.add_argument(
+        "--json", metavar="FILE", help=f"also write {what} as JSON to FILE (plots, if any, beside it)"
+    )
 
 
 def write_json(path: str | None, obj: dict) -> None:
@@ -72,7 +74,9 @@ def add_dtype(p: argparse.ArgumentParser, default: str, help: str = "weight dtyp
     p.add_argument("--dtype", choices=DTYPES, default=default, help=f"{help} (default {default})")
 
 
-def add_resident_experts(p: argparse.ArgumentParser, many: bool = False, default=None, help: str = "") -> None:
+def add_resident_experts(
+    p: argparse.ArgumentParser, many: bool = False, default=None, help: str = ""
+) -> None:
     """One name for the expert-cache capacity k, in whole experts: one value (`serve`) or a sweep."""
     kw = {"nargs": "+", "default": list(default)} if many else {"default": default}
     p.add_argument("--resident-experts", metavar="K", type=positive_int, help=help, **kw)
@@ -88,30 +92,46 @@ def add_scheduler_options(
     g = p.add_argument_group("scheduling")
     if policy:
         g.add_argument(
-            "--policy", choices=SCHEDULING_POLICIES, default=d.policy, help=f"batching policy (default {d.policy})"
+            "--policy",
+            choices=SCHEDULING_POLICIES,
+            default=d.policy,
+            help=f"batching policy (default {d.policy})",
         )
     g.add_argument(
-        "--token-budget", type=positive_int, default=d.token_budget,
+        "--token-budget",
+        type=positive_int,
+        default=d.token_budget,
         help=f"tokens per step, prefill and decode (default {d.token_budget})",
     )
     g.add_argument(
-        "--max-running", type=positive_int, default=d.max_running,
+        "--max-running",
+        type=positive_int,
+        default=d.max_running,
         help=f"requests running at once (default {d.max_running})",
     )
     g.add_argument(
-        "--kv-capacity", type=positive_int, default=d.kv_capacity_tokens,
+        "--kv-capacity",
+        type=positive_int,
+        default=d.kv_capacity_tokens,
         help=f"KV-cache budget in tokens over running requests (default {d.kv_capacity_tokens})",
     )
     g.add_argument(
-        "--prefill-chunk", type=positive_int, default=d.prefill_chunk,
+        "--prefill-chunk",
+        type=positive_int,
+        default=d.prefill_chunk,
         help=f"longest prefill chunk of one request in a step (default {d.prefill_chunk})",
     )
     g.add_argument(
-        "--max-wait-steps", type=int, default=d.max_wait_steps,
-        help=f"expert-aware: most consecutive steps a decoding request is skipped (default {d.max_wait_steps})",
+        "--max-wait-steps",
+        type=int,
+        default=d.max_wait_steps,
+        help="expert-aware: most consecutive steps a decoding request is skipped (default "
+        f"{d.max_wait_steps})",
     )
     g.add_argument(
-        "--min-queue-tokens", type=positive_int, default=d.min_queue_tokens,
+        "--min-queue-tokens",
+        type=positive_int,
+        default=d.min_queue_tokens,
         help="expert-aware: expert queues below this many tokens wait once a step is half full "
         f"(default {d.min_queue_tokens}; 1 = never)",
     )
@@ -138,16 +158,24 @@ def scheduler_budgets(args: argparse.Namespace) -> dict:
     return fields
 
 
-def add_workload_options(p: argparse.ArgumentParser, requests: int, max_prompt: int, max_output: int,
-                         seed: int = 0) -> None:
+def add_workload_options(
+    p: argparse.ArgumentParser, requests: int, max_prompt: int, max_output: int, seed: int = 0
+) -> None:
     """The ShareGPT workload: how many requests and how long their prompts and outputs may be."""
     g = p.add_argument_group("workload")
-    g.add_argument("--requests", type=positive_int, default=requests, help=f"ShareGPT requests (default {requests})")
     g.add_argument(
-        "--max-prompt", type=positive_int, default=max_prompt, help=f"longest prompt in tokens (default {max_prompt})"
+        "--requests", type=positive_int, default=requests, help=f"ShareGPT requests (default {requests})"
     )
     g.add_argument(
-        "--max-output", type=positive_int, default=max_output,
+        "--max-prompt",
+        type=positive_int,
+        default=max_prompt,
+        help=f"longest prompt in tokens (default {max_prompt})",
+    )
+    g.add_argument(
+        "--max-output",
+        type=positive_int,
+        default=max_output,
         help=f"reference output tokens kept (default {max_output})",
     )
     g.add_argument("--seed", type=int, default=seed, help=f"seed of the sample (default {seed})")

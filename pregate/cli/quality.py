@@ -48,28 +48,43 @@ _REFACTOR_FLAGS = ("domains", "tokens_per_domain", "block_len", "remain_rate", "
 def add_refactor(p) -> None:
     from pregate.refactor import REFACTOR_PRESETS
 
-    p.add_argument("base", help="base model: a packaged name (smollm2-135m), a .gguf file or a HF checkpoint directory")
-    p.add_argument("--out", required=True, help="output checkpoint directory (refused if it exists, unless --force)")
     p.add_argument(
-        "--preset", choices=sorted(REFACTOR_PRESETS), default="paper",
+        "base", help="base model: a packaged name (smollm2-135m), a .gguf file or a HF checkpoint directory"
+    )
+    p.add_argument(
+        "--out", required=True, help="output checkpoint directory (refused if it exists, unless --force)"
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(REFACTOR_PRESETS),
+        default="paper",
         help="starting values for the options below (default: paper)",
     )
     p.add_argument("--domains", nargs="+", help="domains whose experts to extract (default: all seven)")
     p.add_argument(
-        "--tokens-per-domain", type=positive_int,
+        "--tokens-per-domain",
+        type=positive_int,
         help="train-split tokens per domain for the statistics (paper: 65536)",
     )
     p.add_argument("--block-len", type=positive_int, help="tokens per statistics block (default 512)")
     p.add_argument(
-        "--remain-rate", type=float, help="fraction of MLP channels each domain keeps, in (0, 1] (default 0.5)"
+        "--remain-rate",
+        type=float,
+        help="fraction of MLP channels each domain keeps, in (0, 1] (default 0.5)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights (default bfloat16)"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights (default bfloat16)",
     )
-    p.add_argument("--batch-size", type=positive_int, help="blocks per forward pass while collecting statistics")
     p.add_argument(
-        "--force", action="store_true", help="replace --out if it exists (only once the new checkpoint is complete)"
+        "--batch-size", type=positive_int, help="blocks per forward pass while collecting statistics"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists (only once the new checkpoint is complete)",
     )
     add_domains(p)
     add_cache(p)
@@ -87,7 +102,9 @@ def cmd_refactor(args) -> None:
             base[key] = value
     custom = register_domains(args.add_domain)
     if custom and args.domains is None:
-        raise PregateError("with --add-domain, also list the experts' domains with --domains (built-in and your own)")
+        raise PregateError(
+            "with --add-domain, also list the experts' domains with --domains (built-in and your own)"
+        )
     cfg = RefactorConfig(**base)
     out = refactor(args.base, args.out, cfg, force=args.force, cache=args.cache_dir, custom_domains=custom)
     record = json.loads((out / RECORD_FILE).read_text())
@@ -111,9 +128,13 @@ def add_eval_ppl(p) -> None:
     d = PplConfig()
     p.add_argument("model", help="a MoE checkpoint directory written by `pregate refactor`")
     add_json(p)
-    p.add_argument("--domains", nargs="+", help="domains to evaluate (default: the checkpoint's expert domains)")
     p.add_argument(
-        "--tokens-per-domain", type=positive_int, default=d.tokens_per_domain,
+        "--domains", nargs="+", help="domains to evaluate (default: the checkpoint's expert domains)"
+    )
+    p.add_argument(
+        "--tokens-per-domain",
+        type=positive_int,
+        default=d.tokens_per_domain,
         help=f"test-split tokens per domain (default {d.tokens_per_domain})",
     )
     p.add_argument("--block-len", type=positive_int, default=d.block_len, help=f"default {d.block_len}")
@@ -145,27 +166,35 @@ def cmd_eval_ppl(args) -> None:
 def add_eval_tasks(p) -> None:
     from pregate.tasks import DEFAULT_LIMIT, DEFAULT_LIMITS, DEFAULT_TASKS
 
-    p.add_argument("model", help="a MoE checkpoint (`pregate refactor`/`train` output) or a base model (dense only)")
+    p.add_argument(
+        "model", help="a MoE checkpoint (`pregate refactor`/`train` output) or a base model (dense only)"
+    )
     add_json(p)
     p.add_argument(
-        "--tasks", nargs="+", default=list(DEFAULT_TASKS),
+        "--tasks",
+        nargs="+",
+        default=list(DEFAULT_TASKS),
         help=f"tasks (default: {' '.join(DEFAULT_TASKS)}); mmlu_<subject> for one MMLU subject",
     )
     p.add_argument(
-        "--variants", nargs="+",
+        "--variants",
+        nargs="+",
         help="subset of: dense moe_router control_trained control moe_random "
         "(default: those of dense moe_router control_trained the checkpoint has)",
     )
     p.add_argument(
-        "--limit", type=int,
-        help=f"first N documents of every task (MMLU: per subject); default {DEFAULT_LIMITS['mmlu']} per MMLU "
+        "--limit",
+        type=int,
+        help=f"first N documents of every task (MMLU: per subject); default {DEFAULT_LIMITS['mmlu']} per "
+        "MMLU "
         f"subject, {DEFAULT_LIMITS['coqa']} for coqa, {DEFAULT_LIMIT} otherwise (a 2-core CPU budget, "
         "docs/evaluation.md)",
     )
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random routing")
     p.add_argument(
-        "--check-hf", action="store_true",
+        "--check-hf",
+        action="store_true",
         help="instead: compare the dense variant with lm-eval's own `hf` backend on the parent checkpoint "
         "(per-item log-likelihoods and accuracies; --limit default 20)",
     )
@@ -180,8 +209,13 @@ def cmd_eval_tasks(args) -> None:
         _check_hf(args)
         return
     result = evaluate_tasks(
-        args.model, args.tasks, args.variants, limit=args.limit, batch_size=args.batch_size,
-        cache=args.cache_dir, seed=args.seed,
+        args.model,
+        args.tasks,
+        args.variants,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        cache=args.cache_dir,
+        seed=args.seed,
     )
     print(format_tasks_table(result))
     print()
@@ -208,8 +242,19 @@ def _check_hf(args) -> None:
 # ----------------------------------------------------------------------------------------- train
 
 _TRAIN_FLAGS = (
-    "rounds", "router_steps", "expert_steps", "batch_size", "seq_len", "router_lr", "expert_lr",
-    "head", "top_k", "loss", "tokens_per_domain", "seed", "control_budget",
+    "rounds",
+    "router_steps",
+    "expert_steps",
+    "batch_size",
+    "seq_len",
+    "router_lr",
+    "expert_lr",
+    "head",
+    "top_k",
+    "loss",
+    "tokens_per_domain",
+    "seed",
+    "control_budget",
 )
 
 
@@ -228,18 +273,27 @@ def add_train(p) -> None:
     p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--router-lr", type=float, help="peak router lr of round 1 (default 5e-4)")
     p.add_argument("--expert-lr", type=float, help="peak backbone lr of round 1 (default 5e-5)")
-    p.add_argument("--head", choices=["softmax", "dselect"], help="router head (dselect: DSelect-k, use with --top-k)")
+    p.add_argument(
+        "--head", choices=["softmax", "dselect"], help="router head (dselect: DSelect-k, use with --top-k)"
+    )
     p.add_argument("--top-k", type=positive_int, help="experts per token")
     p.add_argument("--loss", choices=["graded", "kl"], help="router distillation loss (default graded)")
-    p.add_argument("--tokens-per-domain", type=positive_int, help="train-split tokens per domain in the batch pool")
+    p.add_argument(
+        "--tokens-per-domain", type=positive_int, help="train-split tokens per domain in the batch pool"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--layerwise", action="store_true", help="train per-layer gates (baseline) instead of the pre-gating router"
+        "--layerwise",
+        action="store_true",
+        help="train per-layer gates (baseline) instead of the pre-gating router",
     )
-    p.add_argument("--distill", action="store_true", help="expert stages also distil the dense parent's logits")
+    p.add_argument(
+        "--distill", action="store_true", help="expert stages also distil the dense parent's logits"
+    )
     p.add_argument("--no-control", action="store_true", help="do not train the same-size dense control")
     p.add_argument(
-        "--control-budget", choices=["tokens", "updates"],
+        "--control-budget",
+        choices=["tokens", "updates"],
         help="tokens (default): the control trains on the router- and expert-stage batches; updates: on the "
         "expert-stage batches only (as many backbone updates as the MoE)",
     )
@@ -282,9 +336,15 @@ def cmd_train(args) -> None:
 
 def add_export(p) -> None:
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router + tokenizer)")
-    p.add_argument("--out", required=True, help="output directory (refused if it exists and is not empty, unless --force)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (refused if it exists and is not empty, unless --force)",
+    )
     p.add_argument("--router", help="directory holding the router, if not the model's own")
-    p.add_argument("--force", action="store_true", help="replace --out (only once the new export is complete)")
+    p.add_argument(
+        "--force", action="store_true", help="replace --out (only once the new export is complete)"
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -310,20 +370,30 @@ def add_analyze(p) -> None:
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
     p.add_argument("--out", required=True, help="directory for analysis.json and the PNG figures")
     p.add_argument(
-        "--layerwise", metavar="DIR",
+        "--layerwise",
+        metavar="DIR",
         help="a `pregate train --layerwise` output trained from the same refactored model "
         "(without it the layer-wise gate analyses are skipped)",
     )
-    p.add_argument("--domains", nargs="+", help="domains whose test split to route (default: the experts' domains)")
     p.add_argument(
-        "--tokens-per-domain", type=positive_int, default=d.tokens_per_domain,
+        "--domains", nargs="+", help="domains whose test split to route (default: the experts' domains)"
+    )
+    p.add_argument(
+        "--tokens-per-domain",
+        type=positive_int,
+        default=d.tokens_per_domain,
         help=f"test-split tokens per domain (default {d.tokens_per_domain}, the paper's sample size)",
     )
     p.add_argument(
-        "--block-len", type=positive_int, default=d.block_len, help=f"tokens per block (default {d.block_len})"
+        "--block-len",
+        type=positive_int,
+        default=d.block_len,
+        help=f"tokens per block (default {d.block_len})",
     )
     p.add_argument(
-        "--batch-size", type=positive_int, default=d.batch_size,
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
         help=f"blocks per forward pass (default {d.batch_size})",
     )
     add_domains(p)
@@ -353,7 +423,9 @@ def cmd_analyze(args) -> None:
 
 
 def add_demo(p) -> None:
-    p.add_argument("--out", default="runs/demo", help="where checkpoints, JSON and plots go (default runs/demo)")
+    p.add_argument(
+        "--out", default="runs/demo", help="where checkpoints, JSON and plots go (default runs/demo)"
+    )
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     add_cache(p)
     p.set_defaults(func=cmd_demo)
