@@ -10,9 +10,11 @@ from pathlib import Path
 
 from pregate.cli.options import (
     add_json,
+    add_option,
     add_resident_experts,
     add_scheduler_options,
     add_workload_options,
+    config_from_args,
     positive_int,
     scheduler_config,
     write_json,
@@ -54,9 +56,7 @@ def add_bench_cache(p) -> None:
         default=d.bandwidth,
         help=f"bytes/s cap of the emulated slow tier (default {d.bandwidth:g})",
     )
-    p.add_argument(
-        "--depth", type=positive_int, default=d.depth, help=f"layers prefetched ahead (default {d.depth})"
-    )
+    add_option(p, "--depth", d.depth, "layers prefetched ahead", type=positive_int)
     p.add_argument(
         "--router", help="directory of a trained router (default: the model's, else oracle routing)"
     )
@@ -69,16 +69,11 @@ def add_bench_cache(p) -> None:
 def cmd_bench_cache(args) -> None:
     from pregate.cache_bench import CacheBenchConfig, bench_cache, format_cache_table
 
-    cfg = CacheBenchConfig(
-        requests=args.requests,
-        max_prompt=args.max_prompt,
-        max_output=args.max_output,
-        seed=args.seed,
+    cfg = config_from_args(
+        CacheBenchConfig,
+        args,
         capacities=tuple(args.resident_experts),
-        bandwidth=args.bandwidth,
-        depth=args.depth,
         scheduler=scheduler_config(args),
-        router=args.router,
         measure=not args.no_measure,
     )
     out_dir = Path(args.json).parent if args.json else None
@@ -196,9 +191,7 @@ def add_simulate(p) -> None:
     p.add_argument(
         "--cache-policy", choices=EVICTION_POLICIES, default="belady", help="eviction policy (default belady)"
     )
-    p.add_argument(
-        "--depth", type=positive_int, default=d.depth, help=f"layers prefetched ahead (default {d.depth})"
-    )
+    add_option(p, "--depth", d.depth, "layers prefetched ahead", type=positive_int)
     add_json(p)
     _add_cache_scheduler(p)
     p.set_defaults(func=cmd_simulate)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from pregate.errors import PregateError
@@ -22,6 +22,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def add_option(p, flag: str, default, help: str, **kw) -> None:
+    """`p.add_argument(flag, default=default, ...)` whose help ends with the default it shows."""
+    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+    p.add_argument(flag, default=default, help=f"{help} (default {shown})", **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace, **given):
+    """A `cls` dataclass from the parsed flags named like its fields, then `given` (values whose flag has
+    another name or is derived, e.g. dense=not args.no_dense)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **given})
 
 
 def add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
@@ -97,29 +110,21 @@ def add_scheduler_options(
             default=d.policy,
             help=f"batching policy (default {d.policy})",
         )
-    g.add_argument(
-        "--token-budget",
-        type=positive_int,
-        default=d.token_budget,
-        help=f"tokens per step, prefill and decode (default {d.token_budget})",
-    )
-    g.add_argument(
-        "--max-running",
-        type=positive_int,
-        default=d.max_running,
-        help=f"requests running at once (default {d.max_running})",
-    )
-    g.add_argument(
+    add_option(g, "--token-budget", d.token_budget, "tokens per step, prefill and decode", type=positive_int)
+    add_option(g, "--max-running", d.max_running, "requests running at once", type=positive_int)
+    add_option(
+        g,
         "--kv-capacity",
+        d.kv_capacity_tokens,
+        "KV-cache budget in tokens over running requests",
         type=positive_int,
-        default=d.kv_capacity_tokens,
-        help=f"KV-cache budget in tokens over running requests (default {d.kv_capacity_tokens})",
     )
-    g.add_argument(
+    add_option(
+        g,
         "--prefill-chunk",
+        d.prefill_chunk,
+        "longest prefill chunk of one request in a step",
         type=positive_int,
-        default=d.prefill_chunk,
-        help=f"longest prefill chunk of one request in a step (default {d.prefill_chunk})",
     )
     g.add_argument(
         "--max-wait-steps",
@@ -163,19 +168,7 @@ def add_workload_options(
 ) -> None:
     """The ShareGPT workload: how many requests and how long their prompts and outputs may be."""
     g = p.add_argument_group("workload")
-    g.add_argument(
-        "--requests", type=positive_int, default=requests, help=f"ShareGPT requests (default {requests})"
-    )
-    g.add_argument(
-        "--max-prompt",
-        type=positive_int,
-        default=max_prompt,
-        help=f"longest prompt in tokens (default {max_prompt})",
-    )
-    g.add_argument(
-        "--max-output",
-        type=positive_int,
-        default=max_output,
-        help=f"reference output tokens kept (default {max_output})",
-    )
-    g.add_argument("--seed", type=int, default=seed, help=f"seed of the sample (default {seed})")
+    add_option(g, "--requests", requests, "ShareGPT requests", type=positive_int)
+    add_option(g, "--max-prompt", max_prompt, "longest prompt in tokens", type=positive_int)
+    add_option(g, "--max-output", max_output, "reference output tokens kept", type=positive_int)
+    add_option(g, "--seed", seed, "seed of the sample", type=int)

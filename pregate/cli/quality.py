@@ -10,6 +10,8 @@ from pregate.cli.options import (
     add_cache,
     add_domains,
     add_json,
+    add_option,
+    config_from_args,
     positive_int,
     register_domains,
     write_json,
@@ -131,16 +133,13 @@ def add_eval_ppl(p) -> None:
     p.add_argument(
         "--domains", nargs="+", help="domains to evaluate (default: the checkpoint's expert domains)"
     )
-    p.add_argument(
-        "--tokens-per-domain",
-        type=positive_int,
-        default=d.tokens_per_domain,
-        help=f"test-split tokens per domain (default {d.tokens_per_domain})",
+    add_option(
+        p, "--tokens-per-domain", d.tokens_per_domain, "test-split tokens per domain", type=positive_int
     )
     p.add_argument("--block-len", type=positive_int, default=d.block_len, help=f"default {d.block_len}")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--variants", nargs="+", help=f"subset of: {' '.join(PPL_VARIANTS)}")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the random routing (default {d.seed})")
+    add_option(p, "--seed", d.seed, "seed of the random routing", type=int)
     add_domains(p)
     add_cache(p)
     p.set_defaults(func=cmd_eval_ppl)
@@ -150,14 +149,7 @@ def cmd_eval_ppl(args) -> None:
     from pregate.evaluate import PplConfig, evaluate_ppl, format_ppl_table
 
     register_domains(args.add_domain)
-    cfg = PplConfig(
-        domains=args.domains,
-        tokens_per_domain=args.tokens_per_domain,
-        block_len=args.block_len,
-        batch_size=args.batch_size,
-        variants=args.variants or PplConfig().variants,
-        seed=args.seed,
-    )
+    cfg = config_from_args(PplConfig, args, variants=args.variants or PplConfig().variants)
     result = evaluate_ppl(args.model, cfg, cache=args.cache_dir)
     print(format_ppl_table(result))
     write_json(args.json, result)
@@ -384,18 +376,8 @@ def add_analyze(p) -> None:
         default=d.tokens_per_domain,
         help=f"test-split tokens per domain (default {d.tokens_per_domain}, the paper's sample size)",
     )
-    p.add_argument(
-        "--block-len",
-        type=positive_int,
-        default=d.block_len,
-        help=f"tokens per block (default {d.block_len})",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=d.batch_size,
-        help=f"blocks per forward pass (default {d.batch_size})",
-    )
+    add_option(p, "--block-len", d.block_len, "tokens per block", type=positive_int)
+    add_option(p, "--batch-size", d.batch_size, "blocks per forward pass", type=positive_int)
     add_domains(p)
     p.set_defaults(func=cmd_analyze)
 
@@ -404,12 +386,7 @@ def cmd_analyze(args) -> None:
     from pregate.analyze import RESULT_FILE, AnalyzeConfig, analyze, format_mi_table, format_summary
 
     register_domains(args.add_domain)
-    cfg = AnalyzeConfig(
-        domains=args.domains,
-        tokens_per_domain=args.tokens_per_domain,
-        block_len=args.block_len,
-        batch_size=args.batch_size,
-    )
+    cfg = config_from_args(AnalyzeConfig, args)
     result = analyze(args.model, args.out, cfg, layerwise_dir=args.layerwise)
     if "layerwise_gates" not in result:
         print("layer-wise gates: not analysed (see the note below); the per-layer oracle stands in")

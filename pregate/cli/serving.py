@@ -6,9 +6,11 @@ from __future__ import annotations
 from pregate.cli.options import (
     add_dtype,
     add_json,
+    add_option,
     add_resident_experts,
     add_scheduler_options,
     add_workload_options,
+    config_from_args,
     positive_int,
     scheduler_budgets,
     scheduler_config,
@@ -39,11 +41,12 @@ def add_serve(p) -> None:
     add_scheduler_options(p)
     lim = ServerLimits()
     g = p.add_argument_group("limits")
-    g.add_argument(
+    add_option(
+        g,
         "--max-body-bytes",
+        lim.max_body_bytes,
+        "larger request bodies get 413 before they are parsed",
         type=positive_int,
-        default=lim.max_body_bytes,
-        help=f"larger request bodies get 413 before they are parsed (default {lim.max_body_bytes})",
     )
     g.add_argument(
         "--max-queued",
@@ -70,11 +73,12 @@ def add_serve(p) -> None:
         default=5,
         help="seconds an idle keep-alive connection stays open (default 5)",
     )
-    g.add_argument(
+    add_option(
+        g,
         "--timeout-graceful",
+        GRACEFUL_S,
+        "seconds open requests get to finish on SIGTERM/Ctrl-C",
         type=float,
-        default=GRACEFUL_S,
-        help=f"seconds open requests get to finish on SIGTERM/Ctrl-C (default {GRACEFUL_S})",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -133,12 +137,7 @@ def add_bench_serve(p) -> None:
     p.add_argument(
         "--trace", help="JSONL trace: replayed if it exists, else the generated trace is saved there"
     )
-    p.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=d.repeats,
-        help=f"interleaved repeats; medians are reported (default {d.repeats})",
-    )
+    add_option(p, "--repeats", d.repeats, "interleaved repeats; medians are reported", type=positive_int)
     add_dtype(p, d.dtype)
     p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate with static batches")
@@ -150,15 +149,12 @@ def add_bench_serve(p) -> None:
 def cmd_bench_serve(args) -> None:
     from pregate.bench import BenchConfig, bench_serve
 
-    cfg = BenchConfig(
-        policies=args.policies,
-        requests=args.requests,
+    cfg = config_from_args(
+        BenchConfig,
+        args,
         rate=args.rate or None,
-        seed=args.seed,
-        repeats=args.repeats,
         max_prompt_tokens=args.max_prompt,
         max_output_tokens=args.max_output,
-        dtype=args.dtype,
         dense=not args.no_dense,
         hf=not args.no_hf,
         **scheduler_budgets(args),
@@ -183,40 +179,13 @@ def add_bench_step(p) -> None:
         default=d.batch_sizes,
         help=f"batch sizes of the batch sweep (default {' '.join(map(str, d.batch_sizes))})",
     )
-    p.add_argument(
-        "--expert-batch",
-        type=int,
-        default=d.expert_batch,
-        help=f"batch of the distinct-experts sweep (default {d.expert_batch})",
-    )
+    add_option(p, "--expert-batch", d.expert_batch, "batch of the distinct-experts sweep", type=int)
     p.add_argument("--experts", type=int, nargs="+", help="distinct experts of that sweep (default 1..E)")
-    p.add_argument(
-        "--batch-experts",
-        type=int,
-        default=d.batch_experts,
-        help=f"distinct experts in the batch sweep (default {d.batch_experts})",
-    )
-    p.add_argument(
-        "--prompt-len",
-        type=int,
-        default=d.prompt_len,
-        help=f"prompt tokens per request (default {d.prompt_len})",
-    )
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=d.warmup_steps,
-        help=f"untimed decode steps per measurement (default {d.warmup_steps})",
-    )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=d.decode_steps,
-        help=f"timed decode steps per measurement (default {d.decode_steps})",
-    )
-    p.add_argument(
-        "--repeats", type=int, default=d.repeats, help=f"interleaved repeats, odd, >= 3 (default {d.repeats})"
-    )
+    add_option(p, "--batch-experts", d.batch_experts, "distinct experts in the batch sweep", type=int)
+    add_option(p, "--prompt-len", d.prompt_len, "prompt tokens per request", type=int)
+    add_option(p, "--warmup", d.warmup_steps, "untimed decode steps per measurement", type=int)
+    add_option(p, "--steps", d.decode_steps, "timed decode steps per measurement", type=int)
+    add_option(p, "--repeats", d.repeats, "interleaved repeats, odd, >= 3", type=int)
     add_dtype(p, d.dtype)
     p.add_argument(
         "--layerwise",
@@ -224,12 +193,7 @@ def add_bench_step(p) -> None:
         help="a `pregate train --layerwise` output: also break down a step with its gate",
     )
     p.add_argument("--gguf", help="GGUF of the dense parent for llama.cpp (default: the base's packaged one)")
-    p.add_argument(
-        "--floor-mb",
-        type=int,
-        default=d.floor_mb,
-        help=f"buffer of the bandwidth measurements in MB (default {d.floor_mb})",
-    )
+    add_option(p, "--floor-mb", d.floor_mb, "buffer of the bandwidth measurements in MB", type=int)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompts")
     p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate")
@@ -241,24 +205,15 @@ def add_bench_step(p) -> None:
 def cmd_bench_step(args) -> None:
     from pregate.bench_step import StepBenchConfig, bench_step
 
-    cfg = StepBenchConfig(
-        batch_sizes=args.batch_sizes,
-        expert_batch=args.expert_batch,
-        experts=args.experts,
-        batch_experts=args.batch_experts,
-        prompt_len=args.prompt_len,
+    cfg = config_from_args(
+        StepBenchConfig,
+        args,
         warmup_steps=args.warmup,
         decode_steps=args.steps,
-        repeats=args.repeats,
-        dtype=args.dtype,
         dense=not args.no_dense,
         hf=not args.no_hf,
         llama_cpp=not args.no_llama_cpp,
         breakdown=not args.no_breakdown,
-        layerwise=args.layerwise,
-        gguf=args.gguf,
-        floor_mb=args.floor_mb,
-        seed=args.seed,
     )
     bench_step(args.model, args.json, cfg)
 
@@ -272,51 +227,28 @@ def add_bench_server(p) -> None:
     lt = ServerBenchConfig()
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
     add_json(p)
-    p.add_argument(
-        "--clients", type=positive_int, default=lt.clients, help=f"concurrent clients (default {lt.clients})"
-    )
-    p.add_argument(
+    add_option(p, "--clients", lt.clients, "concurrent clients", type=positive_int)
+    add_option(
+        p,
         "--requests-per-client",
+        lt.requests_per_client,
+        "requests each client sends, one after another",
         type=positive_int,
-        default=lt.requests_per_client,
-        help=f"requests each client sends, one after another (default {lt.requests_per_client})",
     )
-    p.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=lt.max_tokens,
-        help=f"new tokens per request (default {lt.max_tokens})",
-    )
-    p.add_argument(
+    add_option(p, "--max-tokens", lt.max_tokens, "new tokens per request", type=positive_int)
+    add_option(
+        p,
         "--disconnect-share",
+        lt.disconnect_share,
+        "share of requests whose client leaves after the first chunk",
         type=float,
-        default=lt.disconnect_share,
-        help=f"share of requests whose client leaves after the first chunk (default {lt.disconnect_share})",
     )
-    p.add_argument(
-        "--bad-share",
-        type=float,
-        default=lt.bad_share,
-        help=f"share of requests that are malformed and must get a 4xx (default {lt.bad_share})",
+    add_option(
+        p, "--bad-share", lt.bad_share, "share of requests that are malformed and must get a 4xx", type=float
     )
-    p.add_argument(
-        "--bursts",
-        type=int,
-        default=lt.bursts,
-        help=f"bursts of long prompts, each with a short request behind (default {lt.bursts})",
-    )
-    p.add_argument(
-        "--long-prompts",
-        type=int,
-        default=lt.long_prompts,
-        help=f"long prompts per burst (default {lt.long_prompts})",
-    )
-    p.add_argument(
-        "--long-prompt-tokens",
-        type=positive_int,
-        default=lt.long_prompt_tokens,
-        help=f"tokens per long prompt (default {lt.long_prompt_tokens})",
-    )
+    add_option(p, "--bursts", lt.bursts, "bursts of long prompts, each with a short request behind", type=int)
+    add_option(p, "--long-prompts", lt.long_prompts, "long prompts per burst", type=int)
+    add_option(p, "--long-prompt-tokens", lt.long_prompt_tokens, "tokens per long prompt", type=positive_int)
     p.add_argument(
         "--timeout",
         type=float,
@@ -333,17 +265,6 @@ def cmd_bench_server(args) -> None:
     from pregate.loadtest import ServerBenchConfig, bench_server, format_result
     from pregate.server import load_engine
 
-    cfg = ServerBenchConfig(
-        clients=args.clients,
-        requests_per_client=args.requests_per_client,
-        max_tokens=args.max_tokens,
-        disconnect_share=args.disconnect_share,
-        bad_share=args.bad_share,
-        bursts=args.bursts,
-        long_prompts=args.long_prompts,
-        long_prompt_tokens=args.long_prompt_tokens,
-        timeout_s=args.timeout,
-        seed=args.seed,
-    )
+    cfg = config_from_args(ServerBenchConfig, args, timeout_s=args.timeout)
     engine = load_engine(args.model, scheduler_config(args), dtype=args.dtype)
     print(format_result(bench_server(engine, cfg, args.json, model_name="bench")))
