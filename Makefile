@@ -23,8 +23,10 @@ $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 demo: $(STAMP)
 	.venv/bin/pregate demo --out $(DEMO_DIR)
 
+# The tiers are pytest markers (pyproject.toml): `test` is the fast CPU run, with one end-to-end
+# `pregate serve` subprocess test; `test-all` adds the slow and the multi-process (subprocess) tests.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu and not subprocess"
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"

@@ -1,9 +1,34 @@
-"""Shared fixtures: tiny random Llama-family models (float32, CPU) built with transformers itself."""
+"""Shared fixtures and helpers: tiny random Llama-family models (float32, CPU) built with transformers
+itself, MoEs and routers built from them, engines and real servers over them.
+
+Test modules import helpers from here (`from tests.conftest import build`), never from each other. The
+autouse `domain_registry` fixture gives every test the registry of user domains it started with."""
 
 import random
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+
+VOCAB = 97  # tiny_hf_model's vocabulary
+
+
+@pytest.fixture(autouse=True)
+def domain_registry():
+    """Forget the user domains a test registers (itself, through tiny_checkpoint or through the CLI's
+    --add-domain): the registry and the document caches are put back as they were before it."""
+    from pregate import data
+
+    before = dict(data._USER)
+    yield
+    if data._USER != before:
+        data._USER.clear()
+        data._USER.update(before)
+        data._clear_caches()
 
 
 def tiny_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
@@ -53,14 +78,21 @@ def tiny_tokenizer(tmp_path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([t for docs in TEXTS.values() for t in docs], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    """A local HF checkpoint dir (tiny random Llama + real tokenizer) and two registered text domains."""
+    """A local HF checkpoint dir (tiny random Llama + real tokenizer) and two registered text domains
+    (alpha, beta; forgotten after the test by `domain_registry`)."""
     from pregate import data
 
     tokenizer = tiny_tokenizer(tmp_path)
@@ -110,3 +142,120 @@ def bookkeeping_size(obj, seen: set | None = None) -> int:
     if type(obj).__module__.startswith("pregate.") and hasattr(obj, "__dict__"):
         return sum(bookkeeping_size(v, seen) for v in vars(obj).values())
     return 0
+
+
+# ---------------------------------------------------------------------------------------- MoEs and routers
+
+
+def partition(num_channels: int, num_experts: int, shared: int, seed: int = 0):
+    """Random disjoint shared + routed channel sets covering every channel (uneven expert widths)."""
+    perm = torch.randperm(num_channels, generator=torch.Generator().manual_seed(seed))
+    rest = perm[shared:]
+    cut_gen = torch.Generator().manual_seed(seed + 1)
+    cuts = sorted(torch.randint(1, len(rest), (num_experts - 1,), generator=cut_gen).tolist())
+    return perm[:shared], list(torch.tensor_split(rest, cuts))
+
+
+def build(hf, num_experts=3, shared=20, seed=0):
+    """An MoE of `hf` whose shared + routed experts cover every channel of every layer."""
+    from pregate.moe import build_moe_from_dense
+
+    n, i = hf.config.num_hidden_layers, hf.config.intermediate_size
+    parts = [partition(i, num_experts, shared, seed + layer) for layer in range(n)]
+    return build_moe_from_dense(hf, [p[0] for p in parts], [p[1] for p in parts])
+
+
+def make_moe(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """`refactor` of the tiny checkpoint into a 2-expert MoE (alpha, beta) at tmp_path / "moe"."""
+    from pregate.refactor import RefactorConfig, refactor
+
+    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32")
+    return refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
+
+
+def tiny_router(num_experts: int = 3, seed: int = 0, top_k: int = 1):
+    """A tiny pre-gating router over VOCAB, random but decisive: every expert gets tokens."""
+    from pregate.router import PreGatingRouter, RouterConfig
+
+    torch.manual_seed(seed)
+    cfg = RouterConfig.preset("tiny", vocab_size=VOCAB, num_experts=num_experts, top_k=top_k)
+    router = PreGatingRouter(cfg)
+    with torch.no_grad():
+        for p in router.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    return router.eval()
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """n (at most 8) token-id prompts of mixed lengths, ids in [3, VOCAB)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [1, 5, 17, 3, 40, 9, 2, 23][:n]
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
+
+
+@torch.no_grad()
+def reference_greedy(moe, router, ids: list[int], n: int) -> list[int]:
+    """One request alone, no KV cache: full recompute of the backbone and the router at every token."""
+    from pregate.moe import Routing
+
+    seq, out = list(ids), []
+    for _ in range(n):
+        x = torch.tensor([seq])
+        e, w = router.route(router(x))  # [1, L, K]
+        logits = moe(x, Routing(e[0], w[0].float()))
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        seq.append(tok)
+    return out
+
+
+# ------------------------------------------------------------------------------------- engines and servers
+
+
+def tiny_engine(tmp_path, config=None, step_s: float = 0.0):
+    """An engine over a tiny dense-parent MoE with a real tokenizer; step_s slows every forward."""
+    from pregate.engine import Engine
+    from pregate.moe import build_moe_from_dense
+
+    tok = tiny_tokenizer(tmp_path)
+    hf = tiny_hf_model(seed=3, vocab_size=len(tok))
+    n, width = hf.config.num_hidden_layers, hf.config.intermediate_size
+    dense = build_moe_from_dense(hf, [torch.arange(width)] * n, [[] for _ in range(n)])
+    engine = Engine(dense, tok, scheduler_config=config)
+    if step_s:
+        real = engine.model.forward_packed
+
+        def slow(*args, **kwargs):
+            time.sleep(step_s)
+            return real(*args, **kwargs)
+
+        engine.model.forward_packed = slow
+    return engine
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app, host: str = "127.0.0.1", log_level: str = "critical"):
+    """A real uvicorn server for app on loopback, in a thread of this process; yields its base url."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from pregate.bench import (
     HF,
     BenchConfig,
     BenchError,
-    RunResult,
     format_serve_table,
     replay_engine,
     replay_hf_static,
@@ -17,12 +15,10 @@ from pregate.bench import (
 )
 from pregate.cli import build_parser
 from pregate.engine import Engine
-from pregate.metrics import summarize_run
 from pregate.router import PreGatingRouter, RouterConfig
 from pregate.scheduler import SchedulerConfig
 from pregate.workload import WorkloadRequest, synthetic_workload
-from tests.conftest import tiny_hf_model, tiny_tokenizer
-from tests.test_moe import build
+from tests.conftest import build, tiny_hf_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

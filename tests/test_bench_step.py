@@ -10,12 +10,18 @@ import torch
 
 from pregate.bench import BenchError
 from pregate.bench_step import (
-    FixedRouter, StepBenchConfig, check_model, read_config, step_bytes, time_engine, time_layerwise,
+    FixedRouter,
+    StepBenchConfig,
+    check_model,
+    model_config,
+    step_bytes,
+    time_engine,
+    time_layerwise,
 )
 from pregate.cli import main
 from pregate.moe import load_moe, save_moe
 from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig, save_router
-from tests.test_moe import build
+from tests.conftest import build
 
 TINY = dict(batch_sizes=[1, 3], expert_batch=3, prompt_len=4, warmup_steps=1, decode_steps=3, floor_mb=1)
 
@@ -147,10 +153,10 @@ def test_bad_input_is_a_clean_error(moe_dir, tmp_path, capsys):
     with pytest.raises(BenchError, match="odd"):
         StepBenchConfig(repeats=2)
     with pytest.raises(BenchError, match="has 3 routed experts"):
-        check_model(read_config(moe_dir), StepBenchConfig(experts=[4], expert_batch=8))
+        check_model(model_config(moe_dir), StepBenchConfig(experts=[4], expert_batch=8))
     with pytest.raises(BenchError, match="not a pregate MoE checkpoint"):
-        read_config(tmp_path)
-    orphan = read_config(moe_dir)
+        model_config(tmp_path)
+    orphan = model_config(moe_dir)
     orphan.provenance = {}
     with pytest.raises(BenchError, match="dense parent"):
         check_model(orphan, StepBenchConfig())

@@ -10,8 +10,7 @@ from pregate import checkpoint
 from pregate.checkpoint import CONFIG_FILE, ROUTER_CONFIG, atomic_dir
 from pregate.errors import PregateError
 from pregate.moe import load_config, save_moe
-from tests.conftest import tiny_hf_model
-from tests.test_moe import build
+from tests.conftest import build, tiny_hf_model
 
 
 def test_atomic_dir_discards_a_failed_write(tmp_path):

@@ -8,9 +8,7 @@ import torch
 from pregate.distill import DistillConfig, distill_targets, layer_inputs, normalised_scores, router_loss
 from pregate.errors import PregateError
 from pregate.router import LayerwiseGate, distill_graded, distill_kl, oracle_experts, router_accuracy
-from tests.conftest import tiny_hf_model
-from tests.test_engine import tiny_router
-from tests.test_moe import build
+from tests.conftest import build, tiny_hf_model, tiny_router
 
 
 def test_normalised_scores_are_log_shares_over_routed_experts():

@@ -4,48 +4,16 @@ import pytest
 import torch
 
 from pregate.engine import Engine, EngineError, RequestError, SamplingParams, sample_token
+from pregate.errors import PregateError
 from pregate.moe import Routing, build_moe_from_dense
 from pregate.router import PreGatingRouter, RouterConfig
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
-from tests.conftest import tiny_hf_model, tiny_tokenizer
-from tests.test_moe import build
-
-VOCAB = 97
-
-
-def tiny_router(num_experts: int = 3, seed: int = 0, top_k: int = 1) -> PreGatingRouter:
-    torch.manual_seed(seed)
-    router = PreGatingRouter(RouterConfig.preset("tiny", vocab_size=VOCAB, num_experts=num_experts, top_k=top_k))
-    with torch.no_grad():  # random but decisive: every expert gets tokens
-        for p in router.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5)
-    return router.eval()
+from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def moe_and_router():
     return build(tiny_hf_model(seed=4), num_experts=3), tiny_router()
-
-
-def prompts(n: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lens = [1, 5, 17, 3, 40, 9, 2, 23][:n]
-    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
-
-
-@torch.no_grad()
-def reference_greedy(moe, router, ids: list[int], n: int) -> list[int]:
-    """One request alone, no KV cache: full recompute of the backbone and the router at every token."""
-    seq, out = list(ids), []
-    for _ in range(n):
-        x = torch.tensor([seq])
-        e, w = router.route(router(x))  # [1, L, K]
-        logits = moe(x, Routing(e[0], w[0].float()))
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        seq.append(tok)
-    return out
 
 
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
@@ -243,7 +211,7 @@ def test_offloaded_engine_gives_the_same_tokens(moe_and_router, tmp_path, prefet
         engine = Engine(offloaded, router=router, scheduler_config=cfg, expert_store=store)
         assert [o.token_ids for o in engine.generate(prompts(6), params)] == want
         assert store.stats.misses > 0 and store.stats.hits > 0
-    with pytest.raises(Exception, match="released to an expert store"):
+    with pytest.raises(PregateError, match="released to an expert store"):
         offloaded(torch.tensor([[5, 6]]), Routing.top1(torch.tensor([0, 1])))
     never_loaded = load_moe(tmp_path, routed_experts=False)  # what `serve --resident-experts` loads
     assert all(layer.mlp.w_gate_up.numel() == 0 == layer.mlp.w_down_t.numel() for layer in never_loaded.layers)

@@ -5,9 +5,7 @@ import torch
 
 from pregate.engine import Engine, SamplingParams
 from pregate.scheduler import SchedulerConfig
-from tests.conftest import tiny_hf_model
-from tests.test_engine import prompts, reference_greedy, tiny_router
-from tests.test_moe import build
+from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
 
 POISON = 13  # a token id whose presence in a step makes the injected fault fire
 

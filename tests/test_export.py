@@ -17,9 +17,7 @@ from pregate.errors import PregateError
 from pregate.export import export_hf
 from pregate.moe import build_moe_from_dense, load_moe, save_moe
 from pregate.router import LayerwiseGate, load_router, routing_for, save_router
-from tests.conftest import tiny_hf_model
-from tests.test_engine import VOCAB, prompts, tiny_router
-from tests.test_moe import build
+from tests.conftest import VOCAB, build, make_moe, prompts, tiny_hf_model, tiny_router
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,7 +175,6 @@ def test_trained_checkpoint_exports_with_tokenizer_and_generates_text(tiny_check
     from transformers import AutoTokenizer
 
     from pregate.train import TrainConfig, train
-    from tests.test_train import make_moe
 
     out = train(make_moe(tiny_checkpoint, tmp_path), tmp_path / "trained",
                 TrainConfig.preset("tiny", rounds=1, train_control=False), progress=False)

@@ -6,7 +6,7 @@ import pytest
 
 from pregate.errors import PregateError
 from pregate.loadtest import ServerBenchConfig, bench_server, format_result
-from tests.test_server_faults import tiny_engine
+from tests.conftest import tiny_engine
 
 
 def test_bench_server_loses_nothing(tmp_path):

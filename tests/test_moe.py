@@ -2,22 +2,8 @@ import pytest
 import torch
 
 from pregate.errors import PregateError
-from pregate.moe import MoEForCausalLM, Routing, RoutingPlan, Segment, build_moe_from_dense, load_moe, save_moe
-from tests.conftest import tiny_hf_model
-
-
-def partition(num_channels: int, num_experts: int, shared: int, seed: int = 0):
-    """Random disjoint shared + routed channel sets covering every channel (uneven expert widths)."""
-    perm = torch.randperm(num_channels, generator=torch.Generator().manual_seed(seed))
-    rest = perm[shared:]
-    cuts = sorted(torch.randint(1, len(rest), (num_experts - 1,), generator=torch.Generator().manual_seed(seed + 1)).tolist())
-    return perm[:shared], list(torch.tensor_split(rest, cuts))
-
-
-def build(hf, num_experts=3, shared=20, seed=0):
-    n, i = hf.config.num_hidden_layers, hf.config.intermediate_size
-    parts = [partition(i, num_experts, shared, seed + l) for l in range(n)]
-    return build_moe_from_dense(hf, [p[0] for p in parts], [p[1] for p in parts])
+from pregate.moe import Routing, RoutingPlan, Segment, build_moe_from_dense, load_moe, save_moe
+from tests.conftest import build, tiny_hf_model
 
 
 def test_full_remain_rate_equals_dense(hf_model):

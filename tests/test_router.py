@@ -400,12 +400,17 @@ def test_presets_and_dict_roundtrip() -> None:
 
 
 def test_readme_parameter_count() -> None:
-    router = PreGatingRouter(RouterConfig.preset("readme", vocab_size=32000, num_experts=7))
+    """The paper's router on a 32k vocabulary, counted by hand from its layers (no biases anywhere)."""
+    vocab, dim, hidden, experts = 32000, 512, 1408, 7
+    router = PreGatingRouter(RouterConfig.preset("readme", vocab_size=vocab, num_experts=experts))
     n = router.num_parameters()
     print(f"readme router, vocab 32000, 7 experts: {n / 1e6:.2f}M parameters "
           f"({router.num_parameters(exclude_embedding=True) / 1e6:.2f}M without the embedding)")
+    block = 2 * dim + 4 * dim * dim + 3 * dim * hidden  # 2 RMSNorms, qkv + out, SwiGLU gate/up/down
+    want = vocab * dim + block + dim + dim * experts  # embedding, 1 layer, final RMSNorm, softmax head
+    assert n == want == num_parameters(router)
+    assert router.num_parameters(exclude_embedding=True) == want - vocab * dim
     assert 15e6 < n < 30e6
-    assert n == num_parameters(router)
 
 
 def test_init_embedding_from_backbone() -> None:

@@ -16,12 +16,7 @@ from pregate.moe import load_moe
 from pregate.refactor import RefactorConfig, refactor
 from pregate.router import PreGatingRouter, RouterConfig
 from pregate.server import build_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 @pytest.fixture
@@ -96,10 +91,19 @@ def test_bad_requests_fail_alone(served):
     assert [m.id for m in client.models.list().data] == ["tiny-moe"]
 
 
-@pytest.mark.parametrize("offload", [[], ["--resident-experts", "1", "--prefetch"]], ids=["resident", "offloaded"])
+OFFLOADED = ["--resident-experts", "1", "--prefetch"]
+
+
+@pytest.mark.parametrize(
+    "offload",
+    [pytest.param([], id="resident"), pytest.param(OFFLOADED, id="offloaded", marks=pytest.mark.subprocess)],
+)
 def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_path, offload):
     """`pregate serve` as a user runs it: a subprocess on a `pregate train` output, queried over HTTP;
-    with 1 of 2 experts resident (the other read from the checkpoint) the answer is the same."""
+    with 1 of 2 experts resident (the other read from the checkpoint) the answer is the same.
+
+    The resident case is left unmarked: it is the one subprocess-server test kept in `make test` (the
+    quickest end-to-end check of `pregate serve`). The offloaded case is marked `subprocess`."""
     import subprocess
     import sys
 
@@ -244,6 +248,7 @@ def test_max_completion_tokens(served):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_exits_within_the_graceful_timeout_with_a_wedged_client(tiny_checkpoint, tmp_path):
     """A client that sent half a request and a stream still running do not keep `pregate serve` alive."""
     import signal

@@ -2,38 +2,15 @@
 
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import torch
-import uvicorn
 
-from pregate.engine import Engine
-from pregate.moe import build_moe_from_dense
 from pregate.scheduler import SchedulerConfig
 from pregate.server import LOOPBACK_HOSTS, ServerLimits, build_app
-from tests.conftest import tiny_hf_model, tiny_tokenizer
-from tests.test_server import free_port
+from tests.conftest import running, tiny_engine
 
 POISON_TEXT = "poison"
-
-
-def tiny_engine(tmp_path, config: SchedulerConfig | None = None, step_s: float = 0.0) -> Engine:
-    """An engine over a tiny dense-parent MoE with a real tokenizer; step_s slows every forward."""
-    tok = tiny_tokenizer(tmp_path)
-    hf = tiny_hf_model(seed=3, vocab_size=len(tok))
-    n, width = hf.config.num_hidden_layers, hf.config.intermediate_size
-    engine = Engine(build_moe_from_dense(hf, [torch.arange(width)] * n, [[] for _ in range(n)]), tok, scheduler_config=config)
-    if step_s:
-        real = engine.model.forward_packed
-
-        def slow(*args, **kwargs):
-            time.sleep(step_s)
-            return real(*args, **kwargs)
-
-        engine.model.forward_packed = slow
-    return engine
 
 
 @pytest.fixture
@@ -58,26 +35,7 @@ def faulty_server(tmp_path):
         yield url, engine, app, fault
 
 
-LOG_LEVEL = "critical"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-
-
-@contextmanager
-def running(app, host: str = "127.0.0.1"):
-    """A real uvicorn server for app on loopback; yields its base url."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=LOG_LEVEL))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def complete(url, timeout=30, **body):

@@ -14,9 +14,9 @@ import torch
 
 from pregate.moe import Segment
 from pregate.server import build_app
-from tests.test_server_faults import running, tiny_engine
+from tests.conftest import running, tiny_engine
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # lm_eval runs in a subprocess
 
 DOCS = [
     {"question": "the quick brown fox jumps over the lazy", "choices": ["dog", "cat", "fox"], "answer": 0},

@@ -15,8 +15,7 @@ from pregate.scheduler import SchedulerConfig
 from pregate.sim import CostModel, SimConfig, scheduled_steps, simulate
 from pregate.store import ExpertStore, StoreConfig, StoreError
 from pregate.workload import WorkloadRequest
-from tests.conftest import bookkeeping_size, tiny_hf_model
-from tests.test_moe import build
+from tests.conftest import bookkeeping_size, build, tiny_hf_model
 
 E = 4
 

@@ -14,6 +14,20 @@ from pregate.harness import PregateLM, dense_as_moe, engine_generate
 from tests.conftest import tiny_hf_model, tiny_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def lm_eval_globals(monkeypatch):
+    """tasks.run_lm_eval sets HF_DATASETS_OFFLINE and HF_HUB_OFFLINE in os.environ and quiets lm-eval's
+    task logger: monkeypatch puts the variables back after each test, and the logger's level is restored."""
+    import logging
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    logger = logging.getLogger("lm_eval.api.task")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
 @pytest.fixture
 def tiny_lm(tmp_path):
     tokenizer = tiny_tokenizer(tmp_path)
@@ -99,7 +113,7 @@ def test_simple_evaluate_end_to_end_on_packaged_tasks(tiny_checkpoint, tmp_path)
     assert "acc" in result["variants"]["control"]["mmlu_anatomy"]
     assert result["variants"]["dense"]["lambada"]["perplexity"] > 1
     assert set(result["variants"]["moe_random"]["coqa"]) >= {"em", "f1"}
-    table = tasks.format_table(result)
+    table = tasks.format_tasks_table(result)
     assert "arc_easy" in table and "moe_random" in table and "±" in table
     json.dumps(result)
 

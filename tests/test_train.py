@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,9 @@ import torch
 from pregate.errors import PregateError
 from pregate.moe import load_moe
 from pregate.router import LayerwiseGate, PreGatingRouter
+from tests.conftest import make_moe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def make_moe(tiny_checkpoint: Path, tmp_path: Path) -> Path:
-    from pregate.refactor import RefactorConfig, refactor
-
-    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=256, block_len=64, dtype="float32")
-    return refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
 
 
 @pytest.fixture
@@ -247,6 +240,7 @@ def test_cli_train_then_eval_shows_router_and_trained_control(moe_dir, tmp_path,
 # ----------------------------------------------------------------------------------------- 2 processes
 
 
+@pytest.mark.subprocess
 def test_two_processes_give_the_same_update_as_one(moe_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) vs one process, same global batch of 4.
 
@@ -260,10 +254,8 @@ def test_two_processes_give_the_same_update_as_one(moe_dir, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__)), "worker",
            str(moe_dir), str(tmp_path / "two"), json.dumps(cfg)]
-    start = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert time.time() - start < 300
     state = json.loads((tmp_path / "two" / "train_state.json").read_text())
     assert state["num_processes"] == 2
     logs = [json.loads((d / "train_log.json").read_text())["steps"] for d in (one, tmp_path / "two")]
@@ -287,8 +279,8 @@ def _worker(moe_dir: str, out: str, cfg_json: str) -> None:
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
     # The registered tiny domains live in the parent's process; re-register them from the MoE's tokenizer dir.
-    from tests.conftest import TEXTS
     from pregate import data
+    from tests.conftest import TEXTS
 
     corpus = Path(sys.argv[3]).parent / f"worker-corpora-{os.environ.get('RANK', '0')}"
     for name, docs in TEXTS.items():
