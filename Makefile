@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-all lint format llama-cpp clean
+.PHONY: setup demo test test-subprocess test-all lint format llama-cpp clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 # `pregate serve` subprocess test; `test-all` adds the slow and the multi-process (subprocess) tests.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu and not subprocess"
+
+# the multi-process and subprocess-server tests that the default tier leaves out (CI runs them too)
+test-subprocess: $(STAMP)
+	$(PY) -m pytest -q -m "subprocess and not slow and not gpu"
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"

@@ -127,8 +127,20 @@ def trained(tiny_checkpoint, tmp_path):
 def test_analyze_from_the_command_line(trained, tmp_path, capsys):
     _, pre, lw = trained
     out = tmp_path / "analysis"
-    argv = ["analyze", str(pre), "--out", str(out), "--layerwise", str(lw), "--tokens-per-domain", "96",
-            "--block-len", "32", "--batch-size", "2"]
+    argv = [
+        "analyze",
+        str(pre),
+        "--out",
+        str(out),
+        "--layerwise",
+        str(lw),
+        "--tokens-per-domain",
+        "96",
+        "--block-len",
+        "32",
+        "--batch-size",
+        "2",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "0 -> 1" in printed and "1 -> 2" in printed and "temporal locality" in printed
@@ -159,8 +171,9 @@ def test_analyze_from_the_command_line(trained, tmp_path, capsys):
     assert 0 <= result["router"]["oracle_agreement"] <= 1
     for name in ("usage.png", "locality.png", "transitions_oracle.png", "transitions_layerwise.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert sorted(result["figures"]) == sorted(["usage.png", "locality.png", "transitions_oracle.png",
-                                                "transitions_layerwise.png"])
+    assert sorted(result["figures"]) == sorted(
+        ["usage.png", "locality.png", "transitions_oracle.png", "transitions_layerwise.png"]
+    )
 
 
 def test_analyze_without_layerwise_says_how_to_train_it(trained, tmp_path, capsys):
@@ -182,12 +195,18 @@ def test_bad_input_is_a_clean_error(trained, tiny_checkpoint, tmp_path, capsys):
         (["analyze", str(tiny_checkpoint), "--out", str(tmp_path / "o2")], "not a pregate MoE checkpoint"),
         (["analyze", str(moe), "--out", str(tmp_path / "o3")], "has no trained router"),
         (["analyze", str(lw), "--out", str(tmp_path / "o4")], "holds layer-wise gates"),
-        (["analyze", str(pre), "--out", str(tmp_path / "o5"), "--layerwise", str(moe)],
-         "is not a `pregate train --layerwise` output"),
-        (["analyze", str(pre), "--out", str(tmp_path / "o6"), "--layerwise", str(pre)],
-         "holds a pre-gating router"),
-        (["analyze", str(pre), "--out", str(tmp_path / "o7"), "--tokens-per-domain", "16"],
-         "tokens_per_domain >= block_len"),
+        (
+            ["analyze", str(pre), "--out", str(tmp_path / "o5"), "--layerwise", str(moe)],
+            "is not a `pregate train --layerwise` output",
+        ),
+        (
+            ["analyze", str(pre), "--out", str(tmp_path / "o6"), "--layerwise", str(pre)],
+            "holds a pre-gating router",
+        ),
+        (
+            ["analyze", str(pre), "--out", str(tmp_path / "o7"), "--tokens-per-domain", "16"],
+            "tokens_per_domain >= block_len",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -67,7 +67,11 @@ def test_table_json_and_plots(parts, tmp_path):
     }
     from pregate.bench import flat_metrics
 
-    result = {"policies": {n: flat_metrics(rs[0].summary()) for n, rs in runs.items()}, "workload": {"requests": 3}, "runs": runs}
+    result = {
+        "policies": {n: flat_metrics(rs[0].summary()) for n, rs in runs.items()},
+        "workload": {"requests": 3},
+        "runs": runs,
+    }
     table = format_serve_table(result)
     assert "fcfs" in table and HF in table and "experts/step" in table
     paths = write_serve_outputs(result, tmp_path / "serve.json")
@@ -87,7 +91,9 @@ def test_bench_config_errors():
 
 
 def test_cli_has_bench_serve():
-    args = build_parser().parse_args(["bench", "serve", "some/dir", "--json", "x.json", "--policies", "fcfs", "--rate", "0"])
+    args = build_parser().parse_args(
+        ["bench", "serve", "some/dir", "--json", "x.json", "--policies", "fcfs", "--rate", "0"]
+    )
     assert args.policies == ["fcfs"] and args.rate == 0 and args.func.__name__ == "cmd_bench_serve"
 
 

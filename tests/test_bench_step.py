@@ -53,9 +53,30 @@ def layerwise_dir(tmp_path):
 
 def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, capsys):
     path = tmp_path / "out" / "step.json"
-    rc = main(["bench", "step", str(moe_dir), "--json", str(path), "--batch-sizes", "1", "3",
-               "--expert-batch", "3", "--prompt-len", "4", "--warmup", "1", "--steps", "3", "--floor-mb", "1",
-               "--layerwise", str(layerwise_dir)])
+    rc = main(
+        [
+            "bench",
+            "step",
+            str(moe_dir),
+            "--json",
+            str(path),
+            "--batch-sizes",
+            "1",
+            "3",
+            "--expert-batch",
+            "3",
+            "--prompt-len",
+            "4",
+            "--warmup",
+            "1",
+            "--steps",
+            "3",
+            "--floor-mb",
+            "1",
+            "--layerwise",
+            str(layerwise_dir),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "decode step by batch size" in printed and "distinct experts" in printed and "llama.cpp" in printed

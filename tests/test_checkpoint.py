@@ -77,4 +77,10 @@ def test_tokenizer_files_and_link_tree(tmp_path):
     dst.mkdir()
     checkpoint.link_tree(src, dst, {"model.bin", "sub/skipped"})
     linked = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
-    assert linked == ["added_tokens.json", "sub/kept", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert linked == [
+        "added_tokens.json",
+        "sub/kept",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]

@@ -28,12 +28,16 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_top_level_help_runs_as_a_console_command():
-    out = subprocess.run([sys.executable, "-m", "pregate.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pregate.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "refactor" in out and "eval" in out
 
 
 def test_user_mistakes_exit_2_without_traceback(capsys, tmp_path):
-    assert main(["refactor", "no-such-model", "--out", str(tmp_path / "x"), "--tokens-per-domain", "512"]) == 2
+    assert (
+        main(["refactor", "no-such-model", "--out", str(tmp_path / "x"), "--tokens-per-domain", "512"]) == 2
+    )
     err = capsys.readouterr().err
     assert "unknown model 'no-such-model'" in err and "Traceback" not in err
     assert main(["refactor", "smollm2-135m", "--out", str(tmp_path / "y"), "--remain-rate", "1.5"]) == 2
@@ -56,14 +60,46 @@ def test_refactor_and_eval_from_the_command_line(tiny_checkpoint, tmp_path, caps
     from pregate import data
 
     jsonl = tmp_path / "gamma.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": f"gamma record {i}: " + "lorem ipsum dolor " * 30}) for i in range(40)))
+    jsonl.write_text(
+        "\n".join(json.dumps({"text": f"gamma record {i}: " + "lorem ipsum dolor " * 30}) for i in range(40))
+    )
     out = tmp_path / "moe"
-    args = ["refactor", str(tiny_checkpoint), "--out", str(out), "--preset", "tiny", "--add-domain", f"gamma={jsonl}",
-            "--domains", "alpha", "gamma", "--tokens-per-domain", "128", "--block-len", "64"]
+    args = [
+        "refactor",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--add-domain",
+        f"gamma={jsonl}",
+        "--domains",
+        "alpha",
+        "gamma",
+        "--tokens-per-domain",
+        "128",
+        "--block-len",
+        "64",
+    ]
     assert main(args) == 0
     assert "expert gamma" in capsys.readouterr().out
     data._USER.pop("gamma")  # a new process: eval must find the user's domain from the checkpoint's record
-    assert main(["eval", "ppl", str(out), "--tokens-per-domain", "64", "--block-len", "64", "--json", str(tmp_path / "p.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                str(out),
+                "--tokens-per-domain",
+                "64",
+                "--block-len",
+                "64",
+                "--json",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "p.json").read_text())
     assert set(result["domains"]) == {"alpha", "gamma"}
     assert set(result["domains"]["gamma"]) == {"dense", "moe_domain", "moe_oracle", "moe_random", "control"}
@@ -79,14 +115,52 @@ def test_trace_route_then_simulate_policies(tiny_checkpoint, tmp_path, capsys):
     from pregate.refactor import RefactorConfig, refactor
     from pregate.workload import load_trace
 
-    moe = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))
+    moe = refactor(
+        str(tiny_checkpoint),
+        tmp_path / "moe",
+        RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"),
+    )
     trace = tmp_path / "routed.jsonl"
-    assert main(["trace", "route", str(moe), "--out", str(trace), "--requests", "6", "--max-prompt", "64", "--max-output", "8"]) == 0
+    assert (
+        main(
+            [
+                "trace",
+                "route",
+                str(moe),
+                "--out",
+                str(trace),
+                "--requests",
+                "6",
+                "--max-prompt",
+                "64",
+                "--max-output",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert "oracle routing" in capsys.readouterr().out  # no trained router in a refactored checkpoint
     reqs = load_trace(trace)
-    assert len(reqs) == 6 and all(len(r.output_experts) == r.output_len and set(r.prompt_experts) <= {0, 1} for r in reqs)
+    assert len(reqs) == 6 and all(
+        len(r.output_experts) == r.output_len and set(r.prompt_experts) <= {0, 1} for r in reqs
+    )
     out = tmp_path / "policies.json"
-    assert main(["simulate", str(trace), "--policies", "decode-first", "expert-aware", "--rate", "50", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(trace),
+                "--policies",
+                "decode-first",
+                "expert-aware",
+                "--rate",
+                "50",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "vs decode-first" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["policies"]) == {"decode-first", "expert-aware"}
     assert main(["simulate", str(trace), "--policies", "fcfs", "--cost", str(tmp_path / "missing.json")]) == 2
@@ -132,12 +206,36 @@ def test_scheduling_commands_share_one_set_of_options():
     from pregate.scheduler import SchedulerConfig
 
     parser = build_parser()
-    flags = ["--token-budget", "48", "--max-running", "5", "--prefill-chunk", "64", "--kv-capacity", "4096",
-             "--max-wait-steps", "3", "--min-queue-tokens", "1"]
-    want = SchedulerConfig(policy="decode-first", token_budget=48, max_running=5, prefill_chunk=64,
-                           kv_capacity_tokens=4096, max_wait_steps=3, min_queue_tokens=1)
-    for argv in (["serve", "m"], ["bench", "server", "m"], ["bench", "cache", "m"], ["simulate", "t"],
-                 ["trace", "export", "m", "--out", "x"]):
+    flags = [
+        "--token-budget",
+        "48",
+        "--max-running",
+        "5",
+        "--prefill-chunk",
+        "64",
+        "--kv-capacity",
+        "4096",
+        "--max-wait-steps",
+        "3",
+        "--min-queue-tokens",
+        "1",
+    ]
+    want = SchedulerConfig(
+        policy="decode-first",
+        token_budget=48,
+        max_running=5,
+        prefill_chunk=64,
+        kv_capacity_tokens=4096,
+        max_wait_steps=3,
+        min_queue_tokens=1,
+    )
+    for argv in (
+        ["serve", "m"],
+        ["bench", "server", "m"],
+        ["bench", "cache", "m"],
+        ["simulate", "t"],
+        ["trace", "export", "m", "--out", "x"],
+    ):
         args = parser.parse_args([*argv, "--policy", "decode-first", *flags])
         assert scheduler_config(args) == want, argv
     # defaults come from the dataclasses: serve's are SchedulerConfig's own
@@ -146,8 +244,16 @@ def test_scheduling_commands_share_one_set_of_options():
 
 def test_json_is_optional_everywhere():
     parser = build_parser()
-    for argv in (["data"], ["eval", "ppl", "m"], ["eval", "tasks", "m"], ["bench", "serve", "m"],
-                 ["bench", "step", "m"], ["bench", "server", "m"], ["bench", "cache", "m"], ["simulate", "t"]):
+    for argv in (
+        ["data"],
+        ["eval", "ppl", "m"],
+        ["eval", "tasks", "m"],
+        ["bench", "serve", "m"],
+        ["bench", "step", "m"],
+        ["bench", "server", "m"],
+        ["bench", "cache", "m"],
+        ["simulate", "t"],
+    ):
         assert parser.parse_args(argv).json is None, argv
 
 
@@ -156,8 +262,11 @@ def test_bench_cache_then_trace_export(tiny_checkpoint, tmp_path, capsys, monkey
 
     from pregate.refactor import RefactorConfig, refactor
 
-    moe = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(
-        domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))
+    moe = refactor(
+        str(tiny_checkpoint),
+        tmp_path / "moe",
+        RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"),
+    )
     small = ["--requests", "4", "--max-prompt", "32", "--max-output", "6", "--token-budget", "16"]
     monkeypatch.chdir(tmp_path)
     before = set(tmp_path.iterdir())
@@ -171,7 +280,10 @@ def test_bench_cache_then_trace_export(tiny_checkpoint, tmp_path, capsys, monkey
     assert all(r["tokens_identical"] for r in result["measured"]["runs"])
     refs = tmp_path / "refs.txt"
     trace = out.parent / "routed_trace.jsonl"
-    assert main(["trace", "export", str(moe), "--trace", str(trace), "--out", str(refs), "--token-budget", "16"]) == 0
+    assert (
+        main(["trace", "export", str(moe), "--trace", str(trace), "--out", str(refs), "--token-budget", "16"])
+        == 0
+    )
     assert (out.parent / "references.txt").read_text() == refs.read_text()
     assert main(["trace", "export", str(tmp_path), "--out", str(refs)]) == 2
     assert "not a pregate MoE checkpoint" in capsys.readouterr().err

@@ -11,8 +11,10 @@ from pregate import corpora
 
 
 def test_strip_wiki_markup() -> None:
-    src = ("'''Foo''' is a [[bar (thing)|bar]] and [[baz]].{{Infobox x|a={{nested}}}}<ref>cite</ref>\n"
-           "== History ==\n[[File:x.jpg|thumb|a [[link]] caption]]See [http://x.org the site].")
+    src = (
+        "'''Foo''' is a [[bar (thing)|bar]] and [[baz]].{{Infobox x|a={{nested}}}}<ref>cite</ref>\n"
+        "== History ==\n[[File:x.jpg|thumb|a [[link]] caption]]See [http://x.org the site]."
+    )
     assert corpora.strip_wiki_markup(src) == "Foo is a bar and baz.\nHistory\nSee the site."
 
 

@@ -189,7 +189,10 @@ def test_register_folder_domain(tmp_path: Path, user_domain) -> None:
 def test_register_jsonl_domain_and_reregister(tmp_path: Path, user_domain) -> None:
     path = tmp_path / "docs.jsonl"
     long_text = "".join(f"sentence {i}. " for i in range(700))  # ~10k chars on one line: chunked
-    path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["alpha", long_text, "alpha"])) + "\n\n")
+    path.write_text(
+        "\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["alpha", long_text, "alpha"]))
+        + "\n\n"
+    )
     user_domain("my_jsonl", path)
     docs = data.load_documents("my_jsonl")
     assert docs[0] == "alpha" and len(docs) == 1 + -(-len(long_text.strip()) // data.CHUNK_CHARS)

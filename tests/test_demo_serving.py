@@ -9,9 +9,19 @@ from pregate.train import TrainConfig, train
 def test_serving_summary_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
-    trained = train(moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False)
-    small = BenchConfig(policies=["expert-aware", "decode-first"], requests=4, rate=None, max_prompt_tokens=32,
-                        max_output_tokens=4, max_running=4, repeats=3, dtype="float32")
+    trained = train(
+        moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False
+    )
+    small = BenchConfig(
+        policies=["expert-aware", "decode-first"],
+        requests=4,
+        rate=None,
+        max_prompt_tokens=32,
+        max_output_tokens=4,
+        max_running=4,
+        repeats=3,
+        dtype="float32",
+    )
     summary = serving_summary(trained, progress=lambda msg: None, cfg=small)
     assert set(summary["load"]) == {"expert-aware", "decode-first", DENSE, HF}
     for name, m in summary["load"].items():

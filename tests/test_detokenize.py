@@ -43,7 +43,9 @@ def test_random_byte_tokens_stream_the_offline_text(tmp_path):
         ids = [t for ev in events for t in ev.new_token_ids]
         assert "".join(ev.new_text for ev in events) == tok.decode(ids, skip_special_tokens=True)
         assert engine.generate([prompt], params)[0].text == tok.decode(ids, skip_special_tokens=True)
-        partial += any(tok.decode(ids[:k], skip_special_tokens=True).endswith("\ufffd") for k in range(len(ids)))
+        partial += any(
+            tok.decode(ids[:k], skip_special_tokens=True).endswith("\ufffd") for k in range(len(ids))
+        )
     assert partial  # the property was exercised on split characters, not only on whole ones
 
 

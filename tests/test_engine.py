@@ -1,4 +1,5 @@
-"""The serving engine on tiny float32 models: batched == one-by-one, dense == HF generate, sampling, errors."""
+"""The serving engine on tiny float32 models: batched == one-by-one, dense == HF generate, sampling,
+errors."""
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ def moe_and_router():
 def test_batched_equals_one_by_one_greedy(moe_and_router, policy):
     moe, router = moe_and_router
     # a small token budget forces prefill chunking and expert-aware queue selection; 5 running at most
-    cfg = SchedulerConfig(policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6)
+    cfg = SchedulerConfig(
+        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
+    )
     engine = Engine(moe, router=router, scheduler_config=cfg)
     ps, lens = prompts(8), [6, 3, 9, 1, 7, 4, 8, 5]
     rids = {}
@@ -49,7 +52,9 @@ def test_batched_equals_one_by_one_greedy(moe_and_router, policy):
 
 def test_top2_routing_batched_equals_reference():
     moe, router = build(tiny_hf_model(seed=5), num_experts=4), tiny_router(4, seed=1, top_k=2)
-    engine = Engine(moe, router=router, scheduler_config=SchedulerConfig(token_budget=16, policy="expert-aware"))
+    engine = Engine(
+        moe, router=router, scheduler_config=SchedulerConfig(token_budget=16, policy="expert-aware")
+    )
     ps = prompts(4, seed=3)
     outs = engine.generate(ps, SamplingParams(max_tokens=5, ignore_eos=True))
     for p, o in zip(ps, outs):
@@ -66,7 +71,7 @@ def test_dense_parent_equals_hf_generate():
     for p, o in zip(ps, outs):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-        assert o.token_ids == ref[0, len(p):].tolist()
+        assert o.token_ids == ref[0, len(p) :].tolist()
         assert o.finish_reason == ("eos" if o.token_ids[-1] == 2 else "length")
     assert all(s.unique_experts == 0 for s in engine.metrics.steps)
 
@@ -83,12 +88,17 @@ def test_stop_strings_and_max_tokens(tmp_path):
     assert len(text) >= 4
     stop = text[-2:]  # a stop string that the unconstrained run produces late
     streamed = []
-    rid = engine.add_request("the quick brown fox", SamplingParams(max_tokens=12, stop=[stop], ignore_eos=True),
-                             callback=streamed.append)
+    rid = engine.add_request(
+        "the quick brown fox",
+        SamplingParams(max_tokens=12, stop=[stop], ignore_eos=True),
+        callback=streamed.append,
+    )
     while engine.has_work():
         engine.step()
     assert engine.result(rid) is None  # streamed: the events are the result
-    got = engine.generate(["the quick brown fox"], SamplingParams(max_tokens=12, stop=[stop], ignore_eos=True))[0]
+    got = engine.generate(
+        ["the quick brown fox"], SamplingParams(max_tokens=12, stop=[stop], ignore_eos=True)
+    )[0]
     assert got.finish_reason == "stop"
     assert got.text == text[: text.find(stop)] and got.text
     assert got.token_ids == free.token_ids[: len(got.token_ids)] and len(got.token_ids) < 12
@@ -103,11 +113,19 @@ def test_seeded_sampling_reproducible_and_batch_independent(moe_and_router):
     alone = Engine(moe, router=router).generate([p], params)[0].token_ids
     again = Engine(moe, router=router).generate([p], params)[0].token_ids
     others = prompts(6, seed=9)
-    mixed = Engine(moe, router=router, scheduler_config=SchedulerConfig(token_budget=12, policy="expert-aware"))
-    outs = mixed.generate(others[:3] + [p] + others[3:], [SamplingParams(max_tokens=7, temperature=1.0, seed=s) for s in range(3)]
-                          + [params] + [SamplingParams(max_tokens=4) for _ in range(3)])
+    mixed = Engine(
+        moe, router=router, scheduler_config=SchedulerConfig(token_budget=12, policy="expert-aware")
+    )
+    outs = mixed.generate(
+        others[:3] + [p] + others[3:],
+        [SamplingParams(max_tokens=7, temperature=1.0, seed=s) for s in range(3)]
+        + [params]
+        + [SamplingParams(max_tokens=4) for _ in range(3)],
+    )
     assert alone == again == outs[3].token_ids
-    other_seed = Engine(moe, router=router).generate([p], SamplingParams(max_tokens=10, temperature=1.3, top_p=0.9, seed=99, ignore_eos=True))
+    other_seed = Engine(moe, router=router).generate(
+        [p], SamplingParams(max_tokens=10, temperature=1.3, top_p=0.9, seed=99, ignore_eos=True)
+    )
     assert other_seed[0].token_ids != alone
 
 
@@ -204,7 +222,9 @@ def test_offloaded_engine_gives_the_same_tokens(moe_and_router, tmp_path, prefet
     save_moe(moe, tmp_path)
     cfg = SchedulerConfig(token_budget=8, max_running=5, prefill_chunk=6)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    want = [o.token_ids for o in Engine(moe, router=router, scheduler_config=cfg).generate(prompts(6), params)]
+    want = [
+        o.token_ids for o in Engine(moe, router=router, scheduler_config=cfg).generate(prompts(6), params)
+    ]
     offloaded = load_moe(tmp_path)
     assert release_routed_experts(offloaded) > 0
     with ExpertStore(tmp_path, StoreConfig(capacity=1, prefetch=prefetch)) as store:
@@ -214,7 +234,9 @@ def test_offloaded_engine_gives_the_same_tokens(moe_and_router, tmp_path, prefet
     with pytest.raises(PregateError, match="released to an expert store"):
         offloaded(torch.tensor([[5, 6]]), Routing.top1(torch.tensor([0, 1])))
     never_loaded = load_moe(tmp_path, routed_experts=False)  # what `serve --resident-experts` loads
-    assert all(layer.mlp.w_gate_up.numel() == 0 == layer.mlp.w_down_t.numel() for layer in never_loaded.layers)
+    assert all(
+        layer.mlp.w_gate_up.numel() == 0 == layer.mlp.w_down_t.numel() for layer in never_loaded.layers
+    )
     with ExpertStore(tmp_path, StoreConfig(capacity=2, prefetch=prefetch)) as store:
         engine = Engine(never_loaded, router=router, scheduler_config=cfg, expert_store=store)
         assert [o.token_ids for o in engine.generate(prompts(6), params)] == want
@@ -239,7 +261,9 @@ def test_a_decode_step_makes_one_attention_call_per_layer(moe_and_router, monkey
     import pregate.moe
 
     moe, router = moe_and_router
-    engine = Engine(moe, router=router, scheduler_config=SchedulerConfig(policy="decode-first", token_budget=64))
+    engine = Engine(
+        moe, router=router, scheduler_config=SchedulerConfig(policy="decode-first", token_budget=64)
+    )
     ps = prompts(6)
     for p in ps:
         engine.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True))

@@ -81,8 +81,14 @@ def test_fail_all_ends_everything_and_the_engine_serves_again(faulty_engine):
 
 @pytest.mark.parametrize(
     "prompt, match",
-    [([1, None, 3], "integers"), ([1, "a"], "integers"), ([1.5, 2], "integers"), ([True], "integers"),
-     ([[1, 2], [3]], "integers"), ([2**70], "vocabulary")],
+    [
+        ([1, None, 3], "integers"),
+        ([1, "a"], "integers"),
+        ([1.5, 2], "integers"),
+        ([True], "integers"),
+        ([[1, 2], [3]], "integers"),
+        ([2**70], "vocabulary"),
+    ],
 )
 def test_malformed_token_lists_are_request_errors(faulty_engine, prompt, match):
     from pregate.engine import RequestError

@@ -5,12 +5,14 @@ import torch
 
 from pregate import data, hub
 from pregate.errors import PregateError
-from pregate.evaluate import PplConfig, evaluate_ppl, format_table, next_token_nll
+from pregate.evaluate import PplConfig, evaluate_ppl, format_ppl_table, next_token_nll
 from pregate.refactor import RefactorConfig, refactor
 
 
 def test_full_remain_rate_every_variant_equals_dense(tiny_checkpoint, tmp_path):
-    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, remain_rate=1.0, dtype="float32")
+    cfg = RefactorConfig(
+        domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, remain_rate=1.0, dtype="float32"
+    )
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
     result = evaluate_ppl(moe_dir, PplConfig(tokens_per_domain=128, block_len=64))
     for row in result["domains"].values():
@@ -22,13 +24,15 @@ def test_full_remain_rate_every_variant_equals_dense(tiny_checkpoint, tmp_path):
 def test_dense_perplexity_matches_transformers(tiny_checkpoint, tmp_path):
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
-    result = evaluate_ppl(moe_dir, PplConfig(tokens_per_domain=128, block_len=64, variants=["dense", "moe_oracle"]))
+    result = evaluate_ppl(
+        moe_dir, PplConfig(tokens_per_domain=128, block_len=64, variants=["dense", "moe_oracle"])
+    )
     dense, tok = hub.load_dense(str(tiny_checkpoint))
     blocks = data.token_blocks(tok, "beta", "test", 128, 64)
     loss = dense(input_ids=blocks, labels=blocks).loss.item()  # HF's mean next-token loss
     assert result["domains"]["beta"]["dense"] == pytest.approx(math.exp(loss), rel=1e-4)
     assert set(result["domains"]["beta"]) == {"dense", "moe_oracle"}
-    assert "beta" in format_table(result)
+    assert "beta" in format_ppl_table(result)
 
 
 def test_next_token_nll_counts_positions():

@@ -176,8 +176,12 @@ def test_trained_checkpoint_exports_with_tokenizer_and_generates_text(tiny_check
 
     from pregate.train import TrainConfig, train
 
-    out = train(make_moe(tiny_checkpoint, tmp_path), tmp_path / "trained",
-                TrainConfig.preset("tiny", rounds=1, train_control=False), progress=False)
+    out = train(
+        make_moe(tiny_checkpoint, tmp_path),
+        tmp_path / "trained",
+        TrainConfig.preset("tiny", rounds=1, train_control=False),
+        progress=False,
+    )
     export_hf(out, tmp_path / "hf")
     hf, tok = load_hf(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     moe, router = load_moe(out), load_router(out)

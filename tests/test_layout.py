@@ -9,8 +9,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pregate"
 
-SERVING = ("engine", "server", "protocol", "detokenize", "loadtest", "store", "scheduler", "eviction",
-           "metrics", "router", "moe", "checkpoint")
+SERVING = (
+    "engine",
+    "server",
+    "protocol",
+    "detokenize",
+    "loadtest",
+    "store",
+    "scheduler",
+    "eviction",
+    "metrics",
+    "router",
+    "moe",
+    "checkpoint",
+)
 TRAINING = ("train", "distill", "refactor", "data", "corpora", "stats", "evaluate", "harness", "tasks")
 SIMULATOR = ("sim", "cache_bench", "references", "demo_serving")
 BOTTOM = ("errors", "checkpoint", "packages", "scheduler", "eviction", "metrics", "workload")
@@ -44,7 +56,16 @@ def test_bottom_modules_import_only_bottom_modules(module):
 def test_every_module_is_placed():
     """A new module must be placed in the graph (here and in README's Layout) before it lands."""
     placed = set(SERVING + TRAINING + SIMULATOR + BOTTOM) | {
-        "__init__", "analyze", "bench", "bench_step", "roofline", "demo", "export", "hub", "plots",
-        "configuration_pregate", "modeling_pregate",
+        "__init__",
+        "analyze",
+        "bench",
+        "bench_step",
+        "roofline",
+        "demo",
+        "export",
+        "hub",
+        "plots",
+        "configuration_pregate",
+        "modeling_pregate",
     }
     assert {p.stem for p in PACKAGE.glob("*.py")} == placed

@@ -10,8 +10,18 @@ from tests.conftest import tiny_engine
 
 
 def test_bench_server_loses_nothing(tmp_path):
-    cfg = ServerBenchConfig(clients=6, requests_per_client=3, max_tokens=4, disconnect_share=0.2, bad_share=0.3,
-                            bursts=2, long_prompts=3, long_prompt_tokens=48, timeout_s=60, seed=1)
+    cfg = ServerBenchConfig(
+        clients=6,
+        requests_per_client=3,
+        max_tokens=4,
+        disconnect_share=0.2,
+        bad_share=0.3,
+        bursts=2,
+        long_prompts=3,
+        long_prompt_tokens=48,
+        timeout_s=60,
+        seed=1,
+    )
     r = bench_server(tiny_engine(tmp_path), cfg, tmp_path / "bench.json")
     assert r.failed == 0 and r.lost == 0, r.failures
     normal = cfg.bursts * (cfg.long_prompts + 1)
@@ -35,10 +45,30 @@ def test_pregate_bench_server_command(tiny_checkpoint, tmp_path, capsys):
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
-    trained = train(moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False)
-    args = ["bench", "server", str(trained), "--clients", "3", "--requests-per-client", "2", "--max-tokens", "3",
-            "--bursts", "1", "--long-prompts", "2", "--long-prompt-tokens", "32", "--dtype", "float32",
-            "--json", str(tmp_path / "b.json")]
+    trained = train(
+        moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False
+    )
+    args = [
+        "bench",
+        "server",
+        str(trained),
+        "--clients",
+        "3",
+        "--requests-per-client",
+        "2",
+        "--max-tokens",
+        "3",
+        "--bursts",
+        "1",
+        "--long-prompts",
+        "2",
+        "--long-prompt-tokens",
+        "32",
+        "--dtype",
+        "float32",
+        "--json",
+        str(tmp_path / "b.json"),
+    ]
     assert main(args) in (0, None)
     out = capsys.readouterr().out
     assert "lost 0" in out and "failed 0" in out

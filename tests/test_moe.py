@@ -42,7 +42,9 @@ def test_grouped_path_equals_per_token_loop():
     got = mlp(x, RoutingPlan(Routing(ids, w), 4))
     sd = mlp.state_dict()  # the checkpoint layout, independent of the fused in-memory one
     for t in range(17):
-        want = (mlp.act(x[t] @ sd["gate_proj.weight"].T) * (x[t] @ sd["up_proj.weight"].T)) @ sd["down_proj.weight"].T
+        want = (mlp.act(x[t] @ sd["gate_proj.weight"].T) * (x[t] @ sd["up_proj.weight"].T)) @ sd[
+            "down_proj.weight"
+        ].T
         for k in range(2):
             e = int(ids[t, k])
             a = mlp.act(x[t] @ sd["w_gate"][e].T) * (x[t] @ sd["w_up"][e].T)
@@ -61,7 +63,9 @@ def test_cached_decode_equals_full_recompute(model_type):
     pieces, start = [], 0
     for n in (5, 3, 1, 1, 2, 1, 1):  # a prompt in chunks, then single decode tokens
         seg = [Segment(n, cache)]
-        pieces.append(moe.forward_packed(ids[0, start : start + n], seg, Routing.top1(experts[start : start + n])))
+        pieces.append(
+            moe.forward_packed(ids[0, start : start + n], seg, Routing.top1(experts[start : start + n]))
+        )
         start += n
     torch.testing.assert_close(torch.cat(pieces), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 14
@@ -75,7 +79,9 @@ def test_packed_sequences_equal_separate_runs():
     ca, cb = moe.new_cache(), moe.new_cache()
     moe.forward_packed(a[:5], [Segment(5, ca)], Routing.top1(ea[:5]))
     # one step packs a's 2 remaining tokens (with past) and all of b (no past)
-    packed = moe.forward_packed(torch.cat([a[5:], b]), [Segment(2, ca), Segment(4, cb)], Routing.top1(torch.cat([ea[5:], eb])))
+    packed = moe.forward_packed(
+        torch.cat([a[5:], b]), [Segment(2, ca), Segment(4, cb)], Routing.top1(torch.cat([ea[5:], eb]))
+    )
     torch.testing.assert_close(packed[:2], moe(a[None], Routing.top1(ea))[0, 5:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[2:], moe(b[None], Routing.top1(eb))[0], atol=1e-5, rtol=1e-5)
 

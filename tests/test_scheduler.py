@@ -79,8 +79,13 @@ class FakeRunner:
         return StepResult(sampled, frozenset(finished))
 
 
-def drive(config: SchedulerConfig, requests: list[Request], seed: int = 0, eos_prob: float = 0.0,
-          arrivals_per_step: int | None = None) -> dict:
+def drive(
+    config: SchedulerConfig,
+    requests: list[Request],
+    seed: int = 0,
+    eos_prob: float = 0.0,
+    arrivals_per_step: int | None = None,
+) -> dict:
     """Run to completion, checking budgets and independently tracking consecutive skips.
 
     max_skip: longest run of consecutive skipped steps of any running request; max_decode_skip: the same
@@ -114,15 +119,25 @@ def drive(config: SchedulerConfig, requests: list[Request], seed: int = 0, eos_p
             max_skip = max(max_skip, skipped[r.request_id])
             if not r.in_prefill:  # a skip streak never spans prefill and decode: the last chunk runs
                 max_decode_skip = max(max_decode_skip, skipped[r.request_id])
-        if config.policy == "expert-aware" and config.min_queue_tokens == 1 and out.num_tokens < config.token_budget:
+        if (
+            config.policy == "expert-aware"
+            and config.min_queue_tokens == 1
+            and out.num_tokens < config.token_budget
+        ):
             assert scheduled == {r.request_id for r in running}, "budget left unused while work was runnable"
         outs.append(out)
         finished += sched.update(out, runner(out))
     else:
         raise AssertionError("did not terminate")
     assert not pending
-    return {"outs": outs, "finished": finished, "runner": runner, "max_skip": max_skip,
-            "max_decode_skip": max_decode_skip, "sched": sched}
+    return {
+        "outs": outs,
+        "finished": finished,
+        "runner": runner,
+        "max_skip": max_skip,
+        "max_decode_skip": max_decode_skip,
+        "sched": sched,
+    }
 
 
 def check_complete(res: dict, requests: list[Request], eos: bool = False) -> None:
@@ -165,14 +180,18 @@ def test_every_request_finishes_within_budgets(policy, cfg):
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 def test_early_stop_and_staggered_arrivals(policy):
     reqs = make_requests(30, seed=3)
-    cfg = SchedulerConfig(policy=policy, token_budget=12, max_running=10, kv_capacity_tokens=300, max_wait_steps=3)
+    cfg = SchedulerConfig(
+        policy=policy, token_budget=12, max_running=10, kv_capacity_tokens=300, max_wait_steps=3
+    )
     res = drive(cfg, reqs, seed=4, eos_prob=0.05, arrivals_per_step=2)
     check_complete(res, reqs, eos=True)
     assert any(r.num_generated < r.max_new_tokens for r in reqs)  # some stopped early
 
 
 def test_expert_aware_uses_fewer_experts_per_step():
-    reqs_cfg = dict(token_budget=16, max_running=48, kv_capacity_tokens=100_000, max_wait_steps=4, prefill_chunk=32)
+    reqs_cfg = dict(
+        token_budget=16, max_running=48, kv_capacity_tokens=100_000, max_wait_steps=4, prefill_chunk=32
+    )
     means = {}
     for policy in SCHEDULING_POLICIES:
         reqs = make_requests(80, seed=5, prompt=(2, 8), new=(30, 60))
@@ -186,8 +205,14 @@ def test_expert_aware_uses_fewer_experts_per_step():
 def test_bounded_waiting_holds():
     # overloaded decodes + steady prefills + holding back small queues (min_queue_tokens=3): decode skips
     # stay <= max_wait_steps (prompts wait FCFS for budget, as under decode-first)
-    cfg = SchedulerConfig(token_budget=8, max_running=24, kv_capacity_tokens=100_000, max_wait_steps=2,
-                          prefill_chunk=8, min_queue_tokens=3)
+    cfg = SchedulerConfig(
+        token_budget=8,
+        max_running=24,
+        kv_capacity_tokens=100_000,
+        max_wait_steps=2,
+        prefill_chunk=8,
+        min_queue_tokens=3,
+    )
     assert cfg.waiting_bound_guaranteed
     reqs = make_requests(60, seed=7, prompt=(4, 40), new=(5, 30))
     res = drive(cfg, reqs, seed=8, arrivals_per_step=1)
@@ -198,8 +223,14 @@ def test_bounded_waiting_holds():
 
 def test_prefill_first_has_no_waiting_bound():
     # sanity: the same load makes prefill-first skip decoding requests for long stretches
-    cfg = SchedulerConfig(policy="prefill-first", token_budget=8, max_running=24, kv_capacity_tokens=100_000,
-                          max_wait_steps=2, prefill_chunk=8)
+    cfg = SchedulerConfig(
+        policy="prefill-first",
+        token_budget=8,
+        max_running=24,
+        kv_capacity_tokens=100_000,
+        max_wait_steps=2,
+        prefill_chunk=8,
+    )
     reqs = make_requests(60, seed=7, prompt=(4, 40), new=(5, 30))
     assert drive(cfg, reqs, seed=8, arrivals_per_step=1)["max_decode_skip"] > 2
 
@@ -215,10 +246,20 @@ def test_long_prompt_is_chunked(policy):
     assert [c.num_tokens for c in chunks] == [128] * 7 + [104]
     assert [c.start for c in chunks] == [128 * i for i in range(8)]
     # the short request keeps decoding while the long prompt is being prefilled
-    first_long_decode = next(i for i, o in enumerate(res["outs"]) if ("long", "decode") in
-                             {(it.request_id, it.kind) for it in o.items})
-    assert sum(1 for o in res["outs"][:first_long_decode] for it in o.items
-               if it.request_id == "short" and it.kind == "decode") >= 6
+    first_long_decode = next(
+        i
+        for i, o in enumerate(res["outs"])
+        if ("long", "decode") in {(it.request_id, it.kind) for it in o.items}
+    )
+    assert (
+        sum(
+            1
+            for o in res["outs"][:first_long_decode]
+            for it in o.items
+            if it.request_id == "short" and it.kind == "decode"
+        )
+        >= 6
+    )
 
 
 def test_prefill_limited_by_budget_and_first_token_from_prompt_completion():
@@ -226,7 +267,9 @@ def test_prefill_limited_by_budget_and_first_token_from_prompt_completion():
     r = Request("a", [0, 1, 2, 3, 4, 5, 6], 2)
     sched.add_request(r)
     out = sched.schedule()
-    assert [(it.kind, it.start, it.num_tokens, it.experts) for it in out.items] == [("prefill", 0, 5, (0, 1, 2, 3, 4))]
+    assert [(it.kind, it.start, it.num_tokens, it.experts) for it in out.items] == [
+        ("prefill", 0, 5, (0, 1, 2, 3, 4))
+    ]
     with pytest.raises(SchedulerError, match="produced no token"):
         sched.update(out, StepResult({"a": 3}))
     assert r.num_prefilled == 0  # a rejected result changes nothing; the step can be reported again
@@ -282,13 +325,25 @@ def test_prefill_chunk_experts_attract_free_riders():
 def test_prompts_wait_for_budget_as_under_decode_first():
     # however long a prompt has waited, decodes go first (the waiting bound covers decoding requests)
     reqs = [decode_state("a", 0), decode_state("b", 1), Request("p", [2] * 6, 10, waited_steps=9)]
-    items = ExpertAwarePolicy().select(reqs, SchedulerConfig(token_budget=3, max_wait_steps=2, min_queue_tokens=1)).items(reqs)
+    items = (
+        ExpertAwarePolicy()
+        .select(reqs, SchedulerConfig(token_budget=3, max_wait_steps=2, min_queue_tokens=1))
+        .items(reqs)
+    )
     assert {(it.request_id, it.num_tokens) for it in items} == {("a", 1), ("b", 1), ("p", 1)}
 
 
 def test_min_queue_tokens_holds_back_small_queues_but_never_idles():
     reqs = [decode_state("a", 0), decode_state("b", 0), decode_state("c", 5)]
-    select = lambda rs, budget: [it.request_id for it in ExpertAwarePolicy().select(rs, SchedulerConfig(token_budget=budget, min_queue_tokens=2)).items(rs)]
+
+    def select(rs, budget):
+        return [
+            it.request_id
+            for it in ExpertAwarePolicy()
+            .select(rs, SchedulerConfig(token_budget=budget, min_queue_tokens=2))
+            .items(rs)
+        ]
+
     assert select(reqs, 4) == ["a", "b"]  # batch half full: c's lone token (a whole expert) waits
     assert select(reqs, 8) == ["a", "b", "c"]  # batch mostly empty: holding c back would only delay it
     assert select([decode_state("c", 5)], 1) == ["c"]  # never an idle step
@@ -363,8 +418,10 @@ def test_abort_frees_memory_and_finished_without_sample():
 
 
 def test_core_modules_do_not_import_torch():
-    code = ("import sys, pregate.scheduler, pregate.workload, pregate.metrics; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, pregate.scheduler, pregate.workload, pregate.metrics; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

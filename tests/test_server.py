@@ -26,18 +26,31 @@ def served(tiny_checkpoint, tmp_path):
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
     model = load_moe(moe_dir)
     tokenizer = AutoTokenizer.from_pretrained(moe_dir)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    )
     torch.manual_seed(0)
-    router = PreGatingRouter(RouterConfig.preset("tiny", vocab_size=model.config.base["vocab_size"], num_experts=2)).eval()
+    router = PreGatingRouter(
+        RouterConfig.preset("tiny", vocab_size=model.config.base["vocab_size"], num_experts=2)
+    ).eval()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(Engine(model, tokenizer, router), "tiny-moe"), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(Engine(model, tokenizer, router), "tiny-moe"),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started, "server did not start"
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60
+    )
     yield client, Engine(model, tokenizer, router)
     server.should_exit = True
     thread.join(timeout=10)
@@ -57,8 +70,16 @@ def test_completion_equals_offline_generation(served):
 
 def test_streaming_gives_the_same_text(served):
     client, _ = served
-    full = client.completions.create(model="tiny-moe", prompt=PROMPTS[1], max_tokens=10, temperature=0).choices[0].text
-    chunks = list(client.completions.create(model="tiny-moe", prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True))
+    full = (
+        client.completions.create(model="tiny-moe", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+        .choices[0]
+        .text
+    )
+    chunks = list(
+        client.completions.create(
+            model="tiny-moe", prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == full
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
@@ -67,15 +88,30 @@ def test_concurrent_requests_equal_one_by_one(served):
     client, engine = served
     want = [o.text for o in engine.generate(PROMPTS, SamplingParams(max_tokens=6))]
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda p: client.completions.create(model="tiny-moe", prompt=p, max_tokens=6, temperature=0).choices[0].text, PROMPTS))
+        got = list(
+            pool.map(
+                lambda p: (
+                    client.completions.create(model="tiny-moe", prompt=p, max_tokens=6, temperature=0)
+                    .choices[0]
+                    .text
+                ),
+                PROMPTS,
+            )
+        )
     assert got == want
 
 
 def test_chat_streaming(served):
     client, _ = served
     messages = [{"role": "user", "content": "the quick brown fox"}]
-    full = client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=5, temperature=0).choices[0].message.content
-    parts = client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=5, temperature=0, stream=True)
+    full = (
+        client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=5, temperature=0)
+        .choices[0]
+        .message.content
+    )
+    parts = client.chat.completions.create(
+        model="tiny-moe", messages=messages, max_tokens=5, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in parts) == full
 
 
@@ -87,7 +123,10 @@ def test_bad_requests_fail_alone(served):
         client.completions.create(model="tiny-moe", prompt="", max_tokens=3)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny-moe", prompt="abc", max_tokens=0)
-    assert client.completions.create(model="tiny-moe", prompt="abc", max_tokens=2, temperature=0).choices[0].text is not None
+    assert (
+        client.completions.create(model="tiny-moe", prompt="abc", max_tokens=2, temperature=0).choices[0].text
+        is not None
+    )
     assert [m.id for m in client.models.list().data] == ["tiny-moe"]
 
 
@@ -112,22 +151,48 @@ def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_pa
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
-    trained = train(moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False)
+    trained = train(
+        moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False
+    )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pregate.cli", "serve", str(trained), "--port", str(port), "--name", "tiny",
-                             "--dtype", "float32", *offload],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pregate.cli",
+            "serve",
+            str(trained),
+            "--port",
+            str(port),
+            "--name",
+            "tiny",
+            "--dtype",
+            "float32",
+            *offload,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30
+        )
         deadline = time.time() + 60
         while True:
             try:
                 assert [m.id for m in client.models.list().data] == ["tiny"]
                 break
             except openai.APIConnectionError:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "no answer"
+                assert proc.poll() is None and time.time() < deadline, (
+                    proc.stdout.read() if proc.poll() is not None else "no answer"
+                )
                 time.sleep(0.2)
-        got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0).choices[0].text
+        got = (
+            client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+            .choices[0]
+            .text
+        )
         engine = Engine(load_moe(trained), AutoTokenizer.from_pretrained(trained), load_router(trained))
         assert got == engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6))[0].text
     finally:
@@ -138,7 +203,11 @@ def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_pa
 def test_pregate_serve_refuses_a_model_without_router(tiny_checkpoint, tmp_path, capsys):
     from pregate.cli import main
 
-    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"))
+    moe_dir = refactor(
+        str(tiny_checkpoint),
+        tmp_path / "moe",
+        RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32"),
+    )
     assert main(["serve", str(moe_dir)]) == 2
     err = capsys.readouterr().err
     assert "no trained router" in err and "pregate train" in err and "Traceback" not in err
@@ -148,7 +217,9 @@ def test_broken_json_body_is_a_400(served):
     client, _ = served
     import httpx
 
-    r = httpx.post(f"{client.base_url}completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{client.base_url}completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
@@ -165,7 +236,9 @@ def reference_logprobs(engine, ids: list[int]) -> torch.Tensor:
 def test_completion_logprobs_and_echo_equal_log_softmax_of_the_model(served):
     client, engine = served
     prompt = engine.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
-    got = client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=5, temperature=0, logprobs=3, echo=True).choices[0]
+    got = client.completions.create(
+        model="tiny-moe", prompt=prompt, max_tokens=5, temperature=0, logprobs=3, echo=True
+    ).choices[0]
     lp = got.logprobs
     n_prompt = len(prompt)
     assert got.text.startswith(PROMPTS[0]) and len(lp.tokens) == n_prompt + 5
@@ -181,17 +254,27 @@ def test_completion_logprobs_and_echo_equal_log_softmax_of_the_model(served):
             alts.setdefault(engine.tokenizer.decode([t]), v)  # tokens with the same text: the likeliest
         for text, v in alts.items():
             assert lp.top_logprobs[i][text] == pytest.approx(v, abs=1e-4)
-    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[n_prompt] == len(PROMPTS[0])
+    assert (
+        lp.text_offset[0] == 0
+        and lp.text_offset == sorted(lp.text_offset)
+        and lp.text_offset[n_prompt] == len(PROMPTS[0])
+    )
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt_as_lm_eval_asks(served):
     client, engine = served
     prompt = engine.tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
-    got = client.completions.create(model="tiny-moe", prompt=[prompt, prompt[:3]], max_tokens=0, temperature=0, logprobs=1, echo=True)
+    got = client.completions.create(
+        model="tiny-moe", prompt=[prompt, prompt[:3]], max_tokens=0, temperature=0, logprobs=1, echo=True
+    )
     ref = reference_logprobs(engine, prompt)
     first, second = sorted(got.choices, key=lambda c: c.index)
-    assert first.text == PROMPTS[2] and first.logprobs.tokens == [engine.tokenizer.decode([t]) for t in prompt]
-    assert first.logprobs.token_logprobs[1:] == pytest.approx([float(ref[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4)
+    assert first.text == PROMPTS[2] and first.logprobs.tokens == [
+        engine.tokenizer.decode([t]) for t in prompt
+    ]
+    assert first.logprobs.token_logprobs[1:] == pytest.approx(
+        [float(ref[i - 1, prompt[i]]) for i in range(1, len(prompt))], abs=1e-4
+    )
     assert second.logprobs.token_logprobs[1:] == pytest.approx(first.logprobs.token_logprobs[1:3], abs=1e-4)
     assert got.usage.completion_tokens == 0 and got.usage.prompt_tokens == len(prompt) + 3
 
@@ -199,14 +282,20 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_lm_eval_asks(served):
 def test_chat_logprobs(served):
     client, engine = served
     messages = [{"role": "user", "content": "the quick brown fox"}]
-    got = client.chat.completions.create(model="tiny-moe", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    got = client.chat.completions.create(
+        model="tiny-moe", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = got.choices[0].logprobs.content
-    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     full = list(ids) + engine.generate([list(ids)], SamplingParams(max_tokens=4))[0].token_ids
     ref = reference_logprobs(engine, full)
     want = [float(ref[i - 1, full[i]]) for i in range(len(ids), len(full))]
     assert [c.logprob for c in content] == pytest.approx(want, abs=1e-4)
-    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    assert all(
+        len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content
+    )
 
 
 def test_n_choices_with_derived_seeds(served):
@@ -216,9 +305,14 @@ def test_n_choices_with_derived_seeds(served):
     texts = [c.text for c in sorted(got.choices, key=lambda c: c.index)]
     assert [c.index for c in sorted(got.choices, key=lambda c: c.index)] == [0, 1, 2]
     assert texts[0] == client.completions.create(**kw).choices[0].text  # choice 0 keeps the seed itself
-    assert texts == [c.text for c in sorted(client.completions.create(n=3, **kw).choices, key=lambda c: c.index)]
+    assert texts == [
+        c.text for c in sorted(client.completions.create(n=3, **kw).choices, key=lambda c: c.index)
+    ]
     assert len(set(texts)) > 1  # the others get their own seeds
-    assert got.usage.completion_tokens <= 24 and got.usage.prompt_tokens == client.completions.create(**kw).usage.prompt_tokens
+    assert (
+        got.usage.completion_tokens <= 24
+        and got.usage.prompt_tokens == client.completions.create(**kw).usage.prompt_tokens
+    )
     batch = client.completions.create(model="tiny-moe", prompt=PROMPTS[:2], n=2, max_tokens=4, temperature=0)
     by_index = {c.index: c.text for c in batch.choices}
     assert sorted(by_index) == [0, 1, 2, 3] and by_index[0] == by_index[1] and by_index[2] == by_index[3]
@@ -235,15 +329,23 @@ def test_streaming_n_choices_and_include_usage(served):
             texts[ch.index] += ch.text
     assert texts == {c.index: c.text for c in full.choices}
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
-    chat = list(client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                               stream=True, stream_options={"include_usage": True}))
+    chat = list(
+        client.chat.completions.create(
+            model="tiny-moe",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chat[-1].usage.completion_tokens == 3
 
 
 def test_max_completion_tokens(served):
     client, _ = served
-    got = client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3,
-                                         temperature=0)
+    got = client.chat.completions.create(
+        model="tiny-moe", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3, temperature=0
+    )
     assert got.usage.completion_tokens <= 3
 
 
@@ -259,14 +361,35 @@ def test_sigterm_exits_within_the_graceful_timeout_with_a_wedged_client(tiny_che
 
     cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
     moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
-    trained = train(moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False)
+    trained = train(
+        moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False
+    )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pregate.cli", "serve", str(trained), "--port", str(port),
-                             "--name", "tiny", "--dtype", "float32", "--timeout-graceful", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pregate.cli",
+            "serve",
+            str(trained),
+            "--port",
+            str(port),
+            "--name",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--timeout-graceful",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wedged = socket.socket()
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30
+        )
         deadline = time.time() + 60
         while True:
             try:

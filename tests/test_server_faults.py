@@ -178,7 +178,9 @@ BAD_CHAT_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("body, param", BAD_CHAT_REQUESTS, ids=[str(i) for i in range(len(BAD_CHAT_REQUESTS))])
+@pytest.mark.parametrize(
+    "body, param", BAD_CHAT_REQUESTS, ids=[str(i) for i in range(len(BAD_CHAT_REQUESTS))]
+)
 def test_malformed_chat_requests_are_400s_and_the_next_request_works(faulty_server, body, param):
     url, _, _, fault = faulty_server
     fault["when"] = lambda ids: False  # the chat template's tokens may hold a poison token
@@ -193,16 +195,32 @@ def test_chat_accepts_text_parts_and_harmless_fields(faulty_server):
     url, _, _, fault = faulty_server
     fault["when"] = lambda ids: False
     parts = [{"type": "text", "text": "the quick"}, {"type": "text", "text": "brown fox"}]
-    body = {"model": "tiny", "max_tokens": 4, "temperature": 0, "user": "u-1", "tools": [], "presence_penalty": 0,
-            "response_format": {"type": "text"}, "metadata": {"a": "b"}}
+    body = {
+        "model": "tiny",
+        "max_tokens": 4,
+        "temperature": 0,
+        "user": "u-1",
+        "tools": [],
+        "presence_penalty": 0,
+        "response_format": {"type": "text"},
+        "metadata": {"a": "b"},
+    }
     got = httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": user(parts)}).json()
-    want = httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": user("the quick\nbrown fox")}).json()
+    want = httpx.post(
+        f"{url}/v1/chat/completions", json={**body, "messages": user("the quick\nbrown fox")}
+    ).json()
     assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
 
 
 REFUSED = [  # (method, path, body or None, status, param)
     ("POST", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
-    ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+        404,
+        "model",
+    ),
     ("GET", "/v1/nowhere", None, 404, None),
     ("GET", "/docs", None, 404, None),
     ("GET", "/redoc", None, 404, None),
@@ -212,7 +230,9 @@ REFUSED = [  # (method, path, body or None, status, param)
 ]
 
 
-@pytest.mark.parametrize("method, path, body, status, param", REFUSED, ids=[f"{m} {p} {s}" for m, p, _, s, _ in REFUSED])
+@pytest.mark.parametrize(
+    "method, path, body, status, param", REFUSED, ids=[f"{m} {p} {s}" for m, p, _, s, _ in REFUSED]
+)
 def test_unknown_models_and_routes_in_openai_error_shape(faulty_server, method, path, body, status, param):
     url, _, _, _ = faulty_server
     err = assert_openai_error(httpx.request(method, f"{url}{path}", json=body), status)
@@ -245,8 +265,12 @@ def _json(body) -> bytes:
 
 
 def test_limits_refuse_in_openai_error_shape_and_good_requests_go_on(tmp_path):
-    limits = ServerLimits(max_body_bytes=2000, api_key="sekret", cors_origins=("http://ok.example",),
-                          allowed_hosts=LOOPBACK_HOSTS)
+    limits = ServerLimits(
+        max_body_bytes=2000,
+        api_key="sekret",
+        cors_origins=("http://ok.example",),
+        allowed_hosts=LOOPBACK_HOSTS,
+    )
     auth = {"authorization": "Bearer sekret"}
     with running(build_app(tiny_engine(tmp_path), "tiny", limits)) as url:
         good = {"prompt": "the quick", "max_tokens": 2}
@@ -255,11 +279,17 @@ def test_limits_refuse_in_openai_error_shape_and_good_requests_go_on(tmp_path):
             assert httpx.post(f"{url}/v1/completions", json=good, headers=auth).status_code == 200
 
         assert_openai_error(httpx.post(f"{url}/v1/completions", json=good), 401)
-        assert_openai_error(httpx.post(f"{url}/v1/completions", json=good, headers={"authorization": "Bearer nope"}), 401)
+        assert_openai_error(
+            httpx.post(f"{url}/v1/completions", json=good, headers={"authorization": "Bearer nope"}), 401
+        )
         assert_openai_error(httpx.get(f"{url}/v1/nowhere"), 401)  # the key comes before the routes
         assert httpx.get(f"{url}/health").status_code == 200  # a supervisor needs no key
         ok()
-        plain = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x"}', headers={**auth, "content-type": "text/plain"})
+        plain = httpx.post(
+            f"{url}/v1/completions",
+            content=b'{"prompt": "x"}',
+            headers={**auth, "content-type": "text/plain"},
+        )
         assert_openai_error(plain, 415)
         ok()
         big = {"prompt": "x" * 3000}
@@ -271,14 +301,29 @@ def test_limits_refuse_in_openai_error_shape_and_good_requests_go_on(tmp_path):
                 yield b"x" * 500
             yield b'"}'
 
-        chunked = httpx.post(f"{url}/v1/completions", content=chunks(), headers={**auth, "content-type": "application/json"})
+        chunked = httpx.post(
+            f"{url}/v1/completions", content=chunks(), headers={**auth, "content-type": "application/json"}
+        )
         assert_openai_error(chunked, 413)
         ok()
-        assert_openai_error(httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "evil.example"}), 400)
-        assert httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "localhost:1234"}).status_code == 200
-        assert httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "[::1]:1234"}).status_code == 200
-        preflight = {"origin": "http://ok.example", "access-control-request-method": "POST",
-                     "access-control-request-headers": "authorization, content-type"}
+        assert_openai_error(
+            httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "evil.example"}), 400
+        )
+        assert (
+            httpx.post(
+                f"{url}/v1/completions", json=good, headers={**auth, "host": "localhost:1234"}
+            ).status_code
+            == 200
+        )
+        assert (
+            httpx.post(f"{url}/v1/completions", json=good, headers={**auth, "host": "[::1]:1234"}).status_code
+            == 200
+        )
+        preflight = {
+            "origin": "http://ok.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        }
         r = httpx.options(f"{url}/v1/completions", headers=preflight)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ok.example"
         r = httpx.options(f"{url}/v1/completions", headers={**preflight, "origin": "http://evil.example"})
@@ -288,7 +333,11 @@ def test_limits_refuse_in_openai_error_shape_and_good_requests_go_on(tmp_path):
 
 def test_cors_is_off_by_default(tmp_path):
     with running(build_app(tiny_engine(tmp_path), "tiny")) as url:
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the quick", "max_tokens": 2}, headers={"origin": "http://a.example"})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "the quick", "max_tokens": 2},
+            headers={"origin": "http://a.example"},
+        )
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
@@ -297,7 +346,10 @@ def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
     app = build_app(engine, "tiny", ServerLimits(max_queued=1))
     with running(app) as url:
         body = {"prompt": "the quick", "max_tokens": 40, "temperature": 0}
-        clients = [threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=30)) for _ in range(2)]
+        clients = [
+            threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=30))
+            for _ in range(2)
+        ]
         for c in clients:
             c.start()
         deadline = time.time() + 5
@@ -319,8 +371,11 @@ def test_a_non_streaming_request_is_aborted_when_its_client_goes(tmp_path):
     app = build_app(engine, "tiny")
     with running(app) as url:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", json={"prompt": "the quick", "max_tokens": 200, "temperature": 0,
-                                                     "n": 2}, timeout=1.0)
+            httpx.post(
+                f"{url}/v1/completions",
+                json={"prompt": "the quick", "max_tokens": 200, "temperature": 0, "n": 2},
+                timeout=1.0,
+            )
         deadline = time.time() + 4
         while app.state.runner.in_flight and time.time() < deadline:
             time.sleep(0.05)

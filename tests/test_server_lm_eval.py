@@ -49,12 +49,32 @@ def test_lm_eval_local_completions_scores_what_the_model_says(tmp_path):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
     with running(build_app(engine, "tiny")) as url:
-        args = (f"base_url={url}/v1/completions,model=tiny,tokenizer={tmp_path / 'tok'},tokenizer_backend=huggingface,"
-                "num_concurrent=1,max_retries=1")
+        args = (
+            f"base_url={url}/v1/completions,model=tiny,tokenizer={tmp_path / 'tok'},"
+            "tokenizer_backend=huggingface,"
+            "num_concurrent=1,max_retries=1"
+        )
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([lm_eval, "--model", "local-completions", "--model_args", args, "--include_path",
-                               str(tmp_path / "tasks"), "--tasks", "pregate_tiny_mc", "--output_path", str(tmp_path / "out"),
-                               "--log_samples"], capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run(
+            [
+                lm_eval,
+                "--model",
+                "local-completions",
+                "--model_args",
+                args,
+                "--include_path",
+                str(tmp_path / "tasks"),
+                "--tasks",
+                "pregate_tiny_mc",
+                "--output_path",
+                str(tmp_path / "out"),
+                "--log_samples",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (samples,) = list((tmp_path / "out").rglob("samples_pregate_tiny_mc_*.jsonl"))
     scored = 0

@@ -40,7 +40,9 @@ def test_belady_beats_every_policy_on_every_trace(unit):
 
 
 def cost(**kw):
-    base = dict(num_layers=L, slice_bytes=1000, bandwidth=1e6, token_layer_s=1e-4, expert_layer_s=1e-3, step_s=1e-3)
+    base = dict(
+        num_layers=L, slice_bytes=1000, bandwidth=1e6, token_layer_s=1e-4, expert_layer_s=1e-3, step_s=1e-3
+    )
     return CostModel(**{**base, **kw})
 
 
@@ -53,9 +55,14 @@ def test_sim_drives_the_scheduler_and_cache():
     assert r.summary["generated_tokens"] == sum(t.output_len for t in trace)
     assert r.cache.hits == simulate_cache(unit_references(steps, L, "expert"), 3, "belady").hits
     # smaller caches are slower; everything resident never stalls
-    nl = [simulate(trace, cost(), SimConfig(capacity=k, scheduler=SCHED)).summary["normalized_latency"]["mean"] for k in (1, 3, E)]
+    nl = [
+        simulate(trace, cost(), SimConfig(capacity=k, scheduler=SCHED)).summary["normalized_latency"]["mean"]
+        for k in (1, 3, E)
+    ]
     assert nl[0] > nl[1] > nl[2]
-    assert simulate(trace, cost(), SimConfig(capacity=E, scheduler=SCHED)).stall_s == pytest.approx(E * L * 1e-3)  # cold start only
+    assert simulate(trace, cost(), SimConfig(capacity=E, scheduler=SCHED)).stall_s == pytest.approx(
+        E * L * 1e-3
+    )  # cold start only
 
 
 def test_prefetch_hides_loads_when_compute_covers_them():
@@ -79,14 +86,27 @@ def test_calibrate_recovers_coefficients():
     recs = []
     for _ in range(40):
         t, e, rows = rng.randint(1, 64), rng.randint(1, 7), rng.randint(1, 16)
-        recs.append({"tokens": t, "experts": e, "rows": rows, "duration": L * (2e-5 * t + 3e-4 * e) + 1e-4 * rows + 5e-3})
+        recs.append(
+            {
+                "tokens": t,
+                "experts": e,
+                "rows": rows,
+                "duration": L * (2e-5 * t + 3e-4 * e) + 1e-4 * rows + 5e-3,
+            }
+        )
     c = calibrate(recs, L, 1000, 1e9)
     assert c.token_layer_s == pytest.approx(2e-5) and c.expert_layer_s == pytest.approx(3e-4)
     assert c.row_s == pytest.approx(1e-4) and c.step_s == pytest.approx(5e-3)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(bandwidth=0), "bandwidth"), (dict(slice_bytes=0), "slice_bytes"),
-                                      (dict(token_layer_s=-1), "token_layer_s")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(bandwidth=0), "bandwidth"),
+        (dict(slice_bytes=0), "slice_bytes"),
+        (dict(token_layer_s=-1), "token_layer_s"),
+    ],
+)
 def test_bad_cost_model(kw, match):
     with pytest.raises(SimError, match=match):
         cost(**kw)
@@ -102,7 +122,9 @@ def test_compare_policies_serves_everyone_and_groups_experts():
     from pregate.scheduler import SCHEDULING_POLICIES
     from pregate.sim import compare_policies, format_policy_table
 
-    cost = CostModel(num_layers=L, slice_bytes=1, bandwidth=1.0, token_layer_s=1e-4, expert_layer_s=1e-3, step_s=1e-3)
+    cost = CostModel(
+        num_layers=L, slice_bytes=1, bandwidth=1.0, token_layer_s=1e-4, expert_layer_s=1e-3, step_s=1e-3
+    )
     trace = routed_trace(n=60, seed=5)
     result = compare_policies(
         trace, cost, SCHEDULING_POLICIES, SchedulerConfig(token_budget=8, max_running=24), rate=200.0
@@ -125,9 +147,17 @@ def test_cost_model_from_a_bench_serve_json():
     steps = []
     for _ in range(40):
         t, e, r = rng.randint(1, 32), rng.randint(1, 7), rng.randint(1, 16)
-        steps.append({"duration": L * (t * truth["token"] + e * truth["expert"]) + r * truth["row"] + truth["step"],
-                      "tokens": t, "experts": e, "rows": r})
+        steps.append(
+            {
+                "duration": L * (t * truth["token"] + e * truth["expert"]) + r * truth["row"] + truth["step"],
+                "tokens": t,
+                "experts": e,
+                "rows": r,
+            }
+        )
     cost = cost_from_json({"engine_steps": steps, "workload": {"num_layers": L}})
-    assert cost.token_layer_s == pytest.approx(truth["token"]) and cost.expert_layer_s == pytest.approx(truth["expert"])
+    assert cost.token_layer_s == pytest.approx(truth["token"]) and cost.expert_layer_s == pytest.approx(
+        truth["expert"]
+    )
     with pytest.raises(SimError, match="not a cost model"):
         cost_from_json({"policies": {}})

@@ -39,7 +39,9 @@ def moe_dir(tmp_path_factory):
 
 def steps_of(seed=0, n=6, t=7):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 97, (t,), generator=g), torch.randint(0, E, (t,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randint(0, 97, (t,), generator=g), torch.randint(0, E, (t,), generator=g)) for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("unit,k", [("expert", 1), ("expert", 2), ("expert", 3), ("slice", 2), ("slice", 5)])
@@ -48,7 +50,9 @@ def steps_of(seed=0, n=6, t=7):
 def test_store_backed_forward_is_bit_exact(moe_dir, unit, k, policy, prefetch):
     moe, path = moe_dir
     steps = steps_of()
-    with ExpertStore(path, StoreConfig(capacity=k, unit=unit, policy=policy, prefetch=prefetch, depth=2, timeout_s=10)) as store:
+    with ExpertStore(
+        path, StoreConfig(capacity=k, unit=unit, policy=policy, prefetch=prefetch, depth=2, timeout_s=10)
+    ) as store:
         store.plan(sorted(set(e.tolist())) for _, e in steps)
         for ids, experts in steps:
             want = moe.forward_packed(ids, [Segment(len(ids))], Routing.top1(experts))
@@ -56,7 +60,9 @@ def test_store_backed_forward_is_bit_exact(moe_dir, unit, k, policy, prefetch):
             assert torch.equal(got, want)
         s = store.stats
     assert s.hits + s.misses > 0 and s.bytes_loaded == s.slice_loads * store.slice_bytes
-    assert s.misses >= (k if unit == "expert" else 0) or s.misses == len({int(e) for _, x in steps for e in x})
+    assert s.misses >= (k if unit == "expert" else 0) or s.misses == len(
+        {int(e) for _, x in steps for e in x}
+    )
 
 
 def routed_requests(n=5, seed=0):
@@ -67,7 +73,13 @@ def routed_requests(n=5, seed=0):
         pe = torch.randint(0, E, (p,), generator=g).tolist()
         oe = torch.randint(0, E, (o,), generator=g).tolist()
         trace = WorkloadRequest(f"r{i}", "", o, prompt_experts=pe, output_experts=oe)
-        out.append(ReplayRequest(trace, torch.randint(0, 97, (p,), generator=g).tolist(), torch.randint(0, 97, (o,), generator=g).tolist()))
+        out.append(
+            ReplayRequest(
+                trace,
+                torch.randint(0, 97, (p,), generator=g).tolist(),
+                torch.randint(0, 97, (o,), generator=g).tolist(),
+            )
+        )
     return out
 
 
@@ -88,7 +100,11 @@ def test_prefetch_never_changes_generated_tokens_and_sim_sees_the_same_cache(moe
         cost = CostModel(moe.config.num_layers, store.slice_bytes, 1e9, 1e-6, 1e-6)
         sim = simulate([r.trace for r in reqs], cost, SimConfig(capacity=2, prefetch=prefetch, scheduler=cfg))
         assert sim.steps == steps
-        assert (sim.cache.hits, sim.cache.misses, sim.cache.prefetches) == (stats.hits, stats.misses, stats.prefetches)
+        assert (sim.cache.hits, sim.cache.misses, sim.cache.prefetches) == (
+            stats.hits,
+            stats.misses,
+            stats.prefetches,
+        )
 
 
 def test_bandwidth_cap_is_honoured(moe_dir):
@@ -105,16 +121,19 @@ def test_bandwidth_cap_is_honoured(moe_dir):
         assert store.stats.slice_loads == 4 and store.stats.stall_s >= 0.04
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(capacity=0), "capacity=0"),
-    (dict(capacity=E + 1), "exceeds"),
-    (dict(capacity=1, bandwidth=0), "bandwidth=0"),
-    (dict(capacity=1, bandwidth=-5.0), "bandwidth=-5.0"),
-    (dict(capacity=1, policy="mru"), "policy='mru'"),
-    (dict(capacity=1, unit="layer"), "unit='layer'"),
-    (dict(capacity_bytes=10), "holds no expert"),
-    (dict(), "exactly one"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(capacity=0), "capacity=0"),
+        (dict(capacity=E + 1), "exceeds"),
+        (dict(capacity=1, bandwidth=0), "bandwidth=0"),
+        (dict(capacity=1, bandwidth=-5.0), "bandwidth=-5.0"),
+        (dict(capacity=1, policy="mru"), "policy='mru'"),
+        (dict(capacity=1, unit="layer"), "unit='layer'"),
+        (dict(capacity_bytes=10), "holds no expert"),
+        (dict(), "exactly one"),
+    ],
+)
 def test_bad_config_is_a_clear_error(moe_dir, kwargs, match):
     _, path = moe_dir
     with pytest.raises(StoreError, match=match):

@@ -33,7 +33,10 @@ def tiny_lm(tmp_path):
     tokenizer = tiny_tokenizer(tmp_path)
     hf = tiny_hf_model("llama", vocab_size=len(tokenizer))
     moe = dense_as_moe(hf)
-    logits_fn = lambda ids, rows: moe(ids, None).reshape(-1, len(tokenizer))[rows]
+
+    def logits_fn(ids, rows):
+        return moe(ids, None).reshape(-1, len(tokenizer))[rows]
+
     return PregateLM(logits_fn, tokenizer, max_length=128, batch_size=3), hf, tokenizer
 
 

@@ -93,7 +93,9 @@ def test_expert_step_lowers_lm_loss_and_freezes_router(moe_dir):
         if name.endswith("mlp.expert_index"):
             pad = w < 0
             prefix = name.removesuffix("expert_index")
-            assert torch.all(after[prefix + "w_gate"][pad] == 0) and torch.all(after[prefix + "w_down"].transpose(1, 2)[pad] == 0)
+            assert torch.all(after[prefix + "w_gate"][pad] == 0) and torch.all(
+                after[prefix + "w_down"].transpose(1, 2)[pad] == 0
+            )
 
 
 def test_expert_distillation_from_dense_parent_lowers_loss(moe_dir, tiny_checkpoint):
@@ -116,12 +118,21 @@ def test_control_stage_gets_the_moe_tokens():
 
     pool = torch.arange(40 * 4).view(40, 4)
     for budget, kinds in (("tokens", ("router", "expert")), ("updates", ("expert",))):
-        cfg = TrainConfig(router_steps=3, expert_steps=5, batch_size=2, seq_len=4, tokens_per_domain=8, control_budget=budget)
+        cfg = TrainConfig(
+            router_steps=3,
+            expert_steps=5,
+            batch_size=2,
+            seq_len=4,
+            tokens_per_domain=8,
+            control_budget=budget,
+        )
         control = torch.cat(list(stage_batches(pool, cfg, 1, "control")))
         moe = torch.cat([b for k in kinds for b in stage_batches(pool, cfg, 1, k)])
         assert torch.equal(control, moe) and cfg.steps("control") * 2 == len(control)
     cfg = TrainConfig(router_steps=3, expert_steps=5, batch_size=2, seq_len=4, tokens_per_domain=8)
-    assert not torch.equal(next(stage_batches(pool, cfg, 0, "expert")), next(stage_batches(pool, cfg, 1, "expert")))
+    assert not torch.equal(
+        next(stage_batches(pool, cfg, 0, "expert")), next(stage_batches(pool, cfg, 1, "expert"))
+    )
 
 
 def test_lr_schedule_cosine_and_warmup():
@@ -158,7 +169,12 @@ def test_dselect_top2_trains_and_routes_two_weighted_experts(moe_dir, tmp_path):
     from pregate.router import load_router, routing_for
     from pregate.train import train
 
-    out = train(moe_dir, tmp_path / "ds", tiny_cfg(rounds=1, head="dselect", top_k=2, dselect_entropy=0.01, train_control=False), progress=False)
+    out = train(
+        moe_dir,
+        tmp_path / "ds",
+        tiny_cfg(rounds=1, head="dselect", top_k=2, dselect_entropy=0.01, train_control=False),
+        progress=False,
+    )
     router = load_router(out)
     assert isinstance(router, PreGatingRouter) and router.cfg.head == "dselect"
     ids = torch.randint(0, router.cfg.vocab_size, (2, 16))
@@ -174,7 +190,9 @@ def test_layerwise_gate_trains_and_runs_in_the_moe(moe_dir, tmp_path):
     from pregate.router import load_router, routing_for
     from pregate.train import train
 
-    out = train(moe_dir, tmp_path / "lw", tiny_cfg(rounds=1, layerwise=True, train_control=False), progress=False)
+    out = train(
+        moe_dir, tmp_path / "lw", tiny_cfg(rounds=1, layerwise=True, train_control=False), progress=False
+    )
     log = json.loads((out / "train_log.json").read_text())
     assert log["stages"][0]["stage"] == "router" and "last_acc" in log["stages"][0]
     gate = load_router(out)
@@ -218,16 +236,38 @@ def test_cli_train_then_eval_shows_router_and_trained_control(moe_dir, tmp_path,
     from pregate.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", str(moe_dir), "--out", str(out), "--preset", "tiny", "--rounds", "1", "--control-budget", "updates"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(moe_dir),
+                "--out",
+                str(out),
+                "--preset",
+                "tiny",
+                "--rounds",
+                "1",
+                "--control-budget",
+                "updates",
+            ]
+        )
+        == 0
+    )
     assert "router acc" in capsys.readouterr().out
     state = json.loads((out / "train_state.json").read_text())
     assert state["stages_done"] == 3 and state["config"]["rounds"] == 1
     log = json.loads((out / "train_log.json").read_text())
     control, expert = (next(s for s in log["stages"] if s["stage"] == k) for k in ("control", "expert"))
-    assert control["steps"] == expert["steps"] and control["tokens"] == expert["tokens"]  # --control-budget updates
+    # --control-budget updates
+    assert control["steps"] == expert["steps"] and control["tokens"] == expert["tokens"]
     assert load_moe(out).config.provenance["parent"] == str(moe_dir.resolve())
     path = tmp_path / "ppl.json"
-    assert main(["eval", "ppl", str(out), "--tokens-per-domain", "128", "--block-len", "64", "--json", str(path)]) == 0
+    assert (
+        main(
+            ["eval", "ppl", str(out), "--tokens-per-domain", "128", "--block-len", "64", "--json", str(path)]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "moe_router" in table and "control_trained" in table
     result = json.loads(path.read_text())
@@ -251,9 +291,25 @@ def test_two_processes_give_the_same_update_as_one(moe_dir, tmp_path):
     cfg = dict(rounds=1, router_steps=1, expert_steps=1, batch_size=4, train_control=True)
     one = train(moe_dir, tmp_path / "one", tiny_cfg(**cfg), progress=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__)), "worker",
-           str(moe_dir), str(tmp_path / "two"), json.dumps(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(Path(__file__)),
+        "worker",
+        str(moe_dir),
+        str(tmp_path / "two"),
+        json.dumps(cfg),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "train_state.json").read_text())

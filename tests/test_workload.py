@@ -36,7 +36,9 @@ def test_sharegpt_conversations_limit_is_fast_and_clean():
 
 
 def test_sharegpt_workload_is_deterministic_and_filtered():
-    kw = dict(n=20, rate=2.0, seed=3, count_tokens=words, max_prompt_tokens=50, max_output_tokens=64, pool=200)
+    kw = dict(
+        n=20, rate=2.0, seed=3, count_tokens=words, max_prompt_tokens=50, max_output_tokens=64, pool=200
+    )
     a, b = sharegpt_workload(**kw), sharegpt_workload(**kw)
     assert a == b
     assert sharegpt_workload(**{**kw, "seed": 4}) != a
@@ -64,7 +66,9 @@ def test_poisson_arrivals():
 
 def test_synthetic_workload():
     reqs = synthetic_workload(6, prompt_len=12, output_len=7, rate=10.0, burst=2, seed=5)
-    assert len(reqs) == 6 and all(words(r.prompt) == 12 == r.prompt_tokens and r.output_len == 7 for r in reqs)
+    assert len(reqs) == 6 and all(
+        words(r.prompt) == 12 == r.prompt_tokens and r.output_len == 7 for r in reqs
+    )
     assert reqs[0].arrival_time == reqs[1].arrival_time < reqs[2].arrival_time
     assert synthetic_workload(6, 12, 7, rate=10.0, burst=2, seed=5) == reqs
     assert all(r.arrival_time == 0.0 for r in synthetic_workload(3, 4, 4))
@@ -76,7 +80,7 @@ def test_trace_round_trip_with_optional_routing(tmp_path):
     reqs = synthetic_workload(3, 5, 4, rate=1.0)
     reqs[1].prompt_experts = [0, 1, 2, 3, 4]
     reqs[1].output_experts = [6, 6, 5, 0]
-    reqs.append(WorkloadRequest("uni", "héllo \"quoted\"\nline", 2, 1.25))
+    reqs.append(WorkloadRequest("uni", 'héllo "quoted"\nline', 2, 1.25))
     path = tmp_path / "sub" / "trace.jsonl"
     save_trace(path, reqs)
     back = load_trace(path)
