@@ -49,6 +49,8 @@ class BenchConfig:
     requests: int = 32
     rate: float | None = 4.0  # requests/s (Poisson); None = all at t=0
     seed: int = 0
+    # a binding step budget (16 of 32 running requests decode per step), unlike serve's 256: the policies
+    # differ only in what they leave out of a full step (docs/serving.md has a run at 64)
     token_budget: int = 16
     max_running: int = 32
     kv_capacity_tokens: int = 16384

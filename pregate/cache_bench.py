@@ -19,11 +19,12 @@ import torch
 
 from pregate import sim
 from pregate.checkpoint import ROUTER_WEIGHTS
+from pregate.driver import drive
 from pregate.errors import PregateError, check_int
 from pregate.eviction import unit_references
 from pregate.metrics import MetricsRecorder
 from pregate.references import write_references
-from pregate.scheduler import Request, Scheduler, SchedulerConfig
+from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult
 from pregate.store import ExpertStore, StoreConfig
 from pregate.workload import WorkloadRequest
 
@@ -68,14 +69,13 @@ def replay_teacher_forced(
     sched = Scheduler(scheduler)
     rec = MetricsRecorder()
     start = time.perf_counter()
-    for r in requests:
-        sched.add_request(Request(r.trace.request_id, list(r.trace.prompt_experts), r.trace.output_len))
-        rec.on_arrival(r.trace.request_id, at=start)
     caches: dict = {}
     steps = []
     tokens = []
-    while sched.has_work():
-        out = sched.schedule()
+    step_end = start
+
+    def run(out: SchedulerOutput) -> StepResult:
+        nonlocal step_end
         ids, experts, segs, rows = [], [], [], []
         for it in out.items:
             r = by_id[it.request_id]
@@ -98,24 +98,33 @@ def replay_teacher_forced(
                 logits_at=torch.tensor(rows),
                 expert_source=store,
             )
-        t1 = time.perf_counter()
+        step_end = time.perf_counter()
         tokens.append(logits.argmax(-1).tolist())
         stall = (store.stats.stall_s if store is not None else 0.0) - stall0
         steps.append(
             {
-                "duration": t1 - t0,
+                "duration": step_end - t0,
                 "tokens": out.num_tokens,
                 "experts": out.unique_experts,
                 "rows": len(rows),
                 "stall": stall,
             }
         )
-        result = sim.step_result(out, sched, traces)
+        return sim.step_result(out, sched, traces)
+
+    def on_step(out: SchedulerOutput, result: StepResult, finished: list[Request]) -> None:
         for rid in result.sampled:
-            rec.on_token(rid, at=t1)
-        for r in sched.update(out, result):
-            rec.on_finish(r.request_id, at=t1)
+            rec.on_token(rid, at=step_end)
+        for r in finished:
+            rec.on_finish(r.request_id, at=step_end)
             caches.pop(r.request_id, None)
+
+    arrivals = [
+        (0.0, Request(r.trace.request_id, list(r.trace.prompt_experts), r.trace.output_len)) for r in requests
+    ]
+    drive(
+        sched, run, arrivals, on_arrival=lambda r, _: rec.on_arrival(r.request_id, at=start), on_step=on_step
+    )
     return {"summary": rec.summary(), "steps": steps, "tokens": tokens}
 
 

@@ -64,9 +64,9 @@ def run_demo(out: Path, cache: str | None = None, force: bool = False) -> dict:
     tcfg = TrainConfig.preset(TRAIN_PRESET)
     if rebuilt or not _trained(train_dir, tcfg):
         print(
-            f"[2/4] train: {tcfg.rounds} round of {tcfg.router_steps} router + {tcfg.expert_steps} expert "
-            "steps "
-            f"({tcfg.batch_size} x {tcfg.seq_len} tokens each), then the same-size control on the same tokens"
+            f"[2/4] train: {tcfg.rounds} round of {tcfg.router_steps} router + {tcfg.expert_steps} "
+            f"expert steps ({tcfg.batch_size} x {tcfg.seq_len} tokens each), then the same-size control "
+            "on the same tokens"
         )
         train(moe_dir, train_dir, tcfg, force=True, cache=cache)
     else:

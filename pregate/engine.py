@@ -328,8 +328,7 @@ class Engine:
         if total > self.max_context:
             raise RequestError(
                 f"request {rid!r}: prompt {len(ids)} + max_tokens {params.max_tokens} = {total} tokens "
-                "exceeds "
-                f"the context of {self.max_context}; shorten the prompt or lower max_tokens"
+                f"exceeds the context of {self.max_context}; shorten the prompt or lower max_tokens"
             )
         # everything that can fail comes before the scheduler sees the request, so a failure leaves no trace
         with torch.inference_mode():
@@ -440,8 +439,8 @@ class Engine:
         row = 0
         for it in out.items:
             seq = self._seqs[it.request_id]
-            if it.start + it.num_tokens < seq.prompt_len:
-                continue  # a prefill chunk that does not complete the prompt produces nothing
+            if not it.produces_token:
+                continue  # a prefill chunk that does not complete the prompt
             tok = sample_token(logits[row], seq.params, seq.generator)
             if seq.params.logprobs is not None:
                 seq.logprobs.extend(token_logprobs(logits[row : row + 1], [tok], seq.params.logprobs))
@@ -601,7 +600,7 @@ class Engine:
             routes.append(seq.route_ids[lo:hi])
             weights.append(seq.route_w[lo:hi])
             offset += it.num_tokens
-            if hi >= seq.prompt_len:
+            if it.produces_token:
                 rows.append(offset - 1)
         x = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         routing = Routing(torch.cat(routes), torch.cat(weights)) if self.router is not None else None

@@ -101,6 +101,9 @@ class ScheduledItem:
     start: int  # position of the first token of this item in the request's sequence
     num_tokens: int
     experts: tuple[int, ...]  # primary expert per token of this item
+    # True for every decode item and for the prefill chunk that completes the prompt: the one definition
+    # of which items sample a token (engine, teacher-forced replay and simulator all read it)
+    produces_token: bool = True
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,8 @@ class Batch:
         for r in order:
             if r.request_id in self.prefill:
                 n, s = self.prefill[r.request_id], r.num_prefilled
-                out.append(ScheduledItem(r.request_id, "prefill", s, n, tuple(r.prompt_experts[s : s + n])))
+                experts = tuple(r.prompt_experts[s : s + n])
+                out.append(ScheduledItem(r.request_id, "prefill", s, n, experts, s + n == r.prompt_len))
             elif r.request_id in self.decode:
                 pos = r.prompt_len + r.num_fed
                 out.append(ScheduledItem(r.request_id, "decode", pos, 1, (r.decode_expert,)))

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pregate.driver import drive
 from pregate.errors import PregateError, check_int
 from pregate.eviction import EVICTION_POLICIES, Residency, ResidencyStats, simulate_cache, unit_references
 from pregate.metrics import MetricsRecorder
@@ -197,9 +197,13 @@ def step_result(out: SchedulerOutput, sched: Scheduler, by_id: dict[str, Workloa
     running = {r.request_id: r for r in sched.running}
     for it in out.items:
         r = running[it.request_id]
-        if it.kind == "decode" or it.start + it.num_tokens == r.prompt_len:
+        if it.produces_token:
             sampled[it.request_id] = by_id[it.request_id].output_experts[r.num_generated]
     return StepResult(sampled)
+
+
+def _arrivals(reqs: Sequence[WorkloadRequest]) -> list[tuple[float, Request]]:
+    return [(r.arrival_time, Request(r.request_id, list(r.prompt_experts), r.output_len)) for r in reqs]
 
 
 def scheduled_steps(trace: Sequence[WorkloadRequest], config: SchedulerConfig) -> list[tuple[int, ...]]:
@@ -207,14 +211,34 @@ def scheduled_steps(trace: Sequence[WorkloadRequest], config: SchedulerConfig) -
     reqs = _requests(trace)
     by_id = {r.request_id: r for r in reqs}
     sched = Scheduler(config)
-    for r in reqs:
-        sched.add_request(Request(r.request_id, list(r.prompt_experts), r.output_len))
     steps = []
-    while sched.has_work():
-        out = sched.schedule()
+
+    def run(out: SchedulerOutput) -> StepResult:
         steps.append(tuple(sorted(out.experts)))
-        sched.update(out, step_result(out, sched, by_id))
+        return step_result(out, sched, by_id)
+
+    drive(sched, run, [(0.0, request) for _, request in _arrivals(reqs)])
     return steps
+
+
+@dataclass
+class _VirtualTime:
+    """The simulator's clock and its one load link."""
+
+    load_s: float  # seconds one slice takes on the link
+    now: float = 0.0
+    link: float = 0.0  # when the link is free again
+    stall: float = 0.0  # compute time spent waiting for expert slices
+    loads: int = 0
+    ready: dict[int, float] = field(default_factory=dict)  # slot -> time its load completes
+
+    def load(self, slot: int | None = None) -> float:
+        """Put one slice on the link as soon as it is free; returns when it has arrived."""
+        self.link = max(self.link, self.now) + self.load_s
+        self.loads += 1
+        if slot is not None:
+            self.ready[slot] = self.link
+        return self.link
 
 
 def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfig) -> SimResult:
@@ -241,64 +265,59 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
     if config.plan_ahead and all(r.arrival_time == 0 for r in reqs):
         res.plan(scheduled_steps(reqs, config.scheduler))
     sched = Scheduler(config.scheduler)
-    now = 0.0
-    rec = MetricsRecorder(clock=lambda: now)
-    pending = deque(reqs)
-    steps = []
-    times = []
-    stall = 0.0
-    loads = 0
-    ready: dict[int, float] = {}  # slot -> time its load completes
-    link = 0.0
-    while pending or sched.has_work():
-        while pending and pending[0].arrival_time <= now:
-            r = pending.popleft()
-            sched.add_request(Request(r.request_id, list(r.prompt_experts), r.output_len), now=r.arrival_time)
-            rec.on_arrival(r.request_id, at=r.arrival_time)
-        if not sched.has_work():
-            now = pending[0].arrival_time
-            continue
-        out = sched.schedule()
-        start = now
+    t = _VirtualTime(cost.load_s)
+    rec = MetricsRecorder(clock=lambda: t.now)
+    steps: list[tuple[int, ...]] = []
+    times: list[float] = []
+
+    def run(out: SchedulerOutput) -> StepResult:
+        start = t.now
         experts = sorted(out.experts)
         steps.append(tuple(experts))
         for layer in range(L):
             plan = res.begin_layer(layer, experts)
             if config.prefetch:  # the link runs ahead within the horizon
                 while (job := res.next_load()) is not None:
-                    p = job[0]
-                    res.start_load(p, job[1], job[2])
-                    link = max(link, now) + cost.load_s
-                    ready[p] = link
-                    res.finish_load(p)
-                    loads += 1
-            now += cost.token_layer_s * out.num_tokens
+                    res.start_load(job[0], job[1], job[2])
+                    t.load(job[0])
+                    res.finish_load(job[0])
+            t.now += cost.token_layer_s * out.num_tokens
             for e in experts:
                 p = plan[e]
-                t0 = now
+                t0 = t.now
                 if p is not None and res.content[p] == (layer, e):
-                    now = max(now, ready.get(p, 0.0))  # resident, or its prefetch is on the link
+                    t.now = max(t.now, t.ready.get(p, 0.0))  # resident, or its prefetch is on the link
                 elif p is not None and res.want.get(p, (None, None, 0))[:2] == (layer, e):
                     res.start_load(p, layer, e)  # on demand
-                    link = max(link, now) + cost.load_s
-                    ready[p] = link
+                    t.now = t.load(p)
                     res.finish_load(p)
-                    now = link
-                    loads += 1
                 else:  # not resident: streamed through a staging buffer
-                    link = max(link, now) + cost.load_s
-                    now = link
-                    loads += 1
-                stall += now - t0
-                now += cost.expert_layer_s
-        now += cost.step_s + cost.row_s * len(out.items)  # one LM-head row per item (its last token)
-        times.append(now - start)
-        result = step_result(out, sched, by_id)
+                    t.now = t.load()
+                t.stall += t.now - t0
+                t.now += cost.expert_layer_s
+        t.now += cost.step_s + cost.row_s * len(out.items)  # one LM-head row per item (its last token)
+        times.append(t.now - start)
+        return step_result(out, sched, by_id)
+
+    def on_step(out: SchedulerOutput, result: StepResult, finished: list[Request]) -> None:
         for rid in result.sampled:
-            rec.on_token(rid, at=now)
-        for r in sched.update(out, result):
-            rec.on_finish(r.request_id, at=now)
-    return SimResult(rec.summary(), res.stats, steps, times, stall, loads)
+            rec.on_token(rid, at=t.now)
+        for r in finished:
+            rec.on_finish(r.request_id, at=t.now)
+
+    def wait_until(at: float) -> None:
+        t.now = at
+
+    drive(
+        sched,
+        run,
+        _arrivals(reqs),
+        clock=lambda: t.now,
+        wait_until=wait_until,
+        on_arrival=lambda r, at: rec.on_arrival(r.request_id, at=at),
+        on_step=on_step,
+    )
+    return SimResult(rec.summary(), res.stats, steps, times, t.stall, t.loads)
 
 
 def compare_policies(
