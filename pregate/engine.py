@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pregate.detokenize import IncrementalDetokenizer
-from pregate.errors import PregateError, check_int
+from pregate.errors import PregateError, check_int, check_number
 from pregate.metrics import MetricsRecorder
 from pregate.moe import MoEForCausalLM, Routing, Segment
 from pregate.router import PreGatingRouter
@@ -110,12 +110,17 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None:
                 check_int(f"SamplingParams.{name}", k, 0, MAX_LOGPROBS, error=RequestError, why="or None")
-        t = self.temperature
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
-            raise RequestError(f"SamplingParams.temperature={t!r} must be a finite number >= 0 (0 = greedy)")
-        p = self.top_p
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
-            raise RequestError(f"SamplingParams.top_p={p!r} must lie in (0, 1] (1 = no nucleus cut)")
+        check_number(
+            "SamplingParams.temperature", self.temperature, minimum=0, error=RequestError, why="0 = greedy"
+        )
+        check_number(
+            "SamplingParams.top_p",
+            self.top_p,
+            above=0,
+            maximum=1,
+            error=RequestError,
+            why="1 = no nucleus cut",
+        )
         s = self.seed
         if s is not None:
             check_int("SamplingParams.seed", s, 0, 2**64 - 1, error=RequestError, why="or None")

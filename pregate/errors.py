@@ -31,7 +31,7 @@ def check_int(
         or (maximum is not None and value > maximum)
     ):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise error(f"{name}={value!r} must be an integer {bound}{f' ({why})' if why else ''}")
+        raise error(f"{name}={_shown(value)} must be an integer {bound}{f' ({why})' if why else ''}")
     return value
 
 
@@ -40,18 +40,30 @@ def check_number(
     value: object,
     above: float | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     error: type[PregateError] = PregateError,
     why: str = "",
 ) -> float:
-    """`value` itself, if it is a finite real number (a bool is not) > above and >= minimum, where given;
-    otherwise `error` naming the field and the value."""
+    """`value` itself, if it is a finite real number (a bool is not) > above, >= minimum and <= maximum,
+    where given; otherwise `error` naming the field and the value."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
         or (above is not None and not value > above)
         or (minimum is not None and not value >= minimum)
+        or (maximum is not None and not value <= maximum)
     ):
-        bound = f" > {above}" if above is not None else f" >= {minimum}" if minimum is not None else ""
-        raise error(f"{name}={value!r} must be a finite number{bound}{f' ({why})' if why else ''}")
+        low = f" > {above}" if above is not None else f" >= {minimum}" if minimum is not None else ""
+        bound = low + (f"{' and' if low else ''} <= {maximum}" if maximum is not None else "")
+        raise error(f"{name}={_shown(value)} must be a finite number{bound}{f' ({why})' if why else ''}")
     return value
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a bad value may come from a client and be huge."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (Python's digit limit)
+        text = f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

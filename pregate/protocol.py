@@ -25,7 +25,7 @@ from typing import Any
 
 from pregate.detokenize import IncrementalDetokenizer
 from pregate.engine import MAX_LOGPROBS, SamplingParams, TokenLogprob
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_CHOICES = 16  # n x prompts at most, per request
@@ -197,10 +197,10 @@ def _int(body: dict, key: str, lo: int, hi: int | None) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise BadField(key, f"{key} must be an integer {span}, got {value!r:.80}")
-    return value
+    try:
+        return check_int(key, value, lo, hi)
+    except PregateError as err:
+        raise BadField(key, str(err)) from None
 
 
 def _sampling(body: dict, max_tokens: int | None, logprobs, prompt_logprobs, max_name: str) -> SamplingParams:

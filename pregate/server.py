@@ -5,7 +5,8 @@ events when `stream` is true). The engine is not thread-safe, so one background 
 handlers post commands to its inbox and receive events through an asyncio queue per request.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
-`serve(...)` (behind `pregate serve`) loads a trained checkpoint and runs this app under uvicorn.
+`pregate.launch.serve` (behind `pregate serve`) loads a trained checkpoint and runs this app under
+uvicorn; `pregate.engine_loop` is the thread that owns the engine.
 
 Every refusal is in OpenAI's error shape {"error": {message, type, param, code}}, 404/405 included:
 Host (400) and API key (401) before any route; then Content-Type (415), body size (413, before parsing),
@@ -20,23 +21,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pregate.engine import Engine, RequestOutput, SamplingParams
+from pregate.engine import Engine, RequestOutput
+from pregate.engine_loop import EVENT_POLL_S, EngineLoop
 from pregate.errors import PregateError
 from pregate.protocol import (
     ApiRequest,
@@ -47,145 +42,6 @@ from pregate.protocol import (
     parse_chat,
     parse_completion,
 )
-from pregate.scheduler import SchedulerConfig
-
-log = logging.getLogger("pregate.server")
-GRACEFUL_S = 10  # seconds open requests get to finish on shutdown (SIGTERM, Ctrl-C)
-MAX_HEADER_BYTES = 16 * 1024  # request line + headers
-
-
-class EngineStopped(PregateError):
-    """The engine thread died, so the server exited; `pregate serve` exits with status 1."""
-
-    exit_status = 1
-
-
-ENGINE_HISTORY = 4096  # finished requests, steps and failures a serving engine remembers (bounded memory)
-EVENT_POLL_S = 0.5  # how often a waiting handler checks that the engine thread is still alive
-
-
-@dataclass
-class _Submit:
-    prompt: Any
-    params: SamplingParams
-    rid: str
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-
-
-class EngineLoop:
-    """Runs `engine.step()` on its own thread while there is work; commands arrive through an inbox.
-
-    Nothing a request does can end this thread: a request the engine refuses fails alone (400), an
-    unexpected error while adding one fails it alone (500), and the engine confines an error inside a
-    step to that step's requests. If the thread ever stops anyway, `error` says why, every request still
-    waiting gets an error event, and `on_death` (the server's exit hook) is called.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.inbox: queue.Queue = queue.Queue()
-        self.error: str | None = None  # why the engine thread stopped; None while it is healthy
-        self.on_death: Callable[[], None] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pregate-engine", daemon=True)
-        self._waiting: dict[str, _Submit] = {}  # every admitted request whose end is not yet delivered
-        self._posted = 0  # submits in the inbox, not yet handled
-        self._count_lock = threading.Lock()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    def start(self) -> EngineLoop:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30) -> None:
-        self._stop.set()
-        self.inbox.put(None)
-        self._thread.join(timeout=timeout)
-
-    @property
-    def in_flight(self) -> int:
-        """Requests submitted and not yet ended (queued in the inbox, waiting or running in the engine)."""
-        with self._count_lock:
-            return self._posted + len(self._waiting)
-
-    def submit(self, prompt, params: SamplingParams, rid: str, loop, events: asyncio.Queue) -> None:
-        with self._count_lock:
-            self._posted += 1
-        self.inbox.put(_Submit(prompt, params, rid, loop, events))
-
-    def abort(self, rid: str) -> None:
-        self.inbox.put(("abort", rid))
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                block = not self.engine.has_work()
-                try:
-                    while True:
-                        cmd = self.inbox.get(block=block, timeout=0.5 if block else None)
-                        block = False
-                        self._handle(cmd)
-                except queue.Empty:
-                    pass
-                if self.engine.has_work():
-                    self._step()
-        except BaseException as err:  # the engine itself is broken: say so, answer everyone, exit
-            self.error = f"the engine stopped: {type(err).__name__}: {err}"
-            log.exception("engine thread stopped")
-        finally:
-            self._drain()
-            if self.error is not None and self.on_death is not None:
-                self.on_death()
-
-    def _step(self) -> None:
-        try:
-            self.engine.step()  # confines an error inside the step to that step's requests
-        except Exception as err:  # the guard itself failed: end every request, keep serving new ones
-            log.exception("engine step failed outside its own guard")
-            self.engine.fail_all(f"internal error: {type(err).__name__}: {err}")
-
-    def _handle(self, cmd) -> None:
-        if cmd is None:
-            return
-        if isinstance(cmd, tuple) and cmd[0] == "abort":
-            try:
-                self.engine.abort(cmd[1])
-            except Exception:  # an abort that fails leaves the request to finish on its own
-                log.exception("aborting request %s failed", cmd[1])
-            return
-
-        def deliver(ev: RequestOutput, cmd=cmd) -> None:
-            if ev.finished:
-                with self._count_lock:
-                    self._waiting.pop(cmd.rid, None)
-            cmd.loop.call_soon_threadsafe(cmd.events.put_nowait, ev)
-
-        with self._count_lock:
-            self._posted -= 1
-            self._waiting[cmd.rid] = cmd
-        try:
-            self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.rid, callback=deliver)
-        except PregateError as err:
-            deliver(RequestOutput(cmd.rid, [], "", True, "error", error=str(err)))
-        except Exception as err:  # our bug, found by this request: it alone fails
-            log.exception("adding request %s failed", cmd.rid)
-            message = f"internal error: {type(err).__name__}: {err}"
-            deliver(RequestOutput(cmd.rid, [], "", True, "error", error=message, internal_error=True))
-
-    def _drain(self) -> None:
-        """Give every request still waiting an error event, so no handler waits forever."""
-        message = self.error or "the server is shutting down"
-        for rid, cmd in list(self._waiting.items()):
-            ev = RequestOutput(rid, [], "", True, "error", error=message, internal_error=True)
-            try:
-                cmd.loop.call_soon_threadsafe(cmd.events.put_nowait, ev)
-            except RuntimeError:
-                pass  # that handler's event loop is already closed
-        self._waiting.clear()
 
 
 def _error(
@@ -633,122 +489,3 @@ def build_app(engine: Engine, model_name: str = "pregate", limits: ServerLimits 
 def _reason(reason: str | None) -> str | None:
     """OpenAI's finish reasons: 'stop' (eos or a stop string) or 'length'."""
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason)
-
-
-def load_engine(
-    model_dir: str,
-    config: SchedulerConfig | None = None,
-    router_dir: str | None = None,
-    dtype: str = "bfloat16",
-    resident_experts: int | None = None,
-    prefetch: bool = False,
-) -> Engine:
-    """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
-
-    resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
-    step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
-    while a layer computes). The model then computes in the checkpoint's dtype."""
-    from transformers import AutoTokenizer
-
-    from pregate.checkpoint import parse_dtype
-    from pregate.moe import load_moe
-    from pregate.router import PreGatingRouter, load_router
-
-    store, weights_dtype = None, parse_dtype(dtype)
-    if resident_experts is not None:
-        from pregate.store import ExpertStore, StoreConfig
-
-        store = ExpertStore(model_dir, StoreConfig(capacity=resident_experts, prefetch=prefetch))
-        if store.dtype != weights_dtype:
-            print(
-                f"note: with --resident-experts the model computes in the checkpoint's {store.dtype}, not "
-                f"{dtype}"
-            )
-        weights_dtype = store.dtype
-    moe = load_moe(model_dir, weights_dtype, routed_experts=store is None)  # offloaded: never all in memory
-    router = load_router(router_dir or model_dir) if moe.num_experts else None
-    if router is not None and not isinstance(router, PreGatingRouter):
-        raise PregateError(
-            f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained "
-            "without --layerwise"
-        )
-    if store is not None:
-        on_disk = store.slice_bytes * store.num_experts * store.num_layers
-        print(
-            f"expert offloading: {store.capacity} of {store.num_experts} experts resident, "
-            f"{on_disk / 2**20:.0f} MiB of routed-expert weights read from disk as needed"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(
-        moe, tokenizer, router, config or SchedulerConfig(), expert_store=store, history=ENGINE_HISTORY
-    )
-    return engine
-
-
-def serve(
-    model_dir: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    config: SchedulerConfig | None = None,
-    router_dir: str | None = None,
-    dtype: str = "bfloat16",
-    model_name: str | None = None,
-    resident_experts: int | None = None,
-    prefetch: bool = False,
-    limits: ServerLimits | None = None,
-    timeout_keep_alive: float = 5,
-    timeout_graceful: float = GRACEFUL_S,
-) -> None:
-    """Serve a trained pregate MoE (`load_engine`) until interrupted.
-
-    limits: see ServerLimits; bound to a loopback address, only loopback Host headers are accepted.
-    timeout_keep_alive: seconds an idle connection stays open; timeout_graceful: seconds open requests
-    get to finish on shutdown."""
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
-        # as uvicorn binds: a restart right after a stop must not trip over the old TIME_WAIT connections
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise PregateError(
-                f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
-            ) from None
-    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch)
-    store = engine.store
-    name = model_name or Path(model_dir).resolve().name
-    print(
-        f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy "
-        f"{engine.scheduler_config.policy}, "
-        f"{torch.get_num_threads()} torch threads); Ctrl-C stops",
-        flush=True,
-    )
-    limits = limits or ServerLimits()
-    if host in LOOPBACK_HOSTS and limits.allowed_hosts is None:  # a web page's DNS rebinding cannot reach us
-        limits = replace(limits, allowed_hosts=LOOPBACK_HOSTS)
-    app = build_app(engine, name, limits)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            timeout_graceful_shutdown=timeout_graceful,
-            timeout_keep_alive=timeout_keep_alive,
-            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-        )
-    )
-    runner = app.state.runner
-    runner.on_death = lambda: setattr(server, "should_exit", True)  # a supervisor restarts us on exit 1
-    try:
-        server.run()
-    finally:
-        if store is not None:
-            store.close()
-    if runner.error is not None:
-        raise EngineStopped(
-            f"{runner.error}; the server stopped (exit status 1 so a supervisor can restart it)"
-        )

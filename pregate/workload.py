@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_int, check_number
 from pregate.packages import package_file
 
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -245,15 +245,10 @@ def _check_line(d: object, where: str) -> WorkloadRequest:
         )
     if not isinstance(d["request_id"], str) or not isinstance(d["prompt"], str):
         raise WorkloadError(f"{where}: request_id and prompt must be strings")
-    if not isinstance(d["output_len"], int) or d["output_len"] < 1:
-        raise WorkloadError(f"{where}: output_len={d['output_len']!r} must be an integer >= 1")
-    t = d.get("arrival_time", 0.0)
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-        raise WorkloadError(f"{where}: arrival_time={t!r} must be a finite number >= 0")
-    if d.get("prompt_tokens") is not None and (
-        not isinstance(d["prompt_tokens"], int) or d["prompt_tokens"] < 0
-    ):
-        raise WorkloadError(f"{where}: prompt_tokens={d['prompt_tokens']!r} must be an integer >= 0")
+    check_int(f"{where}: output_len", d["output_len"], error=WorkloadError)
+    t = check_number(f"{where}: arrival_time", d.get("arrival_time", 0.0), minimum=0, error=WorkloadError)
+    if d.get("prompt_tokens") is not None:
+        check_int(f"{where}: prompt_tokens", d["prompt_tokens"], 0, error=WorkloadError)
     for k in ("prompt_experts", "output_experts"):
         v = d.get(k)
         if v is not None and not (isinstance(v, list) and all(isinstance(e, int) and e >= 0 for e in v)):

@@ -11,7 +11,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pregate"
 
 SERVING = (
     "engine",
+    "engine_loop",
     "server",
+    "launch",
     "protocol",
     "detokenize",
     "loadtest",

@@ -178,7 +178,7 @@ def test_protocol_misuse(moe_dir):
 
 def test_runtime_modules_never_import_the_simulator():
     code = (
-        "import sys, pregate.store, pregate.engine, pregate.server\n"
+        "import sys, pregate.store, pregate.engine, pregate.server, pregate.launch\n"
         "sim = ('pregate.sim', 'pregate.references', 'pregate.cache_bench')\n"
         "bad = [m for m in sim if m in sys.modules]\n"
         "assert not bad, f'runtime imports {bad}'"

@@ -20,7 +20,8 @@ from pregate.cli.options import (
 
 
 def add_serve(p) -> None:
-    from pregate.server import GRACEFUL_S, ServerLimits
+    from pregate.launch import GRACEFUL_S
+    from pregate.server import ServerLimits
 
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
     p.add_argument("--router", help="directory holding the router, if not the model's own")
@@ -84,7 +85,8 @@ def add_serve(p) -> None:
 
 
 def cmd_serve(args) -> None:
-    from pregate.server import ServerLimits, serve
+    from pregate.launch import serve
+    from pregate.server import ServerLimits
 
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes,
@@ -262,8 +264,8 @@ def add_bench_server(p) -> None:
 
 
 def cmd_bench_server(args) -> None:
+    from pregate.launch import load_engine
     from pregate.loadtest import ServerBenchConfig, bench_server, format_result
-    from pregate.server import load_engine
 
     cfg = config_from_args(ServerBenchConfig, args, timeout_s=args.timeout)
     engine = load_engine(args.model, scheduler_config(args), dtype=args.dtype)

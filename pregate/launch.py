@@ -1,0 +1,139 @@
+"""`pregate serve`: load a trained checkpoint into an engine (`load_engine`) and run the HTTP app
+(`pregate.server.build_app`) under uvicorn (`serve`), with an exit status a supervisor can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pregate.engine import Engine
+from pregate.engine_loop import EngineStopped
+from pregate.errors import PregateError
+from pregate.scheduler import SchedulerConfig
+from pregate.server import LOOPBACK_HOSTS, ServerLimits, build_app
+
+GRACEFUL_S = 10  # seconds open requests get to finish on shutdown (SIGTERM, Ctrl-C)
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers
+ENGINE_HISTORY = 4096  # finished requests, steps and failures a serving engine remembers (bounded memory)
+
+
+def load_engine(
+    model_dir: str,
+    config: SchedulerConfig | None = None,
+    router_dir: str | None = None,
+    dtype: str = "bfloat16",
+    resident_experts: int | None = None,
+    prefetch: bool = False,
+) -> Engine:
+    """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
+
+    resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
+    step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
+    while a layer computes). The model then computes in the checkpoint's dtype."""
+    from transformers import AutoTokenizer
+
+    from pregate.checkpoint import parse_dtype
+    from pregate.moe import load_moe
+    from pregate.router import PreGatingRouter, load_router
+
+    store, weights_dtype = None, parse_dtype(dtype)
+    if resident_experts is not None:
+        from pregate.store import ExpertStore, StoreConfig
+
+        store = ExpertStore(model_dir, StoreConfig(capacity=resident_experts, prefetch=prefetch))
+        if store.dtype != weights_dtype:
+            print(
+                f"note: with --resident-experts the model computes in the checkpoint's {store.dtype}, not "
+                f"{dtype}"
+            )
+        weights_dtype = store.dtype
+    moe = load_moe(model_dir, weights_dtype, routed_experts=store is None)  # offloaded: never all in memory
+    router = load_router(router_dir or model_dir) if moe.num_experts else None
+    if router is not None and not isinstance(router, PreGatingRouter):
+        raise PregateError(
+            f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained "
+            "without --layerwise"
+        )
+    if store is not None:
+        on_disk = store.slice_bytes * store.num_experts * store.num_layers
+        print(
+            f"expert offloading: {store.capacity} of {store.num_experts} experts resident, "
+            f"{on_disk / 2**20:.0f} MiB of routed-expert weights read from disk as needed"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(
+        moe, tokenizer, router, config or SchedulerConfig(), expert_store=store, history=ENGINE_HISTORY
+    )
+    return engine
+
+
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: SchedulerConfig | None = None,
+    router_dir: str | None = None,
+    dtype: str = "bfloat16",
+    model_name: str | None = None,
+    resident_experts: int | None = None,
+    prefetch: bool = False,
+    limits: ServerLimits | None = None,
+    timeout_keep_alive: float = 5,
+    timeout_graceful: float = GRACEFUL_S,
+) -> None:
+    """Serve a trained pregate MoE (`load_engine`) until interrupted.
+
+    limits: see ServerLimits; bound to a loopback address, only loopback Host headers are accepted.
+    timeout_keep_alive: seconds an idle connection stays open; timeout_graceful: seconds open requests
+    get to finish on shutdown."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:  # fail before loading the model, with a message that says what to do
+        # as uvicorn binds: a restart right after a stop must not trip over the old TIME_WAIT connections
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise PregateError(
+                f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
+            ) from None
+    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch)
+    store = engine.store
+    name = model_name or Path(model_dir).resolve().name
+    print(
+        f"serving {model_dir} as {name!r} on http://{host}:{port}/v1 (policy "
+        f"{engine.scheduler_config.policy}, "
+        f"{torch.get_num_threads()} torch threads); Ctrl-C stops",
+        flush=True,
+    )
+    limits = limits or ServerLimits()
+    if host in LOOPBACK_HOSTS and limits.allowed_hosts is None:  # a web page's DNS rebinding cannot reach us
+        limits = replace(limits, allowed_hosts=LOOPBACK_HOSTS)
+    app = build_app(engine, name, limits)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=timeout_graceful,
+            timeout_keep_alive=timeout_keep_alive,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        )
+    )
+    runner = app.state.runner
+    runner.on_death = lambda: setattr(server, "should_exit", True)  # a supervisor restarts us on exit 1
+    try:
+        server.run()
+    finally:
+        if store is not None:
+            store.close()
+    if runner.error is not None:
+        raise EngineStopped(
+            f"{runner.error}; the server stopped (exit status 1 so a supervisor can restart it)"
+        )
