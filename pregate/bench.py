@@ -57,6 +57,7 @@ class BenchConfig:
     max_wait_steps: int = 2
     min_queue_tokens: int = 2
     prefill_chunk: int = 256
+    long_prefill_tokens: int = 256
     max_prompt_tokens: int = 256
     max_output_tokens: int = 64
     repeats: int = 3  # odd, so the median is one run's value, not a mean of two
@@ -102,6 +103,7 @@ class BenchConfig:
             max_wait_steps=self.max_wait_steps,
             min_queue_tokens=self.min_queue_tokens,
             prefill_chunk=self.prefill_chunk,
+            long_prefill_tokens=self.long_prefill_tokens,
         )
 
 

@@ -173,6 +173,11 @@ class SchedulerConfig:
     # 1 = never hold back; 2 (default) holds back lone tokens, whose expert would be read for one token.
     # It pays when tokens per step x cost of one expert read > step time (docs/serving.md).
     min_queue_tokens: int = 2
+    # every policy: a prompt with more prefill left than this is long. While a shorter prompt waits to
+    # prefill, the long ones together take at most half of a step's budget, so a short request behind a
+    # burst of long prompts starts within a step or two instead of after all of them (vLLM caps long
+    # partial prefills the same way). Long prompts still advance by half a budget per step.
+    long_prefill_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULING_POLICIES:
@@ -186,6 +191,7 @@ class SchedulerConfig:
             "kv_capacity_tokens",
             "prefill_chunk",
             "min_queue_tokens",
+            "long_prefill_tokens",
         ):
             value = getattr(self, name)
             check_int(f"SchedulerConfig.{name}", value, error=SchedulerError)
@@ -203,12 +209,19 @@ class SchedulerConfig:
 class Batch:
     """A step under construction: at most one item per request, a token budget, the experts present."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, runnable: Sequence[Request] = ()) -> None:
         self.budget = self.left = config.token_budget
         self.chunk = config.prefill_chunk
         self.prefill: dict[str, int] = {}  # request_id -> tokens of its prefill chunk
         self.decode: set[str] = set()
         self.present: set[int] = set()
+        # long prefills' share of this step (SchedulerConfig.long_prefill_tokens): all of it, unless a
+        # short prompt waits to prefill; then what the short ones need, up to half, is kept for them
+        self.long_limit = config.long_prefill_tokens
+        remaining = [r.prompt_len - r.num_prefilled for r in runnable if r.in_prefill]
+        short = sum(n for n in remaining if n <= self.long_limit)
+        has_long = any(n > self.long_limit for n in remaining)
+        self.long_left = self.budget - min(short, self.budget // 2) if short and has_long else self.budget
 
     def has(self, r: Request) -> bool:
         return r.request_id in self.prefill or r.request_id in self.decode
@@ -226,8 +239,13 @@ class Batch:
         have = self.prefill.get(r.request_id, 0)
         n = min(self.chunk, r.prompt_len - r.num_prefilled) - have
         n = min(n, self.left, cap if cap is not None else n)
+        long = r.prompt_len - r.num_prefilled > self.long_limit
+        if long:
+            n = min(n, self.long_left)
         if n <= 0:
             return 0
+        if long:
+            self.long_left -= n
         lo = r.num_prefilled + have
         self.prefill[r.request_id] = have + n
         self.present.update(r.prompt_experts[lo : lo + n])
@@ -269,7 +287,7 @@ class FcfsPolicy:
 
     def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
         # Rule: walk requests in arrival order, add each one's next item, stop when the budget is full.
-        b = Batch(config)
+        b = Batch(config, runnable)
         for r in runnable:
             if b.left == 0:
                 break
@@ -284,7 +302,7 @@ class DecodeFirstPolicy:
 
     def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
         # Rule: decodes FCFS, then prefill chunks FCFS in the remaining budget.
-        b = Batch(config)
+        b = Batch(config, runnable)
         for r in runnable:
             if not r.in_prefill:
                 b.add_decode(r)
@@ -301,7 +319,7 @@ class PrefillFirstPolicy:
 
     def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
         # Rule: prefill chunks FCFS, then decodes FCFS in the remaining budget.
-        b = Batch(config)
+        b = Batch(config, runnable)
         for r in runnable:
             if r.in_prefill:
                 b.add_prefill(r)
@@ -368,7 +386,7 @@ class ExpertAwarePolicy:
     def select(self, runnable: Sequence[Request], config: SchedulerConfig) -> Batch:
         # Rule: overdue decodes; decode queues of present experts; Algorithm 1 (largest whole queues, one
         # partial, stop; small queues held back); prefill chunks FCFS in what is left; then free riders.
-        b = Batch(config)
+        b = Batch(config, runnable)
         decodes = [r for r in runnable if not r.in_prefill]
         for r in _overdue(decodes, config):
             b.add_decode(r)

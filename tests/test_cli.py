@@ -219,6 +219,8 @@ def test_scheduling_commands_share_one_set_of_options():
         "3",
         "--min-queue-tokens",
         "1",
+        "--long-prefill-tokens",
+        "128",
     ]
     want = SchedulerConfig(
         policy="decode-first",
@@ -228,6 +230,7 @@ def test_scheduling_commands_share_one_set_of_options():
         kv_capacity_tokens=4096,
         max_wait_steps=3,
         min_queue_tokens=1,
+        long_prefill_tokens=128,
     )
     for argv in (
         ["serve", "m"],

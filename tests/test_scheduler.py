@@ -435,3 +435,48 @@ def test_run_steps_helper_drives_to_completion():
     with pytest.raises(SchedulerError, match="max_steps=2"):
         sched.add_request(Request("late", [0] * 30, 5))
         list(run_steps(sched, FakeRunner([sched.waiting[0]]), max_steps=2))
+
+
+def _steps_until_first_token(config: SchedulerConfig, rid: str, max_steps: int = 500) -> tuple[int, int]:
+    """Run 16 long prompts (2000 tokens) admitted first and one 20-token prompt behind them; returns the
+    steps until the short one's prefill completes and the long prefill tokens done by then."""
+    sched = Scheduler(config)
+    for i in range(16):
+        sched.add_request(Request(f"long-{i}", [i % 4] * 2000, 4))
+    sched.add_request(Request(rid, [1] * 20, 4))
+    long_done = 0
+    for step in range(1, max_steps + 1):
+        out = sched.schedule()
+        long_done += sum(it.num_tokens for it in out.items if it.request_id != rid and it.kind == "prefill")
+        done = any(it.request_id == rid and it.produces_token for it in out.items)
+        sched.update(out, StepResult({it.request_id: 0 for it in out.items if it.produces_token}))
+        if done:
+            return step, long_done
+    raise AssertionError(f"{rid} did not start within {max_steps} steps")
+
+
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
+def test_a_short_request_behind_a_burst_of_long_prompts_starts_at_once(policy):
+    cfg = SchedulerConfig(policy=policy, token_budget=256, max_running=32, kv_capacity_tokens=40_000)
+    steps, long_done = _steps_until_first_token(cfg, "short")
+    assert steps == 1  # its 20 tokens fit in the half of the step kept for short prompts
+    assert long_done >= cfg.token_budget // 2  # the long prompts still advanced
+    # without the rule (every prompt short) it waits for all 16 prompts' 32,000 tokens
+    fcfs_like = SchedulerConfig(
+        policy=policy, token_budget=256, max_running=32, kv_capacity_tokens=40_000, long_prefill_tokens=10**6
+    )
+    assert _steps_until_first_token(fcfs_like, "short")[0] > 100
+
+
+def test_long_prompts_keep_half_the_budget_while_short_ones_keep_coming():
+    """No starvation: with a new short prompt every step, the long prompt still gets half of each step."""
+    cfg = SchedulerConfig(policy="decode-first", token_budget=64, max_running=64, kv_capacity_tokens=100_000)
+    sched = Scheduler(cfg)
+    sched.add_request(Request("long", [0] * 1000, 1))
+    long_tokens = []
+    for step in range(10):
+        sched.add_request(Request(f"short-{step}", [1] * 40, 1))
+        out = sched.schedule()
+        long_tokens.append(sum(it.num_tokens for it in out.items if it.request_id == "long"))
+        sched.update(out, StepResult({it.request_id: 0 for it in out.items if it.produces_token}))
+    assert min(long_tokens) >= cfg.token_budget // 2

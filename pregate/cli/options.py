@@ -140,6 +140,13 @@ def add_scheduler_options(
         help="expert-aware: expert queues below this many tokens wait once a step is half full "
         f"(default {d.min_queue_tokens}; 1 = never)",
     )
+    add_option(
+        g,
+        "--long-prefill-tokens",
+        d.long_prefill_tokens,
+        "prompts with more prefill left than this share half a step while a shorter prompt waits",
+        type=positive_int,
+    )
 
 
 def scheduler_config(args: argparse.Namespace, policy: str | None = None) -> SchedulerConfig:
@@ -152,6 +159,7 @@ def scheduler_config(args: argparse.Namespace, policy: str | None = None) -> Sch
         prefill_chunk=args.prefill_chunk,
         max_wait_steps=args.max_wait_steps,
         min_queue_tokens=args.min_queue_tokens,
+        long_prefill_tokens=args.long_prefill_tokens,
     )
 
 
