@@ -19,12 +19,11 @@ import torch
 
 from pregate import sim
 from pregate.checkpoint import ROUTER_WEIGHTS
-from pregate.driver import drive
 from pregate.errors import PregateError, check_int
 from pregate.eviction import unit_references
 from pregate.metrics import MetricsRecorder
 from pregate.references import write_references
-from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult
+from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult, run_steps
 from pregate.store import ExpertStore, StoreConfig
 from pregate.workload import WorkloadRequest
 
@@ -112,19 +111,17 @@ def replay_teacher_forced(
         )
         return sim.step_result(out, sched, traces)
 
-    def on_step(out: SchedulerOutput, result: StepResult, finished: list[Request]) -> None:
-        for rid in result.sampled:
-            rec.on_token(rid, at=step_end)
+    arrivals = []
+    for r in requests:
+        arrivals.append((0.0, Request(r.trace.request_id, list(r.trace.prompt_experts), r.trace.output_len)))
+        rec.on_arrival(r.trace.request_id, at=start)
+    for out, finished in run_steps(sched, run, arrivals=arrivals):
+        for it in out.items:
+            if it.produces_token:
+                rec.on_token(it.request_id, at=step_end)
         for r in finished:
             rec.on_finish(r.request_id, at=step_end)
             caches.pop(r.request_id, None)
-
-    arrivals = [
-        (0.0, Request(r.trace.request_id, list(r.trace.prompt_experts), r.trace.output_len)) for r in requests
-    ]
-    drive(
-        sched, run, arrivals, on_arrival=lambda r, _: rec.on_arrival(r.request_id, at=start), on_step=on_step
-    )
     return {"summary": rec.summary(), "steps": steps, "tokens": tokens}
 
 

@@ -622,14 +622,37 @@ class Scheduler:
 
 
 def run_steps(
-    sched: Scheduler, step_fn: Callable[[SchedulerOutput], StepResult], max_steps: int = 1_000_000
+    sched: Scheduler,
+    step_fn: Callable[[SchedulerOutput], StepResult],
+    max_steps: int = 1_000_000,
+    arrivals: Iterable[tuple[float, Request]] = (),
+    clock: Callable[[], float] = lambda: 0.0,
+    wait_until: Callable[[float], None] | None = None,
 ) -> Iterable[tuple[SchedulerOutput, list[Request]]]:
-    """Drive ``sched`` with ``step_fn`` (a runner) until it has no work; yields (output, finished)
-    per step. Requests added to ``sched`` between steps (by the consumer) are picked up."""
-    for _ in range(max_steps):
+    """The one loop that runs a Scheduler: admit what has arrived, schedule, run (``step_fn``, a runner
+    that computes the step or advances a virtual clock by its cost), update; yields (output, finished)
+    per step until no work is left. The simulator and the cache benchmark's replay run on it; the engine
+    steps itself one step at a time (`Engine.step`) in the same order.
+
+    arrivals: (time, request), each added once clock() reaches its time; when nothing is runnable,
+    wait_until(next arrival time) must move the clock there. Requests added to ``sched`` between steps
+    (by the consumer) are picked up too."""
+    pending = deque(sorted(arrivals, key=lambda a: a[0]))
+    steps = 0
+    while True:
+        while pending and pending[0][0] <= clock():
+            at, request = pending.popleft()
+            sched.add_request(request, now=at)
         if not sched.has_work():
-            return
+            if not pending:
+                return
+            if wait_until is None:
+                raise SchedulerError("run_steps: requests arrive later, but no wait_until moves the clock")
+            wait_until(pending[0][0])
+            continue
+        if steps == max_steps:
+            raise SchedulerError(f"scheduler still had work after max_steps={max_steps} steps")
+        steps += 1
         out = sched.schedule()
         assert not out.is_empty
         yield out, sched.update(out, step_fn(out))
-    raise SchedulerError(f"scheduler still had work after max_steps={max_steps} steps")

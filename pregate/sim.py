@@ -20,11 +20,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pregate.driver import drive
 from pregate.errors import PregateError, check_int
 from pregate.eviction import EVICTION_POLICIES, Residency, ResidencyStats, simulate_cache, unit_references
 from pregate.metrics import MetricsRecorder
-from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult
+from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult, run_steps
 from pregate.workload import WorkloadRequest, poisson_arrivals
 
 
@@ -211,14 +210,9 @@ def scheduled_steps(trace: Sequence[WorkloadRequest], config: SchedulerConfig) -
     reqs = _requests(trace)
     by_id = {r.request_id: r for r in reqs}
     sched = Scheduler(config)
-    steps = []
-
-    def run(out: SchedulerOutput) -> StepResult:
-        steps.append(tuple(sorted(out.experts)))
-        return step_result(out, sched, by_id)
-
-    drive(sched, run, [(0.0, request) for _, request in _arrivals(reqs)])
-    return steps
+    at_once = [(0.0, request) for _, request in _arrivals(reqs)]
+    steps = run_steps(sched, lambda out: step_result(out, sched, by_id), arrivals=at_once)
+    return [tuple(sorted(out.experts)) for out, _ in steps]
 
 
 @dataclass
@@ -299,24 +293,19 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
         times.append(t.now - start)
         return step_result(out, sched, by_id)
 
-    def on_step(out: SchedulerOutput, result: StepResult, finished: list[Request]) -> None:
-        for rid in result.sampled:
-            rec.on_token(rid, at=t.now)
-        for r in finished:
-            rec.on_finish(r.request_id, at=t.now)
-
     def wait_until(at: float) -> None:
         t.now = at
 
-    drive(
-        sched,
-        run,
-        _arrivals(reqs),
-        clock=lambda: t.now,
-        wait_until=wait_until,
-        on_arrival=lambda r, at: rec.on_arrival(r.request_id, at=at),
-        on_step=on_step,
-    )
+    for r in reqs:
+        rec.on_arrival(r.request_id, at=r.arrival_time)
+    for out, finished in run_steps(
+        sched, run, arrivals=_arrivals(reqs), clock=lambda: t.now, wait_until=wait_until
+    ):
+        for it in out.items:
+            if it.produces_token:
+                rec.on_token(it.request_id, at=t.now)
+        for r in finished:
+            rec.on_finish(r.request_id, at=t.now)
     return SimResult(rec.summary(), res.stats, steps, times, t.stall, t.loads)
 
 

@@ -27,7 +27,7 @@ SERVING = (
 )
 TRAINING = ("train", "distill", "refactor", "data", "corpora", "stats", "evaluate", "harness", "tasks")
 SIMULATOR = ("sim", "cache_bench", "references", "demo_serving")
-BOTTOM = ("errors", "checkpoint", "packages", "scheduler", "driver", "eviction", "metrics", "workload")
+BOTTOM = ("errors", "checkpoint", "packages", "scheduler", "eviction", "metrics", "workload")
 
 
 def package_imports(module: str) -> set[str]:

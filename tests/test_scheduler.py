@@ -480,3 +480,38 @@ def test_long_prompts_keep_half_the_budget_while_short_ones_keep_coming():
         long_tokens.append(sum(it.num_tokens for it in out.items if it.request_id == "long"))
         sched.update(out, StepResult({it.request_id: 0 for it in out.items if it.produces_token}))
     assert min(long_tokens) >= cfg.token_budget // 2
+
+
+def test_run_steps_admits_on_arrival_and_waits_for_later_ones():
+    sched = Scheduler(SchedulerConfig(policy="fcfs", token_budget=8, max_running=4))
+    now = [0.0]
+    first_step, producing = {}, []
+
+    def run(out):
+        for it in out.items:
+            first_step.setdefault(it.request_id, now[0])
+        now[0] += 1.0  # each step takes one second of virtual time
+        producing.extend(it.request_id for it in out.items if it.produces_token)
+        return StepResult({it.request_id: 0 for it in out.items if it.produces_token})
+
+    def wait_until(at):
+        now[0] = at
+
+    arrivals = [(0.0, Request("a", [0] * 3, 2)), (10.0, Request("b", [0] * 12, 1))]
+    finished = [
+        (r.request_id, r.arrival_time, now[0])
+        for _, done in run_steps(sched, run, arrivals=arrivals, clock=lambda: now[0], wait_until=wait_until)
+        for r in done
+    ]
+    # "a" runs at once (prefill + one decode); the clock then jumps to b's arrival, whose 12-token
+    # prompt takes two 8-token steps: only the chunk that completes it produces a token
+    assert first_step == {"a": 0.0, "b": 10.0}
+    assert finished == [("a", 0.0, 2.0), ("b", 10.0, 12.0)]
+    assert producing == ["a", "a", "b"]
+    assert not sched.has_work()
+
+
+def test_run_steps_needs_a_way_to_wait_for_a_later_arrival():
+    sched = Scheduler(SchedulerConfig())
+    with pytest.raises(SchedulerError, match="wait_until"):
+        list(run_steps(sched, lambda out: StepResult({}), arrivals=[(5.0, Request("late", [0], 1))]))
