@@ -18,7 +18,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -95,16 +95,10 @@ class BenchConfig:
             raise BenchError(str(err)) from None
 
     def scheduler(self, policy: str) -> SchedulerConfig:
-        return SchedulerConfig(
-            policy=policy,
-            token_budget=self.token_budget,
-            max_running=self.max_running,
-            kv_capacity_tokens=self.kv_capacity_tokens,
-            max_wait_steps=self.max_wait_steps,
-            min_queue_tokens=self.min_queue_tokens,
-            prefill_chunk=self.prefill_chunk,
-            long_prefill_tokens=self.long_prefill_tokens,
-        )
+        """`policy` under this benchmark's budgets: every SchedulerConfig field but the policy is one of
+        ours, by the same name (a new scheduler field must be added here too, or this fails loudly)."""
+        budgets = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if f.name != "policy"}
+        return SchedulerConfig(policy=policy, **budgets)
 
 
 @dataclass

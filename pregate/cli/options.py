@@ -151,16 +151,8 @@ def add_scheduler_options(
 
 def scheduler_config(args: argparse.Namespace, policy: str | None = None) -> SchedulerConfig:
     """The SchedulerConfig that `add_scheduler_options` flags describe (`policy` overrides --policy)."""
-    return SchedulerConfig(
-        policy=policy or args.policy,
-        token_budget=args.token_budget,
-        max_running=args.max_running,
-        kv_capacity_tokens=args.kv_capacity,
-        prefill_chunk=args.prefill_chunk,
-        max_wait_steps=args.max_wait_steps,
-        min_queue_tokens=args.min_queue_tokens,
-        long_prefill_tokens=args.long_prefill_tokens,
-    )
+    given = {"kv_capacity_tokens": args.kv_capacity} | ({"policy": policy} if policy else {})
+    return config_from_args(SchedulerConfig, args, **given)
 
 
 def scheduler_budgets(args: argparse.Namespace) -> dict:
