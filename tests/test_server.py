@@ -143,51 +143,11 @@ def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_pa
 
     The resident case is left unmarked: it is the one subprocess-server test kept in `make test` (the
     quickest end-to-end check of `pregate serve`). The offloaded case is marked `subprocess`."""
-    import subprocess
-    import sys
-
     from pregate.router import load_router
-    from pregate.train import TrainConfig, train
 
-    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
-    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
-    trained = train(
-        moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False
-    )
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pregate.cli",
-            "serve",
-            str(trained),
-            "--port",
-            str(port),
-            "--name",
-            "tiny",
-            "--dtype",
-            "float32",
-            *offload,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    trained, proc, port, client = _serve_trained(tiny_checkpoint, tmp_path, *offload)
     try:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30
-        )
-        deadline = time.time() + 60
-        while True:
-            try:
-                assert [m.id for m in client.models.list().data] == ["tiny"]
-                break
-            except openai.APIConnectionError:
-                assert proc.poll() is None and time.time() < deadline, (
-                    proc.stdout.read() if proc.poll() is not None else "no answer"
-                )
-                time.sleep(0.2)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
         got = (
             client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0)
             .choices[0]
@@ -198,6 +158,42 @@ def test_pregate_serve_command_answers_the_openai_client(tiny_checkpoint, tmp_pa
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _serve_trained(tiny_checkpoint, tmp_path, *flags):
+    """Refactor and train a tiny MoE, start `pregate serve` on it as a subprocess and wait until it
+    answers; returns (trained dir, process, port, openai client)."""
+    import subprocess
+    import sys
+
+    from pregate.train import TrainConfig, train
+
+    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
+    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
+    trained = train(
+        moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False
+    )
+    port = free_port()
+    argv = ["serve", str(trained), "--port", str(port), "--name", "tiny", "--dtype", "float32", *flags]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pregate.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            client.models.list()
+            return trained, proc, port, client
+        except openai.APIConnectionError:
+            if proc.poll() is not None or time.time() >= deadline:
+                proc.kill()
+                raise AssertionError(proc.stdout.read() if proc.poll() is not None else "no answer") from None
+            time.sleep(0.2)
 
 
 def test_pregate_serve_refuses_a_model_without_router(tiny_checkpoint, tmp_path, capsys):
@@ -354,50 +350,10 @@ def test_max_completion_tokens(served):
 def test_sigterm_exits_within_the_graceful_timeout_with_a_wedged_client(tiny_checkpoint, tmp_path):
     """A client that sent half a request and a stream still running do not keep `pregate serve` alive."""
     import signal
-    import subprocess
-    import sys
 
-    from pregate.train import TrainConfig, train
-
-    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
-    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
-    trained = train(
-        moe_dir, tmp_path / "trained", TrainConfig.preset("tiny", train_control=False), progress=False
-    )
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pregate.cli",
-            "serve",
-            str(trained),
-            "--port",
-            str(port),
-            "--name",
-            "tiny",
-            "--dtype",
-            "float32",
-            "--timeout-graceful",
-            "3",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    _, proc, port, client = _serve_trained(tiny_checkpoint, tmp_path, "--timeout-graceful", "3")
     wedged = socket.socket()
     try:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30
-        )
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.2)
         wedged.connect(("127.0.0.1", port))
         wedged.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
         stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=200, stream=True)

@@ -158,9 +158,9 @@ def scheduler_config(args: argparse.Namespace, policy: str | None = None) -> Sch
 def scheduler_budgets(args: argparse.Namespace) -> dict:
     """The flags' budgets and expert-aware knobs as SchedulerConfig keyword arguments, without the
     policy: for configs that run several policies under the same budgets (`BenchConfig`)."""
-    fields = asdict(scheduler_config(args, policy=SchedulerConfig().policy))
-    del fields["policy"]
-    return fields
+    budgets = asdict(scheduler_config(args, policy=SchedulerConfig().policy))
+    del budgets["policy"]
+    return budgets
 
 
 def add_workload_options(
