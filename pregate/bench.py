@@ -29,6 +29,7 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
+from pregate.quantize import QUANTIZE_MODES, quantize_model
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
 from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_workload
@@ -62,6 +63,7 @@ class BenchConfig:
     max_output_tokens: int = 64
     repeats: int = 3  # odd, so the median is one run's value, not a mean of two
     dtype: str = "bfloat16"  # weights; attention runs in float32 on CPU (MoEForCausalLM.attention_dtype)
+    quantize: str | None = None  # "int8": weight-only int8 for the MoE and the dense parent in the engine
     dense: bool = True
     hf: bool = True
     router_steps: int = 40  # only when the checkpoint has no trained router
@@ -89,6 +91,8 @@ class BenchConfig:
             raise BenchError(f"rate={self.rate!r} must be > 0 requests/s (omit it for all at t=0)")
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise BenchError(f"quantize={self.quantize!r} must be one of {', '.join(QUANTIZE_MODES)}")
         try:
             self.scheduler(self.policies[0])  # budgets and expert-aware knobs, checked before any model loads
         except SchedulerError as err:
@@ -316,6 +320,9 @@ def run_bench(
     if cfg.dense or cfg.hf:
         hf, dense = load_dense_parent(moe)
         dense = dense if cfg.dense else None
+    for model in (moe, dense) if cfg.quantize else ():
+        if model is not None:  # the engine's models; HF generate keeps the float weights
+            quantize_model(model, cfg.quantize)
     names += [DENSE] * cfg.dense + [HF] * cfg.hf
 
     def one(name: str) -> RunResult:

@@ -44,6 +44,7 @@ from pregate.checkpoint import CONFIG_FILE, ROUTER_CONFIG, has_router
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
+from pregate.quantize import QUANTIZE_MODES, quantize_model
 from pregate.roofline import PARTS, Breakdown, measure_bandwidth, step_bytes, summarize_breakdown
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SchedulerConfig
@@ -66,6 +67,7 @@ class StepBenchConfig:
     decode_steps: int = 16  # timed decode steps per measurement
     repeats: int = 3
     dtype: str = "bfloat16"
+    quantize: str | None = None  # "int8": weight-only int8 for the MoE and the dense parent in the engine
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -99,6 +101,8 @@ class StepBenchConfig:
                 )
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise BenchError(f"quantize={self.quantize!r} must be one of {', '.join(QUANTIZE_MODES)}")
         if not self.flag_spread > 0:
             raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
         if self.gguf is not None and not Path(self.gguf).is_file():
@@ -446,9 +450,14 @@ def run_bench_step(
     if cfg.dense or cfg.hf:
         progress(f"loading the dense parent {config.provenance.get('base')}")
         hf, dense = load_dense_parent(moe)
+    if cfg.quantize:  # the engine's models; HF generate keeps the float weights
+        models = [m for m in (moe, dense) if m is not None]
+        progress(f"quantizing {len(models)} model(s) in the engine to {cfg.quantize}")
+        for model in models:
+            quantize_model(model, cfg.quantize)
     h, i = config.base["hidden_size"], config.base["intermediate_size"]
     progress(f"measuring bandwidth ({cfg.floor_mb} MB buffers, {cfg.dtype})")
-    bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)])
+    bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)], int8=cfg.quantize == "int8")
     progress(f"  plain read {bw['read'] / 1e9:.2f} GB/s, GEMV {bw['gemv'] / 1e9:.2f} GB/s")
     dcounts = cfg.expert_counts(config.num_experts)
 

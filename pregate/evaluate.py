@@ -14,6 +14,8 @@ Variants (all on the same test-split blocks of every domain):
 - control_trained: (trained checkpoints) the control trained with the same tokens and recipe
   (<model>/control).
 Variants a checkpoint cannot provide (no router, no control) are left out of the table.
+With `quantize="int8"` the served variant is also run with weight-only int8 weights (pregate.quantize):
+moe_router_int8 (trained checkpoints) or moe_oracle_int8, so the table shows what int8 costs.
 Perplexity = exp(mean next-token cross-entropy over all predicted positions of the blocks).
 
 Imports from the package: `errors`, `checkpoint`, `data`, `hub`, `stats`, `moe`, `router` and `distill`
@@ -24,6 +26,7 @@ Legend: B blocks, n block length, T = B*n tokens, L layers, E experts, I MLP cha
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from pregate.checkpoint import CONTROL_DIR, has_router
 from pregate.distill import normalised_scores
 from pregate.errors import PregateError
 from pregate.moe import MoEForCausalLM, Routing, load_moe
+from pregate.quantize import QUANTIZE_MODES, quantize_model
 from pregate.router import load_router, oracle_experts, routing_for
 from pregate.stats import capture_mlp_inputs
 
@@ -52,11 +56,14 @@ class PplConfig:
     batch_size: int = 4
     variants: list[str] = field(default_factory=lambda: list(PPL_VARIANTS))
     seed: int = 0
+    quantize: str | None = None  # "int8": add the int8 column of moe_router (or moe_oracle)
 
     def __post_init__(self):
         unknown = [v for v in self.variants if v not in PPL_VARIANTS]
         if unknown:
             raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(PPL_VARIANTS)}")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise PregateError(f"quantize={self.quantize!r}: choose one of {', '.join(QUANTIZE_MODES)}")
         if self.block_len < 2 or self.tokens_per_domain < self.block_len:
             raise PregateError(
                 f"need block_len >= 2 and tokens_per_domain >= block_len (got {self.block_len}, "
@@ -149,6 +156,10 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
         control_dir = (Path(parent) if parent else Path(moe_dir)) / CONTROL_DIR
         control = load_moe(control_dir, torch.float32) if control_dir.is_dir() else None
     trained_runs = _trained_runs(moe_dir, moe, cfg.variants) if parent else {}
+    quantized = quantize_model(copy.deepcopy(moe), cfg.quantize) if cfg.quantize else None
+    if quantized is not None and "moe_router" in trained_runs:
+        router = load_router(moe_dir)
+        trained_runs["moe_router_int8"] = lambda ids, _o: quantized(ids, *routing_for(router, ids))
     masks = expert_masks(moe, dense.config.intermediate_size) if "moe_oracle" in cfg.variants else None
     gen = torch.Generator().manual_seed(cfg.seed)
     table = {}
@@ -160,6 +171,8 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
             runs["moe_domain"] = lambda ids, _o, e=e: moe(ids, Routing.top1(torch.full((ids.numel(),), e)))
         if "moe_oracle" in cfg.variants:
             runs["moe_oracle"] = lambda ids, oracle: moe(ids, Routing.top1(oracle))
+            if quantized is not None and "moe_router" not in trained_runs:
+                runs["moe_oracle_int8"] = lambda ids, oracle: quantized(ids, Routing.top1(oracle))
         if "moe_random" in cfg.variants:
             runs["moe_random"] = lambda ids, _o: moe(
                 ids, Routing.top1(torch.randint(0, moe.num_experts, (ids.numel(),), generator=gen))
@@ -173,7 +186,7 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
         table[d] = {
             v: result[v]
             for v in ["dense", *runs]
-            if v in result and (v in cfg.variants or v in (extra_runs or {}))
+            if v in result and (v.removesuffix("_int8") in cfg.variants or v in (extra_runs or {}))
         }
     return {
         "model": str(moe_dir),

@@ -27,12 +27,14 @@ def load_engine(
     dtype: str = "bfloat16",
     resident_experts: int | None = None,
     prefetch: bool = False,
+    quantize: str | None = None,
 ) -> Engine:
     """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
 
     resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
     step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
-    while a layer computes). The model then computes in the checkpoint's dtype."""
+    while a layer computes). The model then computes in the checkpoint's dtype.
+    quantize "int8": weight-only int8 (pregate.quantize), not with resident_experts."""
     from transformers import AutoTokenizer
 
     from pregate.checkpoint import parse_dtype
@@ -40,6 +42,11 @@ def load_engine(
     from pregate.router import PreGatingRouter, load_router
 
     store, weights_dtype = None, parse_dtype(dtype)
+    if quantize is not None and resident_experts is not None:
+        raise PregateError(
+            "--quantize and --resident-experts cannot be combined yet: the expert store serves float "
+            "weights; use one of them"
+        )
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig
 
@@ -51,6 +58,10 @@ def load_engine(
             )
         weights_dtype = store.dtype
     moe = load_moe(model_dir, weights_dtype, routed_experts=store is None)  # offloaded: never all in memory
+    if quantize is not None:
+        from pregate.quantize import quantize_model
+
+        quantize_model(moe, quantize)
     router = load_router(router_dir or model_dir) if moe.num_experts else None
     if router is not None and not isinstance(router, PreGatingRouter):
         raise PregateError(
@@ -83,6 +94,7 @@ def serve(
     limits: ServerLimits | None = None,
     timeout_keep_alive: float = 5,
     timeout_graceful: float = GRACEFUL_S,
+    quantize: str | None = None,
 ) -> None:
     """Serve a trained pregate MoE (`load_engine`) until interrupted.
 
@@ -102,7 +114,7 @@ def serve(
             raise PregateError(
                 f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
             ) from None
-    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch)
+    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch, quantize)
     store = engine.store
     name = model_name or Path(model_dir).resolve().name
     print(

@@ -433,6 +433,7 @@ class MoEMLP(nn.Module):
         self.w_down_t = nn.Parameter(torch.zeros(num_experts, r, hidden), requires_grad=routed_weights)
         self.register_buffer("shared_index", torch.zeros(shared, dtype=torch.long))
         self.register_buffer("expert_index", torch.full((num_experts, routed_width), -1, dtype=torch.long))
+        self.quantized_experts = None  # pregate.quantize.Int8Experts once quantized (then w_* are empty)
         self.register_load_state_dict_pre_hook(_fuse_mlp)
         self.register_state_dict_post_hook(_split_mlp)
 
@@ -458,7 +459,8 @@ class MoEMLP(nn.Module):
         if plan is None or not plan.groups or not any(self.widths):
             return out
         xs = x if plan.one_group else x[plan.order]  # [T*K, H] grouped by expert
-        if fetch is None:
+        own = None
+        if fetch is None and self.quantized_experts is None:
             if self.w_gate_up.shape[1] == 0:
                 raise PregateError(
                     "this model's routed experts were released to an expert store; pass expert_source"
@@ -466,21 +468,22 @@ class MoEMLP(nn.Module):
             if torch.is_grad_enabled() and self.w_gate_up.requires_grad:
                 # unbind, not w[e]: its backward stacks E gradients once instead of E full-size zero tensors
                 own = list(zip(self.w_gate_up.unbind(0), self.w_down_t.unbind(0)))
-            else:
-                own = None
         ys = []
         for e, start, end in plan.groups:
             w = self.widths[e]
             xe = xs[start:end]
-            if fetch is not None:
-                gate_up, down_t = fetch(e)
-            elif own is not None:
-                gate_up, down_t = own[e]
+            if fetch is None and self.quantized_experts is not None:
+                a, y = self.quantized_experts.run(e, w, xe, self.act)
             else:
-                gate_up, down_t = self.w_gate_up[e], self.w_down_t[e]
-            h = xe @ gate_up[: 2 * w].T  # [n, 2w]: two contiguous blocks, nothing copied
-            a = self.act(h[:, :w]) * h[:, w:]  # [n, w]
-            y = a @ down_t[:w]  # [n, H]
+                if fetch is not None:
+                    gate_up, down_t = fetch(e)
+                elif own is not None:
+                    gate_up, down_t = own[e]
+                else:
+                    gate_up, down_t = self.w_gate_up[e], self.w_down_t[e]
+                h = xe @ gate_up[: 2 * w].T  # [n, 2w]: two contiguous blocks, nothing copied
+                a = self.act(h[:, :w]) * h[:, w:]  # [n, w]
+                y = a @ down_t[:w]  # [n, H]
             if scores is not None:
                 scores[plan.order[start:end], e] += a.detach().abs().sum(-1).float()
             ys.append(y if plan.unit_weights else y * plan.weights[start:end, None].to(a.dtype))
@@ -560,6 +563,7 @@ class MoEForCausalLM(nn.Module):
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self._inv_freq = _inv_freq(cfg)  # kept float32 and out of .to(dtype): RoPE needs the precision
+        self.quantized: str | None = None  # "int8" after pregate.quantize.quantize_model
 
     @property
     def num_experts(self) -> int:
@@ -569,12 +573,12 @@ class MoEForCausalLM(nn.Module):
     def attention_dtype(self) -> torch.dtype:
         """dtype of RoPE, attention and the KV cache: float32 on CPU, where the half-precision attention
         kernels are slower than float32 (weights stay in their dtype), else the weights' dtype."""
-        w = self.embed_tokens.weight
+        w = self.norm.weight  # never quantized: the compute dtype and device
         return torch.float32 if w.device.type == "cpu" else w.dtype
 
     def new_cache(self, capacity: int = 64, slots: int = 1) -> KVCache:
         """A KV cache for one sequence (slot 0), or a pool of `slots` for the serving engine."""
-        w = self.embed_tokens.weight
+        w = self.norm.weight
         g = self.config.base["num_key_value_heads"]
         return KVCache(len(self.layers), g, self.head_dim, self.attention_dtype, w.device, capacity, slots)
 
@@ -588,7 +592,8 @@ class MoEForCausalLM(nn.Module):
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [T, 1, D]
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.embed_tokens.weight.T if self.tied else self.lm_head(h)
+        # lm_head None: tied to the float embedding (a quantized model has its own int8 head)
+        return h @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(h)
 
     def forward_packed(
         self,

@@ -25,9 +25,13 @@ PARTS = ("router", "attention", "shared", "routed", "lm_head")
 
 
 def _nbytes(module: nn.Module | None) -> int:
+    """Bytes of a module's weights: its parameters, or its buffers once quantized (int8 + scales)."""
     if module is None:
         return 0
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    tensors = list(module.parameters())
+    if getattr(module, "qweight", None) is not None or any(hasattr(m, "qweight") for m in module.modules()):
+        tensors += [b for name, b in module.named_buffers() if not name.endswith("_index")]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def step_bytes(
@@ -42,8 +46,11 @@ def step_bytes(
     experts: the distinct routed experts of the step (pre-gating: the same in every layer); each is read
     at its true width (3 x width x H). context: keys/values per sequence the attention reads.
     """
-    w = model.embed_tokens.weight
-    hidden, elt = w.shape[1], w.element_size()
+    hidden = model.config.base["hidden_size"]
+    head = model.lm_head if model.lm_head is not None else model.embed_tokens
+    # bytes per weight: the embedding table's (int8 and its scales once quantized)
+    elt = _nbytes(head) / (model.config.base["vocab_size"] * hidden)
+    routed_elt = 1 if model.quantized else elt
     out = {
         "embed_rows": float(batch * hidden * elt),
         "attention": 0.0,
@@ -56,8 +63,8 @@ def step_bytes(
         out["attention"] += _nbytes(layer.self_attn)
         out["norms"] += _nbytes(layer.input_layernorm) + _nbytes(layer.post_attention_layernorm)
         out["shared"] += _nbytes(mlp.gate_up_proj) + _nbytes(mlp.down_proj)
-        out["routed"] += sum(3 * mlp.widths[e] * hidden * mlp.w_gate_up.element_size() for e in experts)
-    out["lm_head"] = float(w.numel() * elt if model.tied else _nbytes(model.lm_head))
+        out["routed"] += sum(3 * mlp.widths[e] * hidden * routed_elt for e in experts)
+    out["lm_head"] = float(_nbytes(head))
     out["router"] = 0.0
     if router is not None:
         inner = getattr(router, "inner", router)
@@ -83,30 +90,43 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
 
 @torch.inference_mode()
 def measure_bandwidth(
-    dtype: torch.dtype, megabytes: int, shapes: Sequence[tuple[int, int]], reps: int = 5
+    dtype: torch.dtype, megabytes: int, shapes: Sequence[tuple[int, int]], reps: int = 5, int8: bool = False
 ) -> dict:
     """Bytes/s of a plain read (`buf.sum()` over `megabytes`) and of torch's GEMV (x [1, in] @ W.T over
-    as many [out, in] matrices as fill `megabytes`) for each shape; "gemv" is the rate over all shapes."""
+    as many [out, in] matrices as fill `megabytes`) for each shape; "gemv" is the rate over all shapes.
+    int8: the GEMV is torch's weight-only int8 kernel (int8 weights, activations in `dtype`), the one a
+    `--quantize int8` model runs."""
     elt = torch.empty((), dtype=dtype).element_size()
     total = megabytes * 2**20
     buf = torch.ones(total // elt, dtype=dtype)
     buf.sum()
     read = buf.numel() * elt / _median_time(buf.sum, reps)
     del buf
+    welt = 1 if int8 else elt
     per_shape, moved, spent = {}, 0, 0.0
     for out_f, in_f in dict.fromkeys(shapes):
-        count = max(1, total // (out_f * in_f * elt))
-        ws = torch.empty(count, out_f, in_f, dtype=dtype).normal_(0, 0.02)
+        count = max(1, total // (out_f * in_f * welt))
         x = torch.randn(1, in_f).to(dtype)
+        if int8:
+            in_f = -(-in_f // 32) * 32  # the kernel's alignment (pregate.quantize.ALIGN)
+            x = torch.randn(1, in_f).to(dtype)
+            ws = torch.randint(-127, 128, (count, out_f, in_f), dtype=torch.int8)
+            scales = torch.rand(out_f).to(dtype)
 
-        def gemv(ws=ws, x=x) -> None:
-            for w in ws:
-                x @ w.T
+            def gemv(ws=ws, x=x, scales=scales) -> None:
+                for w in ws:
+                    torch._weight_int8pack_mm(x, w, scales)
+        else:
+            ws = torch.empty(count, out_f, in_f, dtype=dtype).normal_(0, 0.02)
+
+            def gemv(ws=ws, x=x) -> None:
+                for w in ws:
+                    x @ w.T
 
         gemv()
         t = _median_time(gemv, reps)
-        per_shape[f"{out_f}x{in_f}"] = ws.numel() * elt / t
-        moved += ws.numel() * elt
+        per_shape[f"{out_f}x{in_f}"] = ws.numel() * welt / t
+        moved += ws.numel() * welt
         spent += t
         del ws
     return {
@@ -114,7 +134,7 @@ def measure_bandwidth(
         "gemv": moved / spent,
         "gemv_per_shape": per_shape,
         "buffer_bytes": total,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": "int8 weights" if int8 else str(dtype).removeprefix("torch."),
     }
 
 

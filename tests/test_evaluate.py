@@ -45,3 +45,17 @@ def test_next_token_nll_counts_positions():
 def test_unknown_variant():
     with pytest.raises(PregateError, match="unknown variant"):
         PplConfig(variants=["moe_magic"])
+
+
+def test_int8_column_reports_what_quantization_costs(tiny_checkpoint, tmp_path):
+    cfg = RefactorConfig(domains=["alpha", "beta"], tokens_per_domain=128, block_len=64, dtype="float32")
+    moe_dir = refactor(str(tiny_checkpoint), tmp_path / "moe", cfg)
+    ppl = PplConfig(tokens_per_domain=128, block_len=64, variants=["dense", "moe_oracle"], quantize="int8")
+    result = evaluate_ppl(moe_dir, ppl)
+    for row in result["domains"].values():
+        assert set(row) == {"dense", "moe_oracle", "moe_oracle_int8"}
+        assert row["moe_oracle_int8"] != row["moe_oracle"]  # really quantized ...
+        assert row["moe_oracle_int8"] == pytest.approx(row["moe_oracle"], rel=0.05)  # ... and close
+    assert "moe_oracle_int8" in format_ppl_table(result)
+    with pytest.raises(PregateError, match="quantize='int4'"):
+        PplConfig(quantize="int4")

@@ -23,6 +23,7 @@ SERVING = (
     "metrics",
     "router",
     "moe",
+    "quantize",
     "checkpoint",
 )
 TRAINING = ("train", "distill", "refactor", "data", "corpora", "stats", "evaluate", "harness", "tasks")

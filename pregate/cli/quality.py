@@ -11,6 +11,7 @@ from pregate.cli.options import (
     add_domains,
     add_json,
     add_option,
+    add_quantize,
     config_from_args,
     positive_int,
     register_domains,
@@ -140,6 +141,7 @@ def add_eval_ppl(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--variants", nargs="+", help=f"subset of: {' '.join(PPL_VARIANTS)}")
     add_option(p, "--seed", d.seed, "seed of the random routing", type=int)
+    add_quantize(p, "the served variant, as an extra column (moe_router_int8, else moe_oracle_int8)")
     add_domains(p)
     add_cache(p)
     p.set_defaults(func=cmd_eval_ppl)

@@ -7,6 +7,7 @@ from pregate.cli.options import (
     add_dtype,
     add_json,
     add_option,
+    add_quantize,
     add_resident_experts,
     add_scheduler_options,
     add_workload_options,
@@ -29,6 +30,7 @@ def add_serve(p) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", help="model name the API reports (default: the directory's name)")
     add_dtype(p, "bfloat16", "weight dtype; attention is float32 on CPU")
+    add_quantize(p)
     add_resident_experts(
         p,
         help="keep only this many whole routed experts in memory (Belady eviction; the rest are read "
@@ -106,6 +108,7 @@ def cmd_serve(args) -> None:
         args.resident_experts,
         args.prefetch,
         limits,
+        quantize=args.quantize,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful=args.timeout_graceful,
     )
@@ -141,6 +144,7 @@ def add_bench_serve(p) -> None:
     )
     add_option(p, "--repeats", d.repeats, "interleaved repeats; medians are reported", type=positive_int)
     add_dtype(p, d.dtype)
+    add_quantize(p, "the MoE and the dense parent in the engine (HF generate keeps --dtype)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate with static batches")
     add_workload_options(p, d.requests, d.max_prompt_tokens, d.max_output_tokens, d.seed)
@@ -189,6 +193,7 @@ def add_bench_step(p) -> None:
     add_option(p, "--steps", d.decode_steps, "timed decode steps per measurement", type=int)
     add_option(p, "--repeats", d.repeats, "interleaved repeats, odd, >= 3", type=int)
     add_dtype(p, d.dtype)
+    add_quantize(p, "the MoE and the dense parent in the engine (HF generate keeps --dtype)")
     p.add_argument(
         "--layerwise",
         metavar="DIR",
@@ -259,6 +264,7 @@ def add_bench_server(p) -> None:
     )
     p.add_argument("--seed", type=int, default=lt.seed)
     add_dtype(p, "bfloat16")
+    add_quantize(p)
     add_scheduler_options(p)
     p.set_defaults(func=cmd_bench_server)
 
@@ -268,5 +274,5 @@ def cmd_bench_server(args) -> None:
     from pregate.loadtest import ServerBenchConfig, bench_server, format_result
 
     cfg = config_from_args(ServerBenchConfig, args, timeout_s=args.timeout)
-    engine = load_engine(args.model, scheduler_config(args), dtype=args.dtype)
+    engine = load_engine(args.model, scheduler_config(args), dtype=args.dtype, quantize=args.quantize)
     print(format_result(bench_server(engine, cfg, args.json, model_name="bench")))

@@ -1,0 +1,145 @@
+"""Weight-only int8 for inference (`--quantize int8`): half the bytes of bfloat16, and a faster kernel.
+
+On CPU, torch's bfloat16 matrix-vector product is bound by converting the weights, not by reading them
+(`pregate bench step` measures it): it reads about half the bytes per second that a float32 one does.
+torch's weight-only int8 kernel (`torch._weight_int8pack_mm`: int8 weights, one scale per output row,
+activations in the model's dtype) reads a quarter of float32's bytes at a similar rate, so a decode
+step, which is nearly all matrix-vector products, gets several times faster.
+
+What is quantized: every linear map of the decoder (q|k|v, o, the shared experts, the routed experts) and
+the LM head, symmetrically per output row (scale = max |w| / 127). With tied embeddings the input
+embedding looks its rows up in the same int8 table (dequantized on lookup), so no second copy is kept.
+Norms, RoPE, attention, the KV cache and the router keep their dtype. The kernel needs the reduction
+dimension to be a multiple of 32 (others read garbage or crash), so weights are zero-padded to it and
+activations padded on the fly (only the down projections of experts whose width is not a multiple).
+
+The model is quantized in place after loading; checkpoints stay as they are, and a quantized model is for
+inference only (no training, no saving, no expert store). `pregate eval ppl --quantize int8` reports what
+it costs in perplexity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pregate.errors import PregateError
+from pregate.moe import MoEForCausalLM
+
+QUANTIZE_MODES = ("int8",)
+ALIGN = 32  # torch._weight_int8pack_mm needs in_features % 32 == 0
+
+
+def _padded(k: int) -> int:
+    return -(-k // ALIGN) * ALIGN
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (int8 [N, K], float32 scales [N]) with w ~= q * scale[:, None] (symmetric, per row)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # an all-zero row keeps scale > 0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, k] @ (q [N, K] * scales[:, None]).T for k <= K (x is zero-padded to K), in x's dtype."""
+    if x.shape[-1] != q.shape[1]:
+        x = F.pad(x, (0, q.shape[1] - x.shape[-1]))
+    return torch._weight_int8pack_mm(x.contiguous(), q, scales)
+
+
+class Int8Linear(nn.Module):
+    """A bias-optional linear map with int8 weights [N, K padded to 32] and scales [N] in the model dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        n, k = q.shape
+        self.in_features, self.out_features = k, n
+        self.register_buffer("qweight", F.pad(q, (0, _padded(k) - k)).contiguous())
+        self.register_buffer("scales", scale.to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = int8_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """Rows of an Int8Linear's table, dequantized on lookup: the tied input embedding of an int8 head."""
+
+    def __init__(self, table: Int8Linear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        return t.qweight[ids, : t.in_features].to(t.scales.dtype) * t.scales[ids, None]
+
+
+class Int8Experts(nn.Module):
+    """One layer's routed experts in int8: gate|up [E, 2R, H] (expert e of width w: gate rows [0, w), up
+    rows [w, 2w), as MoEMLP's layout) and down [E, H, R padded to 32], with per-row scales."""
+
+    def __init__(self, gate_up: torch.Tensor, down_t: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        e, r2, h = gate_up.shape
+        q, s = quantize_rows(gate_up.reshape(e * r2, h))
+        self.register_buffer("gate_up", q.view(e, r2, h))
+        self.register_buffer("gate_up_scales", s.view(e, r2).to(dtype))
+        r = down_t.shape[1]
+        down = down_t.transpose(1, 2).reshape(e * h, r)  # [E*H, R]: output rows of each expert
+        q, s = quantize_rows(down)
+        self.register_buffer("down", F.pad(q, (0, _padded(r) - r)).view(e, h, -1).contiguous())
+        self.register_buffer("down_scales", s.view(e, h).to(dtype))
+
+    def run(self, e: int, width: int, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e (true width `width`) on x [n, H] -> (activation [n, width], output [n, H])."""
+        n2 = 2 * width
+        h = torch._weight_int8pack_mm(x.contiguous(), self.gate_up[e, :n2], self.gate_up_scales[e, :n2])
+        a = act(h[:, :width]) * h[:, width:]
+        return a, int8_matmul(a, self.down[e], self.down_scales[e])
+
+
+def _int8_linear(linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
+    return Int8Linear(linear.weight, linear.bias, dtype)
+
+
+@torch.no_grad()
+def quantize_model(model: MoEForCausalLM, mode: str = "int8") -> MoEForCausalLM:
+    """Quantize `model` in place (see the module doc) and return it, in eval mode with no gradients."""
+    if mode not in QUANTIZE_MODES:
+        raise PregateError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    if model.quantized:
+        raise PregateError("the model is already quantized")
+    dtype = model.norm.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise PregateError(f"int8 weights need bfloat16, float16 or float32 activations, not {dtype}")
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj, attn.o_proj = _int8_linear(attn.qkv_proj, dtype), _int8_linear(attn.o_proj, dtype)
+        mlp.gate_up_proj = _int8_linear(mlp.gate_up_proj, dtype)
+        mlp.down_proj = _int8_linear(mlp.down_proj, dtype)
+        if not (mlp.num_experts and any(mlp.widths)):
+            continue  # no routed experts (the dense parent served as a MoE)
+        if mlp.w_gate_up.shape[1] == 0:
+            raise PregateError("int8 weights need the routed experts in memory (not an expert store)")
+        mlp.quantized_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, dtype)
+        empty = mlp.w_gate_up.new_empty(mlp.num_experts, 0, mlp.w_gate_up.shape[2])
+        mlp.w_gate_up = nn.Parameter(empty, requires_grad=False)  # the float copies are freed
+        mlp.w_down_t = nn.Parameter(empty.clone(), requires_grad=False)
+    if model.tied:
+        head = Int8Linear(model.embed_tokens.weight, None, dtype)
+        model.embed_tokens = Int8Embedding(head)
+    else:
+        head = _int8_linear(model.lm_head, dtype)
+    model.lm_head = head
+    model.quantized = mode
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,127 @@
+"""Weight-only int8 (pregate.quantize): the kernel against a dequantized reference, the quantized model
+against its float self, and the serving equivalences under int8."""
+
+import copy
+
+import pytest
+import torch
+
+from pregate.engine import Engine, SamplingParams
+from pregate.errors import PregateError
+from pregate.moe import Routing, build_moe_from_dense
+from pregate.quantize import ALIGN, Int8Linear, int8_matmul, quantize_model, quantize_rows
+from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
+from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
+
+torch.manual_seed(0)
+
+
+def weight_bytes(model) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.dtype != torch.long}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_quantize_rows_round_trips_within_half_a_step():
+    w = torch.randn(37, 50) * torch.linspace(0.01, 3, 37)[:, None]  # rows of very different ranges
+    w[5] = 0  # an all-zero row must not divide by zero
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    assert (q[5] == 0).all()
+
+
+@pytest.mark.parametrize("k", [ALIGN, 48, 80, 100])  # multiples of 32 and not (padded)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_matmul_equals_dequantized_reference(k, m, dtype):
+    w, x = torch.randn(24, k), torch.randn(m, k).to(dtype)
+    layer = Int8Linear(w, None, dtype)
+    assert layer.qweight.shape == (24, -(-k // ALIGN) * ALIGN)  # zero-padded to the kernel's alignment
+    reference = x.float() @ (layer.qweight[:, :k].float() * layer.scales.float()[:, None]).T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer(x).float(), reference, rtol=tol, atol=tol * reference.abs().max())
+
+
+def test_int8_rows_do_not_depend_on_the_batch():
+    """What makes batched == one-by-one hold bit-exactly under int8: a row's result is its own."""
+    q, s = quantize_rows(torch.randn(40, 64))
+    x = torch.randn(9, 64)
+    one_by_one = torch.cat([int8_matmul(x[i : i + 1], q, s) for i in range(9)])
+    assert torch.equal(int8_matmul(x, q, s), one_by_one)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied embeddings + no bias; untied + q/k/v bias
+def test_quantized_moe_stays_close_to_the_float_model(family):
+    moe = build(tiny_hf_model(family, seed=1), num_experts=3)
+    q = quantize_model(copy.deepcopy(moe))
+    ids = torch.randint(0, 97, (2, 12))
+    routing = Routing.top1(torch.randint(0, 3, (24,)))
+    with torch.no_grad():
+        ref, got = moe(ids, routing), q(ids, routing)
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 0.02, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    assert q.quantized == "int8" and not any(p.requires_grad for p in q.parameters())
+    assert all(layer.mlp.w_gate_up.numel() == 0 for layer in q.layers)  # the float experts are freed
+    # int8 + scales: under half of float32's bytes, even with this tiny model's padding (48 -> 64 columns)
+    # and, untied, its input embedding kept in float32
+    assert weight_bytes(q) < 0.45 * weight_bytes(moe)
+
+
+def test_tied_embedding_reads_the_int8_head():
+    moe = build(tiny_hf_model("llama", seed=2), num_experts=2)
+    q = quantize_model(copy.deepcopy(moe))
+    ids = torch.tensor([0, 5, 96])
+    rows = q.embed_tokens(ids)
+    head = q.lm_head
+    assert q.embed_tokens.table is head  # one int8 table for both, no float copy kept
+    torch.testing.assert_close(rows, head.qweight[ids, :48].float() * head.scales[ids, None])
+    err = (rows - moe.embed_tokens(ids)).abs().max()
+    assert err <= head.scales.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
+def test_int8_batched_serving_equals_one_by_one(policy):
+    """The engine's equivalence under int8: batched, chunked, cached == one request alone, recomputed."""
+    moe, router = quantize_model(build(tiny_hf_model(seed=4), num_experts=3)), tiny_router()
+    cfg = SchedulerConfig(
+        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
+    )
+    engine = Engine(moe, router=router, scheduler_config=cfg)
+    ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
+    rids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lens)]
+    while engine.has_work():
+        engine.step()
+    for i, rid in enumerate(rids):
+        assert engine.result(rid).token_ids == reference_greedy(moe, router, ps[i], lens[i]), f"request {i}"
+
+
+def test_int8_dense_parent_in_the_engine():
+    """A dense parent (no routed experts) quantizes too: the baseline of `bench step --quantize`."""
+    hf = tiny_hf_model(seed=5)
+    n, width = hf.config.num_hidden_layers, hf.config.intermediate_size
+    dense = quantize_model(build_moe_from_dense(hf, [torch.arange(width)] * n, [[] for _ in range(n)]))
+    engine = Engine(dense, scheduler_config=SchedulerConfig(kv_capacity_tokens=200))
+    out = engine.generate([prompts(2)[1]], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    seq = list(prompts(2)[1])
+    for tok in out.token_ids:  # full recompute, no cache
+        with torch.no_grad():
+            assert int(dense(torch.tensor([seq]))[0, -1].argmax()) == tok
+        seq.append(tok)
+
+
+def test_bad_uses_are_refused_clearly():
+    moe = build(tiny_hf_model(seed=6), num_experts=2)
+    with pytest.raises(PregateError, match="unknown quantization 'int4'"):
+        quantize_model(moe, "int4")
+    quantize_model(moe)
+    with pytest.raises(PregateError, match="already quantized"):
+        quantize_model(moe)
+
+
+def test_load_engine_refuses_int8_with_an_expert_store(tmp_path):
+    from pregate.launch import load_engine
+
+    with pytest.raises(PregateError, match="cannot be combined"):
+        load_engine(str(tmp_path), resident_experts=1, quantize="int8")
