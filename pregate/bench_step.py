@@ -52,6 +52,9 @@ from pregate.scheduler import SchedulerConfig
 STEP_MOE = "moe"  # the MoE in the engine, controlled routing
 STEP_DENSE = "dense"  # the dense parent in the same engine
 STEP_HF = "hf-generate"  # HF generate on the dense parent
+STEP_MOE_INT8 = "moe-int8"  # with --quantize int8: the MoE and the dense parent with int8 weights,
+STEP_DENSE_INT8 = "dense-int8"  # measured beside the float ones in the same run
+MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8)
 
 
 @dataclass
@@ -67,7 +70,7 @@ class StepBenchConfig:
     decode_steps: int = 16  # timed decode steps per measurement
     repeats: int = 3
     dtype: str = "bfloat16"
-    quantize: str | None = None  # "int8": weight-only int8 for the MoE and the dense parent in the engine
+    quantize: str | None = None  # "int8": also the MoE and the dense parent with int8 weights
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -450,35 +453,47 @@ def run_bench_step(
     if cfg.dense or cfg.hf:
         progress(f"loading the dense parent {config.provenance.get('base')}")
         hf, dense = load_dense_parent(moe)
-    if cfg.quantize:  # the engine's models; HF generate keeps the float weights
-        models = [m for m in (moe, dense) if m is not None]
-        progress(f"quantizing {len(models)} model(s) in the engine to {cfg.quantize}")
-        for model in models:
-            quantize_model(model, cfg.quantize)
     h, i = config.base["hidden_size"], config.base["intermediate_size"]
     progress(f"measuring bandwidth ({cfg.floor_mb} MB buffers, {cfg.dtype})")
-    bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)], int8=cfg.quantize == "int8")
+    bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)])
     progress(f"  plain read {bw['read'] / 1e9:.2f} GB/s, GEMV {bw['gemv'] / 1e9:.2f} GB/s")
+    models = {STEP_MOE: moe, STEP_DENSE: dense}
+    bandwidths = {STEP_MOE: bw, STEP_DENSE: bw}
+    if cfg.quantize:
+        progress(f"quantizing copies of the MoE{' and the dense parent' * (dense is not None)} to int8")
+        models[STEP_MOE_INT8] = quantize_model(copy.deepcopy(moe), cfg.quantize)
+        models[STEP_DENSE_INT8] = (
+            quantize_model(copy.deepcopy(dense), cfg.quantize) if dense is not None else None
+        )
+        bw_int8 = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)], int8=True)
+        bandwidths[STEP_MOE_INT8] = bandwidths[STEP_DENSE_INT8] = bw_int8
+        progress(f"  int8 GEMV {bw_int8['gemv'] / 1e9:.2f} GB/s (int8 bytes)")
     dcounts = cfg.expert_counts(config.num_experts)
 
     jobs: dict[tuple[str, int, int], Callable[[], dict]] = {}
+    moes = [name for name in MOE_SYSTEMS if name in models]
+    denses = [name for name in (STEP_DENSE, STEP_DENSE_INT8) if models.get(name) is not None and cfg.dense]
     for b in cfg.batch_sizes:
-        jobs[(STEP_MOE, b, min(cfg.batch_experts, b))] = lambda b=b: time_engine(
-            moe, tokenizer, router, b, min(cfg.batch_experts, b), cfg
-        )
-        if dense is not None and cfg.dense:
-            jobs[(STEP_DENSE, b, 0)] = lambda b=b: time_engine(dense, tokenizer, None, b, 0, cfg)
+        for name in moes:
+            jobs[(name, b, min(cfg.batch_experts, b))] = lambda b=b, m=models[name]: time_engine(
+                m, tokenizer, router, b, min(cfg.batch_experts, b), cfg
+            )
+        for name in denses:
+            jobs[(name, b, 0)] = lambda b=b, m=models[name]: time_engine(m, tokenizer, None, b, 0, cfg)
         if hf is not None and cfg.hf:
             jobs[(STEP_HF, b, 0)] = lambda b=b: time_hf(hf, b, cfg)
     for d in dcounts:
-        key = (STEP_MOE, cfg.expert_batch, d)
-        jobs.setdefault(key, lambda d=d: time_engine(moe, tokenizer, router, cfg.expert_batch, d, cfg))
+        for name in moes:
+            jobs.setdefault(
+                (name, cfg.expert_batch, d),
+                lambda d=d, m=models[name]: time_engine(m, tokenizer, router, cfg.expert_batch, d, cfg),
+            )
     names = list(jobs)
 
     progress(f"warm-up: every system once at batch {max(cfg.batch_sizes)}")
     for key in names:
         if key[1] == max(cfg.batch_sizes) and (
-            key[0] != STEP_MOE or key[2] == min(cfg.batch_experts, key[1])
+            key[0] not in MOE_SYSTEMS or key[2] == min(cfg.batch_experts, key[1])
         ):
             jobs[key]()
     runs: dict[tuple[str, int, int], list[dict]] = {k: [] for k in names}
@@ -503,13 +518,14 @@ def run_bench_step(
         }
         if system != STEP_HF:
             row["unique_experts_seen"] = sorted({u for r in rs for u in r["unique_experts"]})
-            if system == STEP_MOE and row["unique_experts_seen"] != [d]:
+            if system in MOE_SYSTEMS and row["unique_experts_seen"] != [d]:
                 seen = row["unique_experts_seen"]
                 notes.append(f"batch {b}, {d} experts asked: the engine's steps had {seen}")
         context = rs[0].get("context", cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2)
-        model = moe if system == STEP_MOE else dense
-        nbytes = step_bytes(model, b, list(range(d)), context, router if system == STEP_MOE else None)
-        rows.append(_floors(row, nbytes, bw))
+        is_moe = system in MOE_SYSTEMS
+        model = models[system] if system != STEP_HF else dense
+        nbytes = step_bytes(model, b, list(range(d)), context, router if is_moe else None)
+        rows.append(_floors(row, nbytes, bandwidths.get(system, bw)))
         if row["decode_ms"]["flagged"]:  # prefill flags stay in the JSON: one step each, noisier
             dm = row["decode_ms"]
             notes.append(
@@ -517,13 +533,15 @@ def run_bench_step(
                 f"than {cfg.flag_spread:.0%} from the median {dm['median']:.2f} ms"
             )
     batch_rows = [
-        r for r in rows if r["system"] != STEP_MOE or r["experts"] == min(cfg.batch_experts, r["batch"])
+        r
+        for r in rows
+        if r["system"] not in MOE_SYSTEMS or r["experts"] == min(cfg.batch_experts, r["batch"])
     ]
     batch_rows = [r for r in batch_rows if r["batch"] in cfg.batch_sizes]
     expert_rows = [
         r
         for r in rows
-        if r["system"] == STEP_MOE and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
+        if r["system"] in MOE_SYSTEMS and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
     ]
 
     breakdown: dict = {}
@@ -581,6 +599,7 @@ def run_bench_step(
         "num_experts": config.num_experts,
         "top_k": router.cfg.top_k,
         "bandwidth": bw,
+        "bandwidth_int8": bandwidths.get(STEP_MOE_INT8),
         "batch_sizes": batch_rows,
         "distinct_experts": expert_rows,
         "breakdown": breakdown,
@@ -610,7 +629,12 @@ def format_step_table(result: dict) -> str:
     bw = result["bandwidth"]
     lines = [
         f"bandwidth: plain read {bw['read'] / 1e9:.2f} GB/s, "
-        f"torch GEMV ({bw['dtype']}) {bw['gemv'] / 1e9:.2f} GB/s",
+        f"torch GEMV ({bw['dtype']}) {bw['gemv'] / 1e9:.2f} GB/s"
+        + (
+            f", int8 GEMV {q['gemv'] / 1e9:.2f} GB/s (-int8 rows)"
+            if (q := result.get("bandwidth_int8"))
+            else ""
+        ),
         "floor = MB read / bandwidth (rd: plain read, mv: GEMV); x = time / floor; "
         "! = a repeat far off the median",
         "",
@@ -650,7 +674,7 @@ def plot_step_vs_experts(result: dict, path: str | Path) -> Path:
     from pregate.plots import pyplot
 
     plt = pyplot()
-    rows = result["distinct_experts"]
+    rows = [r for r in result["distinct_experts"] if r["system"] == STEP_MOE]
     xs = [r["experts"] for r in rows]
     med = [r["decode_ms"]["median"] for r in rows]
     lo = [m - r["decode_ms"]["min"] for m, r in zip(med, rows)]

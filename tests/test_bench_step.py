@@ -14,12 +14,14 @@ from pregate.bench_step import (
     StepBenchConfig,
     check_model,
     model_config,
+    run_bench_step,
     step_bytes,
     time_engine,
     time_layerwise,
 )
 from pregate.cli import main
 from pregate.moe import load_moe, save_moe
+from pregate.quantize import quantize_model
 from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig, save_router
 from tests.conftest import build
 
@@ -160,6 +162,26 @@ def test_byte_accounting_by_hand(moe_dir):
     assert got["total"] == parts
     dense_like = step_bytes(moe, b, [], context)
     assert dense_like["routed"] == 0 and dense_like["router"] == 0
+    # int8: one byte per weight, rows padded to 32 columns (48 -> 64), one float32 scale per row
+    q = step_bytes(quantize_model(moe), b, experts, context, router)
+    assert q["attention"] == layers * (96 + 48) * (64 + 4)
+    assert q["routed"] == sum(3 * (row[0] + row[2]) * h for row in cfg["expert_channels"])
+    assert q["lm_head"] == v * (64 + 4)
+    assert q["kv"] == got["kv"] and q["router"] == got["router"]  # both stay float32
+
+
+def test_int8_systems_run_beside_the_float_ones(moe_dir):
+    result = run_bench_step(moe_dir, StepBenchConfig(**TINY, quantize="int8"), progress=lambda _: None)
+    systems = {(r["system"], r["batch"]) for r in result["batch_sizes"]}
+    expected = ("moe", "dense", "hf-generate", "moe-int8", "dense-int8")
+    assert systems == {(s, b) for s in expected for b in (1, 3)}
+    assert {r["system"] for r in result["distinct_experts"]} == {"moe", "moe-int8"}
+    assert result["bandwidth_int8"]["gemv"] > 0 and result["bandwidth_int8"]["dtype"] == "int8 weights"
+    by = {(r["system"], r["batch"]): r for r in result["batch_sizes"]}
+    parts = ("attention", "shared", "routed", "lm_head")  # exact int8 bytes: test_byte_accounting_by_hand
+    assert all(by[("moe-int8", 1)]["bytes"][k] < by[("moe", 1)]["bytes"][k] for k in parts)
+    for r in result["distinct_experts"]:
+        assert r["unique_experts_seen"] == [r["experts"]]
 
 
 def test_layerwise_direct_path_runs(moe_dir):
