@@ -270,12 +270,33 @@ class Segment:
         return self.cache.lengths[self.slot] if self.cache is not None else 0
 
 
+@dataclass
+class DecodeGroup:
+    """Decode rows (one new token each) of one cache, attended in one call per layer over the slot range
+    [lo, hi) they span, each row masked to its own length (mask None: every row sees all `span` keys).
+
+    direct: row r0 + i is slot lo + i for every slot of the range (the steady state: requests admitted
+    together decode in slot order), so queries, cache writes and outputs are views, with no gather."""
+
+    cache: KVCache
+    rows: torch.Tensor  # the rows in the step's token stream
+    slots: torch.Tensor
+    pos: torch.Tensor  # each row's position (= its cached length)
+    lo: int
+    hi: int
+    span: int
+    mask: torch.Tensor | None  # [hi - lo, 1, 1, span]
+    direct: bool
+    r0: int
+
+
 class AttentionPlan:
     """How the step's segments attend, worked out once per forward and reused by every layer.
 
     Decode rows (one new token with a cache) that share a cache are attended together: one call per
-    layer over the slot range they span, each row masked to its own length. Every other segment
-    (prefill chunks, caches of their own) is attended alone.
+    layer over the slot range they span. Every other segment (prefill chunks, caches of their own) is
+    attended alone. `only_direct`: the step is one direct decode group and nothing else (a decode step),
+    so attention's output needs no assembling.
     """
 
     def __init__(self, segments: list[Segment], device):
@@ -290,24 +311,37 @@ class AttentionPlan:
         for i, seg in enumerate(segments):
             if seg.length == 1 and seg.cache is not None:
                 by_cache.setdefault(id(seg.cache), []).append(i)
-        self.batched = [idx for idx in by_cache.values() if len(idx) > 1]
-        grouped = {i for idx in self.batched for i in idx}
+        grouped = {i for idx in by_cache.values() for i in idx}
         self.alone = [i for i in range(len(segments)) if i not in grouped]
-        self.groups = [self._decode_group(idx, device) for idx in self.batched]
+        self.groups = [self._decode_group(idx, device) for idx in by_cache.values()]
+        self.only_direct = len(self.groups) == 1 and not self.alone and self.groups[0].direct
 
-    def _decode_group(self, idx: list[int], device) -> tuple:
+    def _decode_group(self, idx: list[int], device) -> DecodeGroup:
         segs = [self.segments[i] for i in idx]
         slots = [s.slot for s in segs]
+        rows = [self.starts[i] for i in idx]
         lo, hi = min(slots), max(slots) + 1
-        span = max(s.past for s in segs) + 1
-        lengths = torch.ones(hi - lo, dtype=torch.long)  # slots in the range that do not decode: 1 (finite)
-        for s in segs:
-            lengths[s.slot - lo] = s.past + 1
-        mask = (torch.arange(span)[None, :] < lengths[:, None])[:, None, None, :].to(device)  # [S', 1, 1, L]
-        rows = torch.tensor([self.starts[i] for i in idx], device=device)
-        slot_t = torch.tensor(slots, device=device)
-        pos = torch.tensor([s.past for s in segs], device=device)
-        return segs[0].cache, rows, slot_t, pos, lo, hi, span, mask
+        past = [s.past for s in segs]
+        span = max(past) + 1
+        direct = slots == list(range(lo, hi)) and rows == list(range(rows[0], rows[0] + len(rows)))
+        mask = None
+        if not (direct and min(past) == span - 1):  # rows of different lengths, or slots in between
+            lengths = torch.ones(hi - lo, dtype=torch.long)  # slots in the range that do not decode: 1
+            for s in segs:
+                lengths[s.slot - lo] = s.past + 1
+            mask = (torch.arange(span)[None, :] < lengths[:, None])[:, None, None, :].to(device)
+        return DecodeGroup(
+            segs[0].cache,
+            torch.tensor(rows, device=device),
+            torch.tensor(slots, device=device),
+            torch.tensor(past, device=device),
+            lo,
+            hi,
+            span,
+            mask,
+            direct,
+            rows[0],
+        )
 
 
 class Attention(nn.Module):
@@ -345,39 +379,55 @@ class Attention(nn.Module):
             vb = v.reshape(g, b, m, d).transpose(0, 1)
             out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)  # [B, N, L, D]
             out = out.transpose(0, 1).reshape(n, t, d)
-        else:
-            out = q.new_empty(n, t, d)
-            for cache, rows, slots, pos, lo, hi, span, mask in plan.groups:
-                kl, vl = cache.k[layer], cache.v[layer]  # [S, G, C, D]
-                kl[slots, :, pos] = k[:, rows].transpose(0, 1)  # the new tokens' keys, [B, G, D]
-                vl[slots, :, pos] = v[:, rows].transpose(0, 1)
-                qs = q.new_zeros(hi - lo, n, 1, d)
-                qs[slots - lo, :, 0] = q[:, rows].transpose(0, 1)
-                o = F.scaled_dot_product_attention(
-                    qs, kl[lo:hi, :, :span], vl[lo:hi, :, :span], attn_mask=mask, enable_gqa=gqa
-                )  # [S', N, 1, D]
-                out[:, rows] = o[slots - lo, :, 0].transpose(0, 1)
-            for i in plan.alone:
-                seg, start = segments[i], plan.starts[i]
-                end = start + seg.length
-                qs, ks, vs = q[:, start:end], k[:, start:end], v[:, start:end]
-                past = seg.past
-                if seg.cache is not None:
-                    kl, vl = seg.cache.k[layer][seg.slot], seg.cache.v[layer][seg.slot]  # [G, C, D]
-                    kl[:, past : past + seg.length] = ks
-                    vl[:, past : past + seg.length] = vs
-                    ks, vs = kl[:, : past + seg.length], vl[:, : past + seg.length]
-                if seg.length == 1:
-                    mask = None  # one new token sees everything cached
-                else:
-                    # query i sits at position past + i and sees keys 0..past + i
-                    mask = torch.ones(seg.length, past + seg.length, dtype=torch.bool, device=x.device).tril(
-                        past
-                    )
-                out[:, start:end] = F.scaled_dot_product_attention(
-                    qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa
-                )[0]
+            return self.o_proj(out.transpose(0, 1).reshape(t, n * d).to(x.dtype))
+        if plan.only_direct:  # a decode step: [B, N, 1, D] out of the one call is already [T, N*D]
+            o = self._decode(plan.groups[0], q, k, v, layer, gqa)
+            return self.o_proj(o.reshape(t, n * d).to(x.dtype))
+        out = q.new_empty(n, t, d)
+        for group in plan.groups:
+            o = self._decode(group, q, k, v, layer, gqa)  # [hi - lo, N, 1, D]
+            if group.direct:
+                out[:, group.r0 : group.r0 + o.shape[0]] = o[:, :, 0].transpose(0, 1)
+            else:
+                out[:, group.rows] = o[group.slots - group.lo, :, 0].transpose(0, 1)
+        for i in plan.alone:
+            seg, start = segments[i], plan.starts[i]
+            end = start + seg.length
+            qs, ks, vs = q[:, start:end], k[:, start:end], v[:, start:end]
+            past = seg.past
+            if seg.cache is not None:
+                kl, vl = seg.cache.k[layer][seg.slot], seg.cache.v[layer][seg.slot]  # [G, C, D]
+                kl[:, past : past + seg.length] = ks
+                vl[:, past : past + seg.length] = vs
+                ks, vs = kl[:, : past + seg.length], vl[:, : past + seg.length]
+            if seg.length == 1:
+                mask = None  # one new token sees everything cached
+            else:
+                # query i sits at position past + i and sees keys 0..past + i
+                mask = torch.ones(seg.length, past + seg.length, dtype=torch.bool, device=x.device).tril(past)
+            out[:, start:end] = F.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa
+            )[0]
         return self.o_proj(out.transpose(0, 1).reshape(t, n * d).to(x.dtype))
+
+    @staticmethod
+    def _decode(group: DecodeGroup, q, k, v, layer: int, gqa: bool) -> torch.Tensor:
+        """Write the group's new keys/values into its cache and attend: -> [hi - lo, N, 1, D]."""
+        kl, vl = group.cache.k[layer], group.cache.v[layer]  # [S, G, C, D]
+        if group.direct:
+            rows = slice(group.r0, group.r0 + group.hi - group.lo)
+            kl[group.slots, :, group.pos] = k[:, rows].transpose(0, 1)  # [B, G, D]
+            vl[group.slots, :, group.pos] = v[:, rows].transpose(0, 1)
+            qs = q[:, rows].transpose(0, 1).unsqueeze(2)  # [B, N, 1, D], a view
+        else:
+            kl[group.slots, :, group.pos] = k[:, group.rows].transpose(0, 1)
+            vl[group.slots, :, group.pos] = v[:, group.rows].transpose(0, 1)
+            qs = q.new_zeros(group.hi - group.lo, q.shape[0], 1, q.shape[2])
+            qs[group.slots - group.lo, :, 0] = q[:, group.rows].transpose(0, 1)
+        lo, hi, span = group.lo, group.hi, group.span
+        return F.scaled_dot_product_attention(
+            qs, kl[lo:hi, :, :span], vl[lo:hi, :, :span], attn_mask=group.mask, enable_gqa=gqa
+        )
 
 
 def _fuse_qkv(module, state, prefix, *args) -> None:

@@ -11,7 +11,10 @@ the LM head, symmetrically per output row (scale = max |w| / 127). With tied emb
 embedding looks its rows up in the same int8 table (dequantized on lookup), so no second copy is kept.
 Norms, RoPE, attention, the KV cache and the router keep their dtype. The kernel needs the reduction
 dimension to be a multiple of 32 (others read garbage or crash), so weights are zero-padded to it and
-activations padded on the fly (only the down projections of experts whose width is not a multiple).
+the gate|up halves of the shared and routed experts laid out at padded widths (zeros between), so a
+down projection gets its padded input for free.
+Its time grows with the rows like that many matrix-vector products, so from `DEQUANT_ROWS` rows on
+(prefill) the product runs as a float GEMM over the weights converted on the fly.
 
 The model is quantized in place after loading; checkpoints stay as they are, and a quantized model is for
 inference only (no training, no saving, no expert store). `pregate eval ppl --quantize int8` reports what
@@ -29,6 +32,9 @@ from pregate.moe import MoEForCausalLM
 
 QUANTIZE_MODES = ("int8",)
 ALIGN = 32  # torch._weight_int8pack_mm needs in_features % 32 == 0
+# The int8 kernel's time grows with the rows like M matrix-vector products; from about 100 rows on, a
+# float GEMM over the weights converted on the fly is faster (prefill; `bench step` measures both).
+DEQUANT_ROWS = 128
 
 
 def _padded(k: int) -> int:
@@ -44,9 +50,12 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, k] @ (q [N, K] * scales[:, None]).T for k <= K (x is zero-padded to K), in x's dtype."""
-    if x.shape[-1] != q.shape[1]:
-        x = F.pad(x, (0, q.shape[1] - x.shape[-1]))
+    """x [M, k] @ (q [N, K] * scales[:, None]).T for k <= K (the columns past k are zero), in x's dtype."""
+    k = x.shape[-1]
+    if x.shape[0] >= DEQUANT_ROWS:  # int8 is exact in bfloat16, so this is the same product
+        return (x @ q[:, :k].to(x.dtype).T) * scales
+    if k != q.shape[1]:
+        x = F.pad(x, (0, q.shape[1] - k))
     return torch._weight_int8pack_mm(x.contiguous(), q, scales)
 
 
@@ -82,27 +91,39 @@ class Int8Embedding(nn.Module):
         return t.qweight[ids, : t.in_features].to(t.scales.dtype) * t.scales[ids, None]
 
 
-class Int8Experts(nn.Module):
-    """One layer's routed experts in int8: gate|up [E, 2R, H] (expert e of width w: gate rows [0, w), up
-    rows [w, 2w), as MoEMLP's layout) and down [E, H, R padded to 32], with per-row scales."""
+def _pad_halves(gate_up: torch.Tensor, widths: list[int], rows: int) -> torch.Tensor:
+    """[E, 2R, H] with expert e's gate rows in [0, w) and up rows in [w, 2w) -> [E, 2 * rows, H] with
+    them in [0, w) and [p, p + w), p = w padded to ALIGN, zeros between: act(0) * 0 = 0, so the gate|up
+    product already has the padded width that the down projection's kernel needs."""
+    out = gate_up.new_zeros(gate_up.shape[0], 2 * rows, gate_up.shape[2])
+    for e, w in enumerate(widths):
+        p = _padded(w)
+        out[e, :w], out[e, p : p + w] = gate_up[e, :w], gate_up[e, w : 2 * w]
+    return out
 
-    def __init__(self, gate_up: torch.Tensor, down_t: torch.Tensor, dtype: torch.dtype):
+
+class Int8Experts(nn.Module):
+    """One layer's routed experts in int8: gate|up [E, 2Rp, H] (expert e of width w, p = w padded to 32:
+    gate rows [0, w), up rows [p, p + w), zeros elsewhere) and down [E, H, Rp], with per-row scales."""
+
+    def __init__(self, gate_up: torch.Tensor, down_t: torch.Tensor, widths: list[int], dtype: torch.dtype):
         super().__init__()
-        e, r2, h = gate_up.shape
-        q, s = quantize_rows(gate_up.reshape(e * r2, h))
-        self.register_buffer("gate_up", q.view(e, r2, h))
-        self.register_buffer("gate_up_scales", s.view(e, r2).to(dtype))
-        r = down_t.shape[1]
-        down = down_t.transpose(1, 2).reshape(e * h, r)  # [E*H, R]: output rows of each expert
-        q, s = quantize_rows(down)
-        self.register_buffer("down", F.pad(q, (0, _padded(r) - r)).view(e, h, -1).contiguous())
+        r = max(widths)  # this layer's widest expert (the stacked tensors hold the model's widest)
+        down_t = down_t[:, :r]
+        e, _, h = down_t.shape
+        rp = _padded(r)
+        q, s = quantize_rows(_pad_halves(gate_up, widths, rp).reshape(e * 2 * rp, h))
+        self.register_buffer("gate_up", q.view(e, 2 * rp, h))
+        self.register_buffer("gate_up_scales", s.view(e, 2 * rp).to(dtype))
+        q, s = quantize_rows(down_t.transpose(1, 2).reshape(e * h, r))  # [E*H, R]: each expert's output rows
+        self.register_buffer("down", F.pad(q, (0, rp - r)).view(e, h, rp).contiguous())
         self.register_buffer("down_scales", s.view(e, h).to(dtype))
 
     def run(self, e: int, width: int, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e (true width `width`) on x [n, H] -> (activation [n, width], output [n, H])."""
-        n2 = 2 * width
-        h = torch._weight_int8pack_mm(x.contiguous(), self.gate_up[e, :n2], self.gate_up_scales[e, :n2])
-        a = act(h[:, :width]) * h[:, width:]
+        """Expert e (true width `width`) on x [n, H] -> (activation [n, width padded], output [n, H])."""
+        p = _padded(width)
+        h = int8_matmul(x, self.gate_up[e, : 2 * p], self.gate_up_scales[e, : 2 * p])
+        a = act(h[:, :p]) * h[:, p:]  # zero past the true width
         return a, int8_matmul(a, self.down[e], self.down_scales[e])
 
 
@@ -123,13 +144,15 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8") -> MoEForCausalLM:
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj, attn.o_proj = _int8_linear(attn.qkv_proj, dtype), _int8_linear(attn.o_proj, dtype)
-        mlp.gate_up_proj = _int8_linear(mlp.gate_up_proj, dtype)
+        shared = _padded(mlp.shared)  # the gate|up halves padded like the experts': no padding per call
+        gate_up = _pad_halves(mlp.gate_up_proj.weight[None], [mlp.shared], shared)[0]
+        mlp.gate_up_proj, mlp.shared = Int8Linear(gate_up, None, dtype), shared
         mlp.down_proj = _int8_linear(mlp.down_proj, dtype)
         if not (mlp.num_experts and any(mlp.widths)):
             continue  # no routed experts (the dense parent served as a MoE)
         if mlp.w_gate_up.shape[1] == 0:
             raise PregateError("int8 weights need the routed experts in memory (not an expert store)")
-        mlp.quantized_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, dtype)
+        mlp.quantized_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, mlp.widths, dtype)
         empty = mlp.w_gate_up.new_empty(mlp.num_experts, 0, mlp.w_gate_up.shape[2])
         mlp.w_gate_up = nn.Parameter(empty, requires_grad=False)  # the float copies are freed
         mlp.w_down_t = nn.Parameter(empty.clone(), requires_grad=False)

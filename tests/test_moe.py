@@ -142,3 +142,32 @@ def test_fused_layout_keeps_the_checkpoint_layout(tmp_path):
     e = torch.randint(0, 3, (18,))
     torch.testing.assert_close(again(ids, Routing.top1(e)), moe(ids, Routing.top1(e)), atol=0, rtol=0)
     assert all(again.state_dict()[k].equal(v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("prompt_lens", [(5, 5, 5), (3, 7, 4)])  # equal lengths (no mask) and not
+def test_direct_decode_step_equals_the_gathered_path(prompt_lens):
+    """A decode step whose rows are in slot order attends through views (AttentionPlan's direct group);
+    the same rows in another order go through the gather path; both give each row the same logits."""
+    from pregate.moe import AttentionPlan
+
+    moe = build(tiny_hf_model(seed=7), num_experts=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 97, (n,), generator=g) for n in prompt_lens]
+    new = torch.randint(3, 97, (3,), generator=g)
+    routing = Routing.top1(torch.tensor([0, 2, 1]))
+    logits = {}
+    for order in ([0, 1, 2], [2, 0, 1]):
+        cache = moe.new_cache(capacity=16, slots=3)
+        slots = [cache.acquire(16) for _ in prompts]
+        for slot, p in zip(slots, prompts):  # prefill each sequence into its slot
+            moe.forward_packed(
+                p, [Segment(len(p), cache, slot)], Routing.top1(torch.zeros(len(p), dtype=torch.long))
+            )
+        segments = [Segment(1, cache, slots[i]) for i in order]
+        plan = AttentionPlan(segments, None)
+        assert plan.only_direct == (order == [0, 1, 2])
+        assert (plan.groups[0].mask is None) == (order == [0, 1, 2] and len(set(prompt_lens)) == 1)
+        idx = torch.tensor(order)
+        out = moe.forward_packed(new[idx], segments, Routing(routing.expert_ids[idx], routing.weights[idx]))
+        logits[tuple(order)] = out[torch.argsort(idx)]  # back to request order
+    torch.testing.assert_close(logits[(0, 1, 2)], logits[(2, 0, 1)], atol=1e-5, rtol=1e-5)

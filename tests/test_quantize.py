@@ -9,7 +9,7 @@ import torch
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError
 from pregate.moe import Routing, build_moe_from_dense
-from pregate.quantize import ALIGN, Int8Linear, int8_matmul, quantize_model, quantize_rows
+from pregate.quantize import ALIGN, DEQUANT_ROWS, Int8Linear, int8_matmul, quantize_model, quantize_rows
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
 from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
 
@@ -32,7 +32,7 @@ def test_quantize_rows_round_trips_within_half_a_step():
 
 
 @pytest.mark.parametrize("k", [ALIGN, 48, 80, 100])  # multiples of 32 and not (padded)
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, DEQUANT_ROWS])  # the int8 kernel, and the prefill path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_matmul_equals_dequantized_reference(k, m, dtype):
     w, x = torch.randn(24, k), torch.randn(m, k).to(dtype)
