@@ -45,7 +45,14 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
 from pregate.quantize import QUANTIZE_MODES, quantize_model
-from pregate.roofline import PARTS, Breakdown, measure_bandwidth, step_bytes, summarize_breakdown
+from pregate.roofline import (
+    PARTS,
+    Breakdown,
+    count_torch_calls,
+    measure_bandwidth,
+    step_bytes,
+    summarize_breakdown,
+)
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SchedulerConfig
 
@@ -254,9 +261,13 @@ def time_engine(
     for ids in prompts(model.config.base["vocab_size"], batch, cfg.prompt_len, cfg.seed + batch, avoid):
         engine.add_request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     parts: list[dict[str, float]] = []
+    calls = None
     with Breakdown(model, fixed) if breakdown else contextlib.nullcontext() as bd:
         while engine.has_work():
-            engine.step()
+            if bd is not None and len(parts) == cfg.warmup_steps >= 1:  # the last untimed decode step
+                calls = count_torch_calls(engine.step)
+            else:
+                engine.step()
             if bd is not None:
                 parts.append(bd.take())
     if engine.failed:
@@ -279,6 +290,7 @@ def time_engine(
     }
     if breakdown:
         out["breakdown"] = summarize_breakdown([(steps[i].duration, parts[i]) for i in timed])
+        out["breakdown"]["torch_calls"] = calls  # None without a warm-up step to count
     return out
 
 
@@ -548,11 +560,15 @@ def run_bench_step(
     if cfg.breakdown:
         breakdown["pregating"] = []
         breakdown["layerwise"] = [] if gate is not None else {"skipped": "no --layerwise gate given"}
+        if STEP_MOE_INT8 in models:
+            breakdown["pregating_int8"] = []
         for b in cfg.batch_sizes:
             progress(f"breakdown at batch {b} (hooked run{' + layer-wise gate' if gate is not None else ''})")
-            res = time_engine(moe, tokenizer, router, b, min(cfg.batch_experts, b), cfg, breakdown=True)
-            row = {"batch": b, "experts": min(cfg.batch_experts, b), **res["breakdown"]}
-            breakdown["pregating"].append(row)
+            for name, key in ((STEP_MOE, "pregating"), (STEP_MOE_INT8, "pregating_int8")):
+                if name in models:
+                    m, d = models[name], min(cfg.batch_experts, b)
+                    res = time_engine(m, tokenizer, router, b, d, cfg, breakdown=True)
+                    breakdown[key].append({"batch": b, "experts": d, **res["breakdown"]})
             if gate is not None:
                 lw = time_layerwise(moe, gate, b, cfg)
                 breakdown["layerwise"].append(
@@ -650,10 +666,15 @@ def format_step_table(result: dict) -> str:
             lines.append(f"  skipped: {rows['skipped']}")
             continue
         cols = (*PARTS, "rest", "step")
-        lines.append(f"{'batch':>6s}{'experts':>9s}" + "".join(f"{c:>11s}" for c in cols))
+        lines.append(f"{'batch':>6s}{'experts':>9s}" + "".join(f"{c:>11s}" for c in cols) + f"{'calls':>8s}")
         for r in rows:  # pre-gating: the controlled experts; layer-wise: its mean per layer
             experts = r.get("experts", r.get("experts_per_layer"))
-            lines.append(f"{r['batch']:6d}{experts:9.2f}" + "".join(f"{r[c]:11.3f}" for c in cols))
+            calls = r.get("torch_calls")
+            lines.append(
+                f"{r['batch']:6d}{experts:9.2f}"
+                + "".join(f"{r[c]:11.3f}" for c in cols)
+                + (f"{calls:8d}" if calls is not None else f"{'-':>8s}")
+            )
     ll = result["llama_cpp"]
     lines.append("")
     if "skipped" in ll:

@@ -2,6 +2,7 @@
 
 `step_bytes`: the bytes one decode step of a pregate model must read at least, by part (shapes only).
 `measure_bandwidth`: a plain read (`sum`) and torch's GEMV (`x @ W.T`) over buffers far above the caches.
+`count_torch_calls`: the torch operator calls of one step (torch.profiler).
 `Breakdown`: per-part time of each forward from perf_counter in module hooks (no profiler, CPU only:
 there ops are synchronous, so a hook's clock reads when the module's work is done).
 Used by `pregate bench step` (bench_step.py); no engine or scheduler here.
@@ -139,6 +140,21 @@ def measure_bandwidth(
 
 
 # ----------------------------------------------------------------------------------------- breakdown
+
+
+def count_torch_calls(fn: Callable[[], object]) -> int:
+    """Top-level torch operator calls (aten ops not made by another aten op) during one call of fn: the
+    fixed per-call cost of a step grows with this count, whatever the bytes it reads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+    )
 
 
 class Breakdown:

@@ -100,6 +100,7 @@ def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, c
         parts = {"router", "attention", "shared", "routed", "lm_head", "rest", "step"}
         assert all(set(r) >= parts for r in rows)
         assert all(r["attention"] > 0 and r["router"] > 0 for r in rows)
+    assert all(r["torch_calls"] > 3 * 10 for r in data["breakdown"]["pregating"])  # 3 layers, ~10+ calls each
     assert "skipped" in data["llama_cpp"]  # llama_cpp is not installed here; a clean note, no failure
     assert (tmp_path / "out" / "step_step_vs_experts.png").stat().st_size > 1000
 
@@ -176,6 +177,7 @@ def test_int8_systems_run_beside_the_float_ones(moe_dir):
     expected = ("moe", "dense", "hf-generate", "moe-int8", "dense-int8")
     assert systems == {(s, b) for s in expected for b in (1, 3)}
     assert {r["system"] for r in result["distinct_experts"]} == {"moe", "moe-int8"}
+    assert [r["batch"] for r in result["breakdown"]["pregating_int8"]] == [1, 3]
     assert result["bandwidth_int8"]["gemv"] > 0 and result["bandwidth_int8"]["dtype"] == "int8 weights"
     by = {(r["system"], r["batch"]): r for r in result["batch_sizes"]}
     # exact int8 bytes: test_byte_accounting_by_hand (the tiny shared experts, 20 wide, pad to 32)
