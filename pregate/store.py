@@ -376,6 +376,12 @@ class ExpertStore:
             raise StoreError(f"the expert loader failed: {self._error}") from self._error
 
     @property
+    def buffer_bytes(self) -> int:
+        """Bytes of routed-expert weights held in memory: the k resident slots plus the staging and raw
+        one-slice buffers (the GPU tier's pinned host copies excluded)."""
+        return sum(t.nbytes for t in (self._gate_up, self._down_t, *self._stage, *self._raw))
+
+    @property
     def stats(self) -> StoreStats:
         return StoreStats(
             **vars(self.res.stats),

@@ -63,6 +63,7 @@ def test_every_module_is_placed():
         "analyze",
         "bench",
         "bench_step",
+        "memory_bench",
         "roofline",
         "demo",
         "export",

@@ -78,6 +78,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "offload:add_bench_cache",
     ),
     (
+        ("bench", "memory"),
+        "peak RSS of a serving engine against the experts it keeps resident (a fresh process per k)",
+        "offload:add_bench_memory",
+    ),
+    (
         ("trace", "export"),
         "write the reference string the expert cache sees (step layer expert per line)",
         "offload:add_trace_export",

@@ -1,4 +1,4 @@
-"""The offloading commands: `bench cache`, `trace route`, `trace export` and `simulate`.
+"""The offloading commands: `bench cache`, `bench memory`, `trace route`, `trace export` and `simulate`.
 
 `trace export` and `simulate` replay the traces that `bench cache` and `trace route` write, so their
 workload and scheduling defaults are the cache benchmark's (`CacheBenchConfig`)."""
@@ -267,3 +267,33 @@ def _sweep_capacities(args, cost, traces) -> None:
                 f"{k:<3d} {str(prefetch):<9s} {100 * r.cache.hit_ratio:6.1f}%    {nl:<28.4g}  {r.stall_s:.3g}"
             )
     write_json(args.json, {"cost_model": cost.to_dict(), "runs": rows})
+
+
+# ----------------------------------------------------------------------------------------- bench memory
+
+
+def add_bench_memory(p) -> None:
+    from pregate.memory_bench import MemoryBenchConfig
+
+    d = MemoryBenchConfig()
+    p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
+    add_json(p)
+    add_resident_experts(
+        p,
+        many=True,
+        default=d.resident_experts,
+        help="experts the store keeps resident, one fresh process each "
+        f"(default {' '.join(map(str, d.resident_experts))}; every expert resident and the imports alone "
+        "are always measured)",
+    )
+    add_option(p, "--requests", d.requests, "prompts each probe serves", type=positive_int)
+    add_option(p, "--prompt-len", d.prompt_len, "tokens per prompt", type=positive_int)
+    add_option(p, "--max-tokens", d.max_tokens, "tokens generated per prompt", type=positive_int)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help=f"default {d.dtype}")
+    p.set_defaults(func=cmd_bench_memory)
+
+
+def cmd_bench_memory(args) -> None:
+    from pregate.memory_bench import MemoryBenchConfig, bench_memory
+
+    bench_memory(args.model, args.json, config_from_args(MemoryBenchConfig, args))
