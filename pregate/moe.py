@@ -728,7 +728,8 @@ def _inv_freq(cfg: dict) -> torch.Tensor:
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = AutoConfig.for_model(**cfg)
-    return LlamaRotaryEmbedding(config).inv_freq.clone()
+    with torch.device("cpu"):  # also when the model is built on the meta device (load_moe)
+        return LlamaRotaryEmbedding(config).inv_freq.clone()
 
 
 # ----------------------------------------------------------------------------------------- building and I/O
@@ -847,18 +848,29 @@ def load_moe(
     try:
         with safe_open(str(weights), framework="pt") as f:
             keep = [k for k in f.keys() if routed_experts or k.rsplit(".", 1)[-1] not in ROUTED_KEYS]
-            state = {k: f.get_tensor(k) for k in keep}
+            if "embed_tokens.weight" in keep:
+                dtype = dtype or f.get_slice("embed_tokens.weight")[0:1].dtype
+            # converted as read: the checkpoint's float32 copy is never held whole beside the model
+            state = {k: _cast(f.get_tensor(k), dtype) for k in keep}
     except (SafetensorError, OSError, ValueError) as err:
         raise PregateError(f"{weights} cannot be read ({err}): truncated or damaged checkpoint") from err
     if "embed_tokens.weight" not in state:
         raise PregateError(f"{weights} does not match its config (no embed_tokens.weight)")
-    model = MoEForCausalLM(config, routed_weights=routed_experts)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if not routed_experts:  # left out on purpose
+    with torch.device("meta"):  # no memory and no random init: the checkpoint's tensors become the weights
+        model = MoEForCausalLM(config, routed_weights=routed_experts)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if not routed_experts:  # left out on purpose: empty placeholders
+        for layer in model.layers:
+            for name in ("w_gate_up", "w_down_t"):
+                w = getattr(layer.mlp, name)
+                setattr(layer.mlp, name, nn.Parameter(torch.empty(w.shape, dtype=dtype), requires_grad=False))
         missing = [m for m in missing if not m.endswith((".w_gate_up", ".w_down_t"))]
     if missing or unexpected:
         raise PregateError(
             f"{weights} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    dtype = dtype or state["embed_tokens.weight"].dtype
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | str | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
