@@ -125,3 +125,25 @@ def test_load_engine_refuses_int8_with_an_expert_store(tmp_path):
 
     with pytest.raises(PregateError, match="cannot be combined"):
         load_engine(str(tmp_path), resident_experts=1, quantize="int8")
+
+
+def test_load_engine_serves_int8(tiny_checkpoint, tmp_path):
+    """What `pregate serve --quantize int8` loads: the checkpoint's MoE, quantized, behind its router."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pregate.launch import load_engine
+    from pregate.moe import save_moe
+    from pregate.router import PreGatingRouter, RouterConfig, save_router
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    out = tmp_path / "served"
+    out.mkdir()
+    save_moe(build(hf), out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    save_router(
+        PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3)), out
+    )
+    engine = load_engine(str(out), dtype="float32", quantize="int8")
+    assert engine.model.quantized == "int8"
+    got = engine.generate(["hello"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert got.finish_reason == "length" and len(got.token_ids) == 4
