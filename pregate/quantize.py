@@ -52,7 +52,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, k] @ (q [N, K] * scales[:, None]).T for k <= K (the columns past k are zero), in x's dtype."""
     k = x.shape[-1]
-    if x.shape[0] >= DEQUANT_ROWS:  # int8 is exact in bfloat16, so this is the same product
+    if x.shape[0] >= DEQUANT_ROWS:  # int8 values are exact in bfloat16: the same weights, a float GEMM
         return (x @ q[:, :k].to(x.dtype).T) * scales
     if k != q.shape[1]:
         x = F.pad(x, (0, q.shape[1] - k))
