@@ -34,7 +34,8 @@ def load_engine(
     resident_experts k: keep at most k whole routed experts in memory (Belady eviction over the running
     step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
     while a layer computes). The model then computes in the checkpoint's dtype.
-    quantize "int8": weight-only int8 (pregate.quantize), not with resident_experts."""
+    quantize "int8": weight-only int8 (pregate.quantize); with resident_experts the routed experts stay in
+    the checkpoint's dtype (the store serves them) and the rest is int8."""
     from transformers import AutoTokenizer
 
     from pregate.checkpoint import parse_dtype
@@ -42,11 +43,6 @@ def load_engine(
     from pregate.router import PreGatingRouter, load_router
 
     store, weights_dtype = None, parse_dtype(dtype)
-    if quantize is not None and resident_experts is not None:
-        raise PregateError(
-            "--quantize and --resident-experts cannot be combined yet: the expert store serves float "
-            "weights; use one of them"
-        )
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig
 

@@ -17,8 +17,9 @@ Its time grows with the rows like that many matrix-vector products, so from `DEQ
 (prefill) the product runs as a float GEMM over the weights converted on the fly.
 
 The model is quantized in place after loading; checkpoints stay as they are, and a quantized model is for
-inference only (no training, no saving, no expert store). `pregate eval ppl --quantize int8` reports what
-it costs in perplexity.
+inference only (no training, no saving). With an expert store (`serve --resident-experts k --quantize
+int8`) the routed experts stay in the store's dtype, the checkpoint's, and everything else is int8.
+`pregate eval ppl --quantize int8` reports what it costs in perplexity.
 """
 
 from __future__ import annotations
@@ -132,8 +133,11 @@ def _int8_linear(linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
 
 
 @torch.no_grad()
-def quantize_model(model: MoEForCausalLM, mode: str = "int8") -> MoEForCausalLM:
-    """Quantize `model` in place (see the module doc) and return it, in eval mode with no gradients."""
+def quantize_model(model: MoEForCausalLM, mode: str = "int8", experts: bool = True) -> MoEForCausalLM:
+    """Quantize `model` in place (see the module doc) and return it, in eval mode with no gradients.
+
+    experts False, or routed experts released to an expert store: the routed experts keep their dtype
+    (a store serves them as the checkpoint holds them) and everything else is quantized."""
     if mode not in QUANTIZE_MODES:
         raise PregateError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     if model.quantized:
@@ -150,8 +154,8 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8") -> MoEForCausalLM:
         mlp.down_proj = _int8_linear(mlp.down_proj, dtype)
         if not (mlp.num_experts and any(mlp.widths)):
             continue  # no routed experts (the dense parent served as a MoE)
-        if mlp.w_gate_up.shape[1] == 0:
-            raise PregateError("int8 weights need the routed experts in memory (not an expert store)")
+        if not experts or mlp.w_gate_up.shape[1] == 0:
+            continue  # the routed experts stay as they are (an expert store serves them)
         mlp.quantized_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, mlp.widths, dtype)
         empty = mlp.w_gate_up.new_empty(mlp.num_experts, 0, mlp.w_gate_up.shape[2])
         mlp.w_gate_up = nn.Parameter(empty, requires_grad=False)  # the float copies are freed

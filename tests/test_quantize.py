@@ -120,11 +120,29 @@ def test_bad_uses_are_refused_clearly():
         quantize_model(moe)
 
 
-def test_load_engine_refuses_int8_with_an_expert_store(tmp_path):
-    from pregate.launch import load_engine
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_int8_with_an_expert_store_equals_resident_int8(tmp_path, prefetch):
+    """`serve --resident-experts k --quantize int8`: the store serves the routed experts in the checkpoint's
+    dtype, the rest is int8; the tokens equal a resident model quantized the same way."""
+    from pregate.moe import load_moe, save_moe
+    from pregate.store import ExpertStore, StoreConfig
 
-    with pytest.raises(PregateError, match="cannot be combined"):
-        load_engine(str(tmp_path), resident_experts=1, quantize="int8")
+    router = tiny_router()
+    save_moe(build(tiny_hf_model(seed=4), num_experts=3), tmp_path)
+    cfg = SchedulerConfig(token_budget=8, max_running=5, prefill_chunk=6)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    resident = quantize_model(load_moe(tmp_path), experts=False)
+    assert all(layer.mlp.quantized_experts is None for layer in resident.layers)
+    want = [
+        o.token_ids
+        for o in Engine(resident, router=router, scheduler_config=cfg).generate(prompts(6), params)
+    ]
+    offloaded = quantize_model(load_moe(tmp_path, routed_experts=False))  # what load_engine does
+    assert isinstance(offloaded.layers[0].self_attn.qkv_proj, Int8Linear)
+    with ExpertStore(tmp_path, StoreConfig(capacity=1, prefetch=prefetch)) as store:
+        engine = Engine(offloaded, router=router, scheduler_config=cfg, expert_store=store)
+        assert [o.token_ids for o in engine.generate(prompts(6), params)] == want
+        assert store.stats.misses > 0
 
 
 def test_load_engine_serves_int8(tiny_checkpoint, tmp_path):
