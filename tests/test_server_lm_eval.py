@@ -1,13 +1,16 @@
 """lm-eval's `local-completions` model against the real server: the log-likelihoods it scores (echo +
-logprobs, as it asks) equal a direct log-softmax of the model's logits.
+logprobs, as it asks) equal a direct log-softmax of the model's logits, and its accuracy equals what
+pregate's own lm-eval model (`pregate eval tasks`' PregateLM) scores on the same task.
 
-Needs an `lm_eval` executable with its API extras (tenacity): on PATH, or named by the LM_EVAL variable
-(a separate venv is fine: it only talks HTTP). Skipped otherwise."""
+Needs an `lm_eval` executable with its API extras (tenacity, pinned in requirements.txt): the one beside
+this Python, on PATH, or named by the LM_EVAL variable. Skipped otherwise."""
 
 import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +42,8 @@ metric_list:
 
 
 def test_lm_eval_local_completions_scores_what_the_model_says(tmp_path):
-    lm_eval = os.environ.get("LM_EVAL") or shutil.which("lm_eval")
+    beside = Path(sys.executable).parent / "lm_eval"
+    lm_eval = os.environ.get("LM_EVAL") or (str(beside) if beside.is_file() else shutil.which("lm_eval"))
     if not lm_eval:
         pytest.skip("no lm_eval executable (set LM_EVAL=/path/to/lm_eval)")
     engine = tiny_engine(tmp_path)
@@ -91,3 +95,13 @@ def test_lm_eval_local_completions_scores_what_the_model_says(tmp_path):
             assert float(resp[0][0]) == pytest.approx(want, abs=1e-4)
             scored += 1
     assert scored == sum(len(d["choices"]) for d in DOCS)
+
+    # the same task through pregate's own lm-eval model on the same weights: the same accuracy
+    from pregate.harness import PregateLM, _packed
+    from pregate.tasks import run_lm_eval
+
+    lm = PregateLM(lambda ids, rows: _packed(engine.model, ids, rows, None), tok, max_length=256)
+    ours = run_lm_eval(lm, ["pregate_tiny_mc"], None, tmp_path / "tasks")["results"]["pregate_tiny_mc"]
+    (results,) = list((tmp_path / "out").rglob("results_*.json"))
+    theirs = json.loads(results.read_text())["results"]["pregate_tiny_mc"]
+    assert ours["acc,none"] == theirs["acc,none"]
