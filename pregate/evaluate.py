@@ -18,8 +18,8 @@ With `quantize="int8"` the served variant is also run with weight-only int8 weig
 moe_router_int8 (trained checkpoints) or moe_oracle_int8, so the table shows what int8 costs.
 Perplexity = exp(mean next-token cross-entropy over all predicted positions of the blocks).
 
-Imports from the package: `errors`, `checkpoint`, `data`, `hub`, `stats`, `moe`, `router` and `distill`
-(never the trainer).
+Imports from the package: `errors`, `checkpoint`, `data`, `hub`, `stats`, `moe`, `quantize`, `router` and
+`distill` (never the trainer).
 
 Legend: B blocks, n block length, T = B*n tokens, L layers, E experts, I MLP channels.
 """

@@ -193,7 +193,9 @@ def add_bench_step(p) -> None:
     add_option(p, "--steps", d.decode_steps, "timed decode steps per measurement", type=int)
     add_option(p, "--repeats", d.repeats, "interleaved repeats, odd, >= 3", type=int)
     add_dtype(p, d.dtype)
-    add_quantize(p, "the MoE and the dense parent in the engine (HF generate keeps --dtype)")
+    add_quantize(
+        p, "copies of the MoE and the dense parent, measured beside the float ones (moe-int8, dense-int8)"
+    )
     p.add_argument(
         "--layerwise",
         metavar="DIR",
