@@ -1,7 +1,7 @@
 """The serving half of `make demo` on a tiny trained checkpoint: every system runs, the table prints."""
 
 from pregate.bench import DENSE, HF, BenchConfig
-from pregate.demo_serving import format_serving, serving_summary
+from pregate.demo_serving import STEP_SYSTEMS, format_serving, serving_summary
 from pregate.refactor import RefactorConfig, refactor
 from pregate.train import TrainConfig, train
 
@@ -23,6 +23,8 @@ def test_serving_summary_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
         dtype="float32",
     )
     summary = serving_summary(trained, progress=lambda msg: None, cfg=small)
+    assert list(summary["batch1"]) == list(STEP_SYSTEMS)
+    assert all(0 < m["min_ms"] <= m["median_ms"] <= m["max_ms"] for m in summary["batch1"].values())
     assert set(summary["load"]) == {"expert-aware", "decode-first", DENSE, HF}
     for name, m in summary["load"].items():
         assert m["throughput"] > 0 and m["range_ms"][0] <= m["norm_mean_ms"] <= m["range_ms"][1]
@@ -33,3 +35,4 @@ def test_serving_summary_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert summary["hit_ratio"]["belady"][1] <= summary["hit_ratio"]["belady"][2]
     table = format_serving(summary)
     assert "expert-aware" in table and "hit ratio" in table and "pregate bench serve" in table
+    assert "batch-1 decode step" in table and "MoE int8" in table
