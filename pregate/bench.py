@@ -29,7 +29,7 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
-from pregate.quantize import QUANTIZE_MODES, quantize_model
+from pregate.quantize import check_mode, quantize_model
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
 from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_workload
@@ -91,8 +91,7 @@ class BenchConfig:
             raise BenchError(f"rate={self.rate!r} must be > 0 requests/s (omit it for all at t=0)")
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
-        if self.quantize not in (None, *QUANTIZE_MODES):
-            raise BenchError(f"quantize={self.quantize!r} must be one of {', '.join(QUANTIZE_MODES)}")
+        check_mode(self.quantize, error=BenchError)
         try:
             self.scheduler(self.policies[0])  # budgets and expert-aware knobs, checked before any model loads
         except SchedulerError as err:

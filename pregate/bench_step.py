@@ -44,7 +44,7 @@ from pregate.checkpoint import CONFIG_FILE, ROUTER_CONFIG, has_router
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
-from pregate.quantize import QUANTIZE_MODES, quantize_model
+from pregate.quantize import check_mode, quantize_model
 from pregate.roofline import (
     PARTS,
     Breakdown,
@@ -111,8 +111,7 @@ class StepBenchConfig:
                 )
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
-        if self.quantize not in (None, *QUANTIZE_MODES):
-            raise BenchError(f"quantize={self.quantize!r} must be one of {', '.join(QUANTIZE_MODES)}")
+        check_mode(self.quantize, error=BenchError)
         if not self.flag_spread > 0:
             raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
         if self.gguf is not None and not Path(self.gguf).is_file():

@@ -41,7 +41,7 @@ from pregate.checkpoint import CONTROL_DIR, has_router
 from pregate.distill import normalised_scores
 from pregate.errors import PregateError
 from pregate.moe import MoEForCausalLM, Routing, load_moe
-from pregate.quantize import QUANTIZE_MODES, quantize_model
+from pregate.quantize import check_mode, quantize_model
 from pregate.router import load_router, oracle_experts, routing_for
 from pregate.stats import capture_mlp_inputs
 
@@ -62,8 +62,7 @@ class PplConfig:
         unknown = [v for v in self.variants if v not in PPL_VARIANTS]
         if unknown:
             raise PregateError(f"unknown variant(s) {unknown}; choose from {', '.join(PPL_VARIANTS)}")
-        if self.quantize not in (None, *QUANTIZE_MODES):
-            raise PregateError(f"quantize={self.quantize!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+        check_mode(self.quantize)
         if self.block_len < 2 or self.tokens_per_domain < self.block_len:
             raise PregateError(
                 f"need block_len >= 2 and tokens_per_domain >= block_len (got {self.block_len}, "

@@ -717,8 +717,10 @@ def release_routed_experts(model: MoEForCausalLM) -> int:
         mlp = layer.mlp
         for name in ("w_gate_up", "w_down_t"):
             w = getattr(mlp, name)
-            freed += w.numel() * w.element_size()
-            setattr(mlp, name, nn.Parameter(w.new_empty(w.shape[0], 0, w.shape[2]), requires_grad=False))
+            freed += 0 if w.is_meta else w.numel() * w.element_size()
+            device = "cpu" if w.is_meta else w.device  # a model built on the meta device (load_moe)
+            empty = torch.empty(w.shape[0], 0, w.shape[2], dtype=w.dtype, device=device)
+            setattr(mlp, name, nn.Parameter(empty, requires_grad=False))
     return freed
 
 
@@ -860,10 +862,7 @@ def load_moe(
         model = MoEForCausalLM(config, routed_weights=routed_experts)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if not routed_experts:  # left out on purpose: empty placeholders
-        for layer in model.layers:
-            for name in ("w_gate_up", "w_down_t"):
-                w = getattr(layer.mlp, name)
-                setattr(layer.mlp, name, nn.Parameter(torch.empty(w.shape, dtype=dtype), requires_grad=False))
+        release_routed_experts(model)
         missing = [m for m in missing if not m.endswith((".w_gate_up", ".w_down_t"))]
     if missing or unexpected:
         raise PregateError(

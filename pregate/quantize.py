@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pregate.errors import PregateError
-from pregate.moe import MoEForCausalLM
+from pregate.moe import MoEForCausalLM, release_routed_experts
 
 QUANTIZE_MODES = ("int8",)
 ALIGN = 32  # torch._weight_int8pack_mm needs in_features % 32 == 0
@@ -38,8 +38,15 @@ ALIGN = 32  # torch._weight_int8pack_mm needs in_features % 32 == 0
 DEQUANT_ROWS = 128
 
 
-def _padded(k: int) -> int:
+def padded(k: int) -> int:
+    """k rounded up to the kernel's alignment."""
     return -(-k // ALIGN) * ALIGN
+
+
+def check_mode(mode: str | None, error: type[PregateError] = PregateError) -> None:
+    """None (no quantization) or one of QUANTIZE_MODES, else `error` naming them."""
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise error(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +75,7 @@ class Int8Linear(nn.Module):
         q, scale = quantize_rows(weight)
         n, k = q.shape
         self.in_features, self.out_features = k, n
-        self.register_buffer("qweight", F.pad(q, (0, _padded(k) - k)).contiguous())
+        self.register_buffer("qweight", F.pad(q, (0, padded(k) - k)).contiguous())
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
@@ -98,7 +105,7 @@ def _pad_halves(gate_up: torch.Tensor, widths: list[int], rows: int) -> torch.Te
     product already has the padded width that the down projection's kernel needs."""
     out = gate_up.new_zeros(gate_up.shape[0], 2 * rows, gate_up.shape[2])
     for e, w in enumerate(widths):
-        p = _padded(w)
+        p = padded(w)
         out[e, :w], out[e, p : p + w] = gate_up[e, :w], gate_up[e, w : 2 * w]
     return out
 
@@ -112,7 +119,7 @@ class Int8Experts(nn.Module):
         r = max(widths)  # this layer's widest expert (the stacked tensors hold the model's widest)
         down_t = down_t[:, :r]
         e, _, h = down_t.shape
-        rp = _padded(r)
+        rp = padded(r)
         q, s = quantize_rows(_pad_halves(gate_up, widths, rp).reshape(e * 2 * rp, h))
         self.register_buffer("gate_up", q.view(e, 2 * rp, h))
         self.register_buffer("gate_up_scales", s.view(e, 2 * rp).to(dtype))
@@ -122,7 +129,7 @@ class Int8Experts(nn.Module):
 
     def run(self, e: int, width: int, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e (true width `width`) on x [n, H] -> (activation [n, width padded], output [n, H])."""
-        p = _padded(width)
+        p = padded(width)
         h = int8_matmul(x, self.gate_up[e, : 2 * p], self.gate_up_scales[e, : 2 * p])
         a = act(h[:, :p]) * h[:, p:]  # zero past the true width
         return a, int8_matmul(a, self.down[e], self.down_scales[e])
@@ -138,17 +145,17 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8", experts: bool = Tr
 
     experts False, or routed experts released to an expert store: the routed experts keep their dtype
     (a store serves them as the checkpoint holds them) and everything else is quantized."""
-    if mode not in QUANTIZE_MODES:
-        raise PregateError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    check_mode(mode)
     if model.quantized:
         raise PregateError("the model is already quantized")
     dtype = model.norm.weight.dtype
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise PregateError(f"int8 weights need bfloat16, float16 or float32 activations, not {dtype}")
+    released = False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj, attn.o_proj = _int8_linear(attn.qkv_proj, dtype), _int8_linear(attn.o_proj, dtype)
-        shared = _padded(mlp.shared)  # the gate|up halves padded like the experts': no padding per call
+        shared = padded(mlp.shared)  # the gate|up halves padded like the experts': no padding per call
         gate_up = _pad_halves(mlp.gate_up_proj.weight[None], [mlp.shared], shared)[0]
         mlp.gate_up_proj, mlp.shared = Int8Linear(gate_up, None, dtype), shared
         mlp.down_proj = _int8_linear(mlp.down_proj, dtype)
@@ -157,9 +164,9 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8", experts: bool = Tr
         if not experts or mlp.w_gate_up.shape[1] == 0:
             continue  # the routed experts stay as they are (an expert store serves them)
         mlp.quantized_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, mlp.widths, dtype)
-        empty = mlp.w_gate_up.new_empty(mlp.num_experts, 0, mlp.w_gate_up.shape[2])
-        mlp.w_gate_up = nn.Parameter(empty, requires_grad=False)  # the float copies are freed
-        mlp.w_down_t = nn.Parameter(empty.clone(), requires_grad=False)
+        released = True
+    if released:
+        release_routed_experts(model)  # the float copies are freed
     if model.tied:
         head = Int8Linear(model.embed_tokens.weight, None, dtype)
         model.embed_tokens = Int8Embedding(head)

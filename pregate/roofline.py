@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pregate.moe import MoEForCausalLM
+from pregate.quantize import padded
 from pregate.router import PreGatingRouter
 
 PARTS = ("router", "attention", "shared", "routed", "lm_head")
@@ -109,7 +110,7 @@ def measure_bandwidth(
         count = max(1, total // (out_f * in_f * welt))
         x = torch.randn(1, in_f).to(dtype)
         if int8:
-            in_f = -(-in_f // 32) * 32  # the kernel's alignment (pregate.quantize.ALIGN)
+            in_f = padded(in_f)  # the kernel's alignment
             x = torch.randn(1, in_f).to(dtype)
             ws = torch.randint(-127, 128, (count, out_f, in_f), dtype=torch.int8)
             scales = torch.rand(out_f).to(dtype)

@@ -57,5 +57,5 @@ def test_int8_column_reports_what_quantization_costs(tiny_checkpoint, tmp_path):
         assert row["moe_oracle_int8"] != row["moe_oracle"]  # really quantized ...
         assert row["moe_oracle_int8"] == pytest.approx(row["moe_oracle"], rel=0.05)  # ... and close
     assert "moe_oracle_int8" in format_ppl_table(result)
-    with pytest.raises(PregateError, match="quantize='int4'"):
+    with pytest.raises(PregateError, match="unknown quantization 'int4'"):
         PplConfig(quantize="int4")
