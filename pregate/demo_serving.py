@@ -2,8 +2,9 @@
 
 Four measurements on the demo's trained checkpoint, each a small run of a command a user can rerun
 at full size (the footer of the table names them):
-- the batch-1 decode step (`pregate bench step --quantize int8`): the MoE in bfloat16 and with int8
-  weights, the dense parent in the same engine and HF `generate`; medians of 3 interleaved repeats;
+- the batch-1 decode step (`pregate bench step --quantize int8`, run at batch 1 only): the MoE and the
+  dense parent in the engine in bfloat16 and with int8 weights, and HF `generate`; medians of 3
+  interleaved repeats;
 - decode under load (`pregate bench serve`): the MoE under expert-aware and decode-first batching, the
   dense parent in the same engine and HF `generate`, on one ShareGPT trace; medians of 3 interleaved
   repeats, with the slowest and fastest repeat;
@@ -12,17 +13,16 @@ at full size (the footer of the table names them):
 - expert cache hit ratio (`pregate bench cache`): Belady against LRU with 1-3 of the experts resident,
   on the trace's routed expert references as the expert-aware scheduler orders them.
 
-A script's library half: imports `pregate.bench`, `pregate.bench_step`, `pregate.quantize`, `pregate.sim`
-and `pregate.cache_bench`; nothing in the package imports it but `pregate.demo`.
+A script's library half: imports `pregate.bench`, `pregate.bench_step`, `pregate.sim` and
+`pregate.cache_bench`; nothing in the package imports it but `pregate.demo`.
 """
 
 from __future__ import annotations
 
-import copy
 import statistics
 from pathlib import Path
 
-from pregate.bench import DENSE, HF, BenchConfig, load_dense_parent, load_parts, run_bench
+from pregate.bench import DENSE, HF, BenchConfig, run_bench
 
 SERVE = BenchConfig(
     policies=["expert-aware", "decode-first"],
@@ -34,34 +34,37 @@ SERVE = BenchConfig(
     repeats=3,
 )
 CACHE_CAPACITIES = (1, 2, 3)
-STEP_SYSTEMS = ("MoE bf16", "MoE int8", "dense parent bf16", "HF generate bf16")
+STEP_SYSTEMS = {  # bench step's systems at batch 1 -> the demo's labels
+    "moe": "MoE bf16",
+    "moe-int8": "MoE int8",
+    "dense": "dense parent bf16",
+    "dense-int8": "dense parent int8",
+    "hf-generate": "HF generate bf16",
+}
 
 
-def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE, repeats: int = 3) -> dict[str, dict]:
-    """Median batch-1 decode step (ms, with min and max over interleaved repeats) of each STEP_SYSTEMS
-    entry, measured as `pregate bench step` does (fresh engine, one expert, median of the timed steps)."""
-    from pregate.bench_step import StepBenchConfig, time_engine, time_hf
-    from pregate.quantize import quantize_model
+def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE) -> dict[str, dict]:
+    """The batch-1 decode step of every STEP_SYSTEMS entry by `pregate bench step` itself (one expert,
+    int8 copies beside the float models, interleaved repeats): {label: median_ms, min_ms, max_ms}."""
+    from pregate.bench_step import StepBenchConfig, run_bench_step
 
-    moe, tokenizer, router, _ = load_parts(train_dir, cfg, progress=lambda msg: None)
-    hf, dense = load_dense_parent(moe)
-    step = StepBenchConfig(batch_sizes=[1], warmup_steps=4, decode_steps=16, repeats=repeats)
-    int8 = quantize_model(copy.deepcopy(moe))
-    runs = {
-        STEP_SYSTEMS[0]: lambda: time_engine(moe, tokenizer, router, 1, 1, step)["decode"],
-        STEP_SYSTEMS[1]: lambda: time_engine(int8, tokenizer, router, 1, 1, step)["decode"],
-        STEP_SYSTEMS[2]: lambda: time_engine(dense, tokenizer, None, 1, 0, step)["decode"],
-        STEP_SYSTEMS[3]: lambda: time_hf(hf, 1, step)["decode"],
-    }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm-up, unrecorded
-    for rep in range(repeats):
-        order = list(runs)[rep:] + list(runs)[:rep]  # rotate: no system is always first
-        for name in order:
-            times[name].append(1e3 * runs[name]())
+    step = StepBenchConfig(
+        batch_sizes=[1],
+        expert_batch=1,
+        experts=[1],
+        repeats=cfg.repeats,
+        dtype=cfg.dtype,
+        quantize="int8",
+        llama_cpp=False,
+        breakdown=False,
+        floor_mb=64,
+    )
+    result = run_bench_step(train_dir, step, progress=lambda msg: None)
     return {
-        n: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)} for n, t in times.items()
+        STEP_SYSTEMS[r["system"]]: {
+            k: r["decode_ms"][k.removesuffix("_ms")] for k in ("median_ms", "min_ms", "max_ms")
+        }
+        for r in result["batch_sizes"]
     }
 
 
@@ -117,11 +120,11 @@ def format_serving(summary: dict) -> str:
     lines = [f"batch-1 decode step (medians of {cfg['repeats']} interleaved repeats, with the range)"]
     for name, m in b1.items():
         lines.append(f"{name:20s}{m['median_ms']:8.1f} ms{m['min_ms']:10.1f} - {m['max_ms']:5.1f}")
-    moe_int8, parent = b1[STEP_SYSTEMS[1]]["median_ms"], b1[STEP_SYSTEMS[2]]["median_ms"]
+    ms = {name: b1[label]["median_ms"] for name, label in STEP_SYSTEMS.items()}
     lines += [
-        f"MoE int8: {moe_int8 / parent:.2f}x the dense parent's step, "
-        f"{moe_int8 / b1[STEP_SYSTEMS[3]]['median_ms']:.2f}x HF generate's; "
-        f"MoE bf16: {b1[STEP_SYSTEMS[0]]['median_ms'] / parent:.2f}x the parent's",
+        f"MoE int8: {ms['moe-int8'] / ms['dense']:.2f}x the dense parent's bf16 step, "
+        f"{ms['moe-int8'] / ms['hf-generate']:.2f}x HF generate's, {ms['moe-int8'] / ms['dense-int8']:.2f}x "
+        f"the parent in int8; MoE bf16: {ms['moe'] / ms['dense']:.2f}x the parent's",
         "",
     ]
     lines += [

@@ -23,7 +23,7 @@ def test_serving_summary_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
         dtype="float32",
     )
     summary = serving_summary(trained, progress=lambda msg: None, cfg=small)
-    assert list(summary["batch1"]) == list(STEP_SYSTEMS)
+    assert set(summary["batch1"]) == set(STEP_SYSTEMS.values())
     assert all(0 < m["min_ms"] <= m["median_ms"] <= m["max_ms"] for m in summary["batch1"].values())
     assert set(summary["load"]) == {"expert-aware", "decode-first", DENSE, HF}
     for name, m in summary["load"].items():
