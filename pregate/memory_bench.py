@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pregate.checkpoint import has_router, parse_dtype
 from pregate.errors import PregateError, check_int
 
 IMPORTS_ONLY = "imports only"
@@ -42,8 +43,7 @@ class MemoryBenchConfig:
             raise PregateError(f"--resident-experts {ks!r}: each must be an integer >= 1")
         for name in ("requests", "prompt_len", "max_tokens"):
             check_int(f"MemoryBenchConfig.{name}", getattr(self, name))
-        if self.dtype not in ("float32", "bfloat16"):
-            raise PregateError(f"dtype={self.dtype!r} must be float32 or bfloat16")
+        parse_dtype(self.dtype)
 
 
 def peak_rss_mb() -> float:
@@ -104,6 +104,8 @@ def run_memory_bench(
     from pregate.moe import load_config
 
     config = load_config(model_dir)  # a clear error before any process starts
+    if not has_router(model_dir):
+        raise PregateError(f"{model_dir} has no trained router; give a `pregate train` output directory")
     if config.num_experts == 0:
         raise PregateError(f"{model_dir} has no routed experts to offload")
     too_many = [k for k in cfg.resident_experts if k > config.num_experts]
@@ -138,16 +140,6 @@ def format_memory_table(result: dict) -> str:
             f"{r['after_serving_mb'] - floor:15.0f}{r['routed_bytes'] / 2**20:13.1f}"
         )
     return "\n".join(lines)
-
-
-def bench_memory(model_dir: str | Path, json_path: str | None, cfg: MemoryBenchConfig) -> dict:
-    result = run_memory_bench(model_dir, cfg)
-    print(format_memory_table(result))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1))
-        print(f"wrote {json_path}")
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -52,3 +52,6 @@ def test_bad_input_is_refused_before_any_process(served_dir, tmp_path):
         MemoryBenchConfig(resident_experts=[0])
     with pytest.raises(PregateError):
         run_memory_bench(tmp_path, MemoryBenchConfig())  # not a checkpoint
+    (served_dir / "router_config.json").unlink()  # a refactored MoE, never trained
+    with pytest.raises(PregateError, match="no trained router"):
+        run_memory_bench(served_dir, MemoryBenchConfig())

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from pregate.cli.options import (
+    add_dtype,
     add_json,
     add_option,
     add_resident_experts,
@@ -289,11 +290,13 @@ def add_bench_memory(p) -> None:
     add_option(p, "--requests", d.requests, "prompts each probe serves", type=positive_int)
     add_option(p, "--prompt-len", d.prompt_len, "tokens per prompt", type=positive_int)
     add_option(p, "--max-tokens", d.max_tokens, "tokens generated per prompt", type=positive_int)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help=f"default {d.dtype}")
+    add_dtype(p, d.dtype)
     p.set_defaults(func=cmd_bench_memory)
 
 
 def cmd_bench_memory(args) -> None:
-    from pregate.memory_bench import MemoryBenchConfig, bench_memory
+    from pregate.memory_bench import MemoryBenchConfig, format_memory_table, run_memory_bench
 
-    bench_memory(args.model, args.json, config_from_args(MemoryBenchConfig, args))
+    result = run_memory_bench(args.model, config_from_args(MemoryBenchConfig, args))
+    print(format_memory_table(result))
+    write_json(args.json, result)
