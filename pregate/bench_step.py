@@ -16,7 +16,8 @@ min/max, and a repeat more than `flag_spread` away from that median is flagged.
 
 HF `generate` (dense parent, greedy, its default dynamic cache): per-token decode time is
 (t(generate 1 + N new tokens) - t(generate 1 new token)) / N on the same prompts; t(generate 1) is its
-prefill. llama.cpp (dense parent, batch 1) runs only when `llama_cpp` is importable (`make llama-cpp`).
+prefill. llama.cpp (dense parent, batch 1: the source GGUF and copies of it at `gguf_types`) runs only
+when `llama_cpp` is importable (`make llama-cpp`); `pregate.llama_reference` says which files and how.
 
 Bytes a decode step must read: the embedding rows of its B tokens, every layer's attention and norms,
 the shared experts, the routed experts the step uses (true widths, not the zero padding), the final
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import statistics
 import time
@@ -39,10 +39,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pregate import llama_reference
 from pregate.bench import BenchConfig, BenchError, load_dense_parent, load_parts
 from pregate.checkpoint import CONFIG_FILE, ROUTER_CONFIG, has_router
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
+from pregate.llama_reference import GGUF_TYPES
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
 from pregate.quantize import check_mode, quantize_model
 from pregate.roofline import (
@@ -84,6 +86,7 @@ class StepBenchConfig:
     breakdown: bool = True
     layerwise: str | None = None  # a `pregate train --layerwise` output directory
     gguf: str | None = None  # llama.cpp weights; default: the base's packaged GGUF
+    gguf_types: tuple[str, ...] = ("q8_0", "bf16")  # copies of it llama.cpp also runs (llama_reference)
     floor_mb: int = 256  # buffer of the bandwidth measurements (well above the caches)
     flag_spread: float = 0.2  # flag a repeat further than this fraction from the median
     seed: int = 0
@@ -116,6 +119,9 @@ class StepBenchConfig:
             raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
         if self.gguf is not None and not Path(self.gguf).is_file():
             raise BenchError(f"--gguf {self.gguf} is not a file; give a .gguf of the dense parent")
+        bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
+        if bad:
+            raise BenchError(f"unknown GGUF types {bad}; choose from {', '.join(GGUF_TYPES)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -319,46 +325,49 @@ def time_hf(hf, batch: int, cfg: StepBenchConfig) -> dict:
     return {"prefill": one, "decode": max(0.0, many - one) / n}
 
 
-def llama_cpp_gguf(cfg: StepBenchConfig, config: MoEConfig) -> tuple[Path | None, str]:
-    """The GGUF llama.cpp would load (--gguf, else the base's packaged one) and a note on its precision."""
-    if cfg.gguf is not None:
-        return Path(cfg.gguf), "given with --gguf"
-    from pregate import hub
-
-    base = config.provenance.get("base")
-    if base in hub.PACKAGED:
-        try:
-            return hub.packaged_gguf(base), "the packaged GGUF of the base (Q4_1: not the engine's precision)"
-        except Exception as err:  # the package is missing: say so, the rest runs
-            return None, str(err)
-    return None, f"no GGUF for base {base!r}; pass --gguf"
-
-
-def time_llama_cpp(path: Path, cfg: StepBenchConfig, vocab: int) -> dict:
-    """llama.cpp (llama-cpp-python) at batch 1: prefill of the prompt, then median of single-token evals."""
-    from llama_cpp import Llama
-
-    n_ctx = cfg.prompt_len + cfg.warmup_steps + cfg.decode_steps + 8
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_threads=torch.get_num_threads(),
-        n_batch=max(8, cfg.prompt_len),
-        verbose=False,
+def measure_llama_cpp(
+    cfg: StepBenchConfig, config: MoEConfig, dense: MoEForCausalLM | None, progress: Callable[[str], None]
+) -> dict:
+    """llama.cpp on the dense parent at batch 1: the source GGUF and its copies at `cfg.gguf_types`."""
+    out: dict = {"system": "llama.cpp (dense parent, batch 1)", "runs": []}
+    src, note = llama_reference.source_gguf(cfg.gguf, config.provenance.get("base"))
+    out["source"] = {"gguf": str(src) if src else None, "note": note}
+    if not cfg.llama_cpp:
+        out["skipped"] = "not asked for (--no-llama-cpp)"
+    elif not llama_reference.available():
+        out["skipped"] = "llama_cpp is not importable; `make llama-cpp` builds llama-cpp-python from source"
+    elif src is None:
+        out["skipped"] = note
+    if "skipped" in out:
+        return out
+    files = [("source", src)]
+    for kind in cfg.gguf_types:
+        progress(f"llama.cpp: a {kind} copy of {src.name} (made once, cached)")
+        files.append((kind, llama_reference.requantized(src, kind)))
+    progress(f"llama.cpp on {', '.join(f'{k} ({p.stat().st_size / 1e6:.0f} MB)' for k, p in files)}")
+    vocab = config.base["vocab_size"]
+    timed = llama_reference.time_files(
+        [p for _, p in files],
+        cfg.prompt_len,
+        cfg.warmup_steps,
+        cfg.decode_steps,
+        cfg.repeats,
+        torch.get_num_threads(),
+        lambda rep: prompts(vocab, 1, cfg.prompt_len, cfg.seed + rep)[0],
     )
-    out = {"prefill": [], "decode": []}
-    for rep in range(cfg.repeats):
-        ids = prompts(vocab, 1, cfg.prompt_len, cfg.seed + rep)[0]
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(ids)
-        out["prefill"].append(time.perf_counter() - t)
-        times = []
-        for i in range(cfg.warmup_steps + cfg.decode_steps):
-            t = time.perf_counter()
-            llm.eval([ids[i % len(ids)]])
-            times.append(time.perf_counter() - t)
-        out["decode"].append(statistics.median(times[cfg.warmup_steps :]))
+    for (kind, path), t in zip(files, timed):
+        out["runs"].append(
+            {
+                "weights": kind,
+                "gguf": str(path),
+                "gguf_bytes": path.stat().st_size,
+                "decode_ms": spread(t["decode"], cfg.flag_spread),
+                "prefill_ms": spread(t["prefill"], cfg.flag_spread),
+            }
+        )
+    if dense is not None:
+        context = cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2
+        out["bytes_engine_equivalent"] = step_bytes(dense, 1, [], context)["total"]
     return out
 
 
@@ -579,29 +588,7 @@ def run_bench_step(
                 "pre-gating routers only); its experts are its own choice, not controlled"
             )
 
-    llama = {"system": "llama.cpp (dense parent, batch 1)"}
-    path, why = llama_cpp_gguf(cfg, config)
-    llama.update(
-        {
-            "gguf": str(path) if path else None,
-            "gguf_bytes": path.stat().st_size if path else None,
-            "gguf_note": why,
-        }
-    )
-    if not cfg.llama_cpp:
-        llama["skipped"] = "not asked for (--no-llama-cpp)"
-    elif importlib.util.find_spec("llama_cpp") is None:
-        llama["skipped"] = "llama_cpp is not importable; `make llama-cpp` builds llama-cpp-python from source"
-    elif path is None:
-        llama["skipped"] = why
-    else:
-        progress(f"llama.cpp on {path} ({path.stat().st_size / 1e6:.0f} MB)")
-        lr = time_llama_cpp(path, cfg, config.base["vocab_size"])
-        llama["decode_ms"] = spread(lr["decode"], cfg.flag_spread)
-        llama["prefill_ms"] = spread(lr["prefill"], cfg.flag_spread)
-        if dense is not None:
-            context = cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2
-            llama["bytes_engine_equivalent"] = step_bytes(dense, 1, [], context)["total"]
+    llama = measure_llama_cpp(cfg, config, dense, progress)
     if "skipped" in llama:
         notes.append(f"llama.cpp skipped: {llama['skipped']}")
 
@@ -677,14 +664,15 @@ def format_step_table(result: dict) -> str:
     ll = result["llama_cpp"]
     lines.append("")
     if "skipped" in ll:
-        would = f"would load {ll['gguf']} ({ll['gguf_bytes']} bytes)" if ll["gguf"] else ll["gguf_note"]
-        lines += [f"llama.cpp: skipped ({ll['skipped']})", f"  {would}"]
+        lines += [f"llama.cpp: skipped ({ll['skipped']})", f"  source GGUF: {ll['source']['gguf'] or '-'}"]
     else:
-        dm = ll["decode_ms"]
-        lines.append(
-            f"llama.cpp batch 1: decode {dm['median']:.2f} ms (min {dm['min']:.2f}, "
-            f"max {dm['max']:.2f}), {ll['gguf']} ({ll['gguf_bytes']} bytes)"
-        )
+        lines.append("llama.cpp, dense parent, batch 1 (decode ms: median, min, max):")
+        for r in ll["runs"]:
+            dm = r["decode_ms"]
+            lines.append(
+                f"  {r['weights']:8s}{dm['median']:9.2f}{dm['min']:9.2f}{dm['max']:9.2f}  "
+                f"{r['gguf_bytes'] / 1e6:7.1f} MB  {r['gguf']}"
+            )
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 

@@ -101,7 +101,8 @@ def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, c
         assert all(set(r) >= parts for r in rows)
         assert all(r["attention"] > 0 and r["router"] > 0 for r in rows)
     assert all(r["torch_calls"] > 3 * 10 for r in data["breakdown"]["pregating"])  # 3 layers, ~10+ calls each
-    assert "skipped" in data["llama_cpp"]  # llama_cpp is not installed here; a clean note, no failure
+    # the tiny base has no GGUF (and llama_cpp is optional): a clean note, no failure
+    assert "skipped" in data["llama_cpp"] and data["llama_cpp"]["runs"] == []
     assert (tmp_path / "out" / "step_step_vs_experts.png").stat().st_size > 1000
 
 
@@ -198,6 +199,8 @@ def test_bad_input_is_a_clean_error(moe_dir, tmp_path, capsys):
         StepBenchConfig(batch_sizes=[2, 0])
     with pytest.raises(BenchError, match="odd"):
         StepBenchConfig(repeats=2)
+    with pytest.raises(BenchError, match="unknown GGUF types.*q8_0"):
+        StepBenchConfig(gguf_types=("q9",))
     with pytest.raises(BenchError, match="has 3 routed experts"):
         check_model(model_config(moe_dir), StepBenchConfig(experts=[4], expert_batch=8))
     with pytest.raises(BenchError, match="not a pregate MoE checkpoint"):
@@ -221,3 +224,18 @@ def test_bad_input_is_a_clean_error(moe_dir, tmp_path, capsys):
     assert main(["bench", "step", str(tmp_path), "--json", str(tmp_path / "x.json")]) != 0
     assert "not a pregate MoE checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_llama_cpp_times_the_packaged_gguf_and_a_requantized_copy(tmp_path, monkeypatch):
+    """Only where `make llama-cpp` was run: the Q8_0 copy is made once (cached), and both files decode."""
+    pytest.importorskip("llama_cpp")
+    from pregate import llama_reference
+
+    monkeypatch.setenv("PREGATE_CACHE", str(tmp_path))
+    src, _ = llama_reference.source_gguf(None, "smollm2-135m")
+    copy = llama_reference.requantized(src, "q8_0")
+    assert copy.parent == tmp_path / "gguf" and copy.stat().st_size > src.stat().st_size  # 8 bits > 4.5
+    made = copy.stat().st_mtime_ns
+    assert llama_reference.requantized(src, "q8_0").stat().st_mtime_ns == made  # reused, not remade
+    timed = llama_reference.time_files([src, copy], 4, 1, 2, 1, 1, lambda rep: [1, 2, 3, 4])
+    assert [len(t["decode"]) for t in timed] == [1, 1] and all(t["decode"][0] > 0 for t in timed)

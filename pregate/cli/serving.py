@@ -173,6 +173,7 @@ def cmd_bench_serve(args) -> None:
 
 def add_bench_step(p) -> None:
     from pregate.bench_step import StepBenchConfig
+    from pregate.llama_reference import GGUF_TYPES
 
     d = StepBenchConfig()
     p.add_argument("model", help="a MoE checkpoint directory (its dense parent is the baseline)")
@@ -202,6 +203,14 @@ def add_bench_step(p) -> None:
         help="a `pregate train --layerwise` output: also break down a step with its gate",
     )
     p.add_argument("--gguf", help="GGUF of the dense parent for llama.cpp (default: the base's packaged one)")
+    p.add_argument(
+        "--gguf-types",
+        nargs="*",
+        default=list(d.gguf_types),
+        metavar="TYPE",
+        help="llama.cpp also runs copies of that GGUF requantized to these weight types, made once in the "
+        f"cache ({' '.join(GGUF_TYPES)}; default: {' '.join(d.gguf_types)}; none: the GGUF alone)",
+    )
     add_option(p, "--floor-mb", d.floor_mb, "buffer of the bandwidth measurements in MB", type=int)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompts")
     p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
@@ -222,6 +231,7 @@ def cmd_bench_step(args) -> None:
         dense=not args.no_dense,
         hf=not args.no_hf,
         llama_cpp=not args.no_llama_cpp,
+        gguf_types=tuple(args.gguf_types),
         breakdown=not args.no_breakdown,
     )
     bench_step(args.model, args.json, cfg)
