@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from pregate import sim
 from pregate.checkpoint import ROUTER_WEIGHTS, has_router
 from pregate.distill import DistillConfig, router_loss
 from pregate.engine import Engine, SamplingParams
@@ -389,7 +390,25 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "num_layers": len(moe.layers),
     }
-    return {"policies": policies, "workload": workload, "runs": runs}
+    moe_runs = [step_records(r) for n, rs in runs.items() if n not in (DENSE, HF) for r in rs]
+    try:
+        check = sim.fit_check(moe_runs, len(moe.layers))
+    except sim.SimError as err:  # too few MoE runs or steps to fit on: say so in the report
+        check = {"skipped": str(err)}
+    return {"policies": policies, "workload": workload, "cost_model_check": check, "runs": runs}
+
+
+def step_records(run: RunResult) -> list[dict]:
+    """A run's engine steps as the simulator's cost-model fit reads them (`pregate.sim.calibrate`)."""
+    return [
+        {
+            "duration": st.duration,
+            "tokens": st.num_tokens,
+            "experts": st.unique_experts,
+            "rows": st.num_decode_tokens,
+        }
+        for st in run.steps
+    ]
 
 
 def far_off(values: list[float], factor: float = 1.5) -> list[int]:
@@ -425,6 +444,17 @@ def format_serve_table(result: dict) -> str:
         lines.append(f"{name:14s}{cells}{m['experts_per_step'] or 0:14.2f} {spread}{flag}")
     if any(m.get("outlier_repeats") for m in result["policies"].values()):
         lines.append("* a repeat far off the others (see the warnings above); rerun on a quiet machine")
+    check = result.get("cost_model_check")
+    if check and "skipped" in check:
+        lines.append(f"simulator cost model check skipped: {check['skipped']}")
+    elif check:
+        totals = check["total_error_by_run"]
+        others = check["runs"] - 1
+        lines.append(
+            f"simulator cost model (least squares; each MoE run predicted from the other {others}):\n  "
+            f"step time error median {check['step_error_median']:.1%}, p90 {check['step_error_p90']:.1%}; "
+            f"total step time per run {min(totals):+.1%} .. {max(totals):+.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -436,21 +466,13 @@ def write_serve_outputs(result: dict, json_path: str | Path) -> list[Path]:
     out = {
         "policies": result["policies"],
         "workload": result["workload"],
+        "cost_model_check": result.get("cost_model_check"),
         "normalized_latency_samples": {
             n: [m.normalized_latency for m in rs[0].requests] for n, rs in runs.items()
         },
         # every MoE step of every repeat: what `pregate simulate --cost` fits its cost model to
         "engine_steps": [
-            {
-                "duration": st.duration,
-                "tokens": st.num_tokens,
-                "experts": st.unique_experts,
-                "rows": st.num_decode_tokens,
-            }
-            for n, rs in runs.items()
-            if n not in (DENSE, HF)
-            for r in rs
-            for st in r.steps
+            rec for n, rs in runs.items() if n not in (DENSE, HF) for r in rs for rec in step_records(r)
         ],
     }
     json_path.write_text(json.dumps(out, indent=1))

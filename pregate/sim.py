@@ -1,12 +1,12 @@
 """Trace-driven simulator of expert offloading over the *same* Scheduler and ExpertCache objects.
 
 Owns the cost model (`CostModel`, the documented `PRESETS`, `calibrate` to measured step timings,
-`cost_from_json`), the discrete-event simulator (`simulate`: the Scheduler, a `Residency` and a
-`CostModel` on a virtual clock; `scheduled_steps`, `step_result` for teacher-forced replays;
-`compare_policies` for batching policies), pure cache runs over scheduled steps (`hit_ratio_table`)
-and their reports (`format_policy_table`, `save_json`). The real store (`pregate.store.ExpertStore`,
-which moves bytes) drives the same `Residency`, so both take identical decisions; the store never
-imports this module.
+`fit_check` of how well that predicts held-out runs, `cost_from_json`), the discrete-event simulator
+(`simulate`: the Scheduler, a `Residency` and a `CostModel` on a virtual clock; `scheduled_steps`,
+`step_result` for teacher-forced replays; `compare_policies` for batching policies), pure cache runs over
+scheduled steps (`hit_ratio_table`) and their reports (`format_policy_table`, `save_json`). The real
+store (`pregate.store.ExpertStore`, which moves bytes) drives the same `Residency`, so both take
+identical decisions; the store never imports this module.
 
 Imports `pregate.eviction`, `pregate.scheduler`, `pregate.metrics`, `pregate.workload` and
 `pregate.errors`; no torch: policy work needs no model and runs in seconds.
@@ -125,6 +125,49 @@ def calibrate(records: Sequence[dict], num_layers: int, slice_bytes: int, bandwi
         float(coef[3]),
         source=f"least squares on {len(records)} measured steps",
     )
+
+
+def step_time(cost: CostModel, record: dict) -> float:
+    """The compute time `cost` predicts for one measured step (a `calibrate` record; no loads)."""
+    layers = cost.num_layers
+    return (
+        cost.step_s
+        + layers * (record["tokens"] * cost.token_layer_s + record["experts"] * cost.expert_layer_s)
+        + record["rows"] * cost.row_s
+    )
+
+
+def fit_check(runs: Sequence[Sequence[dict]], num_layers: int) -> dict:
+    """How well the least-squares cost model predicts measured steps it was not fitted to: for each run,
+    fit on every other run's steps and predict its own (leave one run out).
+
+    runs: the step records of each measured run (`calibrate` records). Returns the median and 90th
+    percentile of |predicted - measured| / measured per step, and per run the error of its total step
+    time (what latency sums), signed, in the order of `runs`.
+    """
+    if len(runs) < 2:
+        raise SimError(f"fit_check needs at least 2 measured runs, got {len(runs)}")
+    step_errors: list[float] = []
+    totals: list[float] = []
+    for i, held_out in enumerate(runs):
+        rest = [r for j, run in enumerate(runs) if j != i for r in run]
+        cost = calibrate(rest, num_layers, slice_bytes=1, bandwidth=1e18)
+        predicted = [step_time(cost, r) for r in held_out]
+        measured = [r["duration"] for r in held_out]
+        step_errors += [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
+        totals.append(sum(predicted) / sum(measured) - 1.0)
+    step_errors.sort()
+
+    def quantile(q: float) -> float:
+        return step_errors[min(len(step_errors) - 1, int(q * len(step_errors)))]
+
+    return {
+        "runs": len(runs),
+        "steps": len(step_errors),
+        "step_error_median": quantile(0.5),
+        "step_error_p90": quantile(0.9),
+        "total_error_by_run": totals,
+    }
 
 
 def cost_from_json(data: dict) -> CostModel:

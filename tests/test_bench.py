@@ -60,23 +60,30 @@ def test_hf_static_batches(parts):
 
 def test_table_json_and_plots(parts, tmp_path):
     moe, tok, router, hf = parts
-    trace = synthetic_workload(3, prompt_len=5, output_len=3, rate=None)
+    trace = synthetic_workload(3, prompt_len=5, output_len=5, rate=None)
     runs = {
-        "fcfs": [replay_engine(Engine(moe, tok, router, SchedulerConfig(policy="fcfs")), trace)],
+        "fcfs": [
+            replay_engine(Engine(moe, tok, router, SchedulerConfig(policy="fcfs")), trace) for _ in "ab"
+        ],
         HF: [replay_hf_static(hf, tok, trace, 2)],
     }
-    from pregate.bench import flat_metrics
+    from pregate.bench import flat_metrics, step_records
+    from pregate.sim import fit_check
 
+    check = fit_check([step_records(r) for r in runs["fcfs"]], len(moe.layers))
     result = {
         "policies": {n: flat_metrics(rs[0].summary()) for n, rs in runs.items()},
         "workload": {"requests": 3},
+        "cost_model_check": check,
         "runs": runs,
     }
     table = format_serve_table(result)
     assert "fcfs" in table and HF in table and "experts/step" in table
+    assert "simulator cost model" in table and check["steps"] == sum(len(r.steps) for r in runs["fcfs"])
     paths = write_serve_outputs(result, tmp_path / "serve.json")
     data = json.loads(paths[0].read_text())
     assert set(data["policies"]) == {"fcfs", HF} and data["workload"] == {"requests": 3}
+    assert data["cost_model_check"] == check and len(data["engine_steps"]) == check["steps"]
     assert len(data["normalized_latency_samples"]["fcfs"]) == 3
     assert all(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths[1:]) and len(paths) == 3
 

@@ -13,6 +13,7 @@ from pregate.sim import (
     SimConfig,
     SimError,
     calibrate,
+    fit_check,
     hit_ratio_table,
     llama2_7b_a100,
     scheduled_steps,
@@ -79,6 +80,34 @@ def test_sim_with_arrivals_runs_online():
     trace = routed_trace(arrivals=True)
     r = simulate(trace, cost(), SimConfig(capacity=2, policy="lru", scheduler=SCHED))
     assert r.summary["num_requests"] == len(trace) and r.summary["ttft"]["mean"] > 0
+
+
+def _steps(rng, n, noise=0.0):
+    out = []
+    for _ in range(n):
+        t, e, rows = rng.randint(1, 64), rng.randint(1, 7), rng.randint(1, 16)
+        exact = L * (2e-5 * t + 3e-4 * e) + 1e-4 * rows + 5e-3
+        out.append(
+            {"tokens": t, "experts": e, "rows": rows, "duration": exact * (1 + rng.uniform(-noise, noise))}
+        )
+    return out
+
+
+def test_fit_check_predicts_held_out_runs():
+    rng = random.Random(1)
+    exact = fit_check([_steps(rng, 30) for _ in range(3)], L)
+    assert exact["runs"] == 3 and exact["steps"] == 90
+    assert exact["step_error_p90"] < 1e-9 and all(abs(e) < 1e-9 for e in exact["total_error_by_run"])
+    noisy = fit_check([_steps(rng, 200, noise=0.2) for _ in range(3)], L)
+    assert 0.05 < noisy["step_error_median"] < 0.15 < noisy["step_error_p90"] < 0.2  # uniform +-20 %
+    assert all(abs(e) < 0.03 for e in noisy["total_error_by_run"])  # the noise averages out over a run
+    slow = _steps(rng, 30)  # a run on a disturbed machine: every step 30 % slower
+    for r in slow:
+        r["duration"] *= 1.3
+    check = fit_check([slow, _steps(rng, 30), _steps(rng, 30)], L)
+    assert check["total_error_by_run"][0] == pytest.approx(1 / 1.3 - 1, abs=0.01)
+    with pytest.raises(SimError, match="at least 2"):
+        fit_check([_steps(rng, 30)], L)
 
 
 def test_calibrate_recovers_coefficients():
