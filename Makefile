@@ -45,7 +45,7 @@ format: $(STAMP)
 	.venv/bin/ruff check --fix pregate tests
 
 # Optional: llama.cpp as the reference engine of `pregate bench step` (never a test dependency). Builds
-# llama-cpp-python from source, about 3 minutes on 2 cores.
+# llama-cpp-python from source, 3-6 minutes on 2 cores.
 llama-cpp: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 		$(PIP) install --disable-pip-version-check --no-binary llama-cpp-python llama-cpp-python==0.3.36

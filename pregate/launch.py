@@ -12,12 +12,39 @@ import torch
 from pregate.engine import Engine
 from pregate.engine_loop import EngineStopped
 from pregate.errors import PregateError
+from pregate.http_timeouts import READ_TIMEOUT_S, read_timeout_protocol
 from pregate.scheduler import SchedulerConfig
 from pregate.server import LOOPBACK_HOSTS, ServerLimits, build_app
 
 GRACEFUL_S = 10  # seconds open requests get to finish on shutdown (SIGTERM, Ctrl-C)
+KEEP_ALIVE_S = 5  # seconds an idle connection stays open between requests
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers
 ENGINE_HISTORY = 4096  # finished requests, steps and failures a serving engine remembers (bounded memory)
+
+
+def uvicorn_config(
+    app,
+    host: str,
+    port: int,
+    timeout_keep_alive: float = KEEP_ALIVE_S,
+    timeout_graceful: float = GRACEFUL_S,
+    log_level: str = "warning",
+    timeout_read: float = READ_TIMEOUT_S,
+):
+    """The uvicorn configuration every pregate server runs under (`serve`, `bench server`, the tests):
+    bounded request heads, a deadline for reading each request, idle and graceful-shutdown timeouts."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=read_timeout_protocol(timeout_read),
+        timeout_graceful_shutdown=timeout_graceful,
+        timeout_keep_alive=timeout_keep_alive,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
 
 
 def load_engine(
@@ -88,15 +115,16 @@ def serve(
     resident_experts: int | None = None,
     prefetch: bool = False,
     limits: ServerLimits | None = None,
-    timeout_keep_alive: float = 5,
+    timeout_keep_alive: float = KEEP_ALIVE_S,
     timeout_graceful: float = GRACEFUL_S,
     quantize: str | None = None,
+    timeout_read: float = READ_TIMEOUT_S,
 ) -> None:
     """Serve a trained pregate MoE (`load_engine`) until interrupted.
 
     limits: see ServerLimits; bound to a loopback address, only loopback Host headers are accepted.
     timeout_keep_alive: seconds an idle connection stays open; timeout_graceful: seconds open requests
-    get to finish on shutdown."""
+    get to finish on shutdown; timeout_read: seconds a client gets to send a whole request."""
     import socket
 
     import uvicorn
@@ -124,15 +152,7 @@ def serve(
         limits = replace(limits, allowed_hosts=LOOPBACK_HOSTS)
     app = build_app(engine, name, limits)
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            timeout_graceful_shutdown=timeout_graceful,
-            timeout_keep_alive=timeout_keep_alive,
-            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-        )
+        uvicorn_config(app, host, port, timeout_keep_alive, timeout_graceful, timeout_read=timeout_read)
     )
     runner = app.state.runner
     runner.on_death = lambda: setattr(server, "should_exit", True)  # a supervisor restarts us on exit 1

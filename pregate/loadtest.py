@@ -229,6 +229,7 @@ def bench_server(
 
     import uvicorn
 
+    from pregate.launch import uvicorn_config
     from pregate.server import ServerLimits, build_app
 
     cfg = cfg or ServerBenchConfig()
@@ -245,7 +246,7 @@ def bench_server(
         port = s.getsockname()[1]
     queued = cfg.clients + cfg.long_prompts + 8  # the benchmark measures the engine, not the 429 path
     app = build_app(engine, model_name, ServerLimits(max_queued=queued))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port))  # as `pregate serve` runs
     thread = threading.Thread(target=server.run, name="pregate-bench-server", daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -240,12 +240,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app, host: str = "127.0.0.1", log_level: str = "critical"):
-    """A real uvicorn server for app on loopback, in a thread of this process; yields its base url."""
+def running(app, host: str = "127.0.0.1", log_level: str = "critical", **timeouts):
+    """A real uvicorn server for app on loopback, configured as `pregate serve` runs it
+    (`launch.uvicorn_config`; `timeouts` passed on), in a thread of this process; yields its base url."""
     import uvicorn
 
+    from pregate.launch import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level, **timeouts))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20

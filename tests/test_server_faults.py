@@ -1,11 +1,14 @@
 """The server survives its clients and its own bugs: a real engine with injected faults behind real HTTP."""
 
+import socket
 import threading
 import time
 
 import httpx
 import pytest
 
+from pregate.cli import main
+from pregate.http_timeouts import read_timeout_protocol
 from pregate.scheduler import SchedulerConfig
 from pregate.server import LOOPBACK_HOSTS, ServerLimits, build_app
 from tests.conftest import running, tiny_engine
@@ -329,6 +332,65 @@ def test_limits_refuse_in_openai_error_shape_and_good_requests_go_on(tmp_path):
         r = httpx.options(f"{url}/v1/completions", headers={**preflight, "origin": "http://evil.example"})
         assert "access-control-allow-origin" not in r.headers
         ok()
+
+
+def _closed_after(sock, limit: float) -> float | None:
+    """Seconds until the server closes `sock` (recv returns b""), or None if it is still open at `limit`."""
+    start = time.monotonic()
+    sock.settimeout(0.1)
+    while time.monotonic() - start < limit:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return time.monotonic() - start
+    return None
+
+
+def test_a_client_too_slow_to_send_its_request_is_cut_off(tmp_path):
+    """Slowloris: a request head or body trickled past the read deadline loses its connection; a client
+    that pauses less, and the server's other clients, are served."""
+    with running(build_app(tiny_engine(tmp_path), "tiny", ServerLimits()), timeout_read=1.0) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = b'{"prompt": "the quick", "max_tokens": 2}'
+        head = b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        with socket.create_connection(("127.0.0.1", port)) as silent:  # connects, sends nothing
+            with socket.create_connection(("127.0.0.1", port)) as trickle:
+                trickle.sendall(head[:20])  # half a request line
+                time.sleep(0.5)
+                trickle.sendall(head[20:40])  # still trickling: the deadline is not reset by bytes
+                assert _closed_after(trickle, 3.0) is not None
+            assert _closed_after(silent, 3.0) is not None
+        with socket.create_connection(("127.0.0.1", port)) as slow_body:
+            slow_body.sendall(head + f"content-length: {len(body)}\r\n\r\n".encode() + body[:5])
+            assert _closed_after(slow_body, 3.0) is not None  # the body never completes
+        with socket.create_connection(("127.0.0.1", port)) as patient:  # pauses, but within the deadline
+            patient.sendall(head[:30])
+            time.sleep(0.4)
+            patient.sendall(head[30:] + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode())
+            time.sleep(0.4)
+            patient.sendall(body)
+            patient.settimeout(30)
+            reply = b""
+            while chunk := patient.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200") and b'"choices"' in reply
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the quick", "max_tokens": 2})
+        assert r.status_code == 200  # the server goes on
+        # a keep-alive connection waiting between requests is closed by its own (5 s) timeout, not this one
+        with httpx.Client() as c:
+            assert c.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+            time.sleep(1.5)
+            assert c.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+def test_read_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="> 0"):
+        read_timeout_protocol(0)
+    with pytest.raises(SystemExit):
+        main(["serve", "some/dir", "--timeout-read", "0"])
 
 
 def test_cors_is_off_by_default(tmp_path):

@@ -24,6 +24,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
 def add_option(p, flag: str, default, help: str, **kw) -> None:
     """`p.add_argument(flag, default=default, ...)` whose help ends with the default it shows."""
     shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default

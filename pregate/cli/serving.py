@@ -12,6 +12,7 @@ from pregate.cli.options import (
     add_scheduler_options,
     add_workload_options,
     config_from_args,
+    positive_float,
     positive_int,
     scheduler_budgets,
     scheduler_config,
@@ -21,7 +22,8 @@ from pregate.cli.options import (
 
 
 def add_serve(p) -> None:
-    from pregate.launch import GRACEFUL_S
+    from pregate.http_timeouts import READ_TIMEOUT_S
+    from pregate.launch import GRACEFUL_S, KEEP_ALIVE_S
     from pregate.server import ServerLimits
 
     p.add_argument("model", help="a `pregate train` output directory (MoE + pre-gating router)")
@@ -70,18 +72,26 @@ def add_serve(p) -> None:
     g.add_argument(
         "--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)"
     )
-    g.add_argument(
+    add_option(
+        g,
         "--timeout-keep-alive",
-        type=float,
-        default=5,
-        help="seconds an idle keep-alive connection stays open (default 5)",
+        KEEP_ALIVE_S,
+        "seconds an idle keep-alive connection stays open",
+        type=positive_float,
+    )
+    add_option(
+        g,
+        "--timeout-read",
+        READ_TIMEOUT_S,
+        "seconds a client gets to send a whole request, headers and body (then the connection closes)",
+        type=positive_float,
     )
     add_option(
         g,
         "--timeout-graceful",
         GRACEFUL_S,
         "seconds open requests get to finish on SIGTERM/Ctrl-C",
-        type=float,
+        type=positive_float,
     )
     p.set_defaults(func=cmd_serve)
 
@@ -111,6 +121,7 @@ def cmd_serve(args) -> None:
         quantize=args.quantize,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful=args.timeout_graceful,
+        timeout_read=args.timeout_read,
     )
 
 
