@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pregate.errors import PregateError
+
 # Weight types a copy can be made at (llama.cpp's LLAMA_FTYPE_MOSTLY_<NAME>).
 GGUF_TYPES = ("q8_0", "bf16", "f16", "q4_0", "q4_1")
 
@@ -65,7 +67,7 @@ def requantized(src: Path, kind: str, cache: str | Path | None = None) -> Path:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not requantize {src} to {kind} (code {rc})")
+        raise PregateError(f"llama.cpp could not requantize {src} to {kind} (code {rc}); is it a GGUF?")
     tmp.rename(out)  # atomic: a crash never leaves a half-written copy under the final name
     return out
 

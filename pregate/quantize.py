@@ -14,7 +14,10 @@ dimension to be a multiple of 32 (others read garbage or crash), so weights are 
 the gate|up halves of the shared and routed experts laid out at padded widths (zeros between), so a
 down projection gets its padded input for free.
 Its time grows with the rows like that many matrix-vector products, so from `DEQUANT_ROWS` rows on
-(prefill) the product runs as a float GEMM over the weights converted on the fly.
+(prefill) the product runs as a float GEMM over the weights converted on the fly. On CPU the kernel is
+fast only with bfloat16 activations, so a float32 or float16 model quantized to int8 runs its
+matrix-vector products in bfloat16 (activations and scales rounded to it, the result cast back); the
+rest of the model keeps its dtype.
 
 The model is quantized in place after loading; checkpoints stay as they are, and a quantized model is for
 inference only (no training, no saving). With an expert store (`serve --resident-experts k --quantize
@@ -64,6 +67,11 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
         return (x @ q[:, :k].to(x.dtype).T) * scales
     if k != q.shape[1]:
         x = F.pad(x, (0, q.shape[1] - k))
+    if x.device.type == "cpu" and x.dtype != torch.bfloat16:
+        # on CPU only the bfloat16 path of the kernel is vectorized: float32 activations take 11x as long,
+        # float16 16x (AVX2, a [3072, 576] weight), so they cross it in bfloat16
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), q, scales.to(torch.bfloat16))
+        return y.to(x.dtype)
     return torch._weight_int8pack_mm(x.contiguous(), q, scales)
 
 

@@ -39,8 +39,20 @@ def test_int8_matmul_equals_dequantized_reference(k, m, dtype):
     layer = Int8Linear(w, None, dtype)
     assert layer.qweight.shape == (24, -(-k // ALIGN) * ALIGN)  # zero-padded to the kernel's alignment
     reference = x.float() @ (layer.qweight[:, :k].float() * layer.scales.float()[:, None]).T
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = 1e-4 if dtype == torch.float32 and m >= DEQUANT_ROWS else 2e-2  # the CPU kernel runs in bf16
     torch.testing.assert_close(layer(x).float(), reference, rtol=tol, atol=tol * reference.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_activation_dtypes_cross_the_cpu_kernel_in_bfloat16(dtype):
+    """torch's CPU int8 kernel is vectorized only for bfloat16 (float32 ~11x slower): same result as a
+    bfloat16 call, in the caller's dtype."""
+    q, s = quantize_rows(torch.randn(40, 64))
+    x = torch.randn(3, 64).to(dtype)
+    scales = s.to(dtype)  # as a model of that dtype holds them
+    y = int8_matmul(x, q, scales)
+    bf16 = torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scales.to(torch.bfloat16))
+    assert y.dtype == dtype and torch.equal(y, bf16.to(dtype))
 
 
 def test_int8_rows_do_not_depend_on_the_batch():
@@ -60,7 +72,7 @@ def test_quantized_moe_stays_close_to_the_float_model(family):
     with torch.no_grad():
         ref, got = moe(ids, routing), q(ids, routing)
     rel = (got - ref).norm() / ref.norm()
-    assert rel < 0.02, rel
+    assert rel < 0.03, rel  # int8 weights, and on CPU the kernel's bfloat16 activations (~2 % here)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     assert q.quantized == "int8" and not any(p.requires_grad for p in q.parameters())
     assert all(layer.mlp.w_gate_up.numel() == 0 for layer in q.layers)  # the float experts are freed
