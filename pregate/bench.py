@@ -471,8 +471,13 @@ def write_serve_outputs(result: dict, json_path: str | Path) -> list[Path]:
             n: [m.normalized_latency for m in rs[0].requests] for n, rs in runs.items()
         },
         # every MoE step of every repeat: what `pregate simulate --cost` fits its cost model to
+        # ("run": policy and repeat, so that `sim.fit_check` can be rerun on the file)
         "engine_steps": [
-            rec for n, rs in runs.items() if n not in (DENSE, HF) for r in rs for rec in step_records(r)
+            {**rec, "run": f"{n} {i + 1}"}
+            for n, rs in runs.items()
+            if n not in (DENSE, HF)
+            for i, r in enumerate(rs)
+            for rec in step_records(r)
         ],
     }
     json_path.write_text(json.dumps(out, indent=1))

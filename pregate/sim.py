@@ -105,16 +105,20 @@ def calibrate(records: Sequence[dict], num_layers: int, slice_bytes: int, bandwi
     """Least-squares fit of the compute terms to measured steps without loads.
 
     records: dicts with `duration` (s), `tokens`, `experts` (distinct), `rows` (LM-head rows) and
-    `stall` (s waiting for loads; subtracted). Coefficients are clipped at 0.
+    `stall` (s waiting for loads; subtracted). Non-negative least squares: a term the data would make
+    negative is 0 and the others refitted without it (clipping it at 0 afterwards would leave the rest
+    fitted for the negative value: every prediction biased).
     """
     import numpy as np
+    from scipy.optimize import nnls
 
     if len(records) < 4:
         raise SimError(f"calibrate needs at least 4 measured steps, got {len(records)}")
     a = np.array([[num_layers * r["tokens"], num_layers * r["experts"], r["rows"], 1.0] for r in records])
     b = np.array([r["duration"] - r.get("stall", 0.0) for r in records])
-    coef, *_ = np.linalg.lstsq(a, b, rcond=None)
-    coef = np.clip(coef, 0.0, None)
+    scale = a.max(axis=0)
+    scale[scale == 0] = 1.0  # columns of comparable size (nnls's tolerance is absolute); a zero one stays 0
+    coef = nnls(a / scale, b)[0] / scale
     return CostModel(
         num_layers,
         slice_bytes,
@@ -123,7 +127,7 @@ def calibrate(records: Sequence[dict], num_layers: int, slice_bytes: int, bandwi
         float(coef[1]),
         float(coef[2]),
         float(coef[3]),
-        source=f"least squares on {len(records)} measured steps",
+        source=f"non-negative least squares on {len(records)} measured steps",
     )
 
 

@@ -84,6 +84,10 @@ def test_table_json_and_plots(parts, tmp_path):
     data = json.loads(paths[0].read_text())
     assert set(data["policies"]) == {"fcfs", HF} and data["workload"] == {"requests": 3}
     assert data["cost_model_check"] == check and len(data["engine_steps"]) == check["steps"]
+    by_run = {}
+    for rec in data["engine_steps"]:
+        by_run.setdefault(rec.pop("run"), []).append(rec)
+    assert list(by_run) == ["fcfs 1", "fcfs 2"] and fit_check(list(by_run.values()), len(moe.layers)) == check
     assert len(data["normalized_latency_samples"]["fcfs"]) == 3
     assert all(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths[1:]) and len(paths) == 3
 

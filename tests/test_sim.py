@@ -3,6 +3,7 @@
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +19,7 @@ from pregate.sim import (
     llama2_7b_a100,
     scheduled_steps,
     simulate,
+    step_time,
 )
 from tests.conftest import routed_trace
 
@@ -108,6 +110,32 @@ def test_fit_check_predicts_held_out_runs():
     assert check["total_error_by_run"][0] == pytest.approx(1 / 1.3 - 1, abs=0.01)
     with pytest.raises(SimError, match="at least 2"):
         fit_check([_steps(rng, 30)], L)
+
+
+def test_calibrate_refits_without_a_term_the_data_would_make_negative():
+    """Rows that make steps *faster* (as prefill-heavy steps do against decode rows at a large budget):
+    the rows term is 0 and the others are the best fit without it, not a clipped unconstrained fit."""
+    import numpy as np
+
+    rng = random.Random(2)
+    recs = []
+    for _ in range(60):
+        t, e, rows = rng.randint(1, 64), rng.randint(1, 7), rng.randint(1, 16)
+        d = L * (2e-5 * t + 3e-4 * e) - 2e-4 * rows + 5e-3 + rng.uniform(0, 1e-3)
+        recs.append({"tokens": t, "experts": e, "rows": rows, "duration": d})
+    c = calibrate(recs, L, 1000, 1e9)
+    assert c.row_s == 0 and c.token_layer_s > 0 and c.expert_layer_s > 0
+
+    def sse(coef):
+        return sum((step_time(coef, r) - r["duration"]) ** 2 for r in recs)
+
+    a = np.array([[L * r["tokens"], L * r["experts"], r["rows"], 1.0] for r in recs])
+    raw = np.clip(np.linalg.lstsq(a, np.array([r["duration"] for r in recs]), rcond=None)[0], 0, None)
+    clipped = replace(c, token_layer_s=raw[0], expert_layer_s=raw[1], row_s=raw[2], step_s=raw[3])
+    assert raw[2] == 0 and sse(c) < sse(clipped)
+    # mean residual ~0 (unbiased), where the clipped fit overpredicts every step
+    assert abs(sum(step_time(c, r) - r["duration"] for r in recs)) / len(recs) < 2e-4
+    assert all(step_time(clipped, r) > r["duration"] - 1e-3 for r in recs)
 
 
 def test_calibrate_recovers_coefficients():
