@@ -12,7 +12,8 @@ with httpx, in two phases:
 Every request ends in exactly one bucket: completed (a stream that reached [DONE], or a bad request
 refused as it should be), disconnected (abandoned on purpose), failed (an error event, a 5xx, a wrong
 status or error shape) or lost (no answer within `timeout_s`, or a stream cut short without [DONE]).
-RSS of this process (server and engine included) is read before the run and after each burst.
+RSS of this process (server and engine included) is read before the run, after each burst, and once the
+server has been idle long enough to return freed memory (`pregate.heap`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class ServerBenchResult:
     short_ttft_after_burst_s: list[float | None] = field(default_factory=list)
     rss_mb_before: float = 0.0
     rss_mb_after_bursts: list[float] = field(default_factory=list)
+    rss_mb_idle: float = 0.0  # after the last burst, once the server was idle long enough to trim its heap
     healthy_after: bool = False
 
 
@@ -204,6 +206,8 @@ class _Run:
 async def _drive(url: str, cfg: ServerBenchConfig, long_prompt: list[int]) -> ServerBenchResult:
     import httpx
 
+    from pregate.engine_loop import IDLE_POLL_S
+
     run = _Run(url, cfg)
     limits = httpx.Limits(max_connections=cfg.clients + cfg.long_prompts + 8)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -212,6 +216,8 @@ async def _drive(url: str, cfg: ServerBenchConfig, long_prompt: list[int]) -> Se
         for _ in range(cfg.bursts):
             run.result.short_ttft_after_burst_s.append(await run.burst(client, long_prompt))
             run.result.rss_mb_after_bursts.append(rss_mb())
+        await asyncio.sleep(3 * IDLE_POLL_S)  # idle: the engine thread gives freed memory back (pregate.heap)
+        run.result.rss_mb_idle = rss_mb()
         run.result.healthy_after = (await client.get(f"{url}/health")).status_code == 200
     run.result.ttft_s, run.result.e2e_s = percentiles(run.ttft), percentiles(run.e2e)
     return run.result
@@ -277,7 +283,8 @@ def format_result(r: ServerBenchResult) -> str:
             f"failed {r.failed}, lost {r.lost}; healthy after: {r.healthy_after}",
             f"TTFT p50/p95/p99 {ms(r.ttft_s)} ms; end-to-end p50/p95/p99 {ms(r.e2e_s)} ms",
             f"short request behind each burst, TTFT s: {shorts or '-'}",
-            f"RSS MiB: before {r.rss_mb_before:.0f}; after each burst {rss or '-'}",
+            f"RSS MiB: before {r.rss_mb_before:.0f}; after each burst {rss or '-'}; idle after "
+            f"{r.rss_mb_idle:.0f}",
             *r.failures[:5],
         ]
     )

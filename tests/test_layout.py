@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pregate"
 SERVING = (
     "engine",
     "engine_loop",
+    "heap",
     "server",
     "launch",
     "http_timeouts",

@@ -28,7 +28,7 @@ def test_bench_server_loses_nothing(tmp_path):
     assert r.completed + r.disconnected == cfg.clients * cfg.requests_per_client + normal
     assert r.refused > 0 and r.disconnected > 0 and r.healthy_after
     assert len(r.short_ttft_after_burst_s) == 2 and all(t is not None for t in r.short_ttft_after_burst_s)
-    assert r.ttft_s["p50"] is not None and len(r.rss_mb_after_bursts) == 2
+    assert r.ttft_s["p50"] is not None and len(r.rss_mb_after_bursts) == 2 and r.rss_mb_idle > 0
     assert json.loads((tmp_path / "bench.json").read_text())["result"]["lost"] == 0
     assert "lost 0" in format_result(r)
 

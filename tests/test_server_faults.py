@@ -386,6 +386,29 @@ def test_a_client_too_slow_to_send_its_request_is_cut_off(tmp_path):
             assert c.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
 
 
+def test_an_idle_server_returns_freed_memory_once_per_burst(tmp_path):
+    """After work, once idle for a whole poll, the engine thread trims the heap (glibc): once, not on every
+    idle poll, and never between steps."""
+    from pregate import heap
+    from pregate.engine_loop import IDLE_POLL_S
+
+    if heap._malloc_trim() is None:
+        pytest.skip("not glibc: nothing to trim")
+    assert heap.trim() is True
+    app = build_app(tiny_engine(tmp_path), "tiny", ServerLimits())
+    runner = app.state.runner
+    with running(app) as url:
+        time.sleep(3 * IDLE_POLL_S)
+        assert runner.trims == 0  # nothing ran yet
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the quick", "max_tokens": 3, "n": 2})
+        assert r.status_code == 200
+        time.sleep(3 * IDLE_POLL_S)
+        assert runner.trims == 1  # one trim after the burst, however long it stays idle
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+        time.sleep(3 * IDLE_POLL_S)
+        assert runner.trims == 2
+
+
 def test_read_timeout_must_be_positive():
     with pytest.raises(ValueError, match="> 0"):
         read_timeout_protocol(0)
