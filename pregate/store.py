@@ -49,6 +49,27 @@ from pregate.moe import ExpertWeights
 _KEYS = ("w_gate", "w_up", "w_down")
 
 
+def _numpy(t: torch.Tensor):
+    """A numpy view of a CPU tensor's bytes-compatible integer reinterpretation (numpy has no bfloat16)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.int8}[t.element_size()]
+    return t.view(ints).numpy()
+
+
+def _pack_cpu(dst, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: int) -> None:
+    """gate, up [R, H] and down [H, R] of one slice -> dst's fused layout (gate|up [2R, H], down.T [R, H]).
+
+    With numpy copies, not torch's: a torch copy this size runs on torch's OpenMP pool, and issued from the
+    loader thread while the compute thread's own OpenMP team runs it makes a second team on the same
+    cores. numpy copies on the calling thread only; same bytes either way. On 2 cores (`bench cache`,
+    2026-12-01) prefetching went from +9/+26/+24/+45 % against on demand at k = 2..5 to +8/+10/+9/-4 %."""
+    import numpy as np
+
+    gu, dt = _numpy(dst[0]), _numpy(dst[1])
+    np.copyto(gu[:w], _numpy(gate)[:w])
+    np.copyto(gu[w : 2 * w], _numpy(up)[:w])
+    np.copyto(dt, _numpy(down).T)
+
+
 class StoreError(PregateError):
     """Bad store configuration, a missing or damaged checkpoint, or a failed / timed-out transfer."""
 
@@ -302,9 +323,12 @@ class ExpertStore:
                         )
             gate, up, down = self._raw
             w = self.widths[layer][e]
-            dst[0][:w].copy_(gate[:w])
-            dst[0][w : 2 * w].copy_(up[:w])
-            dst[1].copy_(down.T)
+            if self._host is None:  # the loader thread: pack without torch ops (see _pack_cpu)
+                _pack_cpu(dst, gate, up, down, w)
+            else:
+                dst[0][:w].copy_(gate[:w])
+                dst[0][w : 2 * w].copy_(up[:w])
+                dst[1].copy_(down.T)
             if self.config.bandwidth and self._host is None:
                 time.sleep(max(0.0, self.slice_bytes / self.config.bandwidth - (time.perf_counter() - t0)))
             self._load_s += time.perf_counter() - t0
