@@ -50,7 +50,7 @@ _KEYS = ("w_gate", "w_up", "w_down")
 
 
 def _numpy(t: torch.Tensor):
-    """A numpy view of a CPU tensor's bytes-compatible integer reinterpretation (numpy has no bfloat16)."""
+    """A numpy view of a CPU tensor's bytes, as integers of its element width (numpy has no bfloat16)."""
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.int8}[t.element_size()]
     return t.view(ints).numpy()
 
@@ -323,7 +323,7 @@ class ExpertStore:
                         )
             gate, up, down = self._raw
             w = self.widths[layer][e]
-            if self._host is None:  # the loader thread: pack without torch ops (see _pack_cpu)
+            if self._host is None:  # CPU tier, often on the loader thread: no torch ops (see _pack_cpu)
                 _pack_cpu(dst, gate, up, down, w)
             else:
                 dst[0][:w].copy_(gate[:w])
