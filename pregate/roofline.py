@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pregate.moe import MoEForCausalLM
-from pregate.quantize import padded
+from pregate.quantize import int8_matmul, padded
 from pregate.router import PreGatingRouter
 
 PARTS = ("router", "attention", "shared", "routed", "lm_head")
@@ -96,8 +96,8 @@ def measure_bandwidth(
 ) -> dict:
     """Bytes/s of a plain read (`buf.sum()` over `megabytes`) and of torch's GEMV (x [1, in] @ W.T over
     as many [out, in] matrices as fill `megabytes`) for each shape; "gemv" is the rate over all shapes.
-    int8: the GEMV is torch's weight-only int8 kernel (int8 weights, activations in `dtype`), the one a
-    `--quantize int8` model runs."""
+    int8: the GEMV is `pregate.quantize.int8_matmul` (torch's weight-only int8 kernel, activations in
+    `dtype`), exactly what a `--quantize int8` model runs."""
     elt = torch.empty((), dtype=dtype).element_size()
     total = megabytes * 2**20
     buf = torch.ones(total // elt, dtype=dtype)
@@ -117,7 +117,7 @@ def measure_bandwidth(
 
             def gemv(ws=ws, x=x, scales=scales) -> None:
                 for w in ws:
-                    torch._weight_int8pack_mm(x, w, scales)
+                    int8_matmul(x, w, scales)  # as the model calls it (a float32 model crosses in bf16)
         else:
             ws = torch.empty(count, out_f, in_f, dtype=dtype).normal_(0, 0.02)
 
