@@ -87,10 +87,22 @@ def time_files(
     from llama_cpp import Llama
 
     n_ctx = prompt_len + warmup_steps + decode_steps + 8
-    models = [
-        Llama(model_path=str(f), n_ctx=n_ctx, n_threads=threads, n_batch=max(8, prompt_len), verbose=False)
-        for f in files
-    ]
+    models = []
+    for f in files:
+        try:
+            models.append(
+                Llama(
+                    model_path=str(f),
+                    n_ctx=n_ctx,
+                    n_threads=threads,
+                    n_batch=max(8, prompt_len),
+                    verbose=False,
+                )
+            )
+        except ValueError as err:  # llama-cpp-python's answer to a file it cannot load
+            raise PregateError(
+                f"llama.cpp cannot load {f} ({err}); give a GGUF of the dense parent"
+            ) from None
     out = [{"prefill": [], "decode": []} for _ in files]
     for rep in range(repeats):
         ids = prompt(rep)

@@ -20,6 +20,7 @@ from pregate.bench_step import (
     time_layerwise,
 )
 from pregate.cli import main
+from pregate.errors import PregateError
 from pregate.moe import load_moe, save_moe
 from pregate.quantize import quantize_model
 from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig, save_router
@@ -239,3 +240,9 @@ def test_llama_cpp_times_the_packaged_gguf_and_a_requantized_copy(tmp_path, monk
     assert llama_reference.requantized(src, "q8_0").stat().st_mtime_ns == made  # reused, not remade
     timed = llama_reference.time_files([src, copy], 4, 1, 2, 1, 1, lambda rep: [1, 2, 3, 4])
     assert [len(t["decode"]) for t in timed] == [1, 1] and all(t["decode"][0] > 0 for t in timed)
+    junk = tmp_path / "junk.gguf"
+    junk.write_text("not a gguf")
+    with pytest.raises(PregateError, match="requantize"):
+        llama_reference.requantized(junk, "q8_0")
+    with pytest.raises(PregateError, match="cannot load"):
+        llama_reference.time_files([junk], 4, 1, 2, 1, 1, lambda rep: [1, 2, 3, 4])
