@@ -451,7 +451,8 @@ def format_serve_table(result: dict) -> str:
         totals = check["total_error_by_run"]
         others = check["runs"] - 1
         lines.append(
-            f"simulator cost model (least squares; each MoE run predicted from the other {others}):\n  "
+            "simulator cost model (non-negative least squares, each MoE run predicted from the other "
+            f"{others}):\n  "
             f"step time error median {check['step_error_median']:.1%}, p90 {check['step_error_p90']:.1%}; "
             f"total step time per run {min(totals):+.1%} .. {max(totals):+.1%}"
         )

@@ -68,8 +68,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     if k != q.shape[1]:
         x = F.pad(x, (0, q.shape[1] - k))
     if x.device.type == "cpu" and x.dtype != torch.bfloat16:
-        # on CPU only the bfloat16 path of the kernel is vectorized: float32 activations take 11x as long,
-        # float16 16x (AVX2, a [3072, 576] weight), so they cross it in bfloat16
+        # on CPU only the bfloat16 path of the kernel is vectorized; float32 and float16 activations take
+        # a path an order of magnitude slower (docs/serving.md), so they cross it in bfloat16
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), q, scales.to(torch.bfloat16))
         return y.to(x.dtype)
     return torch._weight_int8pack_mm(x.contiguous(), q, scales)

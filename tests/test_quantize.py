@@ -45,7 +45,7 @@ def test_int8_matmul_equals_dequantized_reference(k, m, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_other_activation_dtypes_cross_the_cpu_kernel_in_bfloat16(dtype):
-    """torch's CPU int8 kernel is vectorized only for bfloat16 (float32 ~11x slower): same result as a
+    """torch's CPU int8 kernel is vectorized only for bfloat16: other dtypes get the same result as a
     bfloat16 call, in the caller's dtype."""
     q, s = quantize_rows(torch.randn(40, 64))
     x = torch.randn(3, 64).to(dtype)
