@@ -60,6 +60,7 @@ class BenchConfig:
     min_queue_tokens: int = 2
     prefill_chunk: int = 256
     long_prefill_tokens: int = 256
+    max_bypass_steps: int = 64
     max_prompt_tokens: int = 256
     max_output_tokens: int = 64
     repeats: int = 3  # odd, so the median is one run's value, not a mean of two

@@ -16,9 +16,9 @@ the expert of every queued token before it runs. The MoE groups the step's token
 forward (`RoutingPlan`) and reuses that grouping in every layer.
 
 Memory and admission are the scheduler's: a request reserves prompt + max_tokens KV tokens; one that fits
-only later waits, one that can never fit is rejected with the scheduler's reason. Bad requests fail alone:
-`add_request` raises `RequestError` before anything is queued, `generate` turns that into a failed
-`GenerationOutput` and serves the rest.
+only later waits (FCFS with bounded backfill), one that can never fit is rejected with the scheduler's
+reason. Bad requests fail alone: `add_request` raises `RequestError` before anything is queued,
+`generate` turns that into a failed `GenerationOutput` and serves the rest.
 
 Not thread-safe: drive one engine from one thread (an HTTP layer runs `step()` in a single loop).
 Legend: T tokens in the step's flat stream, K experts per token, V vocab, E routed experts.

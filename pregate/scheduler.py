@@ -18,8 +18,11 @@ last sampled (not yet fed) generated token and produces the next one. With top-k
 primary expert id of each token is used here.
 
 Memory model: admission reserves ``P + max_new_tokens`` KV tokens for the whole life of a request
-(no preemption), so a running request can always finish. Admission is strict FCFS in ``add_request``
-order (no overtaking: a large request at the head is never starved by small ones behind it).
+(no preemption), so a running request can always finish. Admission is FCFS in ``add_request`` order
+with bounded backfill: while the head of the queue does not fit the KV budget, later requests that fit
+are admitted past it (a short request is not blocked behind a large one), but only until the head has
+waited ``max_bypass_steps`` steps; from then on nothing overtakes it, so the running requests drain and
+it gets in (its wait is at most max_bypass_steps plus the longest remaining run of what was admitted).
 
 No torch here: requests, items and results are plain dataclasses (tested in a subprocess). Owns the
 step protocol, admission and the batching policies (`SCHEDULING_POLICIES`, `make_scheduling_policy`);
@@ -178,6 +181,10 @@ class SchedulerConfig:
     # burst of long prompts starts within a step or two instead of after all of them (vLLM caps long
     # partial prefills the same way). Long prompts still advance by half a budget per step.
     long_prefill_tokens: int = 256
+    # every policy: while the head of the admission queue does not fit the KV budget, later requests
+    # that fit are admitted past it for at most this many steps; then nothing overtakes the head until it
+    # is in (0 = strict FCFS). Bounds the head's extra wait, so a large request is never starved.
+    max_bypass_steps: int = 64
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULING_POLICIES:
@@ -195,7 +202,8 @@ class SchedulerConfig:
         ):
             value = getattr(self, name)
             check_int(f"SchedulerConfig.{name}", value, error=SchedulerError)
-        check_int("SchedulerConfig.max_wait_steps", self.max_wait_steps, 0, error=SchedulerError)
+        for name in ("max_wait_steps", "max_bypass_steps"):
+            check_int(f"SchedulerConfig.{name}", getattr(self, name), 0, error=SchedulerError)
 
     @property
     def waiting_bound_guaranteed(self) -> bool:
@@ -445,7 +453,7 @@ def make_scheduling_policy(name: str) -> BatchPolicy:
 
 
 class Scheduler:
-    """Admission (FCFS, KV reservation) + one batching policy + the step protocol."""
+    """Admission (FCFS with bounded backfill, KV reservation) + one batching policy + the step protocol."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -455,6 +463,7 @@ class Scheduler:
         self._kv_used = 0
         self._step = 0
         self._pending: SchedulerOutput | None = None  # scheduled, not yet updated
+        self._head_wait: tuple[str, int] | None = None  # (queue head, steps it has been the head)
 
     # -- state
     @property
@@ -483,7 +492,7 @@ class Scheduler:
 
         Raises SchedulerError for a request that can never run (empty prompt, max_new_tokens < 1,
         prompt + max_new_tokens > kv_capacity_tokens, bad expert ids, duplicate id, non-fresh state).
-        A request that fits only later waits in FCFS order.
+        A request that fits only later waits (FCFS with bounded backfill, see the module docstring).
         """
         rid = req.request_id
         if not req.prompt_experts:
@@ -530,7 +539,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """The next step. Empty only when nothing is runnable (no waiting and no running requests)."""
         # Rule: admit waiting requests FCFS while their KV reservation (prompt + max_new_tokens) fits and
-        # fewer than max_running run; then the policy picks <= 1 item per running request within
+        # fewer than max_running run (later ones that fit may pass a head that does not, for at most
+        # max_bypass_steps steps); then the policy picks <= 1 item per running request within
         # token_budget; every runnable request not picked has waited_steps += 1, picked ones reset to 0.
         if self._pending is not None:
             raise SchedulerError(
@@ -605,13 +615,30 @@ class Scheduler:
     # -- internals
     def _admit(self) -> None:
         cfg = self.config
-        while self._waiting and len(self._running) < cfg.max_running:
-            head = self._waiting[0]
-            if self._kv_used + head.kv_reserved > cfg.kv_capacity_tokens:
-                break  # strict FCFS: nobody overtakes the head
-            self._waiting.popleft()
-            self._running[head.request_id] = head
-            self._kv_used += head.kv_reserved
+        while self._waiting and len(self._running) < cfg.max_running and self._fits(self._waiting[0]):
+            self._start(self._waiting.popleft())
+        if not self._waiting:
+            self._head_wait = None
+            return
+        # count the head's steps at the head (whatever holds it), and backfill past it within the bound
+        head = self._waiting[0].request_id
+        steps = self._head_wait[1] + 1 if self._head_wait and self._head_wait[0] == head else 1
+        self._head_wait = (head, steps)
+        if steps > cfg.max_bypass_steps:
+            return  # strict FCFS now: the head gets the next KV that frees up
+        for req in list(self._waiting)[1:]:
+            if len(self._running) >= cfg.max_running:
+                break
+            if self._fits(req):
+                self._waiting.remove(req)
+                self._start(req)
+
+    def _fits(self, req: Request) -> bool:
+        return self._kv_used + req.kv_reserved <= self.config.kv_capacity_tokens
+
+    def _start(self, req: Request) -> None:
+        self._running[req.request_id] = req
+        self._kv_used += req.kv_reserved
 
     def _release(self, rid: str) -> Request:
         r = self._running.pop(rid)

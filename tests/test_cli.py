@@ -221,6 +221,8 @@ def test_scheduling_commands_share_one_set_of_options():
         "1",
         "--long-prefill-tokens",
         "128",
+        "--max-bypass-steps",
+        "7",
     ]
     want = SchedulerConfig(
         policy="decode-first",
@@ -231,6 +233,7 @@ def test_scheduling_commands_share_one_set_of_options():
         max_wait_steps=3,
         min_queue_tokens=1,
         long_prefill_tokens=128,
+        max_bypass_steps=7,
     )
     for argv in (
         ["serve", "m"],

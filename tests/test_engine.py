@@ -50,6 +50,28 @@ def test_batched_equals_one_by_one_greedy(moe_and_router, policy):
     assert all(1 <= s.unique_experts <= 3 for s in engine.metrics.steps)
 
 
+def test_a_small_request_passes_a_big_one_that_waits_for_kv(moe_and_router):
+    """Admission backfill in the real engine: the big request waits for KV, the small one behind it runs
+    at once, and every output still equals the request run alone."""
+    moe, router = moe_and_router
+    ps = prompts(8)
+    engine = Engine(moe, router=router, scheduler_config=SchedulerConfig(kv_capacity_tokens=60))
+    first = engine.add_request(ps[4], SamplingParams(max_tokens=10, ignore_eos=True))  # 40 + 10 tokens
+    big = engine.add_request(ps[7], SamplingParams(max_tokens=10, ignore_eos=True))  # 23 + 10: waits
+    small = engine.add_request(ps[0], SamplingParams(max_tokens=4, ignore_eos=True))  # 1 + 4: fits
+    ended, started = {}, {}
+    step = 0
+    while engine.has_work():
+        step += 1
+        for ev in engine.step():
+            started.setdefault(ev.request_id, step)
+            if ev.finished:
+                ended[ev.request_id] = step
+    assert ended[small] < ended[first] < started[big]
+    for rid, (p, n) in {first: (ps[4], 10), big: (ps[7], 10), small: (ps[0], 4)}.items():
+        assert engine.result(rid).token_ids == reference_greedy(moe, router, p, n)
+
+
 def test_top2_routing_batched_equals_reference():
     moe, router = build(tiny_hf_model(seed=5), num_experts=4), tiny_router(4, seed=1, top_k=2)
     engine = Engine(

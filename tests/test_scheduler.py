@@ -360,6 +360,54 @@ def test_admission_is_fcfs_and_respects_memory():
     assert sched.kv_used_tokens == 20
 
 
+def _step(sched: Scheduler) -> SchedulerOutput:
+    out = sched.schedule()
+    sched.update(out, StepResult({it.request_id: 0 for it in out.items if it.produces_token}))
+    return out
+
+
+def test_a_request_that_fits_is_admitted_past_a_head_that_does_not():
+    sched = Scheduler(SchedulerConfig(policy="fcfs", kv_capacity_tokens=20))
+    for r in (Request("long", [0] * 10, 5), Request("big", [0] * 10, 8), Request("small", [0], 2)):
+        sched.add_request(r)
+    _step(sched)
+    assert [r.request_id for r in sched.running] == ["long", "small"]  # 15 + 3 fit; big (18) does not
+    assert [r.request_id for r in sched.waiting] == ["big"]
+    strict = Scheduler(SchedulerConfig(policy="fcfs", kv_capacity_tokens=20, max_bypass_steps=0))
+    for r in (Request("long", [0] * 10, 5), Request("big", [0] * 10, 8), Request("small", [0], 2)):
+        strict.add_request(r)
+    _step(strict)
+    assert [r.request_id for r in strict.running] == ["long"]  # 0: nobody overtakes the head
+
+
+def _admission_of_a_big_head(bound: int) -> tuple[int | None, list[str]]:
+    """A big request waits behind "first" while small ones arrive every step, overlapping so that they
+    always hold some KV. Returns the step "big" was admitted (None: not within 60) and who passed it."""
+    sched = Scheduler(SchedulerConfig(policy="fcfs", kv_capacity_tokens=24, max_bypass_steps=bound))
+    sched.add_request(Request("first", [0] * 4, 12))
+    sched.add_request(Request("big", [0] * 10, 10))  # 20 of the 24 KV tokens: waits for "first"
+    passed = []
+    for step in range(1, 60):
+        sched.add_request(Request(f"s{step}", [0], 2 + step % 3))  # lengths 2..4, so they interleave
+        running = {r.request_id for r in sched.running}
+        _step(sched)
+        new = {r.request_id for r in sched.running} - running
+        if "big" in new:
+            return step, passed
+        passed += sorted(new - {"first"})
+    return None, passed
+
+
+def test_the_bypassed_head_is_not_starved_by_a_stream_of_small_requests():
+    """Unbounded backfill keeps the big head out for good; with max_bypass_steps nothing passes it after
+    the bound, the running requests drain, and it is admitted."""
+    assert _admission_of_a_big_head(10**6)[0] is None
+    bound = 5
+    admitted_at, passed = _admission_of_a_big_head(bound)
+    assert passed and max(int(rid[1:]) for rid in passed) <= bound  # small ones passed, within the bound
+    assert admitted_at is not None and admitted_at <= 12 + 5 + 1  # "first" ends, the last small drains
+
+
 def test_rejects_impossible_requests():
     sched = Scheduler(SchedulerConfig(kv_capacity_tokens=10))
     with pytest.raises(SchedulerError, match="exceeds kv_capacity_tokens=10"):

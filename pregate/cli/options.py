@@ -164,6 +164,13 @@ def add_scheduler_options(
         "prompts with more prefill left than this share half a step while a shorter prompt waits",
         type=positive_int,
     )
+    g.add_argument(
+        "--max-bypass-steps",
+        type=int,
+        default=d.max_bypass_steps,
+        help="steps that later requests fitting the KV budget may be admitted past a queue head that "
+        f"does not (default {d.max_bypass_steps}; 0 = strict FCFS)",
+    )
 
 
 def scheduler_config(args: argparse.Namespace, policy: str | None = None) -> SchedulerConfig:
