@@ -364,12 +364,14 @@ class Attention(nn.Module):
         t, dtype = x.shape[0], cos.dtype  # the attention dtype (see attention_dtype)
         n, g, d = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).to(dtype).view(t, n + 2 * g, d)  # [T, N + 2G, D]
-        qk = qkv[:, : n + g]
+        qk, v_tok = qkv.split((n + g, g), dim=1)
         qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once (sin carries the sign)
-        q = qk[:, :n].transpose(0, 1)  # [N, T, D]
-        k = qk[:, n:].transpose(0, 1)  # [G, T, D]
-        v = qkv[:, n + g :].transpose(0, 1)  # [G, T, D]
+        q_tok, k_tok = qk.split((n, g), dim=1)  # token-major [T, N, D], [T, G, D]: what decode rows use
         gqa = n != g
+        if plan.only_direct:  # a decode step: [B, N, 1, D] out of the one call is already [T, N*D]
+            o = self._decode(plan.groups[0], q_tok, k_tok, v_tok, layer, gqa)
+            return self.o_proj(o.reshape(t, n * d).to(x.dtype))
+        q, k, v = q_tok.transpose(0, 1), k_tok.transpose(0, 1), v_tok.transpose(0, 1)  # [N|G, T, D]
         segments = plan.segments
         if plan.equal_batch:
             # Fast path (training, equal-length batches): one batched causal attention.
@@ -380,12 +382,9 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)  # [B, N, L, D]
             out = out.transpose(0, 1).reshape(n, t, d)
             return self.o_proj(out.transpose(0, 1).reshape(t, n * d).to(x.dtype))
-        if plan.only_direct:  # a decode step: [B, N, 1, D] out of the one call is already [T, N*D]
-            o = self._decode(plan.groups[0], q, k, v, layer, gqa)
-            return self.o_proj(o.reshape(t, n * d).to(x.dtype))
         out = q.new_empty(n, t, d)
         for group in plan.groups:
-            o = self._decode(group, q, k, v, layer, gqa)  # [hi - lo, N, 1, D]
+            o = self._decode(group, q_tok, k_tok, v_tok, layer, gqa)  # [hi - lo, N, 1, D]
             if group.direct:
                 out[:, group.r0 : group.r0 + o.shape[0]] = o[:, :, 0].transpose(0, 1)
             else:
@@ -412,18 +411,19 @@ class Attention(nn.Module):
 
     @staticmethod
     def _decode(group: DecodeGroup, q, k, v, layer: int, gqa: bool) -> torch.Tensor:
-        """Write the group's new keys/values into its cache and attend: -> [hi - lo, N, 1, D]."""
+        """Write the group's new keys/values into its cache and attend: -> [hi - lo, N, 1, D].
+        q, k, v are token-major ([T, N|G, D]), so a direct group's rows need no transposing."""
         kl, vl = group.cache.k[layer], group.cache.v[layer]  # [S, G, C, D]
         if group.direct:
             rows = slice(group.r0, group.r0 + group.hi - group.lo)
-            kl[group.slots, :, group.pos] = k[:, rows].transpose(0, 1)  # [B, G, D]
-            vl[group.slots, :, group.pos] = v[:, rows].transpose(0, 1)
-            qs = q[:, rows].transpose(0, 1).unsqueeze(2)  # [B, N, 1, D], a view
+            kl[group.slots, :, group.pos] = k[rows]  # [B, G, D]
+            vl[group.slots, :, group.pos] = v[rows]
+            qs = q[rows].unsqueeze(2)  # [B, N, 1, D], a view
         else:
-            kl[group.slots, :, group.pos] = k[:, group.rows].transpose(0, 1)
-            vl[group.slots, :, group.pos] = v[:, group.rows].transpose(0, 1)
-            qs = q.new_zeros(group.hi - group.lo, q.shape[0], 1, q.shape[2])
-            qs[group.slots - group.lo, :, 0] = q[:, group.rows].transpose(0, 1)
+            kl[group.slots, :, group.pos] = k[group.rows]
+            vl[group.slots, :, group.pos] = v[group.rows]
+            qs = q.new_zeros(group.hi - group.lo, q.shape[1], 1, q.shape[2])
+            qs[group.slots - group.lo, :, 0] = q[group.rows]
         lo, hi, span = group.lo, group.hi, group.span
         return F.scaled_dot_product_attention(
             qs, kl[lo:hi, :, :span], vl[lo:hi, :, :span], attn_mask=group.mask, enable_gqa=gqa
@@ -508,9 +508,11 @@ class MoEMLP(nn.Module):
         out = self.down_proj(self.act(gu[:, : self.shared]) * gu[:, self.shared :])
         if plan is None or not plan.groups or not any(self.widths):
             return out
-        xs = x if plan.one_group else x[plan.order]  # [T*K, H] grouped by expert
+        one = plan.one_group
+        xs = x if one else x[plan.order]  # [T*K, H] grouped by expert
+        quantized = self.quantized_experts if fetch is None else None
         own = None
-        if fetch is None and self.quantized_experts is None:
+        if fetch is None and quantized is None:
             if self.w_gate_up.shape[1] == 0:
                 raise PregateError(
                     "this model's routed experts were released to an expert store; pass expert_source"
@@ -521,9 +523,9 @@ class MoEMLP(nn.Module):
         ys = []
         for e, start, end in plan.groups:
             w = self.widths[e]
-            xe = xs[start:end]
-            if fetch is None and self.quantized_experts is not None:
-                a, y = self.quantized_experts.run(e, w, xe, self.act)
+            xe = xs if one else xs[start:end]
+            if quantized is not None:
+                a, y = quantized.run(e, w, xe, self.act)
             else:
                 if fetch is not None:
                     gate_up, down_t = fetch(e)
@@ -537,7 +539,7 @@ class MoEMLP(nn.Module):
             if scores is not None:
                 scores[plan.order[start:end], e] += a.detach().abs().sum(-1).float()
             ys.append(y if plan.unit_weights else y * plan.weights[start:end, None].to(a.dtype))
-        if plan.one_group:
+        if one:
             return out + ys[0]
         return out.index_add(0, plan.order, torch.cat(ys))
 

@@ -88,6 +88,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and self.bias is None:  # the serving path: no reshaping (each op costs microseconds)
+            return int8_matmul(x, self.qweight, self.scales)
         shape = x.shape
         y = int8_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scales)
         if self.bias is not None:
@@ -134,13 +136,36 @@ class Int8Experts(nn.Module):
         q, s = quantize_rows(down_t.transpose(1, 2).reshape(e * h, r))  # [E*H, R]: each expert's output rows
         self.register_buffer("down", F.pad(q, (0, rp - r)).view(e, h, rp).contiguous())
         self.register_buffer("down_scales", s.view(e, h).to(dtype))
+        self._views: list[tuple] | None = None  # per expert, made on first use (see _expert)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._views = None  # .to() and friends replace the buffers: the views would hold the old ones
+        return super()._apply(fn, *args, **kwargs)
+
+    def _expert(self, e: int, width: int) -> tuple:
+        """(padded width, gate|up, its scales, down, its scales) of expert e: views made once, not per
+        call (slicing costs microseconds a call, several calls per layer and step)."""
+        if self._views is None:
+            self._views = [None] * self.gate_up.shape[0]
+        views = self._views[e]
+        if views is None or views[0] != padded(width):
+            p = padded(width)
+            views = (
+                p,
+                self.gate_up[e, : 2 * p],
+                self.gate_up_scales[e, : 2 * p],
+                self.down[e],
+                self.down_scales[e],
+            )
+            self._views[e] = views
+        return views
 
     def run(self, e: int, width: int, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e (true width `width`) on x [n, H] -> (activation [n, width padded], output [n, H])."""
-        p = padded(width)
-        h = int8_matmul(x, self.gate_up[e, : 2 * p], self.gate_up_scales[e, : 2 * p])
+        p, gate_up, gate_up_scales, down, down_scales = self._expert(e, width)
+        h = int8_matmul(x, gate_up, gate_up_scales)
         a = act(h[:, :p]) * h[:, p:]  # zero past the true width
-        return a, int8_matmul(a, self.down[e], self.down_scales[e])
+        return a, int8_matmul(a, down, down_scales)
 
 
 def _int8_linear(linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:

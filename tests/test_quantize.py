@@ -81,6 +81,22 @@ def test_quantized_moe_stays_close_to_the_float_model(family):
     assert weight_bytes(q) < 0.45 * weight_bytes(moe)
 
 
+def test_int8_experts_views_follow_their_buffers():
+    """The per-expert views are made once; moving or converting the module must not leave them reading
+    the old buffers."""
+    moe = quantize_model(build(tiny_hf_model(seed=2), num_experts=3))
+    experts = moe.layers[0].mlp.quantized_experts
+    w = moe.layers[0].mlp.widths[1]
+    x = torch.randn(3, moe.config.base["hidden_size"])
+    silu = torch.nn.functional.silu
+    before = experts.run(1, w, x, silu)[1]
+    experts.down_scales.mul_(2)  # in place: the views see it
+    assert torch.allclose(experts.run(1, w, x, silu)[1], 2 * before, rtol=1e-2)
+    experts.to(torch.float64)  # replaces the float buffers; the views must follow
+    experts.down_scales.mul_(2)
+    assert torch.allclose(experts.run(1, w, x, silu)[1], 4 * before, rtol=1e-2)
+
+
 def test_tied_embedding_reads_the_int8_head():
     moe = build(tiny_hf_model("llama", seed=2), num_experts=2)
     q = quantize_model(copy.deepcopy(moe))
