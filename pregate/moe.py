@@ -364,9 +364,10 @@ class Attention(nn.Module):
         t, dtype = x.shape[0], cos.dtype  # the attention dtype (see attention_dtype)
         n, g, d = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).to(dtype).view(t, n + 2 * g, d)  # [T, N + 2G, D]
-        qk, v_tok = qkv.split((n + g, g), dim=1)
+        # split_with_sizes, not split: Tensor.split's Python wrapper costs more than the split itself
+        qk, v_tok = qkv.split_with_sizes((n + g, g), dim=1)
         qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # RoPE on q and k at once (sin carries the sign)
-        q_tok, k_tok = qk.split((n, g), dim=1)  # token-major [T, N, D], [T, G, D]: what decode rows use
+        q_tok, k_tok = qk.split_with_sizes((n, g), dim=1)  # token-major [T, N, D], [T, G, D], as decode uses
         gqa = n != g
         if plan.only_direct:  # a decode step: [B, N, 1, D] out of the one call is already [T, N*D]
             o = self._decode(plan.groups[0], q_tok, k_tok, v_tok, layer, gqa)
@@ -415,10 +416,12 @@ class Attention(nn.Module):
         q, k, v are token-major ([T, N|G, D]), so a direct group's rows need no transposing."""
         kl, vl = group.cache.k[layer], group.cache.v[layer]  # [S, G, C, D]
         if group.direct:
-            rows = slice(group.r0, group.r0 + group.hi - group.lo)
-            kl[group.slots, :, group.pos] = k[rows]  # [B, G, D]
-            vl[group.slots, :, group.pos] = v[rows]
-            qs = q[rows].unsqueeze(2)  # [B, N, 1, D], a view
+            if group.r0 or group.hi - group.lo != k.shape[0]:  # else the group is the whole stream
+                rows = slice(group.r0, group.r0 + group.hi - group.lo)
+                q, k, v = q[rows], k[rows], v[rows]
+            kl[group.slots, :, group.pos] = k  # [B, G, D]
+            vl[group.slots, :, group.pos] = v
+            qs = q.unsqueeze(2)  # [B, N, 1, D], a view
         else:
             kl[group.slots, :, group.pos] = k[group.rows]
             vl[group.slots, :, group.pos] = v[group.rows]
