@@ -629,6 +629,14 @@ class Residency:
     The owner calls `start_load` / `finish_load` around each transfer. Decisions go through an
     `ExpertCache` over a `FutureView` of the planned steps; both forget references before the running
     step, so the bookkeeping stays bounded however many steps run.
+
+    Streamed experts (unit "expert", prefetching, `streams` > 0): a step that cannot keep an expert
+    resident reads its slices without a cache slot. Up to `streams` such experts per step get a ring of
+    depth + 1 stream slots after the cache slots, and their next layers' slices are wanted like any
+    prefetch (pre-gating: the step uses the same experts in every layer), so the link streams layer i + 1
+    while layer i computes. Without a ring (no prefetching, unit "slice", or more streamed experts than
+    rings) a streamed slice has no slot and is read when the layer asks for it. Either way it counts as
+    `bypass`, and the cache's decisions do not change.
     """
 
     def __init__(
@@ -641,6 +649,7 @@ class Residency:
         prefetch: bool = False,
         depth: int = 1,
         seed: int = 0,
+        streams: int = 0,
     ) -> None:
         self.L = num_layers
         self.unit = check_unit(unit)
@@ -651,7 +660,11 @@ class Residency:
         self.prefetch = prefetch
         self.depth = depth
         self.per_unit = num_layers if unit == "expert" else 1
-        self.num_slots = capacity * self.per_unit
+        check_int("streams", streams, 0, error=CacheError)
+        self.streams = streams if prefetch and unit == "expert" else 0
+        self.ring = depth + 1  # stream slots per streamed expert: the running layer and `depth` ahead
+        self.cache_slots = capacity * self.per_unit
+        self.num_slots = self.cache_slots + self.streams * self.ring
         self.content: list[tuple[int, int] | None] = [None] * self.num_slots
         self.want: dict[int, tuple[int, int, int]] = {}
         self.inflight: dict[int, tuple[int, int]] = {}
@@ -666,6 +679,7 @@ class Residency:
         self._planned: deque[tuple[int, ...]] = deque()  # planned steps not yet started
         self._t = 0  # index of the next access
         self._step_slot: dict[int, int] = {}  # expert -> unit slot, frozen for the step (unit expert)
+        self._stream_of: dict[int, int] = {}  # streamed expert -> its ring, for the step (unit expert)
         self._accessed: set[int] = set()
         self._layer = -1
         self._cross_done = False
@@ -695,7 +709,8 @@ class Residency:
         return j
 
     def _want(self, p: int, layer: int, e: int, need: int) -> None:
-        if self.content[p] != (layer, e) or p in self.inflight:
+        # what slot p will hold once its transfer (if any) lands: wanting that again would load it twice
+        if self.inflight.get(p, self.content[p]) != (layer, e):
             self.want[p] = (layer, e, need)
 
     def _access(self, layer: int, e: int) -> None:
@@ -751,14 +766,26 @@ class Residency:
                     self.pinned[p] = (l2, e)
                     if self._slot_of.get(e) == j:
                         self._want(p, l2, e, self.step * self.L + l2)
+            if layer == 0 and self.streams:
+                streamed = [e for e in experts if e not in self._step_slot]
+                self._stream_of = {e: r for r, e in enumerate(streamed[: self.streams])}
             for e in experts:
                 j = self._step_slot.get(e)
                 plan[e] = None if j is None else j * self.L + layer
+                if j is None and e in self._stream_of:
+                    plan[e] = p = self._stream_slot(e, layer)
+                    self.pinned[p] = (layer, e)
+                    self._want(p, layer, e, need)
+                    for l2 in range(layer + 1, min(self.L, layer + 1 + self.depth)):  # stream ahead
+                        self._want(self._stream_slot(e, l2), l2, e, self.step * self.L + l2)
         self.horizon = need + (self.depth if self.prefetch else 0)
         if self.prefetch:
             self._prefetch(layer, experts)
-        self.bypass += sum(1 for p in plan.values() if p is None)
+        self.bypass += sum(1 for p in plan.values() if p is None or p >= self.cache_slots)
         return plan
+
+    def _stream_slot(self, e: int, layer: int) -> int:
+        return self.cache_slots + self._stream_of[e] * self.ring + layer % self.ring
 
     def _forget_past(self) -> None:
         """References before the running step are past: let the future view and our list drop them, so
@@ -773,6 +800,9 @@ class Residency:
         self._forget_past()
         self.step += 1
         self._step_slot = {}
+        self._stream_of = {}
+        for p in range(self.cache_slots, self.num_slots):  # last step's streams are done
+            self.want.pop(p, None)
         self._accessed = set()
         self._cross_done = False
         if self._planned:  # _access also checks every reference against the plan

@@ -288,11 +288,13 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
     Arrivals follow the trace's arrival_time. Per step: overhead + per layer the token work, then each
     expert's work after its slice is ready. Loads use one link at `cost.bandwidth`: without
     prefetching a slice loads when its layer asks for it; with prefetching the link works ahead in
-    need order as far as the Residency's horizon allows (the store's loader thread does the same).
+    need order as far as the Residency's horizon allows (the store's loader thread does the same), the
+    slices of streamed experts included.
     """
     reqs = _requests(trace)
     by_id = {r.request_id: r for r in reqs}
     L = cost.num_layers
+    ids = [e for r in reqs for e in (*r.prompt_experts, *r.output_experts[: r.output_len])]
     res = Residency(
         L,
         config.unit,
@@ -302,6 +304,7 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
         config.prefetch,
         config.depth,
         config.seed,
+        streams=max(ids, default=0),  # as the store: every expert of a step but one may stream
     )
     if config.plan_ahead and all(r.arrival_time == 0 for r in reqs):
         res.plan(scheduled_steps(reqs, config.scheduler))

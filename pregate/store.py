@@ -18,7 +18,9 @@ layer i computes, what layers i+1..i+depth need (known from pre-gating: a step u
 every layer) and, at the end of a step, the next planned step's first layers; prefetches never evict a
 unit needed sooner than the one they bring (`ExpertCache.prefetch`) nor one the running layer reads.
 Without prefetching every load happens when `fetch` asks for it. A step needing more units than fit
-streams the excess through a staging buffer (counted as bypass). Results are bit-identical to the
+streams the excess (counted as bypass): with prefetching and whole-expert units through per-expert rings
+of depth + 1 slices that the loader fills ahead like any prefetch (`Residency`), else through one
+staging buffer when `fetch` asks. Results are bit-identical to the
 model's own weights: the buffers hold exact copies of the same padded [R, H] rows.
 
 Every wait has a timeout (config.timeout_s): a failure raises StoreError instead of hanging.
@@ -189,6 +191,7 @@ class ExpertStore:
                 config.prefetch,
                 config.depth,
                 config.seed,
+                streams=e - 1,  # a step streams at most all its experts but the last one it accessed
             )
         except CacheError as err:
             raise StoreError(str(err)) from err
@@ -401,8 +404,9 @@ class ExpertStore:
 
     @property
     def buffer_bytes(self) -> int:
-        """Bytes of routed-expert weights held in memory: the k resident slots plus the staging and raw
-        one-slice buffers (the GPU tier's pinned host copies excluded)."""
+        """Bytes of routed-expert weights held in memory: the k resident slots, the stream rings (when
+        prefetching) and the staging and raw one-slice buffers (the GPU tier's pinned host copies
+        excluded)."""
         return sum(t.nbytes for t in (self._gate_up, self._down_t, *self._stage, *self._raw))
 
     @property

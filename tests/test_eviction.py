@@ -403,3 +403,34 @@ def test_long_replay_keeps_every_structure_bounded(unit, policy):
     assert late <= 1.1 * early, (early, late)
     assert late < 8 * 1024
     assert res.cache.loads == []
+
+
+def test_streamed_experts_are_loaded_a_layer_ahead_through_their_rings():
+    """A step with more experts than the capacity streams the rest. With prefetching and stream rings
+    its next layer's slices are wanted (and loaded) while this layer runs, into stream slots; the
+    cache's decisions and the bypass count are those of a residency without rings."""
+    steps = [[0, 1, 2, 3], [2, 4, 5], [0, 1, 2, 3]]
+    runs = {}
+    for streams in (0, E - 1):
+        res = Residency(L, "expert", 1, policy="belady", prefetch=True, streams=streams)
+        res.plan(steps)
+        ahead = 0  # streamed slices already in their slot when their layer starts
+        for experts in steps:
+            for layer in range(L):
+                plan = res.begin_layer(layer, experts)
+                for e, p in plan.items():
+                    if p is not None and p >= res.cache_slots:
+                        assert res.pinned[p] == (layer, e)
+                        ahead += res.content[p] == (layer, e)
+                while (job := res.next_load()) is not None:
+                    res.start_load(job[0], job[1], job[2])
+                    res.finish_load(job[0])
+        runs[streams] = (res, ahead)
+    plain, rings = runs[0][0], runs[E - 1][0]
+    assert plain.num_slots == L and rings.num_slots == L + (E - 1) * 2  # depth 1: rings of 2 slices
+    assert plain.stats == rings.stats and rings.stats.bypass > 0
+    # every streamed slice of layers 1..L-1 was loaded while the layer before it ran
+    assert runs[E - 1][1] == rings.stats.bypass - sum(len(s) - 1 for s in steps)
+    assert runs[0][1] == 0
+    with pytest.raises(CacheError, match="streams=-1"):
+        Residency(L, "expert", 1, prefetch=True, streams=-1)
