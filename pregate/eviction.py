@@ -680,6 +680,7 @@ class Residency:
         self._t = 0  # index of the next access
         self._step_slot: dict[int, int] = {}  # expert -> unit slot, frozen for the step (unit expert)
         self._stream_of: dict[int, int] = {}  # streamed expert -> its ring, for the step (unit expert)
+        self._next: tuple[dict[int, int], dict[int, int], set[int]] | None = None  # see _decide_next
         self._accessed: set[int] = set()
         self._layer = -1
         self._cross_done = False
@@ -713,7 +714,7 @@ class Residency:
         if self.inflight.get(p, self.content[p]) != (layer, e):
             self.want[p] = (layer, e, need)
 
-    def _access(self, layer: int, e: int) -> None:
+    def _access(self, layer: int, e: int, step_slot: dict[int, int] | None = None) -> None:
         unit = unit_of(layer, e, self.unit)
         t = self._t
         known = self._refs[t - self._refs_base] if t < self._refs_base + len(self._refs) else None
@@ -728,8 +729,9 @@ class Residency:
         self._t += 1
         if not self.cache.access(unit, t):
             victim = self.cache.last_evicted
-            if self.unit == "expert" and victim in self._step_slot:
-                del self._step_slot[victim]  # evicted by its own step (more experts than slots): streams
+            own = self._step_slot if step_slot is None else step_slot
+            if self.unit == "expert" and victim in own:
+                del own[victim]  # evicted by its own step (more experts than slots): streams
             self._assign(unit)
 
     def begin_layer(self, layer: int, experts: Sequence[int]) -> dict[int, int | None]:
@@ -754,6 +756,10 @@ class Residency:
                     self.pinned[j] = (layer, e)
                     self._want(j, layer, e, need)
         else:
+            early = layer == 0 and self._next is not None
+            if early:  # the step's accesses were taken in the previous step's tail
+                self._step_slot, self._stream_of, self._accessed = self._next
+                self._next = None
             for e in experts:
                 if e not in self._step_slot and e not in self._accessed:
                     self._accessed.add(e)
@@ -766,9 +772,8 @@ class Residency:
                     self.pinned[p] = (l2, e)
                     if self._slot_of.get(e) == j:
                         self._want(p, l2, e, self.step * self.L + l2)
-            if layer == 0 and self.streams:
-                streamed = [e for e in experts if e not in self._step_slot]
-                self._stream_of = {e: r for r, e in enumerate(streamed[: self.streams])}
+            if layer == 0 and self.streams and not early:
+                self._stream_of = self._rings(experts, self._step_slot)
             for e in experts:
                 j = self._step_slot.get(e)
                 plan[e] = None if j is None else j * self.L + layer
@@ -784,8 +789,14 @@ class Residency:
         self.bypass += sum(1 for p in plan.values() if p is None or p >= self.cache_slots)
         return plan
 
-    def _stream_slot(self, e: int, layer: int) -> int:
-        return self.cache_slots + self._stream_of[e] * self.ring + layer % self.ring
+    def _rings(self, experts: Sequence[int], step_slot: dict[int, int]) -> dict[int, int]:
+        """Streamed expert -> ring, for the first `streams` experts of a step that keep no slot."""
+        streamed = [e for e in experts if e not in step_slot]
+        return {e: r for r, e in enumerate(streamed[: self.streams])}
+
+    def _stream_slot(self, e: int, layer: int, rings: dict[int, int] | None = None) -> int:
+        r = (self._stream_of if rings is None else rings)[e]
+        return self.cache_slots + r * self.ring + layer % self.ring
 
     def _forget_past(self) -> None:
         """References before the running step are past: let the future view and our list drop them, so
@@ -801,8 +812,9 @@ class Residency:
         self.step += 1
         self._step_slot = {}
         self._stream_of = {}
-        for p in range(self.cache_slots, self.num_slots):  # last step's streams are done
-            self.want.pop(p, None)
+        if self._next is None:  # last step's streams are done (else they hold this step's early wants)
+            for p in range(self.cache_slots, self.num_slots):
+                self.want.pop(p, None)
         self._accessed = set()
         self._cross_done = False
         if self._planned:  # _access also checks every reference against the plan
@@ -841,12 +853,35 @@ class Residency:
             self._cross_done = True  # the next step's first layers, once per step
             nxt = self._planned[0]
             if self.unit == "expert":
-                for e in nxt:
-                    self._prefetch_unit(-1, e, base + self.L)
+                self._decide_next(nxt)
             else:
                 for l2 in range(0, layer + self.depth - self.L + 1):
                     for e in nxt:
                         self._prefetch_unit(l2, e, base + self.L + l2)
+
+    def _decide_next(self, nxt: tuple[int, ...]) -> None:
+        """Take the next planned step's cache accesses now, in this step's tail (unit expert), so its
+        slices, missed into a slot or streamed through a ring, load while this step finishes instead of
+        after it: the LM head, sampling and scheduling between two steps leave the link idle otherwise.
+        The accesses are the plan's next references, in order, so the decisions are those the next step
+        would take itself. The running step keeps reading its slots: they stay pinned until it ends, so
+        nothing is loaded over them (an expert the accesses evict finishes this step from its slot)."""
+        step_slot: dict[int, int] = {}
+        for e in nxt:
+            self._access(-1, e, step_slot)
+            if e in self._slot_of:
+                step_slot[e] = self._slot_of[e]
+        rings = self._rings(nxt, step_slot) if self.streams else {}
+        self._next = (step_slot, rings, set(nxt))
+        base = (self.step + 1) * self.L
+        for e, j in step_slot.items():
+            for l2 in range(self.L):
+                self._want(j * self.L + l2, l2, e, base + l2)
+        for e in rings:
+            for l2 in range(min(self.L, self.ring)):
+                self._want(self._stream_slot(e, l2, rings), l2, e, base + l2)
+        if self._layer == self.L - 1:  # the tail: the next step's first layers may load
+            self.horizon = max(self.horizon, base + self.depth)
 
     # -- the owner's side of a transfer
     def next_load(self, any_need: bool = False) -> tuple[int, int, int, int] | None:
