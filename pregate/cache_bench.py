@@ -11,6 +11,7 @@ model and the router's loader; no runtime module imports it.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,70 +219,106 @@ class CacheBenchConfig:
     )
     router: str | None = None
     measure: bool = True  # run the model (otherwise only the cache simulation)
+    repeats: int = 3  # measured runs of every setting, interleaved; odd, so the median is one of them
 
     def __post_init__(self) -> None:
         for name in ("requests", "max_prompt", "max_output", "depth"):
             v = getattr(self, name)
             check_int(f"CacheBenchConfig.{name}", v, error=CacheBenchError)
+        if not isinstance(self.repeats, int) or self.repeats < 1 or self.repeats % 2 == 0:
+            raise CacheBenchError(
+                f"repeats={self.repeats!r} must be an odd integer >= 1 (the median is then one of them)"
+            )
         if not self.capacities or any(not isinstance(k, int) or k < 1 for k in self.capacities):
             raise CacheBenchError(f"CacheBenchConfig.capacities={self.capacities!r} must be ints >= 1")
         if not self.bandwidth > 0:
             raise CacheBenchError(f"CacheBenchConfig.bandwidth={self.bandwidth!r} must be > 0 bytes/s")
 
 
+FLAG = 0.2  # a repeat further than this share from its setting's median is flagged
+
+
+def _measure_once(model, model_dir, reqs, steps, scfg, cfg, k: int, prefetch: bool, base: dict) -> dict:
+    store_cfg = StoreConfig(
+        capacity=k, policy="belady", prefetch=prefetch, depth=cfg.depth, bandwidth=cfg.bandwidth
+    )
+    with ExpertStore(model_dir, store_cfg) as store:
+        store.plan(steps)
+        got = replay_teacher_forced(model, reqs, scfg, store)
+        st = store.stats
+    nl = got["summary"]["normalized_latency"]
+    return {
+        "normalized_latency": nl["mean"],
+        "normalized_latency_p95": nl["p95"],
+        "stall_s": st.stall_s,
+        "bytes_loaded": st.bytes_loaded,
+        "hit_ratio": st.hit_ratio,
+        "load_s": st.load_s,
+        "tokens_identical": got["tokens"] == base["tokens"],
+        "steps": got["steps"],
+    }
+
+
 def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> dict:
     """Measured normalized latency with the store (Belady), prefetching off and on at every k, and the
-    simulator's prediction of each run.
+    simulator's prediction of each setting.
 
-    Calibration: the first on-demand run (compute terms by least squares on its steps with their stall
-    removed; link speed = bytes / transfer time); every other run is a prediction."""
-    L = model.config.num_layers
+    Every setting runs `cfg.repeats` times, interleaved, the order rotating each repeat (so drift and
+    noise spread over all of them); a setting reports the run with its median latency, the min and max,
+    and the runs more than FLAG from the median; `change` is the median over repeats of prefetch / on
+    demand - 1 within a repeat. Calibration: the first on-demand run (compute terms by least squares on
+    its steps with their stall removed; link speed = bytes / transfer time); every other run is a
+    prediction."""
     E = model.num_experts
     base = replay_teacher_forced(model, reqs, scfg)
-    runs = []
-    link = None
-    calib = None
-    for k in cfg.capacities:
-        for prefetch in (False, True):
-            store_cfg = StoreConfig(
-                capacity=k, policy="belady", prefetch=prefetch, depth=cfg.depth, bandwidth=cfg.bandwidth
+    settings = [(k, prefetch) for k in cfg.capacities for prefetch in (False, True)]
+    got: dict[tuple[int, bool], list[dict]] = {s: [] for s in settings}
+    for rep in range(cfg.repeats):
+        shift = rep % len(settings)
+        for k, prefetch in settings[shift:] + settings[:shift]:
+            got[(k, prefetch)].append(
+                _measure_once(model, model_dir, reqs, steps, scfg, cfg, k, prefetch, base)
             )
-            with ExpertStore(model_dir, store_cfg) as store:
-                store.plan(steps)
-                got = replay_teacher_forced(model, reqs, scfg, store)
-                st = store.stats
-            if link is None and st.load_s > 0:
-                link = st.bytes_loaded / st.load_s
-                calib = got["steps"]
-            nl = got["summary"]["normalized_latency"]
-            runs.append(
-                {
-                    "k": k,
-                    "prefetch": prefetch,
-                    "normalized_latency": nl["mean"],
-                    "normalized_latency_p95": nl["p95"],
-                    "stall_s": st.stall_s,
-                    "bytes_loaded": st.bytes_loaded,
-                    "hit_ratio": st.hit_ratio,
-                    "load_s": st.load_s,
-                    "tokens_identical": got["tokens"] == base["tokens"],
-                }
-            )
-    cost = sim.calibrate(calib or base["steps"], L, slice_bytes, link or cfg.bandwidth)
+    first = got[settings[0]][0]
+    link = first["bytes_loaded"] / first["load_s"] if first["load_s"] > 0 else None
+    cost = sim.calibrate(
+        first["steps"] if link else base["steps"], model.config.num_layers, slice_bytes, link or cfg.bandwidth
+    )
     resident = sim.simulate(traces, cost, sim.SimConfig(capacity=E, scheduler=scfg))
-    for r in runs:
-        sim_cfg = sim.SimConfig(capacity=r["k"], prefetch=r["prefetch"], depth=cfg.depth, scheduler=scfg)
+    runs = []
+    for k, prefetch in settings:
+        reps = got[(k, prefetch)]
+        values = [r["normalized_latency"] for r in reps]
+        med = statistics.median(values)
+        row = {
+            key: v
+            for key, v in next(r for r in reps if r["normalized_latency"] == med).items()
+            if key != "steps"
+        }
+        row.update(
+            k=k,
+            prefetch=prefetch,
+            normalized_latency_min=min(values),
+            normalized_latency_max=max(values),
+            repeats=values,
+            flagged=[i for i, v in enumerate(values) if abs(v - med) > FLAG * med],
+            tokens_identical=all(r["tokens_identical"] for r in reps),
+        )
+        if prefetch:
+            changes = [
+                on / off - 1 for on, off in zip(values, (r["normalized_latency"] for r in got[(k, False)]))
+            ]
+            row.update(change=statistics.median(changes), change_min=min(changes), change_max=max(changes))
+        sim_cfg = sim.SimConfig(capacity=k, prefetch=prefetch, depth=cfg.depth, scheduler=scfg)
         pred = sim.simulate(traces, cost, sim_cfg)
         pnl = pred.summary["normalized_latency"]["mean"]
-        r.update(
-            sim_normalized_latency=pnl,
-            sim_error=(pnl - r["normalized_latency"]) / r["normalized_latency"],
-            sim_stall_s=pred.stall_s,
-        )
+        row.update(sim_normalized_latency=pnl, sim_error=(pnl - med) / med, sim_stall_s=pred.stall_s)
+        runs.append(row)
     return {
         "all_resident_normalized_latency": base["summary"]["normalized_latency"]["mean"],
         "sim_all_resident": resident.summary["normalized_latency"]["mean"],
         "cost_model": cost.to_dict(),
+        "repeats": cfg.repeats,
         "runs": runs,
         "calibration": "first on-demand run: compute terms by least squares on its steps "
         "(stall removed), bandwidth = bytes / transfer time; other runs are predictions",
@@ -391,18 +428,34 @@ def format_cache_table(result: dict) -> str:
         if not block:
             continue
         lines.append(f"\nnormalized latency (s/token), Belady, {title}")
+        if key == "measured":
+            lines.append(
+                f"median of {block.get('repeats', 1)} interleaved repeats (ranges: min-max); change: median "
+                "of the repeats' prefetch / on-demand - 1; ! = a repeat more than 20 % off its median"
+            )
         header = "k   on-demand    prefetch     change   stall off/on (s)"
-        lines.append(header + ("   sim error off/on" if key == "measured" else ""))
+        if key == "measured":
+            header += "   sim error off/on   on-demand range   prefetch range    change range"
+        lines.append(header)
         for k in ks:
             off = next(r for r in block["runs"] if r["k"] == k and not r["prefetch"])
             on = next(r for r in block["runs"] if r["k"] == k and r["prefetch"])
+            # measured: the median of the repeats' own changes; projected: one run each
+            change = on.get("change", on["normalized_latency"] / off["normalized_latency"] - 1)
             line = (
                 f"{k:<3d} {off['normalized_latency']:<12.4g} {on['normalized_latency']:<12.4g} "
-                f"{100 * (on['normalized_latency'] / off['normalized_latency'] - 1):+6.1f}%   "
-                f"{off['stall_s']:.3g} / {on['stall_s']:.3g}"
+                f"{100 * change:+6.1f}%   {off['stall_s']:.3g} / {on['stall_s']:.3g}"
             )
             if key == "measured":
                 line += f"   {100 * off['sim_error']:+.1f}% / {100 * on['sim_error']:+.1f}%"
+                if "change" in on:
+                    line += (
+                        f"   {off['normalized_latency_min']:.3g}-{off['normalized_latency_max']:.3g}"
+                        f"{'!' if off['flagged'] else ''}   "
+                        f"{on['normalized_latency_min']:.3g}-{on['normalized_latency_max']:.3g}"
+                        f"{'!' if on['flagged'] else ''}   "
+                        f"{100 * on['change_min']:+.1f}..{100 * on['change_max']:+.1f}%"
+                    )
             lines.append(line)
     return "\n".join(lines)
 

@@ -284,6 +284,12 @@ def test_bench_cache_then_trace_export(tiny_checkpoint, tmp_path, capsys, monkey
     result = json.loads(out.read_text())
     assert result["config"]["scheduler"]["token_budget"] == 16 and result["config"]["capacities"] == [1, 2]
     assert all(r["tokens_identical"] for r in result["measured"]["runs"])
+    assert result["measured"]["repeats"] == 3  # every setting measured 3 times, interleaved
+    assert all(
+        len(r["repeats"]) == 3 and r["normalized_latency"] in r["repeats"] for r in result["measured"]["runs"]
+    )
+    assert main(["bench", "cache", str(moe), "--repeats", "2", *small]) == 2
+    assert "must be an odd integer" in capsys.readouterr().err
     refs = tmp_path / "refs.txt"
     trace = out.parent / "routed_trace.jsonl"
     assert (

@@ -62,6 +62,13 @@ def add_bench_cache(p) -> None:
         "--router", help="directory of a trained router (default: the model's, else oracle routing)"
     )
     p.add_argument("--no-measure", action="store_true", help="only the cache simulation, no model runs")
+    add_option(
+        p,
+        "--repeats",
+        d.repeats,
+        "measured runs of every setting, interleaved; odd (the median is one of them)",
+        type=positive_int,
+    )
     _add_cache_workload(p)
     _add_cache_scheduler(p)
     p.set_defaults(func=cmd_bench_cache)
