@@ -266,6 +266,7 @@ def bench_server(
         server.should_exit = True
         thread.join(timeout=30)
     if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)  # as every --json: never lose a run to it
         Path(json_path).write_text(json.dumps({"config": asdict(cfg), "result": asdict(result)}, indent=2))
     return result
 

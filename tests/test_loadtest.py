@@ -67,9 +67,9 @@ def test_pregate_bench_server_command(tiny_checkpoint, tmp_path, capsys):
         "--dtype",
         "float32",
         "--json",
-        str(tmp_path / "b.json"),
+        str(tmp_path / "new" / "b.json"),  # a folder that does not exist yet
     ]
     assert main(args) in (0, None)
     out = capsys.readouterr().out
     assert "lost 0" in out and "failed 0" in out
-    assert json.loads((tmp_path / "b.json").read_text())["result"]["healthy_after"]
+    assert json.loads((tmp_path / "new" / "b.json").read_text())["result"]["healthy_after"]
