@@ -201,7 +201,7 @@ class _Sequence:
     prompt_len: int
     route_ids: torch.Tensor  # [P + max_tokens, K] long; rows of routed tokens are valid
     route_w: torch.Tensor  # [P + max_tokens, K] float32
-    slot: int  # the request's slot in the engine's KV cache
+    slot: int  # the request's slot in the engine's KV cache; -1 until the scheduler admits it
     rcache: object | None  # the router's RouterCache (None: no routed experts)
     generator: torch.Generator | None
     callback: OutputCallback | None
@@ -372,7 +372,6 @@ class Engine:
             self.scheduler.add_request(Request(rid, primary, params.max_tokens))
         except SchedulerError as err:
             raise RequestError(str(err)) from None
-        seq.slot = self.kv.acquire(total)  # the scheduler reserved its KV; this is where it lives
         self._seqs[rid] = seq
         self.metrics.on_arrival(rid, at=arrival_time)
         return rid
@@ -598,6 +597,8 @@ class Engine:
         offset = 0
         for it in out.items:
             seq = self._seqs[it.request_id]
+            if seq.slot < 0:  # admitted in this step: its KV is reserved now, so it gets a slot now
+                seq.slot = self.kv.acquire(seq.prompt_len + seq.params.max_tokens)  # waiting: no memory
             lo, hi = it.start, it.start + it.num_tokens
             assert self.kv.lengths[seq.slot] == lo, "the scheduler and the KV cache disagree on the position"
             ids.extend(seq.tokens[lo:hi])
@@ -677,7 +678,8 @@ class Engine:
     ) -> RequestOutput:
         seq.finish_reason = reason
         del self._seqs[seq.rid]
-        self.kv.release(seq.slot)
+        if seq.slot >= 0:
+            self.kv.release(seq.slot)
         if seq.detok is not None and reason not in ("stop", "error"):
             seq.detok.finish()  # an incomplete last character: as the offline decode shows it
             seq.text = seq.detok.text

@@ -72,6 +72,22 @@ def test_a_small_request_passes_a_big_one_that_waits_for_kv(moe_and_router):
         assert engine.result(rid).token_ids == reference_greedy(moe, router, p, n)
 
 
+def test_waiting_requests_hold_no_kv_slot(moe_and_router):
+    """The KV pool holds the admitted requests only: a queue of waiting ones costs no cache memory (the
+    pool is slots x the longest request, so a slot per queued request would grow it without bound)."""
+    moe, router = moe_and_router
+    engine = Engine(moe, router=router, scheduler_config=SchedulerConfig(max_running=2))
+    ps = prompts(8)
+    rids = [engine.add_request(ps[i % 8], SamplingParams(max_tokens=3, ignore_eos=True)) for i in range(12)]
+    assert engine.kv.num_slots == 8 and not any(engine.kv.lengths)  # nothing admitted yet
+    engine.step()
+    assert sum(1 for n in engine.kv.lengths if n) == 2 and engine.kv.num_slots == 8
+    while engine.has_work():
+        engine.step()
+    for i, rid in enumerate(rids):
+        assert engine.result(rid).token_ids == reference_greedy(moe, router, ps[i % 8], 3)
+
+
 def test_top2_routing_batched_equals_reference():
     moe, router = build(tiny_hf_model(seed=5), num_experts=4), tiny_router(4, seed=1, top_k=2)
     engine = Engine(
