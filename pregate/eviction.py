@@ -611,8 +611,9 @@ def optimal_hits(refs: Sequence[Unit], capacity: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class ResidencyStats(CacheStats):
-    """Cache counters plus slot traffic. `bypass` = slices used without a slot (the unit was not
-    resident when the layer ran: a step needing more units than the capacity streams the rest)."""
+    """Cache counters plus slot traffic. `bypass` = slices used without a cache slot (the unit was not
+    resident when the layer ran: a step needing more units than the capacity streams the rest, through a
+    stream ring or the staging buffer)."""
 
     bypass: int = 0
 
