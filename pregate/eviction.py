@@ -663,7 +663,8 @@ class Residency:
         self.per_unit = num_layers if unit == "expert" else 1
         check_int("streams", streams, 0, error=CacheError)
         self.streams = streams if prefetch and unit == "expert" else 0
-        self.ring = depth + 1  # stream slots per streamed expert: the running layer and `depth` ahead
+        # stream slots per streamed expert: the running layer and `depth` ahead, never more than a step
+        self.ring = min(depth + 1, num_layers)
         self.cache_slots = capacity * self.per_unit
         self.num_slots = self.cache_slots + self.streams * self.ring
         self.content: list[tuple[int, int] | None] = [None] * self.num_slots

@@ -433,5 +433,7 @@ def test_streamed_experts_are_loaded_a_layer_ahead_through_their_rings():
     # the step before), but those of the very first layer: k = 1 keeps one of its 4 experts
     assert runs[E - 1][1] == rings.stats.bypass - (len(steps[0]) - 1)
     assert runs[0][1] == 0
+    deep = Residency(L, "expert", 1, prefetch=True, depth=10 * L, streams=E - 1)
+    assert deep.num_slots == L + (E - 1) * L  # a ring never holds more than the step's L layers
     with pytest.raises(CacheError, match="streams=-1"):
         Residency(L, "expert", 1, prefetch=True, streams=-1)
