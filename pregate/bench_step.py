@@ -45,6 +45,7 @@ from pregate.checkpoint import CONFIG_FILE, ROUTER_CONFIG, has_router
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.llama_reference import GGUF_TYPES
+from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
 from pregate.quantize import check_mode, quantize_model
 from pregate.roofline import (
@@ -421,16 +422,8 @@ def time_layerwise(model: MoEForCausalLM, gate, batch: int, cfg: StepBenchConfig
 
 
 def spread(values: list[float], flag: float) -> dict:
-    """Median, min, max over repeats (ms) and the repeats further than `flag` x median from it."""
-    med = statistics.median(values)
-    far = [i for i, v in enumerate(values) if med > 0 and abs(v - med) > flag * med]
-    return {
-        "median": med * 1e3,
-        "min": min(values) * 1e3,
-        "max": max(values) * 1e3,
-        "repeats": [v * 1e3 for v in values],
-        "flagged": far,
-    }
+    """`metrics.repeat_spread` of seconds, in ms."""
+    return repeat_spread([v * 1e3 for v in values], flag)
 
 
 def _floors(row: dict, nbytes: dict, bw: dict) -> dict:

@@ -22,7 +22,7 @@ from pregate import sim
 from pregate.checkpoint import ROUTER_WEIGHTS
 from pregate.errors import PregateError, check_int
 from pregate.eviction import unit_references
-from pregate.metrics import MetricsRecorder
+from pregate.metrics import MetricsRecorder, repeat_spread
 from pregate.references import write_references
 from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult, run_steps
 from pregate.store import ExpertStore, StoreConfig
@@ -289,7 +289,8 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
     for k, prefetch in settings:
         reps = got[(k, prefetch)]
         values = [r["normalized_latency"] for r in reps]
-        med = statistics.median(values)
+        sp = repeat_spread(values, FLAG)
+        med = sp["median"]
         row = {
             key: v
             for key, v in next(r for r in reps if r["normalized_latency"] == med).items()
@@ -298,10 +299,10 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
         row.update(
             k=k,
             prefetch=prefetch,
-            normalized_latency_min=min(values),
-            normalized_latency_max=max(values),
+            normalized_latency_min=sp["min"],
+            normalized_latency_max=sp["max"],
             repeats=values,
-            flagged=[i for i, v in enumerate(values) if abs(v - med) > FLAG * med],
+            flagged=sp["flagged"],
             tokens_identical=all(r["tokens_identical"] for r in reps),
         )
         if prefetch:

@@ -618,6 +618,12 @@ class ResidencyStats(CacheStats):
     bypass: int = 0
 
 
+def max_streams(num_experts: int) -> int:
+    """The most experts one step can stream (Residency's `streams`): every expert of the step but the last
+    it accessed, which the cache keeps whatever it evicts for it."""
+    return max(0, num_experts - 1)
+
+
 class Residency:
     """Which units are in the fast tier, which slot holds which slice, and which loads are wanted.
 

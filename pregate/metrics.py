@@ -96,6 +96,21 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def repeat_spread(values: Sequence[float], flag: float) -> dict:
+    """A benchmark setting over its repeats: the median (one of them when their number is odd), min, max,
+    the repeats themselves, and the indices of those further than `flag` x median from it."""
+    if not values:
+        raise MetricsError("repeat_spread of an empty list is undefined")
+    med = percentile(values, 50)
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "repeats": list(values),
+        "flagged": [i for i, v in enumerate(values) if med > 0 and abs(v - med) > flag * med],
+    }
+
+
 def describe(values: Sequence[float]) -> dict[str, float] | None:
     """mean, p50, p95, p99, max of values; None when there are none."""
     if not values:

@@ -21,8 +21,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pregate.errors import PregateError, check_int
-from pregate.eviction import EVICTION_POLICIES, Residency, ResidencyStats, simulate_cache, unit_references
-from pregate.metrics import MetricsRecorder
+from pregate.eviction import (
+    EVICTION_POLICIES,
+    Residency,
+    ResidencyStats,
+    max_streams,
+    simulate_cache,
+    unit_references,
+)
+from pregate.metrics import MetricsRecorder, percentile
 from pregate.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, StepResult, run_steps
 from pregate.workload import WorkloadRequest, poisson_arrivals
 
@@ -160,16 +167,11 @@ def fit_check(runs: Sequence[Sequence[dict]], num_layers: int) -> dict:
         measured = [r["duration"] for r in held_out]
         step_errors += [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
         totals.append(sum(predicted) / sum(measured) - 1.0)
-    step_errors.sort()
-
-    def quantile(q: float) -> float:
-        return step_errors[min(len(step_errors) - 1, int(q * len(step_errors)))]
-
     return {
         "runs": len(runs),
         "steps": len(step_errors),
-        "step_error_median": quantile(0.5),
-        "step_error_p90": quantile(0.9),
+        "step_error_median": percentile(step_errors, 50),
+        "step_error_p90": percentile(step_errors, 90),
         "total_error_by_run": totals,
     }
 
@@ -294,7 +296,7 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
     reqs = _requests(trace)
     by_id = {r.request_id: r for r in reqs}
     L = cost.num_layers
-    ids = [e for r in reqs for e in (*r.prompt_experts, *r.output_experts[: r.output_len])]
+    seen = max((e for r in reqs for e in (*r.prompt_experts, *r.output_experts[: r.output_len])), default=-1)
     res = Residency(
         L,
         config.unit,
@@ -304,7 +306,7 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
         config.prefetch,
         config.depth,
         config.seed,
-        streams=max(ids, default=0),  # as the store: every expert of a step but one may stream
+        streams=max_streams(seen + 1),  # the experts the trace uses: as many rings as the store needs
     )
     if config.plan_ahead and all(r.arrival_time == 0 for r in reqs):
         res.plan(scheduled_steps(reqs, config.scheduler))

@@ -45,7 +45,7 @@ import torch
 
 from pregate.checkpoint import WEIGHTS_FILE
 from pregate.errors import PregateError, check_int
-from pregate.eviction import EVICTION_POLICIES, UNITS, CacheError, Residency, ResidencyStats
+from pregate.eviction import EVICTION_POLICIES, UNITS, CacheError, Residency, ResidencyStats, max_streams
 from pregate.moe import ExpertWeights
 
 _KEYS = ("w_gate", "w_up", "w_down")
@@ -191,7 +191,7 @@ class ExpertStore:
                 config.prefetch,
                 config.depth,
                 config.seed,
-                streams=e - 1,  # a step streams at most all its experts but the last one it accessed
+                streams=max_streams(e),
             )
         except CacheError as err:
             raise StoreError(str(err)) from err

@@ -18,6 +18,7 @@ from pregate.eviction import (
     FutureView,
     Residency,
     make_eviction_policy,
+    max_streams,
     optimal_hits,
     simulate_cache,
     unit_references,
@@ -411,7 +412,7 @@ def test_streamed_experts_are_loaded_a_layer_ahead_through_their_rings():
     cache's decisions and the bypass count are those of a residency without rings."""
     steps = [[0, 1, 2, 3], [2, 4, 5], [0, 1, 2, 3]]
     runs = {}
-    for streams in (0, E - 1):
+    for streams in (0, max_streams(E)):
         res = Residency(L, "expert", 1, policy="belady", prefetch=True, streams=streams)
         res.plan(steps)
         ahead = 0  # streamed slices already in their slot when their layer starts
@@ -426,12 +427,12 @@ def test_streamed_experts_are_loaded_a_layer_ahead_through_their_rings():
                     res.start_load(job[0], job[1], job[2])
                     res.finish_load(job[0])
         runs[streams] = (res, ahead)
-    plain, rings = runs[0][0], runs[E - 1][0]
+    plain, rings = runs[0][0], runs[max_streams(E)][0]
     assert plain.num_slots == L and rings.num_slots == L + (E - 1) * 2  # depth 1: rings of 2 slices
     assert plain.stats == rings.stats and rings.stats.bypass > 0
     # every streamed slice was loaded before its layer began (a later step's first layer in the tail of
     # the step before), but those of the very first layer: k = 1 keeps one of its 4 experts
-    assert runs[E - 1][1] == rings.stats.bypass - (len(steps[0]) - 1)
+    assert runs[max_streams(E)][1] == rings.stats.bypass - (len(steps[0]) - 1)
     assert runs[0][1] == 0
     deep = Residency(L, "expert", 1, prefetch=True, depth=10 * L, streams=E - 1)
     assert deep.num_slots == L + (E - 1) * L  # a ring never holds more than the step's L layers

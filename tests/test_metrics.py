@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from pregate.errors import PregateError
-from pregate.metrics import MetricsRecorder, RequestMetrics, StepRecord, describe, percentile, summarize_run
+from pregate.metrics import (
+    MetricsRecorder,
+    RequestMetrics,
+    StepRecord,
+    describe,
+    percentile,
+    repeat_spread,
+    summarize_run,
+)
 
 
 class FakeClock:
@@ -102,3 +110,10 @@ def test_recorder_explicit_times_and_errors():
         summarize_run([], [])
     s = summarize_run(rec.requests)
     assert s["tpot"] is None and s["num_steps"] == 0 and s["unique_experts_histogram"] == {}
+
+
+def test_repeat_spread_takes_one_repeat_as_median_and_flags_far_ones():
+    sp = repeat_spread([1.0, 1.3, 0.95], flag=0.2)
+    assert sp == {"median": 1.0, "min": 0.95, "max": 1.3, "repeats": [1.0, 1.3, 0.95], "flagged": [1]}
+    with pytest.raises(PregateError, match="empty"):
+        repeat_spread([], flag=0.2)
