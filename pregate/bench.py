@@ -30,7 +30,7 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
-from pregate.quantize import check_mode, quantize_model
+from pregate.quantize import check_mode, quantize_model, quantize_router
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
 from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_workload
@@ -324,6 +324,8 @@ def run_bench(
     for model in (moe, dense) if cfg.quantize else ():
         if model is not None:  # the engine's models; HF generate keeps the float weights
             quantize_model(model, cfg.quantize)
+    if cfg.quantize and router is not None:
+        quantize_router(router, cfg.quantize)
     names += [DENSE] * cfg.dense + [HF] * cfg.hf
 
     def one(name: str) -> RunResult:

@@ -47,7 +47,7 @@ from pregate.errors import PregateError, check_int
 from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
-from pregate.quantize import check_mode, quantize_model
+from pregate.quantize import check_mode, quantize_model, quantize_router
 from pregate.roofline import (
     PARTS,
     Breakdown,
@@ -471,10 +471,12 @@ def run_bench_step(
     bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)])
     progress(f"  plain read {bw['read'] / 1e9:.2f} GB/s, GEMV {bw['gemv'] / 1e9:.2f} GB/s")
     models = {STEP_MOE: moe, STEP_DENSE: dense}
+    routers = {STEP_MOE: router}
     bandwidths = {STEP_MOE: bw, STEP_DENSE: bw}
     if cfg.quantize:
         progress(f"quantizing copies of the MoE{' and the dense parent' * (dense is not None)} to int8")
         models[STEP_MOE_INT8] = quantize_model(copy.deepcopy(moe), cfg.quantize)
+        routers[STEP_MOE_INT8] = quantize_router(copy.deepcopy(router), cfg.quantize)
         models[STEP_DENSE_INT8] = (
             quantize_model(copy.deepcopy(dense), cfg.quantize) if dense is not None else None
         )
@@ -488,8 +490,8 @@ def run_bench_step(
     denses = [name for name in (STEP_DENSE, STEP_DENSE_INT8) if models.get(name) is not None and cfg.dense]
     for b in cfg.batch_sizes:
         for name in moes:
-            jobs[(name, b, min(cfg.batch_experts, b))] = lambda b=b, m=models[name]: time_engine(
-                m, tokenizer, router, b, min(cfg.batch_experts, b), cfg
+            jobs[(name, b, min(cfg.batch_experts, b))] = lambda b=b, m=models[name], r=routers[name]: (
+                time_engine(m, tokenizer, r, b, min(cfg.batch_experts, b), cfg)
             )
         for name in denses:
             jobs[(name, b, 0)] = lambda b=b, m=models[name]: time_engine(m, tokenizer, None, b, 0, cfg)
@@ -499,7 +501,9 @@ def run_bench_step(
         for name in moes:
             jobs.setdefault(
                 (name, cfg.expert_batch, d),
-                lambda d=d, m=models[name]: time_engine(m, tokenizer, router, cfg.expert_batch, d, cfg),
+                lambda d=d, m=models[name], r=routers[name]: time_engine(
+                    m, tokenizer, r, cfg.expert_batch, d, cfg
+                ),
             )
     names = list(jobs)
 
@@ -537,7 +541,7 @@ def run_bench_step(
         context = rs[0].get("context", cfg.prompt_len + cfg.warmup_steps + (cfg.decode_steps + 1) / 2)
         is_moe = system in MOE_SYSTEMS
         model = models[system] if system != STEP_HF else dense
-        nbytes = step_bytes(model, b, list(range(d)), context, router if is_moe else None)
+        nbytes = step_bytes(model, b, list(range(d)), context, routers[system] if is_moe else None)
         rows.append(_floors(row, nbytes, bandwidths.get(system, bw)))
         if row["decode_ms"]["flagged"]:  # prefill flags stay in the JSON: one step each, noisier
             dm = row["decode_ms"]
@@ -568,7 +572,7 @@ def run_bench_step(
             for name, key in ((STEP_MOE, "pregating"), (STEP_MOE_INT8, "pregating_int8")):
                 if name in models:
                     m, d = models[name], min(cfg.batch_experts, b)
-                    res = time_engine(m, tokenizer, router, b, d, cfg, breakdown=True)
+                    res = time_engine(m, tokenizer, routers[name], b, d, cfg, breakdown=True)
                     breakdown[key].append({"batch": b, "experts": d, **res["breakdown"]})
             if gate is not None:
                 lw = time_layerwise(moe, gate, b, cfg)

@@ -41,7 +41,7 @@ from pregate.checkpoint import CONTROL_DIR, has_router
 from pregate.distill import normalised_scores
 from pregate.errors import PregateError
 from pregate.moe import MoEForCausalLM, Routing, load_moe
-from pregate.quantize import check_mode, quantize_model
+from pregate.quantize import check_mode, quantize_model, quantize_router
 from pregate.router import load_router, oracle_experts, routing_for
 from pregate.stats import capture_mlp_inputs
 
@@ -157,7 +157,7 @@ def evaluate_ppl(moe_dir: str | Path, cfg: PplConfig, cache: str | None = None, 
     trained_runs = _trained_runs(moe_dir, moe, cfg.variants) if parent else {}
     quantized = quantize_model(copy.deepcopy(moe), cfg.quantize) if cfg.quantize else None
     if quantized is not None and "moe_router" in trained_runs:
-        router = load_router(moe_dir)
+        router = quantize_router(load_router(moe_dir), cfg.quantize)  # as serve --quantize runs it
         trained_runs["moe_router_int8"] = lambda ids, _o: quantized(ids, *routing_for(router, ids))
     masks = expert_masks(moe, dense.config.intermediate_size) if "moe_oracle" in cfg.variants else None
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -81,16 +81,18 @@ def load_engine(
             )
         weights_dtype = store.dtype
     moe = load_moe(model_dir, weights_dtype, routed_experts=store is None)  # offloaded: never all in memory
-    if quantize is not None:
-        from pregate.quantize import quantize_model
-
-        quantize_model(moe, quantize)
     router = load_router(router_dir or model_dir) if moe.num_experts else None
     if router is not None and not isinstance(router, PreGatingRouter):
         raise PregateError(
             f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained "
             "without --layerwise"
         )
+    if quantize is not None:
+        from pregate.quantize import quantize_model, quantize_router
+
+        quantize_model(moe, quantize)
+        if router is not None:
+            quantize_router(router, quantize)
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(

@@ -9,15 +9,20 @@ step, which is nearly all matrix-vector products, gets several times faster.
 What is quantized: every linear map of the decoder (q|k|v, o, the shared experts, the routed experts) and
 the LM head, symmetrically per output row (scale = max |w| / 127). With tied embeddings the input
 embedding looks its rows up in the same int8 table (dequantized on lookup), so no second copy is kept.
-Norms, RoPE, attention, the KV cache and the router keep their dtype. The kernel needs the reduction
-dimension to be a multiple of 32 (others read garbage or crash), so weights are zero-padded to it and
-the gate|up halves of the shared and routed experts laid out at padded widths (zeros between), so a
-down projection gets its padded input for free.
-Its time grows with the rows like that many matrix-vector products, so from `DEQUANT_ROWS` rows on
-(prefill) the product runs as a float GEMM over the weights converted on the fly. On CPU the kernel is
-fast only with bfloat16 activations, so a float32 or float16 model quantized to int8 runs its
-matrix-vector products in bfloat16 (activations and scales rounded to it, the result cast back); the
-rest of the model keeps its dtype.
+Norms, RoPE, attention and the KV cache keep their dtype. The pre-gating router is quantized the same
+way by `quantize_router` (its linear maps and its embedding table; its head and norms keep float32):
+its float32 matrix-vector products were the largest cost that the MoE pays and its dense parent does
+not (the router column of `pregate bench step`'s breakdown), and its embedding table alone held 100 MB.
+Its choices can change where two experts' logits nearly tie; `pregate eval ppl --quantize int8`
+measures the whole effect.
+
+The kernel needs the reduction dimension to be a multiple of 32 (others read garbage or crash), so
+weights are zero-padded to it and the gate|up halves of the shared and routed experts laid out at padded
+widths (zeros between), so a down projection gets its padded input for free. Its time grows with the rows
+like that many matrix-vector products, so from `DEQUANT_ROWS` rows on (prefill) the product runs as a
+float GEMM over the weights converted on the fly. On CPU the kernel is fast only with bfloat16
+activations, so a float32 or float16 model quantized to int8 runs its matrix-vector products in bfloat16
+(activations and scales rounded to it, the result cast back); the rest of the model keeps its dtype.
 
 The model is quantized in place after loading; checkpoints stay as they are, and a quantized model is for
 inference only (no training, no saving). With an expert store (`serve --resident-experts k --quantize
@@ -33,6 +38,7 @@ from torch import nn
 
 from pregate.errors import PregateError
 from pregate.moe import MoEForCausalLM, release_routed_experts
+from pregate.router import PreGatingRouter
 
 QUANTIZE_MODES = ("int8",)
 ALIGN = 32  # torch._weight_int8pack_mm needs in_features % 32 == 0
@@ -210,3 +216,23 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8", experts: bool = Tr
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+@torch.no_grad()
+def quantize_router(router: PreGatingRouter, mode: str = "int8") -> PreGatingRouter:
+    """Quantize a pre-gating router in place: every linear map of its blocks (q|k|v, out, SwiGLU) in int8
+    like the decoder's, and its embedding table as int8 rows dequantized on lookup. The expert head and
+    the norms keep their dtype. Returns it in eval mode, for inference only."""
+    check_mode(mode)
+    if getattr(router, "quantized", None):
+        raise PregateError("the router is already quantized")
+    dtype = router.embed.weight.dtype
+    for block in router.layers:
+        attn, mlp = block.attn, block.mlp
+        attn.qkv, attn.out = _int8_linear(attn.qkv, dtype), _int8_linear(attn.out, dtype)
+        mlp.gate, mlp.up, mlp.down = (_int8_linear(m, dtype) for m in (mlp.gate, mlp.up, mlp.down))
+    router.embed = Int8Embedding(Int8Linear(router.embed.weight, None, dtype))
+    router.quantized = mode
+    for p in router.parameters():
+        p.requires_grad_(False)
+    return router.eval()

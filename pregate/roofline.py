@@ -70,9 +70,9 @@ def step_bytes(
     out["router"] = 0.0
     if router is not None:
         inner = getattr(router, "inner", router)
-        emb = inner.embed.weight
-        rows = emb.numel() - batch * emb.shape[1]  # the table less the B rows the step looks up
-        out["router"] = float(_nbytes(inner) - rows * emb.element_size())
+        table = _nbytes(inner.embed)  # float, or int8 rows and their scales once quantized
+        rows = inner.cfg.vocab_size - batch  # the table less the B rows the step looks up
+        out["router"] = float(_nbytes(inner) - rows * table / inner.cfg.vocab_size)
     base = model.config.base
     kv_elt = torch.empty((), dtype=model.attention_dtype).element_size()
     per_token = 2 * base["num_key_value_heads"] * model.head_dim * kv_elt  # K and V of one layer

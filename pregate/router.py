@@ -461,7 +461,7 @@ class PreGatingRouter(nn.Module):
         """An empty KV cache on this router's device and dtype (one per request in serving)."""
         if batch_size < 1:
             raise RouterError(f"batch_size={batch_size} must be >= 1.")
-        w = self.embed.weight
+        w = self.norm.weight  # the compute dtype and device (never quantized, unlike the embedding)
         shape = (batch_size, self.cfg.n_heads, 0, self.cfg.head_dim)
         return RouterCache(
             keys=[w.new_empty(shape) for _ in self.layers],

@@ -9,7 +9,15 @@ import torch
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError
 from pregate.moe import Routing, build_moe_from_dense
-from pregate.quantize import ALIGN, DEQUANT_ROWS, Int8Linear, int8_matmul, quantize_model, quantize_rows
+from pregate.quantize import (
+    ALIGN,
+    DEQUANT_ROWS,
+    Int8Linear,
+    int8_matmul,
+    quantize_model,
+    quantize_router,
+    quantize_rows,
+)
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
 from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
 
@@ -112,7 +120,7 @@ def test_tied_embedding_reads_the_int8_head():
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 def test_int8_batched_serving_equals_one_by_one(policy):
     """The engine's equivalence under int8: batched, chunked, cached == one request alone, recomputed."""
-    moe, router = quantize_model(build(tiny_hf_model(seed=4), num_experts=3)), tiny_router()
+    moe, router = quantize_model(build(tiny_hf_model(seed=4), num_experts=3)), quantize_router(tiny_router())
     cfg = SchedulerConfig(
         policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
     )
@@ -123,6 +131,34 @@ def test_int8_batched_serving_equals_one_by_one(policy):
         engine.step()
     for i, rid in enumerate(rids):
         assert engine.result(rid).token_ids == reference_greedy(moe, router, ps[i], lens[i]), f"request {i}"
+
+
+def test_quantized_router_steps_equal_its_recompute_and_stay_near_the_float_router():
+    """The int8 router keeps the router's contract (a step over the cache equals the full recompute,
+    the decode rows of many requests equal one each), reads under a third of the float bytes, and routes
+    nearly every token as the float router does."""
+    float_router = tiny_router(num_experts=4, seed=3)
+    router = quantize_router(copy.deepcopy(float_router))
+    assert router.quantized == "int8" and not any(p.requires_grad for p in router.parameters())
+    for part in ("embed", "layers"):  # int8 + one float32 scale per row of 32 (this tiny router's width)
+        assert weight_bytes(getattr(router, part)) < 0.35 * weight_bytes(getattr(float_router, part))
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        full = router(ids)[0]  # [40, E]
+        cache = router.new_cache(1)
+        assert cache.keys[0].dtype == torch.float32
+        chunked = torch.cat([router.step(ids[:, :25], cache)[0], router.step(ids[:, 25:30], cache)[0]])
+        caches = [router.new_cache(1) for _ in range(3)]
+        for c, row in zip(caches, torch.randint(0, 97, (3, 6))):
+            router.step(row[None], c)
+        alone = torch.cat([router.step(torch.tensor([[t]]), c.clone())[0] for t, c in zip([7, 8, 9], caches)])
+        batched = router.step_tokens(torch.tensor([7, 8, 9]), caches)
+        ref = float_router(ids)[0]
+    torch.testing.assert_close(chunked, full[:30], rtol=1e-2, atol=1e-2)  # bf16 activations in the kernel
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)  # as the float router (its contract)
+    assert (full.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(PregateError, match="already quantized"):
+        quantize_router(router)
 
 
 def test_int8_dense_parent_in_the_engine():

@@ -99,8 +99,8 @@ def add_quantize(p: argparse.ArgumentParser, what: str = "the model") -> None:
     p.add_argument(
         "--quantize",
         choices=("int8",),
-        help=f"weight-only int8 for {what}: half the bytes of bfloat16 and a faster CPU kernel; "
-        "activations keep their dtype (default: off)",
+        help=f"weight-only int8 for {what} and its router: half the bytes of bfloat16 and a faster CPU "
+        "kernel; activations keep their dtype (default: off)",
     )
 
 
