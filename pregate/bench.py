@@ -30,6 +30,7 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
+from pregate.packed import can_pack, pack_model
 from pregate.quantize import check_mode, quantize_model, quantize_router
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
@@ -326,6 +327,9 @@ def run_bench(
             quantize_model(model, cfg.quantize)
     if cfg.quantize and router is not None:
         quantize_router(router, cfg.quantize)
+    for model in (moe, dense) if not cfg.quantize else ():
+        if model is not None and can_pack(model):  # as serve runs them (pregate.packed)
+            pack_model(model)
     names += [DENSE] * cfg.dense + [HF] * cfg.hf
 
     def one(name: str) -> RunResult:

@@ -47,6 +47,7 @@ from pregate.errors import PregateError, check_int
 from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
+from pregate.packed import can_pack, pack_model
 from pregate.quantize import check_mode, quantize_model, quantize_router
 from pregate.roofline import (
     PARTS,
@@ -64,7 +65,9 @@ STEP_DENSE = "dense"  # the dense parent in the same engine
 STEP_HF = "hf-generate"  # HF generate on the dense parent
 STEP_MOE_INT8 = "moe-int8"  # with --quantize int8: the MoE and the dense parent with int8 weights,
 STEP_DENSE_INT8 = "dense-int8"  # measured beside the float ones in the same run
-MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8)
+STEP_MOE_UNPACKED = "moe-unpacked"  # with --unpacked: the bfloat16 MoE and dense parent as plain weights,
+STEP_DENSE_UNPACKED = "dense-unpacked"  # beside the packed ones that the engine serves (pregate.packed)
+MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class StepBenchConfig:
     repeats: int = 3
     dtype: str = "bfloat16"
     quantize: str | None = None  # "int8": also the MoE and the dense parent with int8 weights
+    unpacked: bool = False  # also the bfloat16 models with plain (not prepacked) weights
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -483,11 +487,24 @@ def run_bench_step(
         bw_int8 = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)], int8=True)
         bandwidths[STEP_MOE_INT8] = bandwidths[STEP_DENSE_INT8] = bw_int8
         progress(f"  int8 GEMV {bw_int8['gemv'] / 1e9:.2f} GB/s (int8 bytes)")
+    if cfg.unpacked and can_pack(moe):
+        models[STEP_MOE_UNPACKED], routers[STEP_MOE_UNPACKED] = copy.deepcopy(moe), router
+        models[STEP_DENSE_UNPACKED] = copy.deepcopy(dense) if dense is not None else None
+        bandwidths[STEP_MOE_UNPACKED] = bandwidths[STEP_DENSE_UNPACKED] = bw
+    elif cfg.unpacked:
+        notes.append(f"--unpacked: nothing to compare, {cfg.dtype} weights are not packed (pregate.packed)")
+    for model in (moe, dense):  # as the engine serves them (serve, bench serve)
+        if model is not None and can_pack(model):
+            pack_model(model)
     dcounts = cfg.expert_counts(config.num_experts)
 
     jobs: dict[tuple[str, int, int], Callable[[], dict]] = {}
     moes = [name for name in MOE_SYSTEMS if name in models]
-    denses = [name for name in (STEP_DENSE, STEP_DENSE_INT8) if models.get(name) is not None and cfg.dense]
+    denses = [
+        name
+        for name in (STEP_DENSE, STEP_DENSE_INT8, STEP_DENSE_UNPACKED)
+        if models.get(name) is not None and cfg.dense
+    ]
     for b in cfg.batch_sizes:
         for name in moes:
             jobs[(name, b, min(cfg.batch_experts, b))] = lambda b=b, m=models[name], r=routers[name]: (

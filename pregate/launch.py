@@ -93,6 +93,11 @@ def load_engine(
         quantize_model(moe, quantize)
         if router is not None:
             quantize_router(router, quantize)
+    else:
+        from pregate.packed import can_pack, pack_model
+
+        if can_pack(moe):  # bfloat16 on CPU: the same products, faster (pregate.packed)
+            pack_model(moe)
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(

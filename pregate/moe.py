@@ -486,7 +486,9 @@ class MoEMLP(nn.Module):
         self.w_down_t = nn.Parameter(torch.zeros(num_experts, r, hidden), requires_grad=routed_weights)
         self.register_buffer("shared_index", torch.zeros(shared, dtype=torch.long))
         self.register_buffer("expert_index", torch.full((num_experts, routed_width), -1, dtype=torch.long))
-        self.quantized_experts = None  # pregate.quantize.Int8Experts once quantized (then w_* are empty)
+        # the routed experts in an inference layout (quantize.Int8Experts, packed.PackedExperts), with a
+        # `run(e, width, x, act)`; then w_* are empty. None: the parameters above
+        self.inference_experts = None
         self.register_load_state_dict_pre_hook(_fuse_mlp)
         self.register_state_dict_post_hook(_split_mlp)
 
@@ -513,9 +515,9 @@ class MoEMLP(nn.Module):
             return out
         one = plan.one_group
         xs = x if one else x[plan.order]  # [T*K, H] grouped by expert
-        quantized = self.quantized_experts if fetch is None else None
+        fast = self.inference_experts if fetch is None else None
         own = None
-        if fetch is None and quantized is None:
+        if fetch is None and fast is None:
             if self.w_gate_up.shape[1] == 0:
                 raise PregateError(
                     "this model's routed experts were released to an expert store; pass expert_source"
@@ -527,8 +529,8 @@ class MoEMLP(nn.Module):
         for e, start, end in plan.groups:
             w = self.widths[e]
             xe = xs if one else xs[start:end]
-            if quantized is not None:
-                a, y = quantized.run(e, w, xe, self.act)
+            if fast is not None:
+                a, y = fast.run(e, w, xe, self.act)
             else:
                 if fetch is not None:
                     gate_up, down_t = fetch(e)
@@ -619,6 +621,7 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = None if self.tied else nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self._inv_freq = _inv_freq(cfg)  # kept float32 and out of .to(dtype): RoPE needs the precision
         self.quantized: str | None = None  # "int8" after pregate.quantize.quantize_model
+        self.packed = False  # True after pregate.packed.pack_model
 
     @property
     def num_experts(self) -> int:

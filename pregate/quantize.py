@@ -202,7 +202,7 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8", experts: bool = Tr
             continue  # no routed experts (the dense parent served as a MoE)
         if not experts or mlp.w_gate_up.shape[1] == 0:
             continue  # the routed experts stay as they are (an expert store serves them)
-        mlp.quantized_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, mlp.widths, dtype)
+        mlp.inference_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, mlp.widths, dtype)
         released = True
     if released:
         release_routed_experts(model)  # the float copies are freed

@@ -33,6 +33,8 @@ def _nbytes(module: nn.Module | None) -> int:
     tensors = list(module.parameters())
     if getattr(module, "qweight", None) is not None or any(hasattr(m, "qweight") for m in module.modules()):
         tensors += [b for name, b in module.named_buffers() if not name.endswith("_index")]
+    # prepacked weights (pregate.packed) are plain attributes, neither parameters nor buffers
+    tensors += [m.packed for m in module.modules() if isinstance(getattr(m, "packed", None), torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -26,6 +26,7 @@ SERVING = (
     "router",
     "moe",
     "quantize",
+    "packed",
     "checkpoint",
 )
 TRAINING = ("train", "distill", "refactor", "data", "corpora", "stats", "evaluate", "harness", "tasks")

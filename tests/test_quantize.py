@@ -93,7 +93,7 @@ def test_int8_experts_views_follow_their_buffers():
     """The per-expert views are made once; moving or converting the module must not leave them reading
     the old buffers."""
     moe = quantize_model(build(tiny_hf_model(seed=2), num_experts=3))
-    experts = moe.layers[0].mlp.quantized_experts
+    experts = moe.layers[0].mlp.inference_experts
     w = moe.layers[0].mlp.widths[1]
     x = torch.randn(3, moe.config.base["hidden_size"])
     silu = torch.nn.functional.silu
@@ -196,7 +196,7 @@ def test_int8_with_an_expert_store_equals_resident_int8(tmp_path, prefetch):
     cfg = SchedulerConfig(token_budget=8, max_running=5, prefill_chunk=6)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     resident = quantize_model(load_moe(tmp_path), experts=False)
-    assert all(layer.mlp.quantized_experts is None for layer in resident.layers)
+    assert all(layer.mlp.inference_experts is None for layer in resident.layers)
     want = [
         o.token_ids
         for o in Engine(resident, router=router, scheduler_config=cfg).generate(prompts(6), params)

@@ -209,6 +209,12 @@ def add_bench_step(p) -> None:
         p, "copies of the MoE and the dense parent, measured beside the float ones (moe-int8, dense-int8)"
     )
     p.add_argument(
+        "--unpacked",
+        action="store_true",
+        help="also the bfloat16 MoE and dense parent with plain weights (moe-unpacked, dense-unpacked), "
+        "beside the prepacked ones the engine serves (pregate.packed)",
+    )
+    p.add_argument(
         "--layerwise",
         metavar="DIR",
         help="a `pregate train --layerwise` output: also break down a step with its gate",

@@ -1,0 +1,107 @@
+"""Prepacked bfloat16 weights for CPU inference (`pack_model`): the same products, faster.
+
+torch's bfloat16 `F.linear` on CPU runs oneDNN's kernel, which wants the weight in its own blocked
+layout; given a plain [N, K] weight it converts it on every call. `torch.ops.mkldnn._reorder_linear_weight`
+converts it once (what torch.compile's CPU freezing pass does), and `torch.ops.mkldnn._linear_pointwise`
+then runs the same kernel on it: the outputs equal `F.linear`'s bit for bit (tests), and a bfloat16
+decode step takes about 0.8x the time (`pregate bench step --unpacked` measures the model both ways in
+one run; docs/serving.md).
+
+What is packed: every linear map of the decoder (q|k|v, o, the shared experts) and the routed experts
+(each expert's gate|up and down as two packed matrices, the down one transposed to the [H, w] a linear map
+takes). The LM head stays as it is: with tied embeddings the input embedding reads the same table, which a
+packed copy cannot serve, and a second copy would cost the table's size again. Only bfloat16 on CPU: for
+float32, oneDNN's packed product does not equal `F.linear` (which runs MKL there), so nothing is packed.
+
+A packed tensor is opaque (no slicing, no dtype or device change), so a packed model is for inference
+only, like a quantized one: pack after loading, never train or save it. With an expert store the routed
+experts come from the store as they are and only the rest is packed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pregate.errors import PregateError
+from pregate.moe import MoEForCausalLM, release_routed_experts
+
+
+def can_pack(model: MoEForCausalLM) -> bool:
+    """True for a bfloat16 model on CPU that is neither packed nor quantized (the only case that pays and
+    stays bit-exact)."""
+    w = model.norm.weight
+    usable = torch.backends.mkldnn.is_available() and w.device.type == "cpu" and w.dtype == torch.bfloat16
+    return usable and not model.quantized and not getattr(model, "packed", False)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # the batch-size hint only picks among layouts; 1 (decode) is as fast as any from 1 to 512 rows here
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """A linear map over a prepacked weight: equals `F.linear(x, weight, bias)` bit for bit.
+
+    The packed tensor is a plain attribute, not a buffer: module conversions (`.to`, `.float`) cannot
+    apply to it, so they leave it alone rather than fail halfway."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = _pack(weight)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.packed, self.bias)
+
+
+class PackedExperts(nn.Module):
+    """One layer's routed experts, each as a packed gate|up [2w, H] and a packed down [H, w] (w its true
+    width): the same `run` interface as `quantize.Int8Experts`."""
+
+    def __init__(self, gate_up: torch.Tensor, down_t: torch.Tensor, widths: list[int]):
+        super().__init__()
+        self.widths = list(widths)
+        self.gate_up = [_pack(gate_up[e, : 2 * w]) for e, w in enumerate(widths)]
+        self.down = [_pack(down_t[e, :w].T) for e, w in enumerate(widths)]
+
+    def run(self, e: int, width: int, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e on x [n, H] -> (activation [n, width], output [n, H])."""
+        h = _linear(x, self.gate_up[e], None)  # [n, 2w]
+        a = act(h[:, :width]) * h[:, width:]
+        return a, _linear(a, self.down[e], None)
+
+
+@torch.no_grad()
+def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
+    """Pack `model`'s weights in place (see the module doc) and return it in eval mode, no gradients.
+
+    experts False, or routed experts released to an expert store: the routed experts stay as they are.
+    Raises PregateError for a model `can_pack` refuses."""
+    if not can_pack(model):
+        raise PregateError(
+            "only a bfloat16 model on CPU that is neither packed nor quantized can be packed "
+            f"(this one: {model.norm.weight.dtype} on {model.norm.weight.device.type}, "
+            f"quantized={model.quantized}, packed={getattr(model, 'packed', False)})"
+        )
+    released = False
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = PackedLinear(attn.qkv_proj.weight, attn.qkv_proj.bias)
+        attn.o_proj = PackedLinear(attn.o_proj.weight, None)
+        mlp.gate_up_proj = PackedLinear(mlp.gate_up_proj.weight, None)
+        mlp.down_proj = PackedLinear(mlp.down_proj.weight, None)
+        if experts and mlp.num_experts and any(mlp.widths) and mlp.w_gate_up.shape[1] > 0:
+            mlp.inference_experts = PackedExperts(mlp.w_gate_up, mlp.w_down_t, mlp.widths)
+            released = True
+    if released:
+        release_routed_experts(model)  # the plain copies are freed
+    model.packed = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,101 @@
+"""Prepacked bfloat16 weights (pregate.packed): bit-for-bit the products of the plain weights, in the
+linear maps, in the whole model, and through the engine."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pregate.engine import Engine, SamplingParams
+from pregate.errors import PregateError
+from pregate.moe import Routing
+from pregate.packed import PackedLinear, can_pack, pack_model
+from pregate.quantize import quantize_model
+from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
+from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+
+
+def bf16_moe(seed: int = 0, family: str = "llama"):
+    return build(tiny_hf_model(family, seed=seed), num_experts=3).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 200])  # decode rows and a prefill chunk
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear_bit_for_bit(rows, bias):
+    w = torch.randn(40, 48, dtype=torch.bfloat16)
+    b = torch.randn(40, dtype=torch.bfloat16) if bias else None
+    x = torch.randn(rows, 48, dtype=torch.bfloat16)
+    layer = PackedLinear(w, b)
+    assert torch.equal(layer(x), F.linear(x, w, b))
+    assert torch.equal(layer(x.view(1, rows, 48)), F.linear(x, w, b)[None])  # [B, L, K] inputs too
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
+def test_packed_model_equals_the_plain_model_bit_for_bit(family):
+    moe = bf16_moe(seed=1, family=family)
+    packed = pack_model(copy.deepcopy(moe))
+    assert packed.packed and all(layer.mlp.w_gate_up.numel() == 0 for layer in packed.layers)
+    ids = torch.randint(0, 97, (2, 12))
+    routing = Routing.top1(torch.randint(0, 3, (24,)))
+    with torch.inference_mode():
+        assert torch.equal(packed(ids, routing), moe(ids, routing))
+        every = Routing.all_experts(24, 3)  # each token through every expert, weighted
+        assert torch.equal(packed(ids, every), moe(ids, every))
+
+
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
+def test_packed_batched_serving_equals_one_by_one(policy):
+    """Batched, chunked and cached on packed weights == one request alone, recomputed on plain ones."""
+    moe, router = bf16_moe(seed=4), tiny_router()
+    cfg = SchedulerConfig(
+        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
+    )
+    engine = Engine(pack_model(copy.deepcopy(moe)), router=router, scheduler_config=cfg)
+    ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
+    rids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lens)]
+    while engine.has_work():
+        engine.step()
+    for i, rid in enumerate(rids):
+        assert engine.result(rid).token_ids == reference_greedy(moe, router, ps[i], lens[i]), f"request {i}"
+
+
+def test_only_plain_bfloat16_cpu_models_are_packed():
+    f32 = build(tiny_hf_model(seed=2), num_experts=2)
+    assert not can_pack(f32)  # float32: oneDNN's packed product would not equal F.linear's
+    with pytest.raises(PregateError, match="bfloat16 model on CPU"):
+        pack_model(f32)
+    assert not can_pack(quantize_model(bf16_moe(seed=2)))
+    packed = pack_model(bf16_moe(seed=2))
+    with pytest.raises(PregateError, match="packed=True"):
+        pack_model(packed)
+
+
+def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path):
+    """What `pregate serve` loads in bfloat16: the checkpoint's MoE packed, behind its router, giving the
+    tokens of the plain weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pregate.launch import load_engine
+    from pregate.moe import load_moe, save_moe
+    from pregate.router import PreGatingRouter, RouterConfig, load_router, save_router
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    out = tmp_path / "served"
+    out.mkdir()
+    save_moe(build(hf), out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    save_router(
+        PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3)), out
+    )
+    engine = load_engine(str(out), dtype="bfloat16")
+    assert engine.model.packed
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    got = engine.generate(["hello", "a longer prompt"], params)
+    plain = Engine(load_moe(out, torch.bfloat16), AutoTokenizer.from_pretrained(out), load_router(out))
+    assert not plain.model.packed
+    want = plain.generate(["hello", "a longer prompt"], params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert not load_engine(str(out), dtype="float32").model.packed  # float32: nothing to pack
