@@ -627,6 +627,16 @@ class MoEForCausalLM(nn.Module):
     def num_experts(self) -> int:
         return self.config.num_experts
 
+    def _apply(self, fn, *args, **kwargs):
+        if self.packed:  # pregate.packed: opaque tensors no conversion reaches; refuse before any change
+            probe = fn(torch.empty(0, dtype=torch.bfloat16))
+            if probe.dtype != torch.bfloat16 or probe.device.type != "cpu":
+                raise PregateError(
+                    "a packed model stays bfloat16 on CPU; load the checkpoint again for another dtype or "
+                    "device"
+                )
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def attention_dtype(self) -> torch.dtype:
         """dtype of RoPE, attention and the KV cache: float32 on CPU, where the half-precision attention

@@ -14,7 +14,9 @@ packed copy cannot serve, and a second copy would cost the table's size again. O
 float32, oneDNN's packed product does not equal `F.linear` (which runs MKL there), so nothing is packed.
 
 A packed tensor is opaque (no slicing, no dtype or device change), so a packed model is for inference
-only, like a quantized one: pack after loading, never train or save it. With an expert store the routed
+only, like a quantized one: pack after loading, never train or save it. The packed tensors are plain
+attributes, which module conversions skip; `MoEForCausalLM` refuses a conversion that would change a
+packed model's dtype or device, before it touches anything. With an expert store the routed
 experts come from the store as they are and only the rest is packed.
 """
 
@@ -36,7 +38,7 @@ def can_pack(model: MoEForCausalLM) -> bool:
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    # the batch-size hint only picks among layouts; 1 (decode) is as fast as any from 1 to 512 rows here
+    # the hint is the rows oneDNN should expect; decode runs one row per request
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
@@ -45,10 +47,7 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class PackedLinear(nn.Module):
-    """A linear map over a prepacked weight: equals `F.linear(x, weight, bias)` bit for bit.
-
-    The packed tensor is a plain attribute, not a buffer: module conversions (`.to`, `.float`) cannot
-    apply to it, so they leave it alone rather than fail halfway."""
+    """A linear map over a prepacked weight: equals `F.linear(x, weight, bias)` bit for bit."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()

@@ -71,6 +71,10 @@ def test_only_plain_bfloat16_cpu_models_are_packed():
     packed = pack_model(bf16_moe(seed=2))
     with pytest.raises(PregateError, match="packed=True"):
         pack_model(packed)
+    packed.to("cpu")  # what the engine does: allowed, nothing changes
+    with pytest.raises(PregateError, match="stays bfloat16 on CPU"):
+        packed.float()
+    assert packed.norm.weight.dtype == torch.bfloat16  # refused before anything changed
 
 
 def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path):
