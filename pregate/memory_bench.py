@@ -65,7 +65,11 @@ def probe(model_dir: str, k: int | None, cfg: MemoryBenchConfig, imports_only: b
     sched = SchedulerConfig(max_running=cfg.requests, kv_capacity_tokens=budget)
     engine = load_engine(model_dir, sched, dtype=cfg.dtype, resident_experts=k)
     after_load = peak_rss_mb()
-    routed = sum(layer.mlp.w_gate_up.nbytes + layer.mlp.w_down_t.nbytes for layer in engine.model.layers)
+    routed = 0
+    for layer in engine.model.layers:  # the parameters, or their inference layout (int8, packed)
+        mlp = layer.mlp
+        routed += mlp.w_gate_up.nbytes + mlp.w_down_t.nbytes
+        routed += mlp.inference_experts.nbytes if mlp.inference_experts is not None else 0
     if engine.store is not None:
         routed += engine.store.buffer_bytes
     g = torch.Generator().manual_seed(0)

@@ -69,6 +69,10 @@ class PackedExperts(nn.Module):
         self.gate_up = [_pack(gate_up[e, : 2 * w]) for e, w in enumerate(widths)]
         self.down = [_pack(down_t[e, :w].T) for e, w in enumerate(widths)]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
+
     def run(self, e: int, width: int, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e on x [n, H] -> (activation [n, width], output [n, H])."""
         h = _linear(x, self.gate_up[e], None)  # [n, 2w]

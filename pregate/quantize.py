@@ -144,6 +144,10 @@ class Int8Experts(nn.Module):
         self.register_buffer("down_scales", s.view(e, h).to(dtype))
         self._views: list[tuple] | None = None  # per expert, made on first use (see _expert)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
     def _apply(self, fn, *args, **kwargs):
         self._views = None  # .to() and friends replace the buffers: the views would hold the old ones
         return super()._apply(fn, *args, **kwargs)

@@ -39,9 +39,11 @@ def test_each_setting_runs_in_its_own_process(served_dir, tmp_path, capsys):
     rows = {r["setting"]: r for r in result["rows"]}
     assert list(rows) == ["imports only", "all resident", "k = 1", "k = 2"]
     assert all(r["after_serving_mb"] >= r["after_load_mb"] > 0 for r in rows.values())
-    # the store holds k slots (plus one staging and one raw slice), never the whole model's experts
+    # the store holds k slots (plus one staging and one raw slice) at the widest expert's width; all
+    # resident, the packed bfloat16 experts hold their true widths only, so of this tiny model's 3 experts
+    # of uneven widths the store's k + 2 slices may hold more: a sanity bound, not the saving
     assert rows["all resident"]["routed_bytes"] == result["routed_bytes_all"] > 0
-    assert 0 < rows["k = 1"]["routed_bytes"] < rows["k = 2"]["routed_bytes"] < 2 * result["routed_bytes_all"]
+    assert 0 < rows["k = 1"]["routed_bytes"] < rows["k = 2"]["routed_bytes"] < 4 * result["routed_bytes_all"]
     assert rows["imports only"]["routed_bytes"] == 0
 
 
