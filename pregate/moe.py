@@ -730,15 +730,19 @@ class MoEForCausalLM(nn.Module):
 def release_routed_experts(model: MoEForCausalLM) -> int:
     """Drop the stacked routed-expert weights from memory (an `ExpertStore` serves them from then on);
     returns the bytes freed. Everything else (attention, shared experts, embeddings) stays."""
+    return sum(release_layer_experts(layer.mlp) for layer in model.layers)
+
+
+def release_layer_experts(mlp: MoEMLP) -> int:
+    """`release_routed_experts` for one layer: one layer at a time, a conversion that copies the experts
+    (int8, packing) never holds two copies of all of them."""
     freed = 0
-    for layer in model.layers:
-        mlp = layer.mlp
-        for name in ("w_gate_up", "w_down_t"):
-            w = getattr(mlp, name)
-            freed += 0 if w.is_meta else w.numel() * w.element_size()
-            device = "cpu" if w.is_meta else w.device  # a model built on the meta device (load_moe)
-            empty = torch.empty(w.shape[0], 0, w.shape[2], dtype=w.dtype, device=device)
-            setattr(mlp, name, nn.Parameter(empty, requires_grad=False))
+    for name in ("w_gate_up", "w_down_t"):
+        w = getattr(mlp, name)
+        freed += 0 if w.is_meta else w.numel() * w.element_size()
+        device = "cpu" if w.is_meta else w.device  # a model built on the meta device (load_moe)
+        empty = torch.empty(w.shape[0], 0, w.shape[2], dtype=w.dtype, device=device)
+        setattr(mlp, name, nn.Parameter(empty, requires_grad=False))
     return freed
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pregate.errors import PregateError
-from pregate.moe import MoEForCausalLM, release_routed_experts
+from pregate.moe import MoEForCausalLM, release_layer_experts
 
 
 def can_pack(model: MoEForCausalLM) -> bool:
@@ -92,7 +92,6 @@ def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
             f"(this one: {model.norm.weight.dtype} on {model.norm.weight.device.type}, "
             f"quantized={model.quantized}, packed={getattr(model, 'packed', False)})"
         )
-    released = False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = PackedLinear(attn.qkv_proj.weight, attn.qkv_proj.bias)
@@ -101,9 +100,7 @@ def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
         mlp.down_proj = PackedLinear(mlp.down_proj.weight, None)
         if experts and mlp.num_experts and any(mlp.widths) and mlp.w_gate_up.shape[1] > 0:
             mlp.inference_experts = PackedExperts(mlp.w_gate_up, mlp.w_down_t, mlp.widths)
-            released = True
-    if released:
-        release_routed_experts(model)  # the plain copies are freed
+            release_layer_experts(mlp)  # the plain copy goes now: never two copies of every expert
     model.packed = True
     for p in model.parameters():
         p.requires_grad_(False)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pregate.errors import PregateError
-from pregate.moe import MoEForCausalLM, release_routed_experts
+from pregate.moe import MoEForCausalLM, release_layer_experts
 from pregate.router import PreGatingRouter
 
 QUANTIZE_MODES = ("int8",)
@@ -194,7 +194,6 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8", experts: bool = Tr
     dtype = model.norm.weight.dtype
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise PregateError(f"int8 weights need bfloat16, float16 or float32 activations, not {dtype}")
-    released = False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj, attn.o_proj = _int8_linear(attn.qkv_proj, dtype), _int8_linear(attn.o_proj, dtype)
@@ -207,9 +206,7 @@ def quantize_model(model: MoEForCausalLM, mode: str = "int8", experts: bool = Tr
         if not experts or mlp.w_gate_up.shape[1] == 0:
             continue  # the routed experts stay as they are (an expert store serves them)
         mlp.inference_experts = Int8Experts(mlp.w_gate_up, mlp.w_down_t, mlp.widths, dtype)
-        released = True
-    if released:
-        release_routed_experts(model)  # the float copies are freed
+        release_layer_experts(mlp)  # the float copy goes now: never two copies of every expert
     if model.tied:
         head = Int8Linear(model.embed_tokens.weight, None, dtype)
         model.embed_tokens = Int8Embedding(head)
