@@ -48,7 +48,7 @@ from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
 from pregate.packed import can_pack, pack_model
-from pregate.quantize import check_mode, quantize_model, quantize_router
+from pregate.quantize import check_mode, padded, quantize_model, quantize_router
 from pregate.roofline import (
     PARTS,
     Breakdown,
@@ -425,6 +425,41 @@ def time_layerwise(model: MoEForCausalLM, gate, batch: int, cfg: StepBenchConfig
 # ----------------------------------------------------------------------------------------- the benchmark
 
 
+def product_shapes(config: MoEConfig) -> dict[str, tuple[int, int]]:
+    """[out, in] of each matrix-vector product of one MLP (layer 0): the dense parent's two, and the
+    MoE's shared and first routed expert's two each."""
+    h, i = config.base["hidden_size"], config.base["intermediate_size"]
+    s, w = config.shared_channels[0], config.expert_channels[0][0]
+    return {
+        "dense gate|up": (2 * i, h),
+        "dense down": (h, i),
+        "shared gate|up": (2 * s, h),
+        "shared down": (h, s),
+        "expert gate|up": (2 * w, h),
+        "expert down": (h, w),
+    }
+
+
+def measure_products(config: MoEConfig, cfg: StepBenchConfig) -> dict:
+    """One matrix-vector product at each of `product_shapes`, cold (weights far above the caches), for
+    every kind the engine can run here: the plain product, the packed one (bfloat16 on CPU) and int8
+    (with --quantize): {"shapes": {role: [out, in]}, kind: {role: {"us": per call, "gbps": rate}}}."""
+    shapes = product_shapes(config)
+    kinds = {"plain": {}}
+    if cfg.torch_dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        kinds["packed"] = {"packed": True}
+    if cfg.quantize:
+        kinds["int8"] = {"int8": True}
+    out: dict = {"shapes": {role: list(shape) for role, shape in shapes.items()}}
+    for kind, options in kinds.items():
+        bw = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, list(shapes.values()), **options)
+        out[kind] = {}
+        for role, (o, i) in shapes.items():
+            key = f"{o}x{padded(i) if kind == 'int8' else i}"
+            out[kind][role] = {"us": bw["gemv_us_per_shape"][key], "gbps": bw["gemv_per_shape"][key] / 1e9}
+    return out
+
+
 def spread(values: list[float], flag: float) -> dict:
     """`metrics.repeat_spread` of seconds, in ms."""
     return repeat_spread([v * 1e3 for v in values], flag)
@@ -602,6 +637,10 @@ def run_bench_step(
                 "pre-gating routers only); its experts are its own choice, not controlled"
             )
 
+    products = None
+    if cfg.breakdown:
+        progress("one matrix-vector product at each of the model's MLP shapes")
+        products = measure_products(config, cfg)
     llama = measure_llama_cpp(cfg, config, dense, progress)
     if "skipped" in llama:
         notes.append(f"llama.cpp skipped: {llama['skipped']}")
@@ -619,6 +658,7 @@ def run_bench_step(
         "batch_sizes": batch_rows,
         "distinct_experts": expert_rows,
         "breakdown": breakdown,
+        "products": products,
         "llama_cpp": llama,
         "notes": notes,
     }
@@ -675,6 +715,18 @@ def format_step_table(result: dict) -> str:
                 + "".join(f"{r[c]:11.3f}" for c in cols)
                 + (f"{calls:8d}" if calls is not None else f"{'-':>8s}")
             )
+    if result.get("products"):
+        lines += ["", "one matrix-vector product per MLP shape of layer 0, cold (us per call, GB/s)"]
+        kinds = [k for k in ("plain", "packed", "int8") if k in result["products"]]
+        lines.append(f"{'product':16s}{'shape':>12s}" + "".join(f"{k:>19s}" for k in kinds))
+        for role, (o, i) in result["products"]["shapes"].items():
+            cells = "".join(
+                f"{result['products'][k][role]['us']:.1f} ({result['products'][k][role]['gbps']:.1f})".rjust(
+                    19
+                )
+                for k in kinds
+            )
+            lines.append(f"{role:16s}{f'{o}x{i}':>12s}" + cells)
     ll = result["llama_cpp"]
     lines.append("")
     if "skipped" in ll:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pregate.moe import MoEForCausalLM
+from pregate.packed import PackedLinear
 from pregate.quantize import int8_matmul, padded
 from pregate.router import PreGatingRouter
 
@@ -94,12 +95,18 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
 
 @torch.inference_mode()
 def measure_bandwidth(
-    dtype: torch.dtype, megabytes: int, shapes: Sequence[tuple[int, int]], reps: int = 5, int8: bool = False
+    dtype: torch.dtype,
+    megabytes: int,
+    shapes: Sequence[tuple[int, int]],
+    reps: int = 5,
+    int8: bool = False,
+    packed: bool = False,
 ) -> dict:
     """Bytes/s of a plain read (`buf.sum()` over `megabytes`) and of torch's GEMV (x [1, in] @ W.T over
-    as many [out, in] matrices as fill `megabytes`) for each shape; "gemv" is the rate over all shapes.
-    int8: the GEMV is `pregate.quantize.int8_matmul` (torch's weight-only int8 kernel, activations in
-    `dtype`), exactly what a `--quantize int8` model runs."""
+    as many [out, in] matrices as fill `megabytes`) for each shape; "gemv" is the rate over all shapes,
+    "gemv_us_per_shape" the time of one product. int8: the GEMV is `pregate.quantize.int8_matmul`
+    (torch's weight-only int8 kernel, activations in `dtype`), exactly what a `--quantize int8` model
+    runs; packed: the prepacked product of `pregate.packed`, as a packed bfloat16 model runs it."""
     elt = torch.empty((), dtype=dtype).element_size()
     total = megabytes * 2**20
     buf = torch.ones(total // elt, dtype=dtype)
@@ -107,7 +114,7 @@ def measure_bandwidth(
     read = buf.numel() * elt / _median_time(buf.sum, reps)
     del buf
     welt = 1 if int8 else elt
-    per_shape, moved, spent = {}, 0, 0.0
+    per_shape, per_call, moved, spent = {}, {}, 0, 0.0
     for out_f, in_f in dict.fromkeys(shapes):
         count = max(1, total // (out_f * in_f * welt))
         x = torch.randn(1, in_f).to(dtype)
@@ -122,23 +129,32 @@ def measure_bandwidth(
                     int8_matmul(x, w, scales)  # as the model calls it (a float32 model crosses in bf16)
         else:
             ws = torch.empty(count, out_f, in_f, dtype=dtype).normal_(0, 0.02)
+            if packed:
+                layers = [PackedLinear(w, None) for w in ws]
 
-            def gemv(ws=ws, x=x) -> None:
-                for w in ws:
-                    x @ w.T
+                def gemv(layers=layers, x=x) -> None:
+                    for layer in layers:
+                        layer(x)
+            else:
+
+                def gemv(ws=ws, x=x) -> None:
+                    for w in ws:
+                        x @ w.T
 
         gemv()
         t = _median_time(gemv, reps)
         per_shape[f"{out_f}x{in_f}"] = ws.numel() * welt / t
+        per_call[f"{out_f}x{in_f}"] = t / count * 1e6
         moved += ws.numel() * welt
         spent += t
-        del ws
+        del ws, gemv
     return {
         "read": read,
         "gemv": moved / spent,
         "gemv_per_shape": per_shape,
+        "gemv_us_per_shape": per_call,
         "buffer_bytes": total,
-        "dtype": "int8 weights" if int8 else str(dtype).removeprefix("torch."),
+        "dtype": "int8 weights" if int8 else str(dtype).removeprefix("torch.") + " packed" * packed,
     }
 
 

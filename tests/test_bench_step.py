@@ -13,6 +13,7 @@ from pregate.bench_step import (
     FixedRouter,
     StepBenchConfig,
     check_model,
+    format_step_table,
     model_config,
     run_bench_step,
     step_bytes,
@@ -187,6 +188,21 @@ def test_int8_systems_run_beside_the_float_ones(moe_dir):
     assert all(by[("moe-int8", 1)]["bytes"][k] < by[("moe", 1)]["bytes"][k] for k in parts)
     for r in result["distinct_experts"]:
         assert r["unique_experts_seen"] == [r["experts"]]
+    products = result["products"]  # one product per MLP shape, for each kind this model runs
+    width = model_config(moe_dir).expert_channels[0][0]
+    assert products["shapes"]["expert down"] == [48, width]  # [hidden, layer 0's first expert's width]
+    assert {"plain", "int8"} <= set(products) and all(
+        v["us"] > 0 and v["gbps"] > 0 for k in ("plain", "int8") for v in products[k].values()
+    )
+    assert "one matrix-vector product per MLP shape" in format_step_table(result)
+
+
+def test_bf16_engine_systems_are_packed_and_unpacked_beside_them(moe_dir):
+    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, unpacked=True, hf=False)
+    result = run_bench_step(moe_dir, cfg, progress=lambda _: None)
+    systems = {r["system"] for r in result["batch_sizes"]}
+    assert systems == {"moe", "dense", "moe-unpacked", "dense-unpacked"}
+    assert "packed" in result["products"]
 
 
 def test_layerwise_direct_path_runs(moe_dir):
