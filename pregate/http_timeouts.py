@@ -16,6 +16,8 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pregate.errors import PregateError
+
 READ_TIMEOUT_S = 30.0  # seconds a client gets to send one whole request
 
 
@@ -57,5 +59,5 @@ class ReadTimeoutH11Protocol(H11Protocol):
 def read_timeout_protocol(seconds: float = READ_TIMEOUT_S) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a `seconds` deadline for reading each request: `uvicorn.Config(http=)`."""
     if not seconds > 0:
-        raise ValueError(f"a request read timeout must be > 0 seconds, got {seconds!r}")
+        raise PregateError(f"a request read timeout must be > 0 seconds, got {seconds!r}")
     return type("ReadTimeoutH11Protocol", (ReadTimeoutH11Protocol,), {"read_timeout_s": float(seconds)})

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from pregate.cli import main
+from pregate.errors import PregateError
 from pregate.http_timeouts import read_timeout_protocol
 from pregate.scheduler import SchedulerConfig
 from pregate.server import LOOPBACK_HOSTS, ServerLimits, build_app
@@ -410,7 +411,7 @@ def test_an_idle_server_returns_freed_memory_once_per_burst(tmp_path):
 
 
 def test_read_timeout_must_be_positive():
-    with pytest.raises(ValueError, match="> 0"):
+    with pytest.raises(PregateError, match="> 0"):  # a library caller's mistake: the project's error
         read_timeout_protocol(0)
     with pytest.raises(SystemExit):
         main(["serve", "some/dir", "--timeout-read", "0"])
