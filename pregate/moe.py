@@ -660,7 +660,7 @@ class MoEForCausalLM(nn.Module):
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [T, 1, D]
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        # lm_head None: tied to the float embedding (a quantized model has its own int8 head)
+        # lm_head None: tied to the float embedding (a quantized or packed model has a head of its own)
         return h @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(h)
 
     def forward_packed(

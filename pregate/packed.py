@@ -7,11 +7,12 @@ then runs the same kernel on it: the outputs equal `F.linear`'s bit for bit (tes
 decode step takes about 0.8x the time (`pregate bench step --unpacked` measures the model both ways in
 one run; docs/serving.md).
 
-What is packed: every linear map of the decoder (q|k|v, o, the shared experts) and the routed experts
+What is packed: every linear map of the decoder (q|k|v, o, the shared experts), the routed experts
 (each expert's gate|up and down as two packed matrices, the down one transposed to the [H, w] a linear map
-takes). The LM head stays as it is: with tied embeddings the input embedding reads the same table, which a
-packed copy cannot serve, and a second copy would cost the table's size again. Only bfloat16 on CPU: for
-float32, oneDNN's packed product does not equal `F.linear` (which runs MKL there), so nothing is packed.
+takes) and the LM head. With tied embeddings the input embedding keeps reading the plain table (a packed
+tensor cannot be indexed), so the head is a packed copy beside it: the table's size again (57 MB for
+SmolLM2-135M), for the largest single product of the step. Only bfloat16 on CPU: for float32, oneDNN's
+packed product does not equal `F.linear` (which runs MKL there), so nothing is packed.
 
 A packed tensor is opaque (no slicing, no dtype or device change), so a packed model is for inference
 only, like a quantized one: pack after loading, never train or save it. The packed tensors are plain
@@ -101,6 +102,8 @@ def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
         if experts and mlp.num_experts and any(mlp.widths) and mlp.w_gate_up.shape[1] > 0:
             mlp.inference_experts = PackedExperts(mlp.w_gate_up, mlp.w_down_t, mlp.widths)
             release_layer_experts(mlp)  # the plain copy goes now: never two copies of every expert
+    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    model.lm_head = PackedLinear(head, None)  # tied: a copy; the embedding keeps its table for lookups
     model.packed = True
     for p in model.parameters():
         p.requires_grad_(False)
