@@ -677,6 +677,10 @@ def _row_line(r: dict) -> str:
     )
 
 
+def _product_cell(p: dict) -> str:
+    return f"{p['us']:.1f} ({p['gbps']:.1f})".rjust(19)
+
+
 def format_step_table(result: dict) -> str:
     head = (
         f"{'system':12s}{'batch':>6s}{'experts':>8s}{'decode ms':>11s} {'min':>9s}{'max':>9s}"
@@ -720,12 +724,7 @@ def format_step_table(result: dict) -> str:
         kinds = [k for k in ("plain", "packed", "int8") if k in result["products"]]
         lines.append(f"{'product':16s}{'shape':>12s}" + "".join(f"{k:>19s}" for k in kinds))
         for role, (o, i) in result["products"]["shapes"].items():
-            cells = "".join(
-                f"{result['products'][k][role]['us']:.1f} ({result['products'][k][role]['gbps']:.1f})".rjust(
-                    19
-                )
-                for k in kinds
-            )
+            cells = "".join(_product_cell(result["products"][k][role]) for k in kinds)
             lines.append(f"{role:16s}{f'{o}x{i}':>12s}" + cells)
     ll = result["llama_cpp"]
     lines.append("")

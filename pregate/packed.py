@@ -1,11 +1,11 @@
 """Prepacked bfloat16 weights for CPU inference (`pack_model`): the same products, faster.
 
 torch's bfloat16 `F.linear` on CPU runs oneDNN's kernel, which wants the weight in its own blocked
-layout; given a plain [N, K] weight it converts it on every call. `torch.ops.mkldnn._reorder_linear_weight`
-converts it once (what torch.compile's CPU freezing pass does), and `torch.ops.mkldnn._linear_pointwise`
-then runs the same kernel on it: the outputs equal `F.linear`'s bit for bit (tests), and a bfloat16
-decode step takes about 0.8x the time (`pregate bench step --unpacked` measures the model both ways in
-one run; docs/serving.md).
+layout; given a plain [N, K] weight it converts it on every call (our reading of why packing pays).
+`torch.ops.mkldnn._reorder_linear_weight` converts it once (what torch.compile's CPU freezing pass does),
+and `torch.ops.mkldnn._linear_pointwise` then runs the same kernel on it: the outputs equal `F.linear`'s
+bit for bit (tests), and a bfloat16 decode step took 0.64-0.76x the time of plain weights at batch 1 and
+8 (`pregate bench step --unpacked` measures the model both ways in one run; docs/serving.md).
 
 What is packed: every linear map of the decoder (q|k|v, o, the shared experts), the routed experts
 (each expert's gate|up and down as two packed matrices, the down one transposed to the [H, w] a linear map
