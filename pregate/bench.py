@@ -30,7 +30,7 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
-from pregate.packed import can_pack, pack_model
+from pregate.packed import can_pack, pack_model, pack_router
 from pregate.quantize import check_mode, quantize_model, quantize_router
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
@@ -327,8 +327,10 @@ def run_bench(
             quantize_model(model, cfg.quantize)
     if cfg.quantize and router is not None:
         quantize_router(router, cfg.quantize)
+    if not cfg.quantize and can_pack(moe):  # as serve runs them (pregate.packed)
+        pack_router(router)
     for model in (moe, dense) if not cfg.quantize else ():
-        if model is not None and can_pack(model):  # as serve runs them (pregate.packed)
+        if model is not None and can_pack(model):
             pack_model(model)
     names += [DENSE] * cfg.dense + [HF] * cfg.hf
 

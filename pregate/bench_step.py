@@ -47,7 +47,7 @@ from pregate.errors import PregateError, check_int
 from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
-from pregate.packed import can_pack, pack_model
+from pregate.packed import can_pack, pack_model, pack_router
 from pregate.quantize import check_mode, padded, quantize_model, quantize_router
 from pregate.roofline import (
     PARTS,
@@ -523,12 +523,14 @@ def run_bench_step(
         bandwidths[STEP_MOE_INT8] = bandwidths[STEP_DENSE_INT8] = bw_int8
         progress(f"  int8 GEMV {bw_int8['gemv'] / 1e9:.2f} GB/s (int8 bytes)")
     if cfg.unpacked and can_pack(moe):
-        models[STEP_MOE_UNPACKED], routers[STEP_MOE_UNPACKED] = copy.deepcopy(moe), router
+        models[STEP_MOE_UNPACKED], routers[STEP_MOE_UNPACKED] = copy.deepcopy(moe), copy.deepcopy(router)
         models[STEP_DENSE_UNPACKED] = copy.deepcopy(dense) if dense is not None else None
         bandwidths[STEP_MOE_UNPACKED] = bandwidths[STEP_DENSE_UNPACKED] = bw
     elif cfg.unpacked:
         notes.append(f"--unpacked: nothing to compare, {cfg.dtype} weights are not packed (pregate.packed)")
-    for model in (moe, dense):  # as the engine serves them (serve, bench serve)
+    if can_pack(moe):  # as the engine serves them (serve, bench serve): model and router packed
+        routers[STEP_MOE] = pack_router(router)
+    for model in (moe, dense):
         if model is not None and can_pack(model):
             pack_model(model)
     dcounts = cfg.expert_counts(config.num_experts)

@@ -94,10 +94,12 @@ def load_engine(
         if router is not None:
             quantize_router(router, quantize)
     else:
-        from pregate.packed import can_pack, pack_model
+        from pregate.packed import can_pack, pack_model, pack_router
 
         if can_pack(moe):  # bfloat16 on CPU: the same products, faster (pregate.packed)
             pack_model(moe)
+            if router is not None:
+                pack_router(router)
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(

@@ -4,8 +4,8 @@ torch's bfloat16 `F.linear` on CPU runs oneDNN's kernel, which wants the weight 
 layout; given a plain [N, K] weight it converts it on every call (our reading of why packing pays).
 `torch.ops.mkldnn._reorder_linear_weight` converts it once (what torch.compile's CPU freezing pass does),
 and `torch.ops.mkldnn._linear_pointwise` then runs the same kernel on it: the outputs equal `F.linear`'s
-bit for bit (tests), and a bfloat16 decode step took 0.64-0.76x the time of plain weights at batch 1 and
-8 (`pregate bench step --unpacked` measures the model both ways in one run; docs/serving.md).
+bit for bit (tests), and a bfloat16 decode step took 0.78x the time of plain weights at batch 1 and 8
+(`pregate bench step --unpacked` measures the model both ways in one run; docs/serving.md).
 
 What is packed: every linear map of the decoder (q|k|v, o, the shared experts), the routed experts
 (each expert's gate|up and down as two packed matrices, the down one transposed to the [H, w] a linear map
@@ -13,6 +13,11 @@ takes) and the LM head. With tied embeddings the input embedding keeps reading t
 tensor cannot be indexed), so the head is a packed copy beside it: the table's size again (57 MB for
 SmolLM2-135M), for the largest single product of the step. Only bfloat16 on CPU: for float32, oneDNN's
 packed product does not equal `F.linear` (which runs MKL there), so nothing is packed.
+
+The pre-gating router computes in float32, where packing is not bit-exact, but its contract is a
+tolerance anyway (`step` equals `forward` within 1e-5): `pack_router` packs its linear maps, which
+roughly halves its float32 matrix-vector time here, and its logits stay within that tolerance of the
+plain router's (tests), so its choices differ only where two experts' logits tie to 1e-5.
 
 A packed tensor is opaque (no slicing, no dtype or device change), so a packed model is for inference
 only, like a quantized one: pack after loading, never train or save it. The packed tensors are plain
@@ -28,6 +33,7 @@ from torch import nn
 
 from pregate.errors import PregateError
 from pregate.moe import MoEForCausalLM, release_layer_experts
+from pregate.router import PreGatingRouter
 
 
 def can_pack(model: MoEForCausalLM) -> bool:
@@ -108,3 +114,28 @@ def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _pack_router_linear(linear: nn.Linear) -> PackedLinear:
+    return PackedLinear(linear.weight, linear.bias)
+
+
+@torch.no_grad()
+def pack_router(router: PreGatingRouter) -> PreGatingRouter:
+    """Pack a float32 pre-gating router's block linear maps (q|k|v, out, SwiGLU) in place; embedding,
+    norms and head stay. For inference only; returns it in eval mode. Raises PregateError for a router
+    that is not float32 on CPU, or already packed or quantized."""
+    w = router.norm.weight
+    usable = torch.backends.mkldnn.is_available() and w.dtype == torch.float32 and w.device.type == "cpu"
+    if not usable or getattr(router, "quantized", None):
+        raise PregateError(f"only a float32 router on CPU can be packed (this one: {w.dtype} on {w.device})")
+    if getattr(router, "packed", False):
+        raise PregateError("the router is already packed")
+    for block in router.layers:
+        attn, mlp = block.attn, block.mlp
+        attn.qkv, attn.out = _pack_router_linear(attn.qkv), _pack_router_linear(attn.out)
+        mlp.gate, mlp.up, mlp.down = (_pack_router_linear(m) for m in (mlp.gate, mlp.up, mlp.down))
+    router.packed = True
+    for p in router.parameters():
+        p.requires_grad_(False)
+    return router.eval()

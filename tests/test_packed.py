@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError
 from pregate.moe import Routing
-from pregate.packed import PackedLinear, can_pack, pack_model
+from pregate.packed import PackedLinear, can_pack, pack_model, pack_router
 from pregate.quantize import quantize_model
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
 from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
@@ -60,6 +60,28 @@ def test_packed_batched_serving_equals_one_by_one(policy):
         engine.step()
     for i, rid in enumerate(rids):
         assert engine.result(rid).token_ids == reference_greedy(moe, router, ps[i], lens[i]), f"request {i}"
+
+
+def test_packed_router_stays_within_its_contract_of_the_plain_one():
+    """The float32 router packed is not bit-exact (oneDNN against MKL), but within the router's own
+    tolerance (1e-5) of the plain router, in a full recompute and in a batched decode step, and routes
+    the same."""
+    plain = tiny_router(num_experts=4, seed=5)
+    packed = pack_router(copy.deepcopy(plain))
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed.route(packed(ids))[0], plain.route(plain(ids))[0])
+        caches = {r: [r.new_cache(1) for _ in range(2)] for r in (plain, packed)}
+        for r, cs in caches.items():
+            for c, row in zip(cs, ids):
+                r.step(row[None, :20], c)
+        steps = [r.step_tokens(ids[:, 20], cs) for r, cs in caches.items()]
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(PregateError, match="already packed"):
+        pack_router(packed)
+    with pytest.raises(PregateError, match="float32 router"):
+        pack_router(copy.deepcopy(plain).to(torch.bfloat16))
 
 
 def test_only_plain_bfloat16_cpu_models_are_packed():
