@@ -208,6 +208,28 @@ def reference_greedy(moe, router, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def assert_batched_equals_one_by_one(served, router, policy: str, reference=None) -> None:
+    """Six requests through an engine over `served` (budgets that force prefill chunking and choices
+    between queues) give each request the tokens it gets alone by full recompute on `reference`
+    (default `served` itself): batched, chunked and cached == one by one."""
+    from pregate.engine import Engine, SamplingParams
+    from pregate.scheduler import SchedulerConfig
+
+    cfg = SchedulerConfig(
+        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
+    )
+    engine = Engine(served, router=router, scheduler_config=cfg)
+    ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
+    rids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lens)]
+    while engine.has_work():
+        engine.step()
+    reference = served if reference is None else reference
+    for i, rid in enumerate(rids):
+        assert engine.result(rid).token_ids == reference_greedy(reference, router, ps[i], lens[i]), (
+            f"request {i}"
+        )
+
+
 # ------------------------------------------------------------------------------------- engines and servers
 
 

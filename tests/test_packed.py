@@ -12,8 +12,13 @@ from pregate.errors import PregateError
 from pregate.moe import Routing
 from pregate.packed import PackedLinear, can_pack, pack_model, pack_router
 from pregate.quantize import quantize_model
-from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
-from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
+from pregate.scheduler import SCHEDULING_POLICIES
+from tests.conftest import (
+    assert_batched_equals_one_by_one,
+    build,
+    tiny_hf_model,
+    tiny_router,
+)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 
@@ -50,16 +55,7 @@ def test_packed_model_equals_the_plain_model_bit_for_bit(family):
 def test_packed_batched_serving_equals_one_by_one(policy):
     """Batched, chunked and cached on packed weights == one request alone, recomputed on plain ones."""
     moe, router = bf16_moe(seed=4), tiny_router()
-    cfg = SchedulerConfig(
-        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
-    )
-    engine = Engine(pack_model(copy.deepcopy(moe)), router=router, scheduler_config=cfg)
-    ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
-    rids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lens)]
-    while engine.has_work():
-        engine.step()
-    for i, rid in enumerate(rids):
-        assert engine.result(rid).token_ids == reference_greedy(moe, router, ps[i], lens[i]), f"request {i}"
+    assert_batched_equals_one_by_one(pack_model(copy.deepcopy(moe)), router, policy, reference=moe)
 
 
 def test_packed_router_stays_within_its_contract_of_the_plain_one():

@@ -19,7 +19,13 @@ from pregate.quantize import (
     quantize_rows,
 )
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig
-from tests.conftest import build, prompts, reference_greedy, tiny_hf_model, tiny_router
+from tests.conftest import (
+    assert_batched_equals_one_by_one,
+    build,
+    prompts,
+    tiny_hf_model,
+    tiny_router,
+)
 
 torch.manual_seed(0)
 
@@ -121,16 +127,7 @@ def test_tied_embedding_reads_the_int8_head():
 def test_int8_batched_serving_equals_one_by_one(policy):
     """The engine's equivalence under int8: batched, chunked, cached == one request alone, recomputed."""
     moe, router = quantize_model(build(tiny_hf_model(seed=4), num_experts=3)), quantize_router(tiny_router())
-    cfg = SchedulerConfig(
-        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
-    )
-    engine = Engine(moe, router=router, scheduler_config=cfg)
-    ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
-    rids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lens)]
-    while engine.has_work():
-        engine.step()
-    for i, rid in enumerate(rids):
-        assert engine.result(rid).token_ids == reference_greedy(moe, router, ps[i], lens[i]), f"request {i}"
+    assert_batched_equals_one_by_one(moe, router, policy)
 
 
 def test_quantized_router_steps_equal_its_recompute_and_stay_near_the_float_router():
