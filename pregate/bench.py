@@ -30,8 +30,8 @@ from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
 from pregate.metrics import RequestMetrics, StepRecord, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
-from pregate.packed import can_pack, pack_model, pack_router
-from pregate.quantize import check_mode, quantize_model, quantize_router
+from pregate.packed import serving_layout
+from pregate.quantize import check_mode
 from pregate.router import PreGatingRouter, RouterConfig, load_router
 from pregate.scheduler import SCHEDULING_POLICIES, SchedulerConfig, SchedulerError
 from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_workload
@@ -322,16 +322,9 @@ def run_bench(
     if cfg.dense or cfg.hf:
         hf, dense = load_dense_parent(moe)
         dense = dense if cfg.dense else None
-    for model in (moe, dense) if cfg.quantize else ():
-        if model is not None:  # the engine's models; HF generate keeps the float weights
-            quantize_model(model, cfg.quantize)
-    if cfg.quantize and router is not None:
-        quantize_router(router, cfg.quantize)
-    if not cfg.quantize and can_pack(moe):  # as serve runs them (pregate.packed)
-        pack_router(router)
-    for model in (moe, dense) if not cfg.quantize else ():
-        if model is not None and can_pack(model):
-            pack_model(model)
+    serving_layout(moe, router, cfg.quantize)  # the engine's models as serve runs them; HF generate
+    if dense is not None:  # keeps the float weights
+        serving_layout(dense, None, cfg.quantize)
     names += [DENSE] * cfg.dense + [HF] * cfg.hf
 
     def one(name: str) -> RunResult:

@@ -47,8 +47,8 @@ from pregate.errors import PregateError, check_int
 from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
-from pregate.packed import can_pack, pack_model, pack_router
-from pregate.quantize import check_mode, padded, quantize_model, quantize_router
+from pregate.packed import can_pack, serving_layout
+from pregate.quantize import check_mode, padded
 from pregate.roofline import (
     PARTS,
     Breakdown,
@@ -514,10 +514,11 @@ def run_bench_step(
     bandwidths = {STEP_MOE: bw, STEP_DENSE: bw}
     if cfg.quantize:
         progress(f"quantizing copies of the MoE{' and the dense parent' * (dense is not None)} to int8")
-        models[STEP_MOE_INT8] = quantize_model(copy.deepcopy(moe), cfg.quantize)
-        routers[STEP_MOE_INT8] = quantize_router(copy.deepcopy(router), cfg.quantize)
+        models[STEP_MOE_INT8], routers[STEP_MOE_INT8] = serving_layout(
+            copy.deepcopy(moe), copy.deepcopy(router), cfg.quantize
+        )
         models[STEP_DENSE_INT8] = (
-            quantize_model(copy.deepcopy(dense), cfg.quantize) if dense is not None else None
+            serving_layout(copy.deepcopy(dense), None, cfg.quantize)[0] if dense is not None else None
         )
         bw_int8 = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)], int8=True)
         bandwidths[STEP_MOE_INT8] = bandwidths[STEP_DENSE_INT8] = bw_int8
@@ -528,11 +529,9 @@ def run_bench_step(
         bandwidths[STEP_MOE_UNPACKED] = bandwidths[STEP_DENSE_UNPACKED] = bw
     elif cfg.unpacked:
         notes.append(f"--unpacked: nothing to compare, {cfg.dtype} weights are not packed (pregate.packed)")
-    if can_pack(moe):  # as the engine serves them (serve, bench serve): model and router packed
-        routers[STEP_MOE] = pack_router(router)
-    for model in (moe, dense):
-        if model is not None and can_pack(model):
-            pack_model(model)
+    serving_layout(moe, router)  # as the engine serves them (serve, bench serve): packed in bf16
+    if dense is not None:
+        serving_layout(dense)
     dcounts = cfg.expert_counts(config.num_experts)
 
     jobs: dict[tuple[str, int, int], Callable[[], dict]] = {}

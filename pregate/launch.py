@@ -87,19 +87,9 @@ def load_engine(
             f"{router_dir or model_dir} holds a layer-wise gate; pre-gating serving needs a router trained "
             "without --layerwise"
         )
-    if quantize is not None:
-        from pregate.quantize import quantize_model, quantize_router
+    from pregate.packed import serving_layout
 
-        quantize_model(moe, quantize)
-        if router is not None:
-            quantize_router(router, quantize)
-    else:
-        from pregate.packed import can_pack, pack_model, pack_router
-
-        if can_pack(moe):  # bfloat16 on CPU: the same products, faster (pregate.packed)
-            pack_model(moe)
-            if router is not None:
-                pack_router(router)
+    serving_layout(moe, router, quantize)  # int8, or packed bfloat16 on CPU (pregate.packed)
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(

@@ -15,9 +15,14 @@ SmolLM2-135M), for the largest single product of the step. Only bfloat16 on CPU:
 packed product does not equal `F.linear` (which runs MKL there), so nothing is packed.
 
 The pre-gating router computes in float32, where packing is not bit-exact, but its contract is a
-tolerance anyway (`step` equals `forward` within 1e-5): `pack_router` packs its linear maps, which
-roughly halves its float32 matrix-vector time here, and its logits stay within that tolerance of the
-plain router's (tests), so its choices differ only where two experts' logits tie to 1e-5.
+tolerance anyway (`step` equals `forward` within 1e-5): `pack_router` packs its linear maps, and its
+logits stay within that tolerance of the plain router's (tests), so its choices differ only where two
+experts' logits tie to 1e-5. (Not timed side by side by a command: the router part of the packed MoE's
+breakdown was 0.93 ms in docs/serving.md's last packed run, 1.5 ms with the plain router in the run
+before, on a noisier host.)
+
+`serving_layout` puts a loaded model and its router in the layout the engine serves: int8 with
+`--quantize`, else packed where `can_pack` allows. `serve`, `bench serve` and `bench step` all call it.
 
 A packed tensor is opaque (no slicing, no dtype or device change), so a packed model is for inference
 only, like a quantized one: pack after loading, never train or save it. The packed tensors are plain
@@ -33,6 +38,7 @@ from torch import nn
 
 from pregate.errors import PregateError
 from pregate.moe import MoEForCausalLM, release_layer_experts
+from pregate.quantize import quantize_model, quantize_router
 from pregate.router import PreGatingRouter
 
 
@@ -41,7 +47,7 @@ def can_pack(model: MoEForCausalLM) -> bool:
     stays bit-exact)."""
     w = model.norm.weight
     usable = torch.backends.mkldnn.is_available() and w.device.type == "cpu" and w.dtype == torch.bfloat16
-    return usable and not model.quantized and not getattr(model, "packed", False)
+    return usable and not model.quantized and not model.packed
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -72,7 +78,6 @@ class PackedExperts(nn.Module):
 
     def __init__(self, gate_up: torch.Tensor, down_t: torch.Tensor, widths: list[int]):
         super().__init__()
-        self.widths = list(widths)
         self.gate_up = [_pack(gate_up[e, : 2 * w]) for e, w in enumerate(widths)]
         self.down = [_pack(down_t[e, :w].T) for e, w in enumerate(widths)]
 
@@ -97,7 +102,7 @@ def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
         raise PregateError(
             "only a bfloat16 model on CPU that is neither packed nor quantized can be packed "
             f"(this one: {model.norm.weight.dtype} on {model.norm.weight.device.type}, "
-            f"quantized={model.quantized}, packed={getattr(model, 'packed', False)})"
+            f"quantized={model.quantized}, packed={model.packed})"
         )
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -139,3 +144,18 @@ def pack_router(router: PreGatingRouter) -> PreGatingRouter:
     for p in router.parameters():
         p.requires_grad_(False)
     return router.eval()
+
+
+def serving_layout(model: MoEForCausalLM, router: PreGatingRouter | None = None, quantize: str | None = None):
+    """In place, the layout the engine serves: `quantize` ("int8") quantizes the model and its router
+    (pregate.quantize); without it a bfloat16 model on CPU and its router are packed; anything else is
+    left as it is. Returns (model, router)."""
+    if quantize is not None:
+        quantize_model(model, quantize)
+        if router is not None:
+            quantize_router(router, quantize)
+    elif can_pack(model):
+        pack_model(model)
+        if router is not None:
+            pack_router(router)
+    return model, router
