@@ -67,6 +67,7 @@ class BenchConfig:
     repeats: int = 3  # odd, so the median is one run's value, not a mean of two
     dtype: str = "bfloat16"  # weights; attention runs in float32 on CPU (MoEForCausalLM.attention_dtype)
     quantize: str | None = None  # "int8": weight-only int8 for the MoE and the dense parent in the engine
+    native: bool = False  # their MLPs through pregate.native in decode steps
     dense: bool = True
     hf: bool = True
     router_steps: int = 40  # only when the checkpoint has no trained router
@@ -95,6 +96,8 @@ class BenchConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
         check_mode(self.quantize, error=BenchError)
+        if self.native and (self.dtype != "bfloat16" or self.quantize):
+            raise BenchError("--native runs bfloat16 weights: drop --dtype float32 and --quantize")
         try:
             self.scheduler(self.policies[0])  # budgets and expert-aware knobs, checked before any model loads
         except SchedulerError as err:
@@ -322,9 +325,9 @@ def run_bench(
     if cfg.dense or cfg.hf:
         hf, dense = load_dense_parent(moe)
         dense = dense if cfg.dense else None
-    serving_layout(moe, router, cfg.quantize)  # the engine's models as serve runs them; HF generate
-    if dense is not None:  # keeps the float weights
-        serving_layout(dense, None, cfg.quantize)
+    serving_layout(moe, router, cfg.quantize, cfg.native)  # the engine's models as serve runs them; HF
+    if dense is not None:  # generate keeps the float weights
+        serving_layout(dense, None, cfg.quantize, cfg.native)
     names += [DENSE] * cfg.dense + [HF] * cfg.hf
 
     def one(name: str) -> RunResult:

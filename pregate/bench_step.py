@@ -67,7 +67,9 @@ STEP_MOE_INT8 = "moe-int8"  # with --quantize int8: the MoE and the dense parent
 STEP_DENSE_INT8 = "dense-int8"  # measured beside the float ones in the same run
 STEP_MOE_UNPACKED = "moe-unpacked"  # with --unpacked: the bfloat16 MoE and dense parent as plain weights,
 STEP_DENSE_UNPACKED = "dense-unpacked"  # beside the packed ones that the engine serves (pregate.packed)
-MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED)
+STEP_MOE_NATIVE = "moe-native"  # with --native: the bfloat16 MoE and dense parent with their MLPs in one
+STEP_DENSE_NATIVE = "dense-native"  # native call per layer (pregate.native), the rest packed
+MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED, STEP_MOE_NATIVE)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class StepBenchConfig:
     dtype: str = "bfloat16"
     quantize: str | None = None  # "int8": also the MoE and the dense parent with int8 weights
     unpacked: bool = False  # also the bfloat16 models with plain (not prepacked) weights
+    native: bool = False  # also the bfloat16 models with the native MLP (pregate.native)
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -120,6 +123,8 @@ class StepBenchConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
         check_mode(self.quantize, error=BenchError)
+        if self.native and self.dtype != "bfloat16":
+            raise BenchError("--native runs bfloat16 weights; drop --dtype float32")
         if not self.flag_spread > 0:
             raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
         if self.gguf is not None and not Path(self.gguf).is_file():
@@ -529,6 +534,19 @@ def run_bench_step(
         bandwidths[STEP_MOE_UNPACKED] = bandwidths[STEP_DENSE_UNPACKED] = bw
     elif cfg.unpacked:
         notes.append(f"--unpacked: nothing to compare, {cfg.dtype} weights are not packed (pregate.packed)")
+    if cfg.native:
+        from pregate.native import can_run_native
+
+        reason = can_run_native(moe)
+        if reason is not None:
+            raise BenchError(f"--native: {reason}")
+        progress("native MLP copies of the MoE" + " and the dense parent" * (dense is not None))
+        models[STEP_MOE_NATIVE], routers[STEP_MOE_NATIVE] = serving_layout(
+            copy.deepcopy(moe), copy.deepcopy(router), native=True
+        )
+        if dense is not None:
+            models[STEP_DENSE_NATIVE] = serving_layout(copy.deepcopy(dense), native=True)[0]
+        bandwidths[STEP_MOE_NATIVE] = bandwidths[STEP_DENSE_NATIVE] = bw
     serving_layout(moe, router)  # as the engine serves them (serve, bench serve): packed in bf16
     if dense is not None:
         serving_layout(dense)
@@ -538,7 +556,7 @@ def run_bench_step(
     moes = [name for name in MOE_SYSTEMS if name in models]
     denses = [
         name
-        for name in (STEP_DENSE, STEP_DENSE_INT8, STEP_DENSE_UNPACKED)
+        for name in (STEP_DENSE, STEP_DENSE_INT8, STEP_DENSE_UNPACKED, STEP_DENSE_NATIVE)
         if models.get(name) is not None and cfg.dense
     ]
     for b in cfg.batch_sizes:

@@ -55,6 +55,7 @@ def load_engine(
     resident_experts: int | None = None,
     prefetch: bool = False,
     quantize: str | None = None,
+    native: bool = False,
 ) -> Engine:
     """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
 
@@ -62,7 +63,8 @@ def load_engine(
     step, the rest read from the checkpoint file when needed; `prefetch` loads the next layers' slices
     while a layer computes). The model then computes in the checkpoint's dtype.
     quantize "int8": weight-only int8 (pregate.quantize); with resident_experts the routed experts stay in
-    the checkpoint's dtype (the store serves them) and the rest is int8."""
+    the checkpoint's dtype (the store serves them) and the rest is int8.
+    native: decode steps' MLPs in one native call per layer (pregate.native; bfloat16, experts resident)."""
     from transformers import AutoTokenizer
 
     from pregate.checkpoint import parse_dtype
@@ -89,7 +91,7 @@ def load_engine(
         )
     from pregate.packed import serving_layout
 
-    serving_layout(moe, router, quantize)  # int8, or packed bfloat16 on CPU (pregate.packed)
+    serving_layout(moe, router, quantize, native)  # int8, or packed bfloat16 on CPU (pregate.packed)
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(
@@ -118,6 +120,7 @@ def serve(
     timeout_graceful: float = GRACEFUL_S,
     quantize: str | None = None,
     timeout_read: float = READ_TIMEOUT_S,
+    native: bool = False,
 ) -> None:
     """Serve a trained pregate MoE (`load_engine`) until interrupted.
 
@@ -137,7 +140,7 @@ def serve(
             raise PregateError(
                 f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
             ) from None
-    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch, quantize)
+    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch, quantize, native)
     store = engine.store
     name = model_name or Path(model_dir).resolve().name
     print(

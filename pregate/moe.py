@@ -489,6 +489,7 @@ class MoEMLP(nn.Module):
         # the routed experts in an inference layout (quantize.Int8Experts, packed.PackedExperts), with a
         # `run(e, width, x, act)`; then w_* are empty. None: the parameters above
         self.inference_experts = None
+        self.native = None  # pregate.native.NativeMLP: decode steps' MLP in one native call
         self.register_load_state_dict_pre_hook(_fuse_mlp)
         self.register_state_dict_post_hook(_split_mlp)
 
@@ -502,13 +503,21 @@ class MoEMLP(nn.Module):
         plan: RoutingPlan | None,
         scores: torch.Tensor | None = None,
         fetch: Callable[[int], ExpertWeights] | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [T, H] -> [T, H]. If `scores` [T, E] is given, add each expert's activation mass sum|a| per
-        token.
+        """x [T, H] -> [T, H] (plus `residual` when given). If `scores` [T, E] is given, add each expert's
+        activation mass sum|a| per token.
 
         fetch(e) -> (gate|up [2R, H], down transposed [R, H]), in this module's fused layout, supplies expert
         weights from elsewhere (an offloading store); by default they are this module's own parameters.
         """
+        native = self.native
+        if native is not None and scores is None and fetch is None and native.takes(x):
+            return native.run(x, plan, residual)
+        out = self._forward(x, plan, scores, fetch)
+        return out if residual is None else residual + out
+
+    def _forward(self, x, plan, scores, fetch) -> torch.Tensor:
         gu = self.gate_up_proj(x)  # [T, 2S]
         out = self.down_proj(self.act(gu[:, : self.shared]) * gu[:, self.shared :])
         if plan is None or not plan.groups or not any(self.widths):
@@ -703,7 +712,7 @@ class MoEForCausalLM(nn.Module):
             if expert_source is not None and layer_plan is not None:
                 expert_source.begin_layer(i, [e for e, _, _ in layer_plan.groups])
                 fetch = functools.partial(expert_source.fetch, i)
-            h = h + layer.mlp(x, layer_plan, None if scores is None else scores[i], fetch)
+            h = layer.mlp(x, layer_plan, None if scores is None else scores[i], fetch, residual=h)
         for s in segments:
             if s.cache is not None:
                 s.cache.lengths[s.slot] += s.length

@@ -93,10 +93,11 @@ class PackedExperts(nn.Module):
 
 
 @torch.no_grad()
-def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
+def pack_model(model: MoEForCausalLM, experts: bool = True, mlp: bool = True) -> MoEForCausalLM:
     """Pack `model`'s weights in place (see the module doc) and return it in eval mode, no gradients.
 
     experts False, or routed experts released to an expert store: the routed experts stay as they are.
+    mlp False: every MLP weight stays plain (for pregate.native, which reads them itself).
     Raises PregateError for a model `can_pack` refuses."""
     if not can_pack(model):
         raise PregateError(
@@ -105,14 +106,16 @@ def pack_model(model: MoEForCausalLM, experts: bool = True) -> MoEForCausalLM:
             f"quantized={model.quantized}, packed={model.packed})"
         )
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn, ffn = layer.self_attn, layer.mlp
         attn.qkv_proj = PackedLinear(attn.qkv_proj.weight, attn.qkv_proj.bias)
         attn.o_proj = PackedLinear(attn.o_proj.weight, None)
-        mlp.gate_up_proj = PackedLinear(mlp.gate_up_proj.weight, None)
-        mlp.down_proj = PackedLinear(mlp.down_proj.weight, None)
-        if experts and mlp.num_experts and any(mlp.widths) and mlp.w_gate_up.shape[1] > 0:
-            mlp.inference_experts = PackedExperts(mlp.w_gate_up, mlp.w_down_t, mlp.widths)
-            release_layer_experts(mlp)  # the plain copy goes now: never two copies of every expert
+        if not mlp:
+            continue
+        ffn.gate_up_proj = PackedLinear(ffn.gate_up_proj.weight, None)
+        ffn.down_proj = PackedLinear(ffn.down_proj.weight, None)
+        if experts and ffn.num_experts and any(ffn.widths) and ffn.w_gate_up.shape[1] > 0:
+            ffn.inference_experts = PackedExperts(ffn.w_gate_up, ffn.w_down_t, ffn.widths)
+            release_layer_experts(ffn)  # the plain copy goes now: never two copies of every expert
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     model.lm_head = PackedLinear(head, None)  # tied: a copy; the embedding keeps its table for lookups
     model.packed = True
@@ -146,11 +149,29 @@ def pack_router(router: PreGatingRouter) -> PreGatingRouter:
     return router.eval()
 
 
-def serving_layout(model: MoEForCausalLM, router: PreGatingRouter | None = None, quantize: str | None = None):
+def serving_layout(
+    model: MoEForCausalLM,
+    router: PreGatingRouter | None = None,
+    quantize: str | None = None,
+    native: bool = False,
+):
     """In place, the layout the engine serves: `quantize` ("int8") quantizes the model and its router
     (pregate.quantize); without it a bfloat16 model on CPU and its router are packed; anything else is
-    left as it is. Returns (model, router)."""
-    if quantize is not None:
+    left as it is. `native`: the MLPs stay plain and run through pregate.native instead (the rest is
+    packed as above); raises PregateError where that cannot run. Returns (model, router)."""
+    if native:
+        if quantize is not None:
+            raise PregateError("--native runs bfloat16 weights; it does not combine with --quantize")
+        from pregate.native import attach_native, can_run_native
+
+        reason = can_run_native(model)
+        if reason is not None:
+            raise PregateError(reason)
+        pack_model(model, mlp=False)
+        attach_native(model)
+        if router is not None:
+            pack_router(router)
+    elif quantize is not None:
         quantize_model(model, quantize)
         if router is not None:
             quantize_router(router, quantize)

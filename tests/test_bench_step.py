@@ -23,6 +23,7 @@ from pregate.bench_step import (
 from pregate.cli import main
 from pregate.errors import PregateError
 from pregate.moe import load_moe, save_moe
+from pregate.native import unavailable_reason as native_unavailable
 from pregate.quantize import quantize_model
 from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig, save_router
 from tests.conftest import build
@@ -203,6 +204,17 @@ def test_bf16_engine_systems_are_packed_and_unpacked_beside_them(moe_dir):
     systems = {r["system"] for r in result["batch_sizes"]}
     assert systems == {"moe", "dense", "moe-unpacked", "dense-unpacked"}
     assert "packed" in result["products"]
+
+
+@pytest.mark.skipif(native_unavailable() is not None, reason=str(native_unavailable()))
+def test_native_systems_run_beside_the_packed_ones(moe_dir):
+    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, hf=False, breakdown=False)
+    result = run_bench_step(moe_dir, cfg, progress=lambda _: None)
+    rows = {r["system"]: r for r in result["batch_sizes"] if r["batch"] == 3}
+    assert set(rows) == {"moe", "dense", "moe-native", "dense-native"}
+    assert rows["moe-native"]["bytes"] == rows["moe"]["bytes"]  # the same bytes, another kernel
+    with pytest.raises(BenchError, match="--native runs bfloat16"):
+        StepBenchConfig(dtype="float32", native=True)
 
 
 def test_layerwise_direct_path_runs(moe_dir):

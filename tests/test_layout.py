@@ -27,6 +27,7 @@ SERVING = (
     "moe",
     "quantize",
     "packed",
+    "native",
     "checkpoint",
 )
 TRAINING = ("train", "distill", "refactor", "data", "corpora", "stats", "evaluate", "harness", "tasks")

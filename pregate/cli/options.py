@@ -104,6 +104,17 @@ def add_quantize(p: argparse.ArgumentParser, what: str = "the model") -> None:
     )
 
 
+def add_native(p: argparse.ArgumentParser, what: str = "the model") -> None:
+    """`--native`: each layer's MLP in one native call for decode steps (pregate.native)."""
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help=f"run {what}'s MLPs in one native call per layer in decode steps (bfloat16, x86-64 with AVX2; "
+        "built on first use with the C compiler; within bfloat16 rounding of the default path, "
+        "docs/serving.md; default: off)",
+    )
+
+
 def add_resident_experts(
     p: argparse.ArgumentParser, many: bool = False, default=None, help: str = ""
 ) -> None:

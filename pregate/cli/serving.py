@@ -6,6 +6,7 @@ from __future__ import annotations
 from pregate.cli.options import (
     add_dtype,
     add_json,
+    add_native,
     add_option,
     add_quantize,
     add_resident_experts,
@@ -33,6 +34,7 @@ def add_serve(p) -> None:
     p.add_argument("--name", help="model name the API reports (default: the directory's name)")
     add_dtype(p, "bfloat16", "weight dtype; attention is float32 on CPU")
     add_quantize(p)
+    add_native(p)
     add_resident_experts(
         p,
         help="keep only this many whole routed experts in memory (Belady eviction; the rest are read "
@@ -119,6 +121,7 @@ def cmd_serve(args) -> None:
         args.prefetch,
         limits,
         quantize=args.quantize,
+        native=args.native,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful=args.timeout_graceful,
         timeout_read=args.timeout_read,
@@ -156,6 +159,7 @@ def add_bench_serve(p) -> None:
     add_option(p, "--repeats", d.repeats, "interleaved repeats; medians are reported", type=positive_int)
     add_dtype(p, d.dtype)
     add_quantize(p, "the MoE and the dense parent in the engine (HF generate keeps --dtype)")
+    add_native(p, "the MoE and the dense parent in the engine")
     p.add_argument("--no-dense", action="store_true", help="skip the dense parent in the engine")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate with static batches")
     add_workload_options(p, d.requests, d.max_prompt_tokens, d.max_output_tokens, d.seed)
@@ -213,6 +217,12 @@ def add_bench_step(p) -> None:
         action="store_true",
         help="also the bfloat16 MoE and dense parent with plain weights (moe-unpacked, dense-unpacked), "
         "beside the prepacked ones the engine serves (pregate.packed)",
+    )
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="also the bfloat16 MoE and dense parent with each layer's MLP in one native call "
+        "(moe-native, dense-native; pregate.native, built on first use with the C compiler)",
     )
     p.add_argument(
         "--layerwise",
@@ -294,6 +304,7 @@ def add_bench_server(p) -> None:
     p.add_argument("--seed", type=int, default=lt.seed)
     add_dtype(p, "bfloat16")
     add_quantize(p)
+    add_native(p)
     add_scheduler_options(p)
     p.set_defaults(func=cmd_bench_server)
 
@@ -303,5 +314,7 @@ def cmd_bench_server(args) -> None:
     from pregate.loadtest import ServerBenchConfig, bench_server, format_result
 
     cfg = config_from_args(ServerBenchConfig, args, timeout_s=args.timeout)
-    engine = load_engine(args.model, scheduler_config(args), dtype=args.dtype, quantize=args.quantize)
+    engine = load_engine(
+        args.model, scheduler_config(args), dtype=args.dtype, quantize=args.quantize, native=args.native
+    )
     print(format_result(bench_server(engine, cfg, args.json, model_name="bench")))

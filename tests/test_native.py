@@ -1,0 +1,150 @@
+"""The native MoE MLP (pregate.native): the eager path's arithmetic within bfloat16 rounding, the same bits
+for a row alone or in any batch and at any thread count, and exact batched serving when every row runs
+natively."""
+
+import copy
+
+import pytest
+import torch
+
+from pregate import native
+from pregate.errors import PregateError
+from pregate.moe import Routing, RoutingPlan
+from pregate.packed import serving_layout
+from pregate.scheduler import SCHEDULING_POLICIES
+from tests.conftest import assert_batched_equals_one_by_one, build, tiny_hf_model, tiny_router
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason=str(native.unavailable_reason())
+)
+
+
+def bf16_moe(seed: int = 0, family: str = "llama", num_experts: int = 3):
+    return build(tiny_hf_model(family, seed=seed), num_experts=num_experts).to(torch.bfloat16).eval()
+
+
+def routings(rows: int, experts: int, seed: int):
+    """Top-1 to one expert, top-1 spread over experts, and every expert with softmax weights."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.randint(0, experts, (rows,), generator=g)
+    weights = torch.rand(rows, experts, generator=g).softmax(-1)
+    every = Routing(torch.arange(experts).repeat(rows, 1), weights)
+    return {
+        "one": Routing.top1(torch.zeros(rows, dtype=torch.long)),
+        "spread": Routing.top1(spread),
+        "every": every,
+    }
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows):
+    """Each element equals the eager path's (torch's own products on the same weights) or differs from it
+    by float32 summation order: after bfloat16 rounding, rarely, and then by about one unit in the last
+    place."""
+    moe = native.attach_native(bf16_moe(seed=1))
+    torch.manual_seed(rows)
+    differing = total = 0
+    with torch.no_grad():
+        for layer in moe.layers:
+            mlp = layer.mlp
+            x, h = torch.randn(rows, 48, dtype=torch.bfloat16), torch.randn(rows, 48, dtype=torch.bfloat16)
+            for name, routing in routings(rows, 3, seed=rows).items():
+                plan = RoutingPlan(routing, 3)
+                got = mlp(x, plan, residual=h)
+                want = h + mlp._forward(x, plan, None, None)
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=f"routing {name}")
+                differing += int((got != want).sum())
+                total += got.numel()
+    assert differing <= 0.02 * total, f"{differing} of {total} elements differ"
+
+
+def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count():
+    moe = native.attach_native(bf16_moe(seed=2, num_experts=4))
+    mlp = moe.layers[1].mlp
+    torch.manual_seed(0)
+    x, h = torch.randn(8, 48, dtype=torch.bfloat16), torch.randn(8, 48, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for name, routing in routings(8, 4, seed=3).items():
+            batch = mlp(x, RoutingPlan(routing, 4), residual=h)
+            for i in range(8):
+                one = Routing(routing.expert_ids[i : i + 1], routing.weights[i : i + 1])
+                assert torch.equal(
+                    mlp(x[i : i + 1], RoutingPlan(one, 4), residual=h[i : i + 1]), batch[i : i + 1]
+                )
+            try:
+                torch.set_num_threads(1)
+                assert torch.equal(mlp(x, RoutingPlan(routing, 4), residual=h), batch), name
+            finally:
+                torch.set_num_threads(threads)
+
+
+def test_more_rows_than_native_rows_take_the_eager_path():
+    moe = native.attach_native(bf16_moe(seed=3))
+    mlp = moe.layers[0].mlp
+    x = torch.randn(native.NATIVE_ROWS + 1, 48, dtype=torch.bfloat16)
+    plan = RoutingPlan(routings(x.shape[0], 3, seed=0)["spread"], 3)
+    with torch.no_grad():
+        assert not mlp.native.takes(x) and mlp.native.takes(x[:-1])
+        assert torch.equal(mlp(x, plan), mlp._forward(x, plan, None, None))
+    assert not mlp.native.takes(x[:1])  # with gradients on: training never takes it
+
+
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
+def test_native_batched_serving_equals_one_by_one(policy, monkeypatch):
+    """With every row through the kernel (the reference's full recomputes included), batched, chunked and
+    cached serving gives each request exactly the tokens it gets alone."""
+    monkeypatch.setattr(native, "NATIVE_ROWS", 10**6)
+    served, _ = serving_layout(bf16_moe(seed=4), native=True)
+    assert_batched_equals_one_by_one(served, tiny_router(), policy)
+
+
+def test_native_serving_gives_the_eager_tokens():
+    """At the default NATIVE_ROWS (decode rows native, longer prompts through torch) the served tokens
+    equal those of the plain eager model, one request at a time by full recompute."""
+    moe, router = bf16_moe(seed=5), tiny_router()
+    served, _ = serving_layout(copy.deepcopy(moe), native=True)
+    assert all(layer.mlp.native is not None for layer in served.layers) and served.packed
+    assert_batched_equals_one_by_one(served, router, "expert-aware", reference=moe)
+
+
+def test_what_the_native_mlp_refuses():
+    f32 = build(tiny_hf_model(seed=6), num_experts=2)
+    assert "bfloat16" in native.can_run_native(f32)
+    with pytest.raises(PregateError, match="bfloat16"):
+        native.attach_native(f32)
+    with pytest.raises(PregateError, match="does not combine with --quantize"):
+        serving_layout(bf16_moe(seed=6), quantize="int8", native=True)
+    packed, _ = serving_layout(bf16_moe(seed=6))
+    assert "packed" in native.can_run_native(packed)
+    gelu = build(tiny_hf_model(seed=6, hidden_act="gelu"), num_experts=2).to(torch.bfloat16)
+    assert "SiLU" in native.can_run_native(gelu)
+
+
+def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_checkpoint, tmp_path):
+    """`pregate serve --native`'s loader: the checkpoint's MoE with native MLPs behind its router, giving
+    the tokens of the plain bfloat16 engine; with an expert store it is refused with the reason."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pregate.engine import Engine, SamplingParams
+    from pregate.launch import load_engine
+    from pregate.moe import load_moe, save_moe
+    from pregate.router import PreGatingRouter, RouterConfig, load_router, save_router
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    out = tmp_path / "served"
+    out.mkdir()
+    save_moe(build(hf), out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    save_router(
+        PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3)), out
+    )
+    engine = load_engine(str(out), dtype="bfloat16", native=True)
+    assert all(layer.mlp.native is not None for layer in engine.model.layers)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    got = engine.generate(["hello", "a longer prompt"], params)
+    plain = Engine(load_moe(out, torch.bfloat16), AutoTokenizer.from_pretrained(out), load_router(out))
+    want = plain.generate(["hello", "a longer prompt"], params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    with pytest.raises(PregateError, match="the native MLP"):  # the store computes in float32 here
+        load_engine(str(out), dtype="bfloat16", resident_experts=1, native=True)
