@@ -631,6 +631,7 @@ class MoEForCausalLM(nn.Module):
         self._inv_freq = _inv_freq(cfg)  # kept float32 and out of .to(dtype): RoPE needs the precision
         self.quantized: str | None = None  # "int8" after pregate.quantize.quantize_model
         self.packed = False  # True after pregate.packed.pack_model
+        self.native = None  # pregate.native.NativeDecoder: decode steps' layers as native calls
 
     @property
     def num_experts(self) -> int:
@@ -702,7 +703,15 @@ class MoEForCausalLM(nn.Module):
         cos, sin = self.rope(positions, self.attention_dtype)
         attention = AttentionPlan(segments, input_ids.device)
         plan = RoutingPlan(routing, self.num_experts) if routing is not None and self.num_experts else None
+        native = self.native
+        if native is not None and layer_router is None and scores is None and expert_source is None:
+            native = native if native.takes(attention, h) else None
+        else:
+            native = None
         for i, layer in enumerate(self.layers):
+            if native is not None:
+                h = native.layer(i, h, cos, sin, attention, plan)
+                continue
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attention, i)
             x = layer.post_attention_layernorm(h)
             layer_plan = plan

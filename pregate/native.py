@@ -1,23 +1,28 @@
-"""A native MoE MLP for decode steps (`--native`): a layer's shared and routed experts in one call.
+"""Native decode layers (`--native`): a decode step's attention and MLP, each one call per layer.
 
-A bfloat16 decode step spends most of its MLP time outside the bytes it reads: each MoE layer makes
-about fourteen torch calls (two products per expert, slicing, the activation, the product with up,
-the sums), and oneDNN's small products run well below the memory's rate (`pregate bench step`'s
-per-shape table). `pregate/native/moe_mlp.c` does a layer's whole MLP in one OpenMP region, reading
-the weights once in their plain layouts, for steps of at most `NATIVE_ROWS` rows; longer steps
-(prefill chunks) take the torch path on the same plain weights.
+A bfloat16 decode step on CPU spends most of its time outside the bytes it reads: each MoE layer makes
+about fifty torch calls (norms, q|k|v, RoPE, the cache writes, attention, o, two products per expert,
+slicing, the activation, the sums), and oneDNN's small products run well below the memory's rate
+(`pregate bench step`'s per-shape table). `pregate/native/` holds two kernels in C with AVX2:
+`attention.c` (RMSNorm, q|k|v, RoPE, the new keys and values into the KV cache, attention, o and the
+residual) and `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
+residual), each one OpenMP region over the plain weights. A decode step (every row the next token of its
+sequence, one direct group of the KV pool: `AttentionPlan.only_direct`) of at most `NATIVE_ROWS` rows runs
+every layer as these two calls; any other step of at most `NATIVE_ROWS` rows runs its MLPs natively
+(`MoEMLP.native`) and the rest through torch; longer steps (prefill chunks) run through torch on the
+same plain weights.
 
 Contract (tests): a row's result does not depend on the other rows of the step or on the thread count,
-so batched serving equals one-by-one serving exactly while steps stay within `NATIVE_ROWS`; against the
-torch path it is the same arithmetic in another summation order (float32 accumulation, bfloat16
-rounding after every op, as eager torch rounds), so it agrees within bfloat16 rounding, not bit for bit.
-A step of more rows runs the torch path, so a prompt's prefill and the decode rows of a step that also
-carries a prefill chunk are computed by torch: the exactness above is conditional in the way that
-`quantize.DEQUANT_ROWS` makes int8's.
+so batched decoding equals one-by-one decoding exactly; against the torch path it is the same
+arithmetic in another summation order (float32 sums, bfloat16 rounding after every op as eager torch
+rounds, attention in float32), so it agrees within rounding, not bit for bit. Steps with a prompt chunk
+run attention through torch, and MLPs too above `NATIVE_ROWS` rows, so exactness across steps of
+different kinds is conditional in the way that `quantize.DEQUANT_ROWS` makes int8's.
 
-The C file is compiled on first use with the system's C compiler (`cc`, or `$CC`) into
-`~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the source; x86-64 with AVX2 and
-FMA only. It links the OpenMP runtime that torch has already loaded, so both share one thread pool.
+The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
+`~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources; x86-64 with AVX2 and
+FMA only. The library links the OpenMP runtime that torch has already loaded, so both share one thread
+pool.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pregate.errors import PregateError
-from pregate.moe import MoEForCausalLM, MoEMLP, RoutingPlan
+from pregate.moe import AttentionPlan, DecodeGroup, MoEForCausalLM, MoEMLP, RoutingPlan
 
-SOURCE = Path(__file__).parent / "native" / "moe_mlp.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+SOURCES = Path(__file__).parent / "native"
+# -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 # Up to this many rows a step's MLP runs natively. Its products read each weight once for all rows but
 # are not blocked like a GEMM, so a prefill chunk is faster through oneDNN (`bench step` measures both).
 NATIVE_ROWS = 8
@@ -86,24 +92,29 @@ def library() -> ctypes.CDLL:
     reason = unavailable_reason()
     if reason is not None:
         raise PregateError(reason)
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"moe_mlp-{tag}.so"
+    files = sorted(SOURCES.glob("*.[ch]"))
+    tag = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"pregate-native-{tag}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
-            cmd = [_compiler(), *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+            sources = [str(f) for f in files if f.suffix == ".c"]
+            cmd = [_compiler(), *FLAGS, *sources, "-o", str(built), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise PregateError(f"building the native MLP failed ({' '.join(cmd)}):\n{done.stderr}")
+                raise PregateError(f"building the native kernels failed ({' '.join(cmd)}):\n{done.stderr}")
             os.replace(built, path)  # atomic: a concurrent build leaves one complete file
     lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     i64 = ctypes.c_long
-    lib.pg_moe_mlp.argtypes = [ptr, ptr, ptr, i32, i32, ptr, ptr, i32, ptr, i64, ptr, i64, ptr, i32]
+    f32 = ctypes.c_float
+    lib.pg_moe_mlp.argtypes = [ptr, ptr, ptr, i32, i32, ptr, f32, ptr, ptr, i32, ptr, i64, ptr, i64, ptr, i32]
     lib.pg_moe_mlp.argtypes += [ptr, ptr, ptr, ptr, ptr]
     lib.pg_moe_mlp.restype = i32
+    lib.pg_attention.argtypes = [ptr, ptr, i32, i32, ptr, f32, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, ptr]
+    lib.pg_attention.argtypes += [i32, ptr, ptr, ptr]
+    lib.pg_attention.restype = i32
     _library = lib
     return lib
 
@@ -154,7 +165,10 @@ class NativeMLP:
             x.shape[0] <= NATIVE_ROWS and x.dtype == w.dtype == torch.bfloat16 and not torch.is_grad_enabled()
         )
 
-    def run(self, x: torch.Tensor, plan: RoutingPlan | None, residual: torch.Tensor | None) -> torch.Tensor:
+    def run(
+        self, x: torch.Tensor, plan: RoutingPlan | None, residual: torch.Tensor | None, norm=None
+    ) -> torch.Tensor:
+        """norm (an RMSNorm): the MLP's input is norm(x) (fused: the layer's post-attention norm)."""
         mlp = self.mlp
         x = x.contiguous()
         if residual is not None:
@@ -168,6 +182,8 @@ class NativeMLP:
             out.data_ptr(),
             x.shape[0],
             x.shape[1],
+            None if norm is None else norm.weight.data_ptr(),
+            0.0 if norm is None else norm.eps,
             mlp.gate_up_proj.weight.data_ptr(),
             mlp.down_proj.weight.data_ptr(),
             mlp.shared,
@@ -188,6 +204,69 @@ class NativeMLP:
         return out
 
 
+class _GroupArgs:
+    """A decode group's slots and positions as the kernel takes them, once per step (`for_group`)."""
+
+    _last: tuple[DecodeGroup | None, _GroupArgs | None] = (None, None)
+
+    def __init__(self, group: DecodeGroup):
+        self.slots = _ints(list(range(group.lo, group.hi)))
+        self.pos = _ints(group.pos.tolist())
+
+    @classmethod
+    def for_group(cls, group: DecodeGroup) -> _GroupArgs:
+        last, args = cls._last
+        if args is None or last is not group:
+            args = cls(group)
+            cls._last = (group, args)
+        return args
+
+
+class NativeDecoder:
+    """Every layer of a decode step as two native calls (attention, then the MLP; see the module doc).
+    `takes(plan, x)` says whether a step qualifies; `layer(i, h, cos, sin, plan, routing)` runs layer i."""
+
+    def __init__(self, model: MoEForCausalLM):
+        self.model = model
+
+    def takes(self, attention: AttentionPlan, h: torch.Tensor) -> bool:
+        return attention.only_direct and self.model.layers[0].mlp.native.takes(h)
+
+    def layer(
+        self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionPlan, plan
+    ) -> torch.Tensor:
+        layer, group = self.model.layers[i], attention.groups[0]
+        attn, norm = layer.self_attn, layer.input_layernorm
+        cache, args = group.cache, _GroupArgs.for_group(group)
+        h = h.contiguous()
+        out = torch.empty_like(h)
+        qkv = attn.qkv_proj
+        status = library().pg_attention(
+            h.data_ptr(),
+            out.data_ptr(),
+            h.shape[0],
+            h.shape[1],
+            norm.weight.data_ptr(),
+            norm.eps,
+            qkv.weight.data_ptr(),
+            None if qkv.bias is None else qkv.bias.data_ptr(),
+            attn.n_heads,
+            attn.n_kv,
+            attn.head_dim,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            cache.k[i].data_ptr(),
+            cache.v[i].data_ptr(),
+            cache.capacity,
+            args.slots,
+            args.pos,
+            attn.o_proj.weight.data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("the native attention could not allocate its scratch memory")
+        return layer.mlp.native.run(out, plan, out, norm=layer.post_attention_layernorm)
+
+
 def can_run_native(model: MoEForCausalLM) -> str | None:
     """Why `model` cannot take the native MLP, or None if it can."""
     reason = unavailable_reason()
@@ -198,30 +277,39 @@ def can_run_native(model: MoEForCausalLM) -> str | None:
         return f"the native MLP runs bfloat16 models on CPU (this one: {w.dtype} on {w.device.type})"
     if model.quantized:
         return "the native MLP reads bfloat16 weights (this model is quantized)"
-    if any(not isinstance(m.mlp.gate_up_proj, nn.Linear) or m.mlp.inference_experts for m in model.layers):
-        return "the native MLP reads plain weights (this model's MLPs are packed)"
+    plain = (nn.Linear,)
+    for m in model.layers:
+        linears = (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj, m.mlp.down_proj)
+        if not all(isinstance(t, plain) for t in linears) or m.mlp.inference_experts:
+            return "the native layers read plain weights (this model's decoder layers are packed)"
     if model.layers[0].mlp.act is not F.silu:
         return "the native MLP implements SiLU only"
     if any(m.mlp.num_experts and m.mlp.w_gate_up.shape[1] == 0 for m in model.layers):
         return "the native MLP needs the routed experts resident (these were released to an expert store)"
     if model.config.base["hidden_size"] % 8:
-        return "the native MLP needs a hidden size that is a multiple of 8"
+        return "the native layers need a hidden size that is a multiple of 8"
+    if model.attention_dtype != torch.float32:
+        return "the native attention needs the float32 KV cache of a CPU model"
     return None
 
 
 @torch.no_grad()
 def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
-    """Give each layer's MLP its native path (in place; the weights stay plain). Raises PregateError when
-    `can_run_native` refuses. The routed experts must be resident (no expert store)."""
+    """Give the model its native decode path and each layer's MLP its native call (in place; the weights
+    stay plain). Raises PregateError when `can_run_native` refuses (the routed experts must be resident:
+    no expert store)."""
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)
     library()  # build now, not in the first request
     for layer in model.layers:
-        mlp = layer.mlp
-        for p in (mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.w_gate_up, mlp.w_down_t):
-            p.data = p.data.contiguous()  # the kernel walks the memory itself
+        mlp, attn = layer.mlp, layer.self_attn
+        tensors = (mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.w_gate_up, mlp.w_down_t)
+        tensors += (attn.qkv_proj.weight, attn.o_proj.weight)
+        for p in tensors:
+            p.data = p.data.contiguous()  # the kernels walk the memory themselves
         mlp.native = NativeMLP(mlp)
+    model.native = NativeDecoder(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -93,11 +93,12 @@ class PackedExperts(nn.Module):
 
 
 @torch.no_grad()
-def pack_model(model: MoEForCausalLM, experts: bool = True, mlp: bool = True) -> MoEForCausalLM:
+def pack_model(model: MoEForCausalLM, experts: bool = True, decoder: bool = True) -> MoEForCausalLM:
     """Pack `model`'s weights in place (see the module doc) and return it in eval mode, no gradients.
 
     experts False, or routed experts released to an expert store: the routed experts stay as they are.
-    mlp False: every MLP weight stays plain (for pregate.native, which reads them itself).
+    decoder False: the decoder layers stay plain and only the LM head is packed (for pregate.native,
+    which reads the layers' weights itself).
     Raises PregateError for a model `can_pack` refuses."""
     if not can_pack(model):
         raise PregateError(
@@ -105,12 +106,10 @@ def pack_model(model: MoEForCausalLM, experts: bool = True, mlp: bool = True) ->
             f"(this one: {model.norm.weight.dtype} on {model.norm.weight.device.type}, "
             f"quantized={model.quantized}, packed={model.packed})"
         )
-    for layer in model.layers:
+    for layer in model.layers if decoder else []:
         attn, ffn = layer.self_attn, layer.mlp
         attn.qkv_proj = PackedLinear(attn.qkv_proj.weight, attn.qkv_proj.bias)
         attn.o_proj = PackedLinear(attn.o_proj.weight, None)
-        if not mlp:
-            continue
         ffn.gate_up_proj = PackedLinear(ffn.gate_up_proj.weight, None)
         ffn.down_proj = PackedLinear(ffn.down_proj.weight, None)
         if experts and ffn.num_experts and any(ffn.widths) and ffn.w_gate_up.shape[1] > 0:
@@ -157,8 +156,9 @@ def serving_layout(
 ):
     """In place, the layout the engine serves: `quantize` ("int8") quantizes the model and its router
     (pregate.quantize); without it a bfloat16 model on CPU and its router are packed; anything else is
-    left as it is. `native`: the MLPs stay plain and run through pregate.native instead (the rest is
-    packed as above); raises PregateError where that cannot run. Returns (model, router)."""
+    left as it is. `native`: the decoder layers stay plain and run through pregate.native instead (the
+    LM head and the router packed as above); raises PregateError where that cannot run. Returns
+    (model, router)."""
     if native:
         if quantize is not None:
             raise PregateError("--native runs bfloat16 weights; it does not combine with --quantize")
@@ -167,7 +167,7 @@ def serving_layout(
         reason = can_run_native(model)
         if reason is not None:
             raise PregateError(reason)
-        pack_model(model, mlp=False)
+        pack_model(model, decoder=False)
         attach_native(model)
         if router is not None:
             pack_router(router)

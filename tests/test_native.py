@@ -148,3 +148,50 @@ def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_ch
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     with pytest.raises(PregateError, match="the native MLP"):  # the store computes in float32 here
         load_engine(str(out), dtype="bfloat16", resident_experts=1, native=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
+def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, monkeypatch):
+    """A decode step of B sequences in the KV pool goes through the native decoder (every layer), gives each
+    row the bits it gets decoding alone, and stays within rounding of the torch path."""
+    from pregate.moe import Segment
+
+    plain = bf16_moe(seed=7, family=family)
+    model, _ = serving_layout(copy.deepcopy(plain), native=True)
+    calls = []
+    real = native.NativeDecoder.layer
+    monkeypatch.setattr(
+        native.NativeDecoder, "layer", lambda self, i, *a: calls.append(i) or real(self, i, *a)
+    )
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 9, 3, 12)]
+    nxt = torch.randint(3, 97, (4,), generator=g)
+    route = Routing.top1(torch.tensor([0, 2, 1, 2]))
+
+    def decode(m, rows):
+        cache = m.new_cache(capacity=32, slots=4)
+        for slot, p in enumerate(prompts):
+            assert cache.acquire(32) == slot
+            m.forward_packed(
+                p, [Segment(len(p), cache, slot)], Routing.top1(torch.zeros(len(p), dtype=torch.long))
+            )
+        if rows is None:  # every row in one step
+            return m.forward_packed(nxt, [Segment(1, cache, s) for s in range(4)], route)
+        return torch.cat(
+            [
+                m.forward_packed(
+                    nxt[s : s + 1],
+                    [Segment(1, cache, s)],
+                    Routing(route.expert_ids[s : s + 1], route.weights[s : s + 1]),
+                )
+                for s in rows
+            ]
+        )
+
+    with torch.inference_mode():
+        batched = decode(model, None)
+        assert calls == list(range(len(model.layers)))  # one decode step, every layer native
+        alone = decode(model, range(4))
+        want = decode(plain, None)
+    assert torch.equal(batched, alone)
+    torch.testing.assert_close(batched, want, rtol=3e-2, atol=3e-2)

@@ -9,109 +9,9 @@
    not on the thread count), so a row gives the same bits alone or in any batch. Weights are read in
    their checkpoint layouts: gate|up [2W, H] and the shared down [H, S] as dot products along rows, a
    routed down transposed [W, H] as rows scaled and added (axpy); threads split channels, then columns. */
-#include <immintrin.h>
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-typedef uint16_t bf16;
-
-static inline float from_bf16(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (bf16)((u >> 16) | 64); /* NaN stays NaN */
-    u += 0x7fff + ((u >> 16) & 1);
-    return (bf16)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
-
-static inline __m256 load8(const bf16 *p) { /* 8 bfloat16 -> 8 float32 */
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
-/* Dot products of NW bfloat16 rows w[i] with NX float32 vectors x[j] (K each) into out[i * NX + j].
-   Every output has one accumulator, fed 8 terms at a time in order, summed across lanes, then the last
-   K % 8 terms added in order: the same bits whichever tile computes it. pf > 0: prefetch the rows pf
-   elements further on (what the next call reads); the hardware prefetcher alone reaches about half the
-   memory's rate on rows this short. */
-#define DOTS(NW, NX)                                                                                     \
-    static void dots_##NW##x##NX(const bf16 *const *w, const float *const *x, int K, long pf, float *out) { \
-        __m256 acc[NW][NX];                                                                              \
-        for (int i = 0; i < NW; i++)                                                                     \
-            for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();                                \
-        int k = 0;                                                                                       \
-        for (; k + 8 <= K; k += 8) {                                                                     \
-            if (pf && !(k & 31))                                                                         \
-                for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
-            for (int i = 0; i < NW; i++) {                                                               \
-                __m256 wv = load8(w[i] + k);                                                             \
-                for (int j = 0; j < NX; j++)                                                             \
-                    acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + k), acc[i][j]);               \
-            }                                                                                            \
-        }                                                                                                \
-        for (int i = 0; i < NW; i++)                                                                     \
-            for (int j = 0; j < NX; j++) {                                                               \
-                float s = hsum(acc[i][j]);                                                               \
-                for (int t = k; t < K; t++) s += from_bf16(w[i][t]) * x[j][t];                           \
-                out[i * NX + j] = s;                                                                     \
-            }                                                                                            \
-    }
-DOTS(8, 1)
-DOTS(2, 4)
-DOTS(1, 8)
-
-/* out[i * M + m] = w[i] . xs[m] for eight rows w and M vectors. One vector: the eight rows stream at
-   once (memory-bound; eight independent sums hide each one's latency). Up to four: tiles of two rows by
-   four vectors; more: one row by eight, so each weight is converted once for four or eight of them.
-   A short tile repeats its last vector (the extra sums are dropped). */
-static void dot8(const bf16 *const *w, const float *const *xs, int M, int K, long pf, float *out) {
-    if (M == 1) {
-        dots_8x1(w, xs, K, pf, out);
-        return;
-    }
-    int width = M <= 4 ? 4 : 8, rows = M <= 4 ? 2 : 1;
-    float tile[8];
-    const float *x[8];
-    for (int m = 0; m < M; m += width) {
-        int n = M - m < width ? M - m : width;
-        for (int j = 0; j < width; j++) x[j] = xs[m + (j < n ? j : n - 1)];
-        for (int p = 0; p < 8; p += rows) {
-            long f = m ? 0 : pf;
-            if (rows == 2) dots_2x4(w + p, x, K, f, tile);
-            else dots_1x8(w + p, x, K, f, tile);
-            for (int i = 0; i < rows; i++)
-                for (int j = 0; j < n; j++) out[(p + i) * M + m + j] = tile[i * width + j];
-        }
-    }
-}
+#include "native.h"
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
-
-/* [lo, hi) of n items for thread t of nt, in whole units of `unit` items */
-static void share(int n, int unit, int t, int nt, int *lo, int *hi) {
-    int units = (n + unit - 1) / unit, per = units / nt, extra = units % nt;
-    int u0 = t * per + (t < extra ? t : extra), u1 = u0 + per + (t < extra);
-    *lo = u0 * unit < n ? u0 * unit : n;
-    *hi = u1 * unit < n ? u1 * unit : n;
-}
 
 /* act(gate) * up for channels [j0, j1) of one gate|up matrix (gate rows [0, W), up rows [W, 2W)), for
    `rows` inputs xs[i] (float32 [H]), into a[i * lda + j] (bfloat16 values held as float32).
@@ -189,12 +89,14 @@ static void down_axpy(const bf16 *dt, int W, int H, const float *a, int lda, int
     }
 }
 
-/* out, x, h: [M, H] (h NULL: no residual). Shared expert: s_gu [2S, H], s_down [H, S] (S may be 0).
+/* out, x, h: [M, H] (h NULL: no residual); norm_w non-NULL: the MLP's input is RMSNorm(x) (weight norm_w,
+   epsilon eps), as the layer's post-attention norm computes it. Shared expert: s_gu [2S, H], s_down [H, S] (S may be 0).
    Routed experts e: gate|up at gu + e * gu_step [2W, H], down transposed at dt + e * dt_step [W, H],
    widths[e] = W. Assignments, grouped by expert: group g is expert experts[g] with the assignments
    [starts[g], starts[g] + counts[g]) of `rows_of` (each one's row) and `weights` (bfloat16; NULL: every
    weight is 1). H % 8 == 0. Returns 0, or -1 if scratch memory could not be allocated. */
-int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16 *s_gu, const bf16 *s_down,
+int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps,
+               const bf16 *s_gu, const bf16 *s_down,
                int S, const bf16 *gu, long gu_step, const bf16 *dt, long dt_step, const int *widths, int groups,
                const int *experts, const int *starts, const int *counts, const int *rows_of,
                const bf16 *weights) {
@@ -215,7 +117,11 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16
     float *as = xf + (long)M * H, *ae = as + (long)M * S, *ye = ae + (long)assigned * widest;
     float *dots = ye + (long)assigned * H;            /* 8 * (M + 1) per thread */
     const float **xe = xs + M, **ax = xe + assigned; /* each assignment's input; the shared activations */
-    for (long i = 0; i < (long)M * H; i++) xf[i] = from_bf16(x[i]);
+    for (int r = 0; r < M; r++) {
+        if (norm_w) rms_norm_row(x + (long)r * H, norm_w, eps, H, xf + (long)r * H);
+        else
+            for (int k = 0; k < H; k++) xf[(long)r * H + k] = from_bf16(x[(long)r * H + k]);
+    }
     for (int r = 0; r < M; r++) xs[r] = xf + (long)r * H, ax[r] = as + (long)r * S;
     for (int i = 0; i < assigned; i++) xe[i] = xf + (long)rows_of[i] * H;
     int *row_start = by_row + assigned, n = 0;
