@@ -2,9 +2,9 @@
 
 Four measurements on the demo's trained checkpoint, each a small run of a command a user can rerun
 at full size (the footer of the table names them):
-- the batch-1 decode step (`pregate bench step --quantize int8`, run at batch 1 only): the MoE and the
-  dense parent in the engine in bfloat16 and with int8 weights, and HF `generate`; medians of 3
-  interleaved repeats;
+- the batch-1 decode step (`pregate bench step --quantize int8 --native`, run at batch 1 only): the MoE
+  and the dense parent in the engine in bfloat16 (packed, and with native decode layers where they can
+  run) and with int8 weights, and HF `generate`; medians of 3 interleaved repeats;
 - decode under load (`pregate bench serve`): the MoE under expert-aware and decode-first batching, the
   dense parent in the same engine and HF `generate`, on one ShareGPT trace; medians of 3 interleaved
   repeats, with the slowest and fastest repeat;
@@ -41,12 +41,15 @@ STEP_SYSTEMS = {  # bench step's systems at batch 1 -> the demo's labels
     "dense-int8": "dense parent int8",
     "hf-generate": "HF generate bf16",
 }
+NATIVE_SYSTEMS = {"moe-native": "MoE bf16 native", "dense-native": "dense parent bf16 native"}  # --native
 
 
 def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE) -> dict[str, dict]:
-    """The batch-1 decode step of every STEP_SYSTEMS entry by `pregate bench step` itself (one expert,
-    int8 copies beside the float models, interleaved repeats): {label: median_ms, min_ms, max_ms}."""
+    """The batch-1 decode step of every STEP_SYSTEMS entry, and of NATIVE_SYSTEMS where pregate.native can
+    run (bfloat16, a C compiler, AVX2), by `pregate bench step` itself (one expert, int8 and native copies
+    beside the float models, interleaved repeats): {label: median_ms, min_ms, max_ms}."""
     from pregate.bench_step import StepBenchConfig, run_bench_step
+    from pregate.native import unavailable_reason
 
     step = StepBenchConfig(
         batch_sizes=[1],
@@ -58,10 +61,12 @@ def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE) -> dict[str, dict]:
         llama_cpp=False,
         breakdown=False,
         floor_mb=64,
+        native=cfg.dtype == "bfloat16" and unavailable_reason() is None,
     )
     result = run_bench_step(train_dir, step, progress=lambda msg: None)
+    labels = {**STEP_SYSTEMS, **NATIVE_SYSTEMS}
     return {
-        STEP_SYSTEMS[r["system"]]: {
+        labels[r["system"]]: {
             k: r["decode_ms"][k.removesuffix("_ms")] for k in ("median_ms", "min_ms", "max_ms")
         }
         for r in result["batch_sizes"]
@@ -119,15 +124,22 @@ def format_serving(summary: dict) -> str:
     b1 = summary["batch1"]
     lines = [f"batch-1 decode step (medians of {cfg['repeats']} interleaved repeats, with the range)"]
     for name, m in b1.items():
-        lines.append(f"{name:20s}{m['median_ms']:8.1f} ms{m['min_ms']:10.1f} - {m['max_ms']:5.1f}")
+        lines.append(f"{name:26s}{m['median_ms']:8.1f} ms{m['min_ms']:10.1f} - {m['max_ms']:5.1f}")
     ms = {name: b1[label]["median_ms"] for name, label in STEP_SYSTEMS.items()}
     lines += [
         f"MoE int8: {ms['moe-int8'] / ms['dense']:.2f}x the dense parent's bf16 step, "
         f"{ms['moe-int8'] / ms['hf-generate']:.2f}x HF generate's, {ms['moe-int8'] / ms['dense-int8']:.2f}x "
         f"the parent in int8; MoE bf16: {ms['moe'] / ms['dense']:.2f}x the parent's",
-        "",
     ]
+    if all(label in b1 for label in NATIVE_SYSTEMS.values()):
+        native = {name: b1[label]["median_ms"] for name, label in NATIVE_SYSTEMS.items()}
+        lines.append(
+            f"MoE bf16 native: {native['moe-native'] / ms['dense']:.2f}x the parent's packed bf16 step, "
+            f"{native['moe-native'] / native['dense-native']:.2f}x the parent native, "
+            f"{native['moe-native'] / ms['moe']:.2f}x the MoE packed"
+        )
     lines += [
+        "",
         f"serving: {cfg['requests']} ShareGPT requests at once, "
         f"<= {cfg['max_output_tokens']} new tokens each "
         f"({summary['workload']['threads']} threads; medians of {cfg['repeats']} interleaved repeats)",
@@ -156,7 +168,7 @@ def format_serving(summary: dict) -> str:
     for policy, row in summary["hit_ratio"].items():
         lines.append(f"{policy:16s}" + "".join(f"{row[k]:9.2f}" for k in ks))
     lines.append(
-        "full size: `pregate bench step MODEL --quantize int8 --json F`, "
+        "full size: `pregate bench step MODEL --quantize int8 --native --json F`, "
         "`pregate bench serve MODEL --json F`, `pregate bench cache MODEL --json F`"
     )
     return "\n".join(lines)
