@@ -489,7 +489,7 @@ class MoEMLP(nn.Module):
         # the routed experts in an inference layout (quantize.Int8Experts, packed.PackedExperts), with a
         # `run(e, width, x, act)`; then w_* are empty. None: the parameters above
         self.inference_experts = None
-        self.native = None  # pregate.native.NativeMLP: decode steps' MLP in one native call
+        self.native = None  # pregate.native.NativeMLP: the MLP of decode rows in one native call
         self.register_load_state_dict_pre_hook(_fuse_mlp)
         self.register_state_dict_post_hook(_split_mlp)
 
@@ -503,21 +503,13 @@ class MoEMLP(nn.Module):
         plan: RoutingPlan | None,
         scores: torch.Tensor | None = None,
         fetch: Callable[[int], ExpertWeights] | None = None,
-        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [T, H] -> [T, H] (plus `residual` when given). If `scores` [T, E] is given, add each expert's
-        activation mass sum|a| per token.
+        """x [T, H] -> [T, H]. If `scores` [T, E] is given, add each expert's activation mass sum|a| per
+        token.
 
         fetch(e) -> (gate|up [2R, H], down transposed [R, H]), in this module's fused layout, supplies expert
         weights from elsewhere (an offloading store); by default they are this module's own parameters.
         """
-        native = self.native
-        if native is not None and scores is None and fetch is None and native.takes(x):
-            return native.run(x, plan, residual)
-        out = self._forward(x, plan, scores, fetch)
-        return out if residual is None else residual + out
-
-    def _forward(self, x, plan, scores, fetch) -> torch.Tensor:
         gu = self.gate_up_proj(x)  # [T, 2S]
         out = self.down_proj(self.act(gu[:, : self.shared]) * gu[:, self.shared :])
         if plan is None or not plan.groups or not any(self.widths):
@@ -702,31 +694,42 @@ class MoEForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rope(positions, self.attention_dtype)
         attention = AttentionPlan(segments, input_ids.device)
-        plan = RoutingPlan(routing, self.num_experts) if routing is not None and self.num_experts else None
-        native = self.native
-        if native is not None and layer_router is None and scores is None and expert_source is None:
-            native = native if native.takes(attention, h) else None
+        step = None
+        if self.native is not None and layer_router is None and scores is None and expert_source is None:
+            step = self.native.step(attention, routing, h)  # decode rows natively, the rest below
+        if step is None:
+            plan = (
+                RoutingPlan(routing, self.num_experts) if routing is not None and self.num_experts else None
+            )
+            for i in range(len(self.layers)):
+                h = self._layer(i, h, cos, sin, attention, plan, layer_router, scores, expert_source)
         else:
-            native = None
-        for i, layer in enumerate(self.layers):
-            if native is not None:
-                h = native.layer(i, h, cos, sin, attention, plan)
-                continue
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attention, i)
-            x = layer.post_attention_layernorm(h)
-            layer_plan = plan
-            if layer_router is not None:
-                layer_plan = RoutingPlan(layer_router(i, x), self.num_experts)
-            fetch = None
-            if expert_source is not None and layer_plan is not None:
-                expert_source.begin_layer(i, [e for e, _, _ in layer_plan.groups])
-                fetch = functools.partial(expert_source.fetch, i)
-            h = layer.mlp(x, layer_plan, None if scores is None else scores[i], fetch, residual=h)
+            hd, hr = step.split(h)
+            (cd, cr), (sd, sr) = step.split(cos), step.split(sin)
+            for i in range(len(self.layers)):
+                hd = self.native.layer(i, hd, cd, sd, step)
+                if hr is not None:
+                    hr = self._layer(i, hr, cr, sr, step.rest_attention, step.rest_plan)
+            h = step.merge(hd, hr)
         for s in segments:
             if s.cache is not None:
                 s.cache.lengths[s.slot] += s.length
         h = self.norm(h)
         return self.lm_logits(h if logits_at is None else h[logits_at])
+
+    def _layer(self, i, h, cos, sin, attention, plan, layer_router=None, scores=None, expert_source=None):
+        """Decoder layer i over the stream h [T, H] through torch (forward_packed's arguments)."""
+        layer = self.layers[i]
+        h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attention, i)
+        x = layer.post_attention_layernorm(h)
+        layer_plan = plan
+        if layer_router is not None:
+            layer_plan = RoutingPlan(layer_router(i, x), self.num_experts)
+        fetch = None
+        if expert_source is not None and layer_plan is not None:
+            expert_source.begin_layer(i, [e for e, _, _ in layer_plan.groups])
+            fetch = functools.partial(expert_source.fetch, i)
+        return h + layer.mlp(x, layer_plan, None if scores is None else scores[i], fetch)
 
     def forward(
         self, input_ids: torch.Tensor, routing: Routing | None = None, layer_router=None, scores=None

@@ -6,18 +6,17 @@ slicing, the activation, the sums), and oneDNN's small products run well below t
 (`pregate bench step`'s per-shape table). `pregate/native/` holds two kernels in C with AVX2:
 `attention.c` (RMSNorm, q|k|v, RoPE, the new keys and values into the KV cache, attention, o and the
 residual) and `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
-residual), each one OpenMP region over the plain weights. A decode step (every row the next token of its
-sequence, one direct group of the KV pool: `AttentionPlan.only_direct`) of at most `NATIVE_ROWS` rows runs
-every layer as these two calls; any other step of at most `NATIVE_ROWS` rows runs its MLPs natively
-(`MoEMLP.native`) and the rest through torch; longer steps (prefill chunks) run through torch on the
-same plain weights.
+residual), each one OpenMP region over the plain weights. In every step with at most `NATIVE_ROWS`
+decode rows (one token each, in the engine's KV pool), those rows run every layer as these two calls;
+the step's prompt chunks run beside them through torch, on the same plain weights (`NativeStep` splits
+and merges the rows). A step with more decode rows runs wholly through torch.
 
-Contract (tests): a row's result does not depend on the other rows of the step or on the thread count,
-so batched decoding equals one-by-one decoding exactly; against the torch path it is the same
-arithmetic in another summation order (float32 sums, bfloat16 rounding after every op as eager torch
-rounds, attention in float32), so it agrees within rounding, not bit for bit. Steps with a prompt chunk
-run attention through torch, and MLPs too above `NATIVE_ROWS` rows, so exactness across steps of
-different kinds is conditional in the way that `quantize.DEQUANT_ROWS` makes int8's.
+Contract (tests): a decode row's result does not depend on the other rows of its step (decode or
+prompt) or on the thread count, so batched serving equals one-by-one serving exactly while steps hold at
+most `NATIVE_ROWS` decode rows; against the torch path it is the same arithmetic in another summation
+order (float32 sums, bfloat16 rounding after every op as eager torch rounds, attention in float32), so
+it agrees within rounding, not bit for bit: a cached decode matches a full recompute (all prompt rows,
+through torch) within rounding, as int8's does across `quantize.DEQUANT_ROWS`.
 
 The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
 `~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources; x86-64 with AVX2 and
@@ -41,13 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pregate.errors import PregateError
-from pregate.moe import AttentionPlan, DecodeGroup, MoEForCausalLM, MoEMLP, RoutingPlan
+from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan
 
 SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-# Up to this many rows a step's MLP runs natively. Its products read each weight once for all rows but
-# are not blocked like a GEMM, so a prefill chunk is faster through oneDNN (`bench step` measures both).
+# Up to this many decode rows a step's decode rows run natively. The products read each weight once for
+# all rows but are not blocked like a GEMM: at 8 rows a wide MLP is already as fast through oneDNN
+# (`bench step --native` measures both).
 NATIVE_ROWS = 8
 
 _library: ctypes.CDLL | None = None
@@ -150,20 +150,13 @@ class _PlanArgs:
 
 
 class NativeMLP:
-    """One MoEMLP as the kernel reads it: `run(x, plan, residual)` -> residual + mlp(x). It reads the
-    module's own plain parameters (nothing copied), through pointers taken at each call."""
+    """One MoEMLP as the kernel reads it: `run(x, plan, residual, norm)` -> residual + mlp(norm(x)). It
+    reads the module's own plain parameters (nothing copied), through pointers taken at each call."""
 
     def __init__(self, mlp: MoEMLP):
         self.mlp = mlp
         self.widths = _ints(mlp.widths)
         self.routed = mlp.num_experts > 0 and any(mlp.widths)
-
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether this step's rows go the native way (a decode step in inference, bfloat16)."""
-        w = self.mlp.gate_up_proj.weight
-        return (
-            x.shape[0] <= NATIVE_ROWS and x.dtype == w.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-        )
 
     def run(
         self, x: torch.Tensor, plan: RoutingPlan | None, residual: torch.Tensor | None, norm=None
@@ -204,41 +197,73 @@ class NativeMLP:
         return out
 
 
-class _GroupArgs:
-    """A decode group's slots and positions as the kernel takes them, once per step (`for_group`)."""
+class NativeStep:
+    """How one step divides between the native decoder and torch: its decode rows (one group of the KV
+    pool, at most NATIVE_ROWS) run natively, every other row (prompt chunks) through torch; `split` and
+    `merge` move rows between the step's stream and the two parts."""
 
-    _last: tuple[DecodeGroup | None, _GroupArgs | None] = (None, None)
-
-    def __init__(self, group: DecodeGroup):
-        self.slots = _ints(list(range(group.lo, group.hi)))
+    def __init__(self, attention: AttentionPlan, routing: Routing | None, num_experts: int):
+        group = attention.groups[0]
+        self.cache = group.cache
+        self.slots = _ints(group.slots.tolist())  # per decode row, in the order of its rows
         self.pos = _ints(group.pos.tolist())
+        # rows None: the decode rows are the whole stream in order (the steady state), nothing to gather
+        self.rows = None if attention.only_direct else group.rows
+        self.rest_rows = self.rest_attention = self.rest_plan = None
+        if attention.alone:  # prompt chunks beside the decode rows: planned on their own, through torch
+            rest = [attention.segments[i] for i in attention.alone]
+            starts = [attention.starts[i] for i in attention.alone]
+            self.rest_rows = torch.cat([torch.arange(s, s + seg.length) for s, seg in zip(starts, rest)])
+            self.rest_attention = AttentionPlan(rest, group.rows.device)
+            self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
+        self.plan = self._plan(routing, self.rows, num_experts)
 
-    @classmethod
-    def for_group(cls, group: DecodeGroup) -> _GroupArgs:
-        last, args = cls._last
-        if args is None or last is not group:
-            args = cls(group)
-            cls._last = (group, args)
-        return args
+    @staticmethod
+    def _plan(routing: Routing | None, rows: torch.Tensor | None, num_experts: int) -> RoutingPlan | None:
+        if routing is None or not num_experts:
+            return None
+        if rows is not None:
+            routing = Routing(routing.expert_ids[rows], routing.weights[rows])
+        return RoutingPlan(routing, num_experts)
+
+    def split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of a stream-aligned tensor -> (decode rows, the rest or None)."""
+        if self.rows is None:
+            return t, None
+        return t[self.rows], None if self.rest_rows is None else t[self.rest_rows]
+
+    def merge(self, decoded: torch.Tensor, rest: torch.Tensor | None) -> torch.Tensor:
+        if self.rows is None:
+            return decoded
+        total = len(self.rows) + (0 if self.rest_rows is None else len(self.rest_rows))
+        out = decoded.new_empty(total, decoded.shape[1])
+        out[self.rows] = decoded
+        if rest is not None:
+            out[self.rest_rows] = rest
+        return out
 
 
 class NativeDecoder:
-    """Every layer of a decode step as two native calls (attention, then the MLP; see the module doc).
-    `takes(plan, x)` says whether a step qualifies; `layer(i, h, cos, sin, plan, routing)` runs layer i."""
+    """Decode rows as two native calls per layer (attention, then the MLP; see the module doc):
+    `step(attention, routing, h)` -> a NativeStep, or None for a step that runs wholly through torch;
+    `layer(i, h, cos, sin, step)` runs layer i on the step's decode rows."""
 
     def __init__(self, model: MoEForCausalLM):
         self.model = model
 
-    def takes(self, attention: AttentionPlan, h: torch.Tensor) -> bool:
-        return attention.only_direct and self.model.layers[0].mlp.native.takes(h)
+    def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:
+        if len(attention.groups) != 1 or torch.is_grad_enabled() or h.dtype != torch.bfloat16:
+            return None
+        if len(attention.groups[0].rows) > NATIVE_ROWS:
+            return None
+        return NativeStep(attention, routing, self.model.num_experts)
 
     def layer(
-        self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionPlan, plan
+        self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: NativeStep
     ) -> torch.Tensor:
-        layer, group = self.model.layers[i], attention.groups[0]
+        layer = self.model.layers[i]
         attn, norm = layer.self_attn, layer.input_layernorm
-        cache, args = group.cache, _GroupArgs.for_group(group)
-        h = h.contiguous()
+        h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
         out = torch.empty_like(h)
         qkv = attn.qkv_proj
         status = library().pg_attention(
@@ -255,16 +280,16 @@ class NativeDecoder:
             attn.head_dim,
             cos.data_ptr(),
             sin.data_ptr(),
-            cache.k[i].data_ptr(),
-            cache.v[i].data_ptr(),
-            cache.capacity,
-            args.slots,
-            args.pos,
+            step.cache.k[i].data_ptr(),
+            step.cache.v[i].data_ptr(),
+            step.cache.capacity,
+            step.slots,
+            step.pos,
             attn.o_proj.weight.data_ptr(),
         )
         if status != 0:
             raise MemoryError("the native attention could not allocate its scratch memory")
-        return layer.mlp.native.run(out, plan, out, norm=layer.post_attention_layernorm)
+        return layer.mlp.native.run(out, step.plan, out, norm=layer.post_attention_layernorm)
 
 
 def can_run_native(model: MoEForCausalLM) -> str | None:

@@ -50,8 +50,8 @@ def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows):
             x, h = torch.randn(rows, 48, dtype=torch.bfloat16), torch.randn(rows, 48, dtype=torch.bfloat16)
             for name, routing in routings(rows, 3, seed=rows).items():
                 plan = RoutingPlan(routing, 3)
-                got = mlp(x, plan, residual=h)
-                want = h + mlp._forward(x, plan, None, None)
+                got = mlp.native.run(x, plan, h)
+                want = h + mlp(x, plan)
                 torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=f"routing {name}")
                 differing += int((got != want).sum())
                 total += got.numel()
@@ -60,48 +60,72 @@ def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows):
 
 def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count():
     moe = native.attach_native(bf16_moe(seed=2, num_experts=4))
-    mlp = moe.layers[1].mlp
+    run = moe.layers[1].mlp.native.run
     torch.manual_seed(0)
     x, h = torch.randn(8, 48, dtype=torch.bfloat16), torch.randn(8, 48, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     with torch.no_grad():
         for name, routing in routings(8, 4, seed=3).items():
-            batch = mlp(x, RoutingPlan(routing, 4), residual=h)
+            batch = run(x, RoutingPlan(routing, 4), h)
             for i in range(8):
                 one = Routing(routing.expert_ids[i : i + 1], routing.weights[i : i + 1])
-                assert torch.equal(
-                    mlp(x[i : i + 1], RoutingPlan(one, 4), residual=h[i : i + 1]), batch[i : i + 1]
-                )
+                assert torch.equal(run(x[i : i + 1], RoutingPlan(one, 4), h[i : i + 1]), batch[i : i + 1])
             try:
                 torch.set_num_threads(1)
-                assert torch.equal(mlp(x, RoutingPlan(routing, 4), residual=h), batch), name
+                assert torch.equal(run(x, RoutingPlan(routing, 4), h), batch), name
             finally:
                 torch.set_num_threads(threads)
 
 
-def test_more_rows_than_native_rows_take_the_eager_path():
+def test_steps_with_more_decode_rows_than_native_rows_run_through_torch():
+    from pregate.moe import AttentionPlan, Segment
+
     moe = native.attach_native(bf16_moe(seed=3))
-    mlp = moe.layers[0].mlp
-    x = torch.randn(native.NATIVE_ROWS + 1, 48, dtype=torch.bfloat16)
-    plan = RoutingPlan(routings(x.shape[0], 3, seed=0)["spread"], 3)
+    cache = moe.new_cache(capacity=8, slots=native.NATIVE_ROWS + 1)
+    h = torch.zeros(native.NATIVE_ROWS + 1, 48, dtype=torch.bfloat16)
+    rows = [Segment(1, cache, s) for s in range(native.NATIVE_ROWS + 1)]
     with torch.no_grad():
-        assert not mlp.native.takes(x) and mlp.native.takes(x[:-1])
-        assert torch.equal(mlp(x, plan), mlp._forward(x, plan, None, None))
-    assert not mlp.native.takes(x[:1])  # with gradients on: training never takes it
+        assert moe.native.step(AttentionPlan(rows, None), None, h) is None
+        assert moe.native.step(AttentionPlan(rows[:-1], None), None, h[:-1]) is not None
+        mixed = AttentionPlan([Segment(5), *rows[:3]], None)  # a prompt chunk and three decode rows
+        step = moe.native.step(mixed, None, h[:8])
+        assert step.rows.tolist() == [5, 6, 7] and step.rest_rows.tolist() == [0, 1, 2, 3, 4]
+    assert moe.native.step(AttentionPlan(rows[:1], None), None, h[:1]) is None  # gradients on: training
+
+
+def one_by_one_engine_tokens(model, router, policy: str):
+    """Six requests through one engine, and each alone through an engine of its own (same budgets)."""
+    from pregate.engine import Engine, SamplingParams
+    from pregate.scheduler import SchedulerConfig
+    from tests.conftest import prompts
+
+    cfg = SchedulerConfig(
+        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
+    )
+    ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
+
+    def run(pairs):
+        engine = Engine(model, router=router, scheduler_config=cfg)
+        rids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in pairs]
+        while engine.has_work():
+            engine.step()
+        return [engine.result(r).token_ids for r in rids]
+
+    return run(list(zip(ps, lens))), [run([pair])[0] for pair in zip(ps, lens)]
 
 
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
-def test_native_batched_serving_equals_one_by_one(policy, monkeypatch):
-    """With every row through the kernel (the reference's full recomputes included), batched, chunked and
-    cached serving gives each request exactly the tokens it gets alone."""
-    monkeypatch.setattr(native, "NATIVE_ROWS", 10**6)
+def test_native_batched_serving_equals_one_by_one_serving(policy):
+    """Decode rows run natively in every step, pure or mixed with prompt chunks, so batched, chunked and
+    cached serving gives each request exactly the tokens it gets served alone."""
     served, _ = serving_layout(bf16_moe(seed=4), native=True)
-    assert_batched_equals_one_by_one(served, tiny_router(), policy)
+    batched, alone = one_by_one_engine_tokens(served, tiny_router(), policy)
+    assert batched == alone
 
 
 def test_native_serving_gives_the_eager_tokens():
-    """At the default NATIVE_ROWS (decode rows native, longer prompts through torch) the served tokens
-    equal those of the plain eager model, one request at a time by full recompute."""
+    """Served natively (decode rows native, prompt chunks through torch), each request gets the tokens of
+    the plain eager model computing it alone by full recompute (within rounding in general; equal here)."""
     moe, router = bf16_moe(seed=5), tiny_router()
     served, _ = serving_layout(copy.deepcopy(moe), native=True)
     assert all(layer.mlp.native is not None for layer in served.layers) and served.packed
