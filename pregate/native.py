@@ -151,35 +151,42 @@ class _PlanArgs:
 
 class NativeMLP:
     """One MoEMLP as the kernel reads it: `run(x, plan, residual, norm)` -> residual + mlp(norm(x)). It
-    reads the module's own plain parameters (nothing copied), through pointers taken at each call."""
+    reads the module's own plain parameters (nothing copied), held here so that a call looks nothing up
+    through the modules, their data pointers taken at each call."""
 
     def __init__(self, mlp: MoEMLP):
-        self.mlp = mlp
+        self.shared, self.shared_gate_up, self.shared_down = (
+            mlp.shared,
+            mlp.gate_up_proj.weight,
+            mlp.down_proj.weight,
+        )
+        self.gate_up, self.down_t = mlp.w_gate_up, mlp.w_down_t
         self.widths = _ints(mlp.widths)
         self.routed = mlp.num_experts > 0 and any(mlp.widths)
+        self.kernel = library().pg_moe_mlp
 
     def run(
         self, x: torch.Tensor, plan: RoutingPlan | None, residual: torch.Tensor | None, norm=None
     ) -> torch.Tensor:
-        """norm (an RMSNorm): the MLP's input is norm(x) (fused: the layer's post-attention norm)."""
-        mlp = self.mlp
+        """norm: (weight, eps) of an RMSNorm; the MLP's input is then norm(x) (the layer's post-attention
+        norm, fused)."""
         x = x.contiguous()
         if residual is not None:
             residual = residual.contiguous()
         out = torch.empty_like(x)
         args = _PlanArgs.for_plan(plan if self.routed else None)
-        gate_up, down_t = mlp.w_gate_up, mlp.w_down_t
-        status = library().pg_moe_mlp(
+        gate_up, down_t = self.gate_up, self.down_t
+        status = self.kernel(
             x.data_ptr(),
             None if residual is None else residual.data_ptr(),
             out.data_ptr(),
             x.shape[0],
             x.shape[1],
-            None if norm is None else norm.weight.data_ptr(),
-            0.0 if norm is None else norm.eps,
-            mlp.gate_up_proj.weight.data_ptr(),
-            mlp.down_proj.weight.data_ptr(),
-            mlp.shared,
+            None if norm is None else norm[0].data_ptr(),
+            0.0 if norm is None else norm[1],
+            self.shared_gate_up.data_ptr(),
+            self.shared_down.data_ptr(),
+            self.shared,
             gate_up.data_ptr(),
             gate_up.stride(0),
             down_t.data_ptr(),
@@ -249,35 +256,32 @@ class NativeDecoder:
     `layer(i, h, cos, sin, step)` runs layer i on the step's decode rows."""
 
     def __init__(self, model: MoEForCausalLM):
-        self.model = model
+        self.num_experts = model.num_experts
+        self.layers = [_NativeLayer(layer) for layer in model.layers]
 
     def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:
         if len(attention.groups) != 1 or torch.is_grad_enabled() or h.dtype != torch.bfloat16:
             return None
         if len(attention.groups[0].rows) > NATIVE_ROWS:
             return None
-        return NativeStep(attention, routing, self.model.num_experts)
+        return NativeStep(attention, routing, self.num_experts)
 
     def layer(
         self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: NativeStep
     ) -> torch.Tensor:
-        layer = self.model.layers[i]
-        attn, norm = layer.self_attn, layer.input_layernorm
+        n = self.layers[i]
         h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
         out = torch.empty_like(h)
-        qkv = attn.qkv_proj
-        status = library().pg_attention(
+        status = n.kernel(
             h.data_ptr(),
             out.data_ptr(),
             h.shape[0],
             h.shape[1],
-            norm.weight.data_ptr(),
-            norm.eps,
-            qkv.weight.data_ptr(),
-            None if qkv.bias is None else qkv.bias.data_ptr(),
-            attn.n_heads,
-            attn.n_kv,
-            attn.head_dim,
+            n.norm.data_ptr(),
+            n.eps,
+            n.qkv.data_ptr(),
+            None if n.bias is None else n.bias.data_ptr(),
+            *n.heads,
             cos.data_ptr(),
             sin.data_ptr(),
             step.cache.k[i].data_ptr(),
@@ -285,11 +289,25 @@ class NativeDecoder:
             step.cache.capacity,
             step.slots,
             step.pos,
-            attn.o_proj.weight.data_ptr(),
+            n.o.data_ptr(),
         )
         if status != 0:
             raise MemoryError("the native attention could not allocate its scratch memory")
-        return layer.mlp.native.run(out, step.plan, out, norm=layer.post_attention_layernorm)
+        return n.mlp.run(out, step.plan, out, norm=n.post_norm)
+
+
+class _NativeLayer:
+    """What the native calls read of one decoder layer, held so that a call looks nothing up through
+    the modules (each lookup costs about a microsecond, dozens per layer)."""
+
+    def __init__(self, layer):
+        attn = layer.self_attn
+        self.norm, self.eps = layer.input_layernorm.weight, layer.input_layernorm.eps
+        self.qkv, self.bias, self.o = attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight
+        self.heads = (attn.n_heads, attn.n_kv, attn.head_dim)
+        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+        self.mlp = layer.mlp.native
+        self.kernel = library().pg_attention
 
 
 def can_run_native(model: MoEForCausalLM) -> str | None:
