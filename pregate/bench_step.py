@@ -539,7 +539,7 @@ def run_bench_step(
 
         reason = can_run_native(moe)
         if reason is not None:
-            raise BenchError(f"--native: {reason}")
+            raise BenchError(reason)
         progress("native MLP copies of the MoE" + " and the dense parent" * (dense is not None))
         models[STEP_MOE_NATIVE], routers[STEP_MOE_NATIVE] = serving_layout(
             copy.deepcopy(moe), copy.deepcopy(router), native=True

@@ -56,7 +56,7 @@ _library: ctypes.CDLL | None = None
 def unavailable_reason() -> str | None:
     """Why the native MLP cannot run on this machine, or None if it can."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"the native MLP needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
+        return f"--native needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
     try:
         flags = next(
             (
@@ -69,9 +69,9 @@ def unavailable_reason() -> str | None:
     except OSError as e:
         return f"cannot read /proc/cpuinfo: {e}"
     if "avx2" not in flags or "fma" not in flags:
-        return "the native MLP needs a CPU with AVX2 and FMA"
+        return "--native needs a CPU with AVX2 and FMA"
     if _compiler() is None:
-        return "the native MLP needs a C compiler (cc, gcc, or $CC)"
+        return "--native needs a C compiler (cc, gcc, or $CC)"
     return None
 
 
@@ -311,28 +311,28 @@ class _NativeLayer:
 
 
 def can_run_native(model: MoEForCausalLM) -> str | None:
-    """Why `model` cannot take the native MLP, or None if it can."""
+    """Why `model` cannot take the native decode layers (`--native`), or None if it can."""
     reason = unavailable_reason()
     if reason is not None:
         return reason
     w = model.norm.weight
     if w.dtype != torch.bfloat16 or w.device.type != "cpu":
-        return f"the native MLP runs bfloat16 models on CPU (this one: {w.dtype} on {w.device.type})"
+        return f"--native runs bfloat16 models on CPU (this one: {w.dtype} on {w.device.type})"
     if model.quantized:
-        return "the native MLP reads bfloat16 weights (this model is quantized)"
+        return "--native reads bfloat16 weights (this model is quantized)"
     plain = (nn.Linear,)
     for m in model.layers:
         linears = (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj, m.mlp.down_proj)
         if not all(isinstance(t, plain) for t in linears) or m.mlp.inference_experts:
-            return "the native layers read plain weights (this model's decoder layers are packed)"
+            return "--native reads plain weights (this model's decoder layers are packed)"
     if model.layers[0].mlp.act is not F.silu:
-        return "the native MLP implements SiLU only"
+        return "--native implements SiLU only"
     if any(m.mlp.num_experts and m.mlp.w_gate_up.shape[1] == 0 for m in model.layers):
-        return "the native MLP needs the routed experts resident (these were released to an expert store)"
+        return "--native needs every routed expert resident (not --resident-experts)"
     if model.config.base["hidden_size"] % 8:
-        return "the native layers need a hidden size that is a multiple of 8"
+        return "--native needs a hidden size that is a multiple of 8"
     if model.attention_dtype != torch.float32:
-        return "the native attention needs the float32 KV cache of a CPU model"
+        return "--native needs the float32 KV cache of a CPU model"
     return None
 
 
