@@ -96,8 +96,8 @@ class BenchConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise BenchError(f"dtype={self.dtype!r} must be float32 or bfloat16")
         check_mode(self.quantize, error=BenchError)
-        if self.native and (self.dtype != "bfloat16" or self.quantize):
-            raise BenchError("--native runs bfloat16 weights: drop --dtype float32 and --quantize")
+        if self.native and self.dtype != "bfloat16":
+            raise BenchError("--native runs bfloat16 weights; drop --dtype float32")
         try:
             self.scheduler(self.policies[0])  # budgets and expert-aware knobs, checked before any model loads
         except SchedulerError as err:

@@ -69,7 +69,9 @@ STEP_MOE_UNPACKED = "moe-unpacked"  # with --unpacked: the bfloat16 MoE and dens
 STEP_DENSE_UNPACKED = "dense-unpacked"  # beside the packed ones that the engine serves (pregate.packed)
 STEP_MOE_NATIVE = "moe-native"  # with --native: the bfloat16 MoE and dense parent with their MLPs in one
 STEP_DENSE_NATIVE = "dense-native"  # native call per layer (pregate.native), the rest packed
-MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED, STEP_MOE_NATIVE)
+STEP_MOE_INT8_NATIVE = "moe-int8-native"  # with --native and --quantize int8: the int8 copies through
+STEP_DENSE_INT8_NATIVE = "dense-int8-native"  # the native decode layers
+MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED, STEP_MOE_NATIVE, STEP_MOE_INT8_NATIVE)
 
 
 @dataclass
@@ -547,6 +549,15 @@ def run_bench_step(
         if dense is not None:
             models[STEP_DENSE_NATIVE] = serving_layout(copy.deepcopy(dense), native=True)[0]
         bandwidths[STEP_MOE_NATIVE] = bandwidths[STEP_DENSE_NATIVE] = bw
+        if cfg.quantize:
+            models[STEP_MOE_INT8_NATIVE], routers[STEP_MOE_INT8_NATIVE] = serving_layout(
+                copy.deepcopy(moe), copy.deepcopy(router), cfg.quantize, native=True
+            )
+            if dense is not None:
+                models[STEP_DENSE_INT8_NATIVE] = serving_layout(
+                    copy.deepcopy(dense), None, cfg.quantize, True
+                )[0]
+            bandwidths[STEP_MOE_INT8_NATIVE] = bandwidths[STEP_DENSE_INT8_NATIVE] = bandwidths[STEP_MOE_INT8]
     serving_layout(moe, router)  # as the engine serves them (serve, bench serve): packed in bf16
     if dense is not None:
         serving_layout(dense)
@@ -556,7 +567,13 @@ def run_bench_step(
     moes = [name for name in MOE_SYSTEMS if name in models]
     denses = [
         name
-        for name in (STEP_DENSE, STEP_DENSE_INT8, STEP_DENSE_UNPACKED, STEP_DENSE_NATIVE)
+        for name in (
+            STEP_DENSE,
+            STEP_DENSE_INT8,
+            STEP_DENSE_UNPACKED,
+            STEP_DENSE_NATIVE,
+            STEP_DENSE_INT8_NATIVE,
+        )
         if models.get(name) is not None and cfg.dense
     ]
     for b in cfg.batch_sizes:

@@ -41,6 +41,7 @@ from torch import nn
 
 from pregate.errors import PregateError
 from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan
+from pregate.quantize import Int8Experts, Int8Linear, padded
 
 SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
@@ -109,11 +110,12 @@ def library() -> ctypes.CDLL:
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     i64 = ctypes.c_long
     f32 = ctypes.c_float
-    lib.pg_moe_mlp.argtypes = [ptr, ptr, ptr, i32, i32, ptr, f32, ptr, ptr, i32, ptr, i64, ptr, i64, ptr, i32]
-    lib.pg_moe_mlp.argtypes += [ptr, ptr, ptr, ptr, ptr]
+    lib.pg_moe_mlp.argtypes = [ptr, ptr, ptr, i32, i32, ptr, f32, i32, ptr, ptr, ptr, ptr, i32, i32]
+    lib.pg_moe_mlp.argtypes += [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr]
+    lib.pg_moe_mlp.argtypes += [i32, ptr, ptr, ptr, ptr, ptr]
     lib.pg_moe_mlp.restype = i32
-    lib.pg_attention.argtypes = [ptr, ptr, i32, i32, ptr, f32, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, ptr]
-    lib.pg_attention.argtypes += [i32, ptr, ptr, ptr]
+    lib.pg_attention.argtypes = [ptr, ptr, i32, i32, ptr, f32, i32, ptr, ptr, ptr, i32, i32, i32]
+    lib.pg_attention.argtypes += [ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr]
     lib.pg_attention.restype = i32
     _library = lib
     return lib
@@ -149,20 +151,47 @@ class _PlanArgs:
         return args
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Weights:
+    """A weight as the kernels read it: bfloat16 rows, or int8 rows with bfloat16 scales (an Int8Linear or
+    Int8Experts buffer); `values` and `scales` are the tensors, read through their pointers at each call."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor | None = None):
+        self.values, self.scales = values, scales
+
+
+def _linear_weights(linear) -> _Weights:
+    if isinstance(linear, Int8Linear):
+        return _Weights(linear.qweight, linear.scales)
+    return _Weights(linear.weight)
+
+
 class NativeMLP:
-    """One MoEMLP as the kernel reads it: `run(x, plan, residual, norm)` -> residual + mlp(norm(x)). It
-    reads the module's own plain parameters (nothing copied), held here so that a call looks nothing up
-    through the modules, their data pointers taken at each call."""
+    """One MoEMLP as the kernel reads it: `run(x, plan, residual, norm)` -> residual + mlp(norm(x)), in
+    bfloat16 or in pregate.quantize's int8 layouts. It reads the module's own weights (nothing copied),
+    held here so that a call looks nothing up through the modules, their data pointers taken at each
+    call."""
 
     def __init__(self, mlp: MoEMLP):
-        self.shared, self.shared_gate_up, self.shared_down = (
-            mlp.shared,
-            mlp.gate_up_proj.weight,
-            mlp.down_proj.weight,
+        self.int8 = isinstance(mlp.gate_up_proj, Int8Linear)
+        self.shared_gate_up, self.shared_down = (
+            _linear_weights(mlp.gate_up_proj),
+            _linear_weights(mlp.down_proj),
         )
-        self.gate_up, self.down_t = mlp.w_gate_up, mlp.w_down_t
-        self.widths = _ints(mlp.widths)
+        self.shared = mlp.shared  # int8: padded like the experts, the up rows from there
         self.routed = mlp.num_experts > 0 and any(mlp.widths)
+        int8_experts = mlp.inference_experts
+        if self.int8 and self.routed:
+            self.gate_up = _Weights(int8_experts.gate_up, int8_experts.gate_up_scales)
+            self.down = _Weights(int8_experts.down, int8_experts.down_scales)  # [E, H, Rp], along rows
+            widths = [padded(w) for w in mlp.widths]
+        else:
+            self.gate_up, self.down = _Weights(mlp.w_gate_up), _Weights(mlp.w_down_t)  # down transposed
+            widths = list(mlp.widths)
+        self.widths = _ints(widths)  # the kernel's width per expert, and where its up rows start
         self.kernel = library().pg_moe_mlp
 
     def run(
@@ -175,29 +204,41 @@ class NativeMLP:
             residual = residual.contiguous()
         out = torch.empty_like(x)
         args = _PlanArgs.for_plan(plan if self.routed else None)
-        gate_up, down_t = self.gate_up, self.down_t
+        gu, down = self.gate_up, self.down
+        gs = 0 if gu.scales is None else gu.scales.stride(0)
+        ds = 0 if down.scales is None else down.scales.stride(0)
         status = self.kernel(
             x.data_ptr(),
-            None if residual is None else residual.data_ptr(),
+            _ptr(residual),
             out.data_ptr(),
             x.shape[0],
             x.shape[1],
             None if norm is None else norm[0].data_ptr(),
             0.0 if norm is None else norm[1],
-            self.shared_gate_up.data_ptr(),
-            self.shared_down.data_ptr(),
+            self.int8,
+            self.shared_gate_up.values.data_ptr(),
+            _ptr(self.shared_gate_up.scales),
+            self.shared_down.values.data_ptr(),
+            _ptr(self.shared_down.scales),
             self.shared,
-            gate_up.data_ptr(),
-            gate_up.stride(0),
-            down_t.data_ptr(),
-            down_t.stride(0),
+            self.shared,
+            gu.values.data_ptr(),
+            gu.values.stride(0),
+            _ptr(gu.scales),
+            gs,
+            down.values.data_ptr(),
+            down.values.stride(0),
+            _ptr(down.scales),
+            ds,
+            down.values.stride(1),
+            self.widths,
             self.widths,
             args.groups,
             args.experts,
             args.starts,
             args.counts,
             args.rows_of,
-            None if args.weights is None else args.weights.data_ptr(),
+            _ptr(args.weights),
         )
         if status != 0:
             raise MemoryError("the native MLP could not allocate its scratch memory")
@@ -279,8 +320,10 @@ class NativeDecoder:
             h.shape[1],
             n.norm.data_ptr(),
             n.eps,
-            n.qkv.data_ptr(),
-            None if n.bias is None else n.bias.data_ptr(),
+            n.int8,
+            n.qkv.values.data_ptr(),
+            _ptr(n.qkv.scales),
+            _ptr(n.bias),
             *n.heads,
             cos.data_ptr(),
             sin.data_ptr(),
@@ -289,7 +332,8 @@ class NativeDecoder:
             step.cache.capacity,
             step.slots,
             step.pos,
-            n.o.data_ptr(),
+            n.o.values.data_ptr(),
+            _ptr(n.o.scales),
         )
         if status != 0:
             raise MemoryError("the native attention could not allocate its scratch memory")
@@ -303,7 +347,9 @@ class _NativeLayer:
     def __init__(self, layer):
         attn = layer.self_attn
         self.norm, self.eps = layer.input_layernorm.weight, layer.input_layernorm.eps
-        self.qkv, self.bias, self.o = attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight
+        self.int8 = isinstance(attn.qkv_proj, Int8Linear)
+        self.qkv, self.o = _linear_weights(attn.qkv_proj), _linear_weights(attn.o_proj)
+        self.bias = attn.qkv_proj.bias
         self.heads = (attn.n_heads, attn.n_kv, attn.head_dim)
         self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
         self.mlp = layer.mlp.native
@@ -318,19 +364,27 @@ def can_run_native(model: MoEForCausalLM) -> str | None:
     w = model.norm.weight
     if w.dtype != torch.bfloat16 or w.device.type != "cpu":
         return f"--native runs bfloat16 models on CPU (this one: {w.dtype} on {w.device.type})"
-    if model.quantized:
-        return "--native reads bfloat16 weights (this model is quantized)"
-    plain = (nn.Linear,)
+    int8 = model.quantized == "int8"
+    if model.quantized and not int8:
+        return f"--native reads bfloat16 or int8 weights (this model is {model.quantized})"
+    kind = Int8Linear if int8 else nn.Linear
     for m in model.layers:
-        linears = (m.self_attn.qkv_proj, m.self_attn.o_proj, m.mlp.gate_up_proj, m.mlp.down_proj)
-        if not all(isinstance(t, plain) for t in linears) or m.mlp.inference_experts:
-            return "--native reads plain weights (this model's decoder layers are packed)"
+        attn, mlp = m.self_attn, m.mlp
+        if not all(
+            isinstance(t, kind) for t in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        ):
+            return "--native reads plain bfloat16 or int8 weights (this model's decoder layers are packed)"
+        if mlp.num_experts and any(mlp.widths):
+            if int8:
+                resident = isinstance(mlp.inference_experts, Int8Experts)
+            else:
+                resident = mlp.inference_experts is None and mlp.w_gate_up.shape[1] > 0
+            if not resident:
+                return "--native needs every routed expert resident (not --resident-experts)"
     if model.layers[0].mlp.act is not F.silu:
         return "--native implements SiLU only"
-    if any(m.mlp.num_experts and m.mlp.w_gate_up.shape[1] == 0 for m in model.layers):
-        return "--native needs every routed expert resident (not --resident-experts)"
-    if model.config.base["hidden_size"] % 8:
-        return "--native needs a hidden size that is a multiple of 8"
+    if model.config.base["hidden_size"] % (32 if int8 else 8):
+        return f"--native needs a hidden size that is a multiple of {32 if int8 else 8}"
     if model.attention_dtype != torch.float32:
         return "--native needs the float32 KV cache of a CPU model"
     return None
@@ -338,19 +392,19 @@ def can_run_native(model: MoEForCausalLM) -> str | None:
 
 @torch.no_grad()
 def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
-    """Give the model its native decode path and each layer's MLP its native call (in place; the weights
-    stay plain). Raises PregateError when `can_run_native` refuses (the routed experts must be resident:
-    no expert store)."""
+    """Give a bfloat16 model with plain decoder layers, or one quantized to int8, its native decode path
+    (in place; the weights stay as they are). Raises PregateError when `can_run_native` refuses (the
+    routed experts must be resident: no expert store)."""
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)
     library()  # build now, not in the first request
     for layer in model.layers:
         mlp, attn = layer.mlp, layer.self_attn
-        tensors = (mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.w_gate_up, mlp.w_down_t)
-        tensors += (attn.qkv_proj.weight, attn.o_proj.weight)
-        for p in tensors:
-            p.data = p.data.contiguous()  # the kernels walk the memory themselves
+        if not model.quantized:  # int8 buffers are made contiguous
+            tensors = (mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.w_gate_up, mlp.w_down_t)
+            for p in (*tensors, attn.qkv_proj.weight, attn.o_proj.weight):
+                p.data = p.data.contiguous()  # the kernels walk the memory themselves
         mlp.native = NativeMLP(mlp)
     model.native = NativeDecoder(model)
     for p in model.parameters():

@@ -156,21 +156,24 @@ def serving_layout(
 ):
     """In place, the layout the engine serves: `quantize` ("int8") quantizes the model and its router
     (pregate.quantize); without it a bfloat16 model on CPU and its router are packed; anything else is
-    left as it is. `native`: the decoder layers stay plain and run through pregate.native instead (the
-    LM head and the router packed as above); raises PregateError where that cannot run. Returns
-    (model, router)."""
+    left as it is. `native`: decode rows run through pregate.native, over int8 weights with `quantize`,
+    else over plain bfloat16 decoder layers (the LM head and the router packed as above); raises
+    PregateError where that cannot run. Returns (model, router)."""
     if native:
-        if quantize is not None:
-            raise PregateError("--native runs bfloat16 weights; it does not combine with --quantize")
         from pregate.native import attach_native, can_run_native
 
-        reason = can_run_native(model)
+        reason = can_run_native(model)  # before any conversion
         if reason is not None:
             raise PregateError(reason)
-        pack_model(model, decoder=False)
+        if quantize is not None:
+            quantize_model(model, quantize)
+            if router is not None:
+                quantize_router(router, quantize)
+        else:
+            pack_model(model, decoder=False)
+            if router is not None:
+                pack_router(router)
         attach_native(model)
-        if router is not None:
-            pack_router(router)
     elif quantize is not None:
         quantize_model(model, quantize)
         if router is not None:

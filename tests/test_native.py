@@ -19,8 +19,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def bf16_moe(seed: int = 0, family: str = "llama", num_experts: int = 3):
-    return build(tiny_hf_model(family, seed=seed), num_experts=num_experts).to(torch.bfloat16).eval()
+def bf16_moe(seed: int = 0, family: str = "llama", num_experts: int = 3, hidden: int = 48):
+    hf = tiny_hf_model(family, seed=seed, hidden_size=hidden)
+    return build(hf, num_experts=num_experts).to(torch.bfloat16).eval()
+
+
+def native_moe(quantize, seed: int = 0, family: str = "llama"):
+    """(the bfloat16 model, the same served natively): int8 needs a hidden size a multiple of 32."""
+    plain = bf16_moe(seed=seed, family=family, hidden=64 if quantize else 48)
+    return plain, serving_layout(copy.deepcopy(plain), quantize=quantize, native=True)[0]
 
 
 def routings(rows: int, experts: int, seed: int):
@@ -37,17 +44,20 @@ def routings(rows: int, experts: int, seed: int):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows):
-    """Each element equals the eager path's (torch's own products on the same weights) or differs from it
-    by float32 summation order: after bfloat16 rounding, rarely, and then by about one unit in the last
-    place."""
-    moe = native.attach_native(bf16_moe(seed=1))
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize):
+    """Each element equals the eager path's (torch's own products on the same weights, bfloat16 or int8)
+    or differs from it by float32 summation order: after bfloat16 rounding, rarely, and then by about one
+    unit in the last place."""
+    moe = native_moe(quantize, seed=1)[1]
+    hidden = moe.config.base["hidden_size"]
     torch.manual_seed(rows)
     differing = total = 0
     with torch.no_grad():
         for layer in moe.layers:
             mlp = layer.mlp
-            x, h = torch.randn(rows, 48, dtype=torch.bfloat16), torch.randn(rows, 48, dtype=torch.bfloat16)
+            x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+            h = torch.randn(rows, hidden, dtype=torch.bfloat16)
             for name, routing in routings(rows, 3, seed=rows).items():
                 plan = RoutingPlan(routing, 3)
                 got = mlp.native.run(x, plan, h)
@@ -114,11 +124,12 @@ def one_by_one_engine_tokens(model, router, policy: str):
     return run(list(zip(ps, lens))), [run([pair])[0] for pair in zip(ps, lens)]
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
-def test_native_batched_serving_equals_one_by_one_serving(policy):
+def test_native_batched_serving_equals_one_by_one_serving(policy, quantize):
     """Decode rows run natively in every step, pure or mixed with prompt chunks, so batched, chunked and
-    cached serving gives each request exactly the tokens it gets served alone."""
-    served, _ = serving_layout(bf16_moe(seed=4), native=True)
+    cached serving gives each request exactly the tokens it gets served alone, in bfloat16 and in int8."""
+    _, served = native_moe(quantize, seed=4)
     batched, alone = one_by_one_engine_tokens(served, tiny_router(), policy)
     assert batched == alone
 
@@ -137,7 +148,7 @@ def test_what_the_native_mlp_refuses():
     assert "bfloat16" in native.can_run_native(f32)
     with pytest.raises(PregateError, match="bfloat16"):
         native.attach_native(f32)
-    with pytest.raises(PregateError, match="does not combine with --quantize"):
+    with pytest.raises(PregateError, match="multiple of 32"):  # int8 rows padded past 48 columns
         serving_layout(bf16_moe(seed=6), quantize="int8", native=True)
     packed, _ = serving_layout(bf16_moe(seed=6))
     assert "packed" in native.can_run_native(packed)
@@ -174,14 +185,17 @@ def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_ch
         load_engine(str(out), dtype="bfloat16", resident_experts=1, native=True)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
-def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, monkeypatch):
+def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize, monkeypatch):
     """A decode step of B sequences in the KV pool goes through the native decoder (every layer), gives each
-    row the bits it gets decoding alone, and stays within rounding of the torch path."""
+    row the bits it gets decoding alone, and stays within rounding of the torch path on the same weights
+    (bfloat16, or int8 through torch's int8 kernel)."""
     from pregate.moe import Segment
 
-    plain = bf16_moe(seed=7, family=family)
-    model, _ = serving_layout(copy.deepcopy(plain), native=True)
+    plain, model = native_moe(quantize, seed=7, family=family)
+    if quantize:
+        plain = serving_layout(plain, quantize=quantize)[0]
     calls = []
     real = native.NativeDecoder.layer
     monkeypatch.setattr(

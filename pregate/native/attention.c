@@ -10,14 +10,13 @@
    by the inputs: the same bits alone or in any batch, at any thread count. */
 #include "native.h"
 
-/* x [rows][K] . w rows [n0, n1) (in tiles of 8; the last tile repeats its last row) -> y[r * N + n] */
-static void project(const bf16 *w, int N, int K, const float *const *xs, int rows, int n0, int n1, float *y,
-                    float *d) {
+/* x [rows][K] . rows [n0, n1) of w (in tiles of 8; a short tile repeats its last row) -> y[r * N + n] */
+static void project(matrix w, int N, int K, const float *const *xs, int rows, int n0, int n1, float *y, float *d) {
     for (int n = n0; n < n1; n += 8) {
         int m = n1 - n < 8 ? n1 - n : 8;
-        const bf16 *rw[8];
-        for (int q = 0; q < 8; q++) rw[q] = w + (long)(n + (q < m ? q : m - 1)) * K;
-        dot8(rw, xs, rows, K, 8L * K, d);
+        long rw[8];
+        for (int q = 0; q < 8; q++) rw[q] = n + (q < m ? q : m - 1);
+        dot8(w, rw, xs, rows, K, 8, d);
         for (int q = 0; q < m; q++)
             for (int r = 0; r < rows; r++) y[(long)r * N + n + q] = d[q * rows + r];
     }
@@ -59,11 +58,14 @@ static void attend(const float *q, const float *keys, const float *values, int L
 }
 
 /* h, out: [M, H]. norm_w [H]; w_qkv [(N + 2G) D, H] (q heads, then k, then v) with bias b_qkv or NULL;
-   w_o [H, N D]; cos, sin [M, D] (float32); k_cache, v_cache [S, G, C, D] float32 (C = capacity).
-   Returns 0, or -1 if scratch memory could not be allocated. */
-int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps, const bf16 *w_qkv,
-                 const bf16 *b_qkv, int N, int G, int D, const float *cos, const float *sin, float *k_cache,
-                 float *v_cache, int C, const int *slots, const int *pos, const bf16 *w_o) {
+   w_o [H, N D]: bfloat16, or with int8 set int8 rows with bfloat16 scales qkv_scale, o_scale
+   (pregate.quantize: the bias is added to the rounded product). cos, sin [M, D] (float32); k_cache,
+   v_cache [S, G, C, D] float32 (C = capacity). Returns 0, or -1 if scratch memory could not be
+   allocated. */
+int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps, int int8,
+                 const void *w_qkv, const bf16 *qkv_scale, const bf16 *b_qkv, int N, int G, int D, const float *cos,
+                 const float *sin, float *k_cache, float *v_cache, int C, const int *slots, const int *pos,
+                 const void *w_o, const bf16 *o_scale) {
     int nt = omp_get_max_threads(), Q = (N + 2 * G) * D, longest = 0;
     for (int r = 0; r < M; r++) longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
     long floats = (long)M * H + (long)M * Q + (long)M * N * D + (long)M * H;
@@ -82,6 +84,8 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, flo
         att_rows[r] = att + (long)r * N * D;
     }
     long head_stride = (long)C * D, slot_stride = (long)G * head_stride;
+    matrix qkv_w = {int8 ? NULL : w_qkv, int8 ? w_qkv : NULL, qkv_scale, H};
+    matrix o_w = {int8 ? NULL : w_o, int8 ? w_o : NULL, o_scale, (long)N * D};
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
@@ -89,10 +93,12 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, flo
         float *tmp = scores + longest;
         /* 1: q|k|v, rounded to bfloat16 like the projection's output (then float32, as attention runs) */
         share(Q, 8, t, nt, &lo, &hi);
-        project(w_qkv, Q, H, rows, M, lo, hi, qkv, d);
-        for (int r = 0; r < M; r++) /* a bias joins the float32 sum before its one rounding */
-            for (int n = lo; n < hi; n++)
-                qkv[(long)r * Q + n] = round_bf16(qkv[(long)r * Q + n] + (b_qkv ? from_bf16(b_qkv[n]) : 0.0f));
+        project(qkv_w, Q, H, rows, M, lo, hi, qkv, d);
+        for (int r = 0; r < M; r++) /* bfloat16: a bias joins the float32 sum before its one rounding */
+            for (int n = lo; n < hi; n++) {
+                float v = qkv[(long)r * Q + n], b = b_qkv ? from_bf16(b_qkv[n]) : 0.0f;
+                qkv[(long)r * Q + n] = int8 ? round_bf16(round_bf16(v) + b) : round_bf16(v + b);
+            }
 #pragma omp barrier
         /* 2: RoPE on the new keys, and the new keys and values into the cache */
         share(M * G, 1, t, nt, &lo, &hi);
@@ -117,7 +123,7 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, flo
 #pragma omp barrier
         /* 4: o_proj and the residual */
         share(H, 8, t, nt, &lo, &hi);
-        project(w_o, H, N * D, att_rows, M, lo, hi, proj, d);
+        project(o_w, H, N * D, att_rows, M, lo, hi, proj, d);
         for (int r = 0; r < M; r++)
             for (int c = lo; c < hi; c++) {
                 long i = (long)r * H + c;

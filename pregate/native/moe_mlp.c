@@ -7,31 +7,47 @@
 
    Each output element is computed in an order that depends on nothing but its own inputs (not on M,
    not on the thread count), so a row gives the same bits alone or in any batch. Weights are read in
-   their checkpoint layouts: gate|up [2W, H] and the shared down [H, S] as dot products along rows, a
-   routed down transposed [W, H] as rows scaled and added (axpy); threads split channels, then columns. */
+   the layouts the model holds: bfloat16 gate|up [2W, H] and the shared down [H, S] as dot products along
+   rows, a routed down transposed [W, H] as rows scaled and added (axpy); or pregate.quantize's int8
+   layouts (gate rows [0, W), up rows [U, U + W), every down [H, K] along rows, per-row scales). Threads
+   split channels, then output columns. */
 #include "native.h"
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* act(gate) * up for channels [j0, j1) of one gate|up matrix (gate rows [0, W), up rows [W, 2W)), for
+/* act(gate) * up for channels [j0, j1) of one gate|up matrix (gate rows [0, W), up rows [U, U + W)), for
    `rows` inputs xs[i] (float32 [H]), into a[i * lda + j] (bfloat16 values held as float32).
    d: scratch for 8 * rows floats. */
-static void gate_up(const bf16 *gu, int W, int H, const float *const *xs, int rows, int j0, int j1, float *a,
-                    int lda, float *d) {
+static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, int j0, int j1, float *a, int lda,
+                    float *d) {
     for (int j = j0; j < j1; j += 4) {
         int n = j1 - j < 4 ? j1 - j : 4; /* channels in this call; a short call repeats its last one */
-        const bf16 *w[8];
+        long w[8];
         for (int c = 0; c < 4; c++) {
             int jc = j + (c < n ? c : n - 1);
-            w[2 * c] = gu + (long)jc * H;
-            w[2 * c + 1] = gu + (long)(W + jc) * H;
+            w[2 * c] = jc;
+            w[2 * c + 1] = U + jc;
         }
-        dot8(w, xs, rows, H, 4L * H, d);
+        dot8(gu, w, xs, rows, H, 4, d);
         for (int c = 0; c < n; c++)
             for (int i = 0; i < rows; i++) {
                 float g = round_bf16(d[2 * c * rows + i]), u = round_bf16(d[(2 * c + 1) * rows + i]);
                 a[(long)i * lda + j + c] = round_bf16(round_bf16(silu(g)) * u);
             }
+    }
+}
+
+/* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8; a short tile repeats its
+   last row), K terms each. d: scratch for 8 * rows floats. */
+static void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
+                     float *d) {
+    for (int c = lo; c < hi; c += 8) {
+        int m = hi - c < 8 ? hi - c : 8;
+        long r[8];
+        for (int q = 0; q < 8; q++) r[q] = c + (q < m ? q : m - 1);
+        dot8(w, r, xs, rows, K, 8, d);
+        for (int q = 0; q < m; q++)
+            for (int i = 0; i < rows; i++) y[(long)i * ldy + c + q] = d[q * rows + i];
     }
 }
 
@@ -90,15 +106,22 @@ static void down_axpy(const bf16 *dt, int W, int H, const float *a, int lda, int
 }
 
 /* out, x, h: [M, H] (h NULL: no residual); norm_w non-NULL: the MLP's input is RMSNorm(x) (weight norm_w,
-   epsilon eps), as the layer's post-attention norm computes it. Shared expert: s_gu [2S, H], s_down [H, S] (S may be 0).
-   Routed experts e: gate|up at gu + e * gu_step [2W, H], down transposed at dt + e * dt_step [W, H],
-   widths[e] = W. Assignments, grouped by expert: group g is expert experts[g] with the assignments
-   [starts[g], starts[g] + counts[g]) of `rows_of` (each one's row) and `weights` (bfloat16; NULL: every
-   weight is 1). H % 8 == 0. Returns 0, or -1 if scratch memory could not be allocated. */
-int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps,
-               const bf16 *s_gu, const bf16 *s_down,
-               int S, const bf16 *gu, long gu_step, const bf16 *dt, long dt_step, const int *widths, int groups,
-               const int *experts, const int *starts, const int *counts, const int *rows_of,
+   epsilon eps), as the layer's post-attention norm computes it.
+   int8 0, bfloat16 weights: the shared gate|up s_gu [2S, H] (up rows from S), down s_down [H, S]; routed
+   expert e: gate|up at gu + e * gu_step [2W, H] (up rows from W), down transposed at dt + e * dt_step
+   [W, H]; widths[e] = ups[e] = W.
+   int8 1, pregate.quantize's layouts: the same with int8 rows and bfloat16 scales (s_gu_scale,
+   s_down_scale, gu_scale + e * gu_scale_step, dt_scale + e * dt_scale_step), the shared up rows from
+   s_up, expert e's from ups[e], and every down along rows: s_down [H, S], expert e's [H, widths[e]] with
+   rows dt_stride apart. Widths there are padded, the padding rows zero (act(0) * 0 = 0).
+   Assignments, grouped by expert: group g is expert experts[g] with the assignments [starts[g],
+   starts[g] + counts[g]) of `rows_of` (each one's row) and `weights` (bfloat16; NULL: every weight is 1).
+   H % 8 == 0. Returns 0, or -1 if scratch memory could not be allocated. */
+int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps, int int8,
+               const void *s_gu, const bf16 *s_gu_scale, const void *s_down, const bf16 *s_down_scale, int S, int s_up,
+               const void *gu, long gu_step, const bf16 *gu_scale, long gu_scale_step, const void *dt, long dt_step,
+               const bf16 *dt_scale, long dt_scale_step, long dt_stride, const int *widths, const int *ups,
+               int groups, const int *experts, const int *starts, const int *counts, const int *rows_of,
                const bf16 *weights) {
     int assigned = 0, widest = 0;
     for (int g = 0; g < groups; g++) {
@@ -106,24 +129,25 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16
         widest = widths[experts[g]] > widest ? widths[experts[g]] : widest;
     }
     int nt = omp_get_max_threads();
-    long floats = (long)M * H + (long)M * S + (long)assigned * widest + (long)assigned * H;
+    long floats = 2L * M * H + (long)M * S + (long)assigned * widest + (long)assigned * H;
     float *xf = malloc(sizeof(float) * (floats + (long)nt * 8 * (M + 1)));
-    const float **xs = malloc(sizeof(float *) * (2L * M + assigned + 1));
+    const float **xs = malloc(sizeof(float *) * (2L * M + 2L * assigned + 1));
     int *by_row = malloc(sizeof(int) * ((long)assigned + M + 2)); /* assignments by row, in group order */
     if (!xf || !xs || !by_row) {
         free(xf), free(xs), free(by_row);
         return -1;
     }
     float *as = xf + (long)M * H, *ae = as + (long)M * S, *ye = ae + (long)assigned * widest;
-    float *dots = ye + (long)assigned * H;            /* 8 * (M + 1) per thread */
-    const float **xe = xs + M, **ax = xe + assigned; /* each assignment's input; the shared activations */
+    float *ys = ye + (long)assigned * H, *dots = ys + (long)M * H; /* dots: 8 * (M + 1) per thread */
+    /* each assignment's input, the shared activations, each assignment's activations */
+    const float **xe = xs + M, **ax = xe + assigned, **axe = ax + M;
     for (int r = 0; r < M; r++) {
         if (norm_w) rms_norm_row(x + (long)r * H, norm_w, eps, H, xf + (long)r * H);
         else
             for (int k = 0; k < H; k++) xf[(long)r * H + k] = from_bf16(x[(long)r * H + k]);
     }
     for (int r = 0; r < M; r++) xs[r] = xf + (long)r * H, ax[r] = as + (long)r * S;
-    for (int i = 0; i < assigned; i++) xe[i] = xf + (long)rows_of[i] * H;
+    for (int i = 0; i < assigned; i++) xe[i] = xf + (long)rows_of[i] * H, axe[i] = ae + (long)i * widest;
     int *row_start = by_row + assigned, n = 0;
     for (int r = 0; r < M; r++) {
         row_start[r] = n;
@@ -131,43 +155,51 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16
             if (rows_of[i] == r) by_row[n++] = i;
     }
     row_start[M] = n;
+    matrix shared_gu = {int8 ? NULL : s_gu, int8 ? s_gu : NULL, s_gu_scale, H};
+    matrix shared_down = {int8 ? NULL : s_down, int8 ? s_down : NULL, s_down_scale, S};
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
         float *d = dots + (long)t * 8 * (M + 1);
         /* 1: act(gate) * up, each matrix's channels split among the threads */
         share(S, 4, t, nt, &lo, &hi);
-        gate_up(s_gu, S, H, xs, M, lo, hi, as, S, d);
+        gate_up(shared_gu, s_up, H, xs, M, lo, hi, as, S, d);
         for (int g = 0; g < groups; g++) {
             int e = experts[g];
+            matrix m = {NULL, NULL, NULL, H};
+            if (int8) m.w8 = (const int8_t *)gu + e * gu_step, m.scale = gu_scale + e * gu_scale_step;
+            else m.w16 = (const bf16 *)gu + e * gu_step;
             share(widths[e], 4, t, nt, &lo, &hi);
-            gate_up(gu + e * gu_step, widths[e], H, xe + starts[g], counts[g], lo, hi, ae + (long)starts[g] * widest,
-                    widest, d);
+            gate_up(m, ups[e], H, xe + starts[g], counts[g], lo, hi, ae + (long)starts[g] * widest, widest, d);
         }
 #pragma omp barrier
         /* 2: down projections and the sums, each thread on its own output columns [lo, hi) */
         share(H, 8, t, nt, &lo, &hi);
-        for (int g = 0; g < groups; g++)
-            down_axpy(dt + experts[g] * dt_step, widths[experts[g]], H, ae + (long)starts[g] * widest, widest,
-                      counts[g], lo, hi, ye + (long)starts[g] * H);
-        for (int c = lo; c < hi; c += 8) {
-            const bf16 *w[8];
-            for (int q = 0; q < 8; q++) w[q] = s_down + (long)(c + q) * S;
-            if (S) dot8(w, ax, M, S, 8L * S, d);
-            for (int r = 0; r < M; r++)
-                for (int q = 0; q < 8; q++) {
-                    float v = S ? round_bf16(d[q * M + r]) : 0.0f; /* the shared expert's bfloat16 output */
-                    for (int k = row_start[r]; k < row_start[r + 1]; k++) {
-                        int i = by_row[k];
-                        float y = round_bf16(ye[(long)i * H + c + q]);
-                        if (weights) y = round_bf16(y * from_bf16(weights[i]));
-                        v += y; /* torch's index_add sums in float32 and rounds once */
-                    }
-                    v = round_bf16(v);
-                    long o = (long)r * H + c + q;
-                    out[o] = h ? to_bf16(from_bf16(h[o]) + v) : to_bf16(v);
-                }
+        for (int g = 0; g < groups; g++) {
+            int e = experts[g];
+            float *y = ye + (long)starts[g] * H;
+            if (int8) {
+                matrix m = {NULL, (const int8_t *)dt + e * dt_step, dt_scale + e * dt_scale_step, dt_stride};
+                rows_dot(m, widths[e], axe + starts[g], counts[g], lo, hi, y, H, d);
+            } else {
+                down_axpy((const bf16 *)dt + e * dt_step, widths[e], H, ae + (long)starts[g] * widest, widest,
+                          counts[g], lo, hi, y);
+            }
         }
+        if (S) rows_dot(shared_down, S, ax, M, lo, hi, ys, H, d);
+        for (int r = 0; r < M; r++)
+            for (int c = lo; c < hi; c++) {
+                long o = (long)r * H + c;
+                float v = S ? round_bf16(ys[o]) : 0.0f; /* the shared expert's bfloat16 output */
+                for (int k = row_start[r]; k < row_start[r + 1]; k++) {
+                    int i = by_row[k];
+                    float y = round_bf16(ye[(long)i * H + c]);
+                    if (weights) y = round_bf16(y * from_bf16(weights[i]));
+                    v += y; /* torch's index_add sums in float32 and rounds once */
+                }
+                v = round_bf16(v);
+                out[o] = h ? to_bf16(from_bf16(h[o]) + v) : to_bf16(v);
+            }
     }
     free(xf), free(xs), free(by_row);
     return 0;

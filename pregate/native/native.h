@@ -41,22 +41,37 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* Dot products of NW bfloat16 rows w[i] with NX float32 vectors x[j] (K each) into out[i * NX + j].
-   Every output has one accumulator, fed 8 terms at a time in order, summed across lanes, then the last
-   K % 8 terms added in order: the same bits whichever tile computes it. pf > 0: prefetch the rows pf
-   elements further on (what the next call reads); the hardware prefetcher alone reaches about half the
-   memory's rate on rows this short. */
-#define DOTS(NW, NX)                                                                                     \
-    static void dots_##NW##x##NX(const bf16 *const *w, const float *const *x, int K, long pf, float *out) { \
+static inline __m256 load8_i8(const int8_t *p) { /* 8 int8 -> 8 float32 */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline float from_i8(int8_t v) { return (float)v; }
+
+/* A weight matrix as the kernels read it: rows of `stride` elements, bfloat16 (w16) or int8 (w8, each
+   row scaled by scale[row], torch's weight-only int8: the sum times the scale, then rounded). */
+typedef struct {
+    const bf16 *w16;
+    const int8_t *w8;
+    const bf16 *scale;
+    long stride;
+} matrix;
+
+/* Dot products of NW rows w[i] (element type T, read by LOAD / ONE) with NX float32 vectors x[j] (K
+   each) into out[i * NX + j]. Every output has one accumulator, fed 8 terms at a time in order, summed
+   across lanes, then the last K % 8 terms added in order: the same bits whichever tile computes it.
+   pf > 0: prefetch the rows pf elements further on (what the next call reads); the hardware prefetcher
+   alone reaches about half the memory's rate on rows this short. */
+#define DOTS(NAME, T, LOAD, ONE, NW, NX)                                                                 \
+    static void NAME##_##NW##x##NX(const T *const *w, const float *const *x, int K, long pf, float *out) { \
         __m256 acc[NW][NX];                                                                              \
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();                                \
         int k = 0;                                                                                       \
         for (; k + 8 <= K; k += 8) {                                                                     \
-            if (pf && !(k & 31))                                                                         \
+            if (pf && !(k & (64 / sizeof(T) - 1))) /* once per cache line */                           \
                 for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
             for (int i = 0; i < NW; i++) {                                                               \
-                __m256 wv = load8(w[i] + k);                                                             \
+                __m256 wv = LOAD(w[i] + k);                                                              \
                 for (int j = 0; j < NX; j++)                                                             \
                     acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + k), acc[i][j]);               \
             }                                                                                            \
@@ -64,36 +79,58 @@ static inline float hsum(__m256 v) {
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) {                                                               \
                 float s = hsum(acc[i][j]);                                                               \
-                for (int t = k; t < K; t++) s += from_bf16(w[i][t]) * x[j][t];                           \
+                for (int t = k; t < K; t++) s += ONE(w[i][t]) * x[j][t];                                 \
                 out[i * NX + j] = s;                                                                     \
             }                                                                                            \
     }
-DOTS(8, 1)
-DOTS(2, 4)
-DOTS(1, 8)
+DOTS(dots16, bf16, load8, from_bf16, 8, 1)
+DOTS(dots16, bf16, load8, from_bf16, 2, 4)
+DOTS(dots16, bf16, load8, from_bf16, 1, 8)
+DOTS(dots8, int8_t, load8_i8, from_i8, 8, 1)
+DOTS(dots8, int8_t, load8_i8, from_i8, 2, 4)
+DOTS(dots8, int8_t, load8_i8, from_i8, 1, 8)
 
-/* out[i * M + m] = w[i] . xs[m] for eight rows w and M vectors. One vector: the eight rows stream at
-   once (memory-bound; eight independent sums hide each one's latency). Up to four: tiles of two rows by
-   four vectors; more: one row by eight, so each weight is converted once for four or eight of them.
-   A short tile repeats its last vector (the extra sums are dropped). */
-static void dot8(const bf16 *const *w, const float *const *xs, int M, int K, long pf, float *out) {
-    if (M == 1) {
-        dots_8x1(w, xs, K, pf, out);
-        return;
+/* The tiling of dot8 for one element type: one vector, the eight rows stream at once (memory-bound;
+   eight independent sums hide each one's latency); up to four, tiles of two rows by four vectors; more,
+   one row by eight, so each weight is converted once for four or eight of them. A short tile repeats
+   its last vector (the extra sums are dropped). */
+#define DOT8(NAME, T)                                                                                    \
+    static void NAME##_dot8(const T *const *w, const float *const *xs, int M, int K, long pf, float *out) { \
+        if (M == 1) {                                                                                    \
+            NAME##_8x1(w, xs, K, pf, out);                                                               \
+            return;                                                                                      \
+        }                                                                                                \
+        int width = M <= 4 ? 4 : 8, rows = M <= 4 ? 2 : 1;                                               \
+        float tile[8];                                                                                   \
+        const float *x[8];                                                                               \
+        for (int m = 0; m < M; m += width) {                                                             \
+            int n = M - m < width ? M - m : width;                                                       \
+            for (int j = 0; j < width; j++) x[j] = xs[m + (j < n ? j : n - 1)];                          \
+            for (int p = 0; p < 8; p += rows) {                                                          \
+                long f = m ? 0 : pf;                                                                     \
+                if (rows == 2) NAME##_2x4(w + p, x, K, f, tile);                                         \
+                else NAME##_1x8(w + p, x, K, f, tile);                                                   \
+                for (int i = 0; i < rows; i++)                                                           \
+                    for (int j = 0; j < n; j++) out[(p + i) * M + m + j] = tile[i * width + j];          \
+            }                                                                                            \
+        }                                                                                                \
     }
-    int width = M <= 4 ? 4 : 8, rows = M <= 4 ? 2 : 1;
-    float tile[8];
-    const float *x[8];
-    for (int m = 0; m < M; m += width) {
-        int n = M - m < width ? M - m : width;
-        for (int j = 0; j < width; j++) x[j] = xs[m + (j < n ? j : n - 1)];
-        for (int p = 0; p < 8; p += rows) {
-            long f = m ? 0 : pf;
-            if (rows == 2) dots_2x4(w + p, x, K, f, tile);
-            else dots_1x8(w + p, x, K, f, tile);
-            for (int i = 0; i < rows; i++)
-                for (int j = 0; j < n; j++) out[(p + i) * M + m + j] = tile[i * width + j];
-        }
+DOT8(dots16, bf16)
+DOT8(dots8, int8_t)
+
+/* out[i * M + m] = row rows[i] of w . xs[m] (K terms) for eight rows and M vectors, int8 rows times
+   their scales. pf: prefetch distance in rows. */
+static void dot8(matrix w, const long *rows, const float *const *xs, int M, int K, long pf, float *out) {
+    if (w.w8) {
+        const int8_t *r[8];
+        for (int i = 0; i < 8; i++) r[i] = w.w8 + rows[i] * w.stride;
+        dots8_dot8(r, xs, M, K, pf * w.stride, out);
+        for (int i = 0; i < 8; i++)
+            for (int m = 0; m < M; m++) out[i * M + m] *= from_bf16(w.scale[rows[i]]);
+    } else {
+        const bf16 *r[8];
+        for (int i = 0; i < 8; i++) r[i] = w.w16 + rows[i] * w.stride;
+        dots16_dot8(r, xs, M, K, pf * w.stride, out);
     }
 }
 
