@@ -41,7 +41,12 @@ STEP_SYSTEMS = {  # bench step's systems at batch 1 -> the demo's labels
     "dense-int8": "dense parent int8",
     "hf-generate": "HF generate bf16",
 }
-NATIVE_SYSTEMS = {"moe-native": "MoE bf16 native", "dense-native": "dense parent bf16 native"}  # --native
+NATIVE_SYSTEMS = {  # with --native, where pregate.native can run
+    "moe-native": "MoE bf16 native",
+    "moe-int8-native": "MoE int8 native",
+    "dense-native": "dense parent bf16 native",
+    "dense-int8-native": "dense parent int8 native",
+}
 
 
 def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE) -> dict[str, dict]:
@@ -134,9 +139,10 @@ def format_serving(summary: dict) -> str:
     if all(label in b1 for label in NATIVE_SYSTEMS.values()):
         native = {name: b1[label]["median_ms"] for name, label in NATIVE_SYSTEMS.items()}
         lines.append(
-            f"MoE bf16 native: {native['moe-native'] / ms['dense']:.2f}x the parent's packed bf16 step, "
-            f"{native['moe-native'] / native['dense-native']:.2f}x the parent native, "
-            f"{native['moe-native'] / ms['moe']:.2f}x the MoE packed"
+            f"native: MoE bf16 {native['moe-native'] / native['dense-native']:.2f}x the parent native, "
+            f"{native['moe-native'] / ms['moe']:.2f}x the MoE packed; MoE int8 "
+            f"{native['moe-int8-native'] / native['dense-int8-native']:.2f}x the parent native, "
+            f"{native['moe-int8-native'] / ms['moe-int8']:.2f}x the MoE's torch int8 step"
         )
     lines += [
         "",
