@@ -55,7 +55,7 @@ _library: ctypes.CDLL | None = None
 
 
 def unavailable_reason() -> str | None:
-    """Why the native MLP cannot run on this machine, or None if it can."""
+    """Why the native decode layers cannot run on this machine, or None if they can."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"--native needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
     try:
@@ -86,7 +86,7 @@ def _cache_dir() -> Path:
 
 
 def library() -> ctypes.CDLL:
-    """The compiled kernel (built on first use, then loaded from the cache). Raises PregateError."""
+    """The compiled kernels (built on first use, then loaded from the cache). Raises PregateError."""
     global _library
     if _library is not None:
         return _library
