@@ -89,7 +89,7 @@ def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -
     from pregate import sim
     from pregate.cache_bench import route_sharegpt
 
-    progress("  batch-1 decode step: MoE bf16 and int8, dense parent, HF generate")
+    progress("  batch-1 decode step: MoE and dense parent in bf16 and int8 (packed and native), HF generate")
     batch1 = batch1_decode(train_dir, cfg)
     progress(f"  {cfg.repeats} interleaved repeats of {len(cfg.policies) + cfg.dense + cfg.hf} systems")
     result = run_bench(train_dir, cfg, progress=lambda msg: None)
