@@ -67,7 +67,7 @@ class BenchConfig:
     repeats: int = 3  # odd, so the median is one run's value, not a mean of two
     dtype: str = "bfloat16"  # weights; attention runs in float32 on CPU (MoEForCausalLM.attention_dtype)
     quantize: str | None = None  # "int8": weight-only int8 for the MoE and the dense parent in the engine
-    native: bool = False  # their MLPs through pregate.native in decode steps
+    native: bool = False  # their decode rows through pregate.native's layers
     dense: bool = True
     hf: bool = True
     router_steps: int = 40  # only when the checkpoint has no trained router

@@ -67,8 +67,8 @@ STEP_MOE_INT8 = "moe-int8"  # with --quantize int8: the MoE and the dense parent
 STEP_DENSE_INT8 = "dense-int8"  # measured beside the float ones in the same run
 STEP_MOE_UNPACKED = "moe-unpacked"  # with --unpacked: the bfloat16 MoE and dense parent as plain weights,
 STEP_DENSE_UNPACKED = "dense-unpacked"  # beside the packed ones that the engine serves (pregate.packed)
-STEP_MOE_NATIVE = "moe-native"  # with --native: the bfloat16 MoE and dense parent with their MLPs in one
-STEP_DENSE_NATIVE = "dense-native"  # native call per layer (pregate.native), the rest packed
+STEP_MOE_NATIVE = "moe-native"  # with --native: the bfloat16 MoE and dense parent with their decode rows
+STEP_DENSE_NATIVE = "dense-native"  # through the native layers (pregate.native), head and router packed
 STEP_MOE_INT8_NATIVE = "moe-int8-native"  # with --native and --quantize int8: the int8 copies through
 STEP_DENSE_INT8_NATIVE = "dense-int8-native"  # the native decode layers
 MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED, STEP_MOE_NATIVE, STEP_MOE_INT8_NATIVE)
@@ -542,7 +542,7 @@ def run_bench_step(
         reason = can_run_native(moe)
         if reason is not None:
             raise BenchError(reason)
-        progress("native MLP copies of the MoE" + " and the dense parent" * (dense is not None))
+        progress("native-layer copies of the MoE" + " and the dense parent" * (dense is not None))
         models[STEP_MOE_NATIVE], routers[STEP_MOE_NATIVE] = serving_layout(
             copy.deepcopy(moe), copy.deepcopy(router), native=True
         )

@@ -64,7 +64,7 @@ def load_engine(
     while a layer computes). The model then computes in the checkpoint's dtype.
     quantize "int8": weight-only int8 (pregate.quantize); with resident_experts the routed experts stay in
     the checkpoint's dtype (the store serves them) and the rest is int8.
-    native: decode steps' MLPs in one native call per layer (pregate.native; bfloat16, experts resident)."""
+    native: decode rows through the native layers (pregate.native; bfloat16 or int8, experts resident)."""
     from transformers import AutoTokenizer
 
     from pregate.checkpoint import parse_dtype

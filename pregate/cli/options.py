@@ -105,13 +105,13 @@ def add_quantize(p: argparse.ArgumentParser, what: str = "the model") -> None:
 
 
 def add_native(p: argparse.ArgumentParser, what: str = "the model") -> None:
-    """`--native`: each layer's MLP in one native call for decode steps (pregate.native)."""
+    """`--native`: decode rows through native layers, two C calls per layer (pregate.native)."""
     p.add_argument(
         "--native",
         action="store_true",
-        help=f"run {what}'s MLPs in one native call per layer in decode steps (bfloat16, x86-64 with AVX2; "
-        "built on first use with the C compiler; within bfloat16 rounding of the default path, "
-        "docs/serving.md; default: off)",
+        help=f"run {what}'s decode rows through native layers, two C calls per layer (bfloat16 or "
+        "--quantize int8 weights, x86-64 with AVX2; built on first use with the C compiler; within rounding "
+        "of the default path, docs/serving.md; default: off)",
     )
 
 

@@ -221,8 +221,9 @@ def add_bench_step(p) -> None:
     p.add_argument(
         "--native",
         action="store_true",
-        help="also the bfloat16 MoE and dense parent with each layer's MLP in one native call "
-        "(moe-native, dense-native; pregate.native, built on first use with the C compiler)",
+        help="also the MoE and dense parent through the native decode layers (moe-native, dense-native; "
+        "with --quantize also moe-int8-native, dense-int8-native; pregate.native, built on first use "
+        "with the C compiler)",
     )
     p.add_argument(
         "--layerwise",
