@@ -1,6 +1,6 @@
-"""The native MoE MLP (pregate.native): the eager path's arithmetic within bfloat16 rounding, the same bits
-for a row alone or in any batch and at any thread count, and exact batched serving when every row runs
-natively."""
+"""The native decode layers (pregate.native), over bfloat16 and int8 weights: the eager path's arithmetic
+within rounding, the same bits for a decode row alone, in any batch, beside prompt chunks and at any
+thread count, and batched serving equal to serving each request alone."""
 
 import copy
 
@@ -25,7 +25,8 @@ def bf16_moe(seed: int = 0, family: str = "llama", num_experts: int = 3, hidden:
 
 
 def native_moe(quantize, seed: int = 0, family: str = "llama"):
-    """(the bfloat16 model, the same served natively): int8 needs a hidden size a multiple of 32."""
+    """(the bfloat16 model, a copy served natively, int8 with `quantize`): int8 needs a hidden size that is
+    a multiple of 32."""
     plain = bf16_moe(seed=seed, family=family, hidden=64 if quantize else 48)
     return plain, serving_layout(copy.deepcopy(plain), quantize=quantize, native=True)[0]
 
@@ -143,7 +144,7 @@ def test_native_serving_gives_the_eager_tokens():
     assert_batched_equals_one_by_one(served, router, "expert-aware", reference=moe)
 
 
-def test_what_the_native_mlp_refuses():
+def test_what_native_refuses():
     f32 = build(tiny_hf_model(seed=6), num_experts=2)
     assert "bfloat16" in native.can_run_native(f32)
     with pytest.raises(PregateError, match="bfloat16"):
