@@ -89,7 +89,7 @@ class StepBenchConfig:
     dtype: str = "bfloat16"
     quantize: str | None = None  # "int8": also the MoE and the dense parent with int8 weights
     unpacked: bool = False  # also the bfloat16 models with plain (not prepacked) weights
-    native: bool = False  # also the bfloat16 models with the native MLP (pregate.native)
+    native: bool = False  # also the models through the native decode layers (pregate.native)
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -536,12 +536,7 @@ def run_bench_step(
         bandwidths[STEP_MOE_UNPACKED] = bandwidths[STEP_DENSE_UNPACKED] = bw
     elif cfg.unpacked:
         notes.append(f"--unpacked: nothing to compare, {cfg.dtype} weights are not packed (pregate.packed)")
-    if cfg.native:
-        from pregate.native import can_run_native
-
-        reason = can_run_native(moe)
-        if reason is not None:
-            raise BenchError(reason)
+    if cfg.native:  # serving_layout refuses a model native cannot run, with the reason
         progress("native-layer copies of the MoE" + " and the dense parent" * (dense is not None))
         models[STEP_MOE_NATIVE], routers[STEP_MOE_NATIVE] = serving_layout(
             copy.deepcopy(moe), copy.deepcopy(router), native=True

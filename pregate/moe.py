@@ -489,7 +489,6 @@ class MoEMLP(nn.Module):
         # the routed experts in an inference layout (quantize.Int8Experts, packed.PackedExperts), with a
         # `run(e, width, x, act)`; then w_* are empty. None: the parameters above
         self.inference_experts = None
-        self.native = None  # pregate.native.NativeMLP: the MLP of decode rows in one native call
         self.register_load_state_dict_pre_hook(_fuse_mlp)
         self.register_state_dict_post_hook(_split_mlp)
 

@@ -85,6 +85,18 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "pregate" / "native"
 
 
+def _build(files: list[Path], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        sources = [str(f) for f in files if f.suffix == ".c"]
+        cmd = [_compiler(), *FLAGS, *sources, "-o", str(built), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PregateError(f"building the native kernels failed ({' '.join(cmd)}):\n{done.stderr}")
+        os.replace(built, path)  # atomic: a concurrent build leaves one complete file
+
+
 def library() -> ctypes.CDLL:
     """The compiled kernels (built on first use, then loaded from the cache). Raises PregateError."""
     global _library
@@ -97,15 +109,13 @@ def library() -> ctypes.CDLL:
     tag = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode()).hexdigest()[:16]
     path = _cache_dir() / f"pregate-native-{tag}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
-            sources = [str(f) for f in files if f.suffix == ".c"]
-            cmd = [_compiler(), *FLAGS, *sources, "-o", str(built), "-lm"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise PregateError(f"building the native kernels failed ({' '.join(cmd)}):\n{done.stderr}")
-            os.replace(built, path)  # atomic: a concurrent build leaves one complete file
+        try:
+            _build(files, path)
+        except OSError as err:
+            raise PregateError(
+                f"cannot build the native kernels into {path.parent} ({err}); set PREGATE_CACHE_DIR to a "
+                "writable directory"
+            ) from None
     lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     i64 = ctypes.c_long
@@ -125,11 +135,9 @@ def _ints(values) -> ctypes.Array:
     return (ctypes.c_int * max(len(values), 1))(*values)
 
 
-class _PlanArgs:
-    """A routing plan's assignments as the kernel takes them. Pre-gating routes a step once for all its
-    layers, so they are made once per plan (`for_plan` keeps the last one) instead of once per layer."""
-
-    _last: tuple[RoutingPlan | None, _PlanArgs | None] = (None, None)
+class PlanArgs:
+    """A routing plan's assignments as the MLP kernel takes them. Pre-gating routes a step once for all
+    its layers, so a NativeStep makes them once for every layer's call."""
 
     def __init__(self, plan: RoutingPlan | None):
         groups = plan.groups if plan is not None else []
@@ -142,13 +150,8 @@ class _PlanArgs:
         if groups and not plan.unit_weights:
             self.weights = plan.weights.to(torch.bfloat16).contiguous()
 
-    @classmethod
-    def for_plan(cls, plan: RoutingPlan | None) -> _PlanArgs:
-        last, args = cls._last
-        if args is None or last is not plan:
-            args = cls(plan)
-            cls._last = (plan, args)
-        return args
+
+NO_EXPERTS = PlanArgs(None)  # an MLP without routed experts (the dense parent)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -170,7 +173,7 @@ def _linear_weights(linear) -> _Weights:
 
 
 class NativeMLP:
-    """One MoEMLP as the kernel reads it: `run(x, plan, residual, norm)` -> residual + mlp(norm(x)), in
+    """One MoEMLP as the kernel reads it: `run(x, args, residual, norm)` -> residual + mlp(norm(x)), in
     bfloat16 or in pregate.quantize's int8 layouts. It reads the module's own weights (nothing copied),
     held here so that a call looks nothing up through the modules, their data pointers taken at each
     call."""
@@ -194,16 +197,15 @@ class NativeMLP:
         self.widths = _ints(widths)  # the kernel's width per expert, and where its up rows start
         self.kernel = library().pg_moe_mlp
 
-    def run(
-        self, x: torch.Tensor, plan: RoutingPlan | None, residual: torch.Tensor | None, norm=None
-    ) -> torch.Tensor:
+    def run(self, x: torch.Tensor, args: PlanArgs, residual: torch.Tensor | None, norm=None) -> torch.Tensor:
         """norm: (weight, eps) of an RMSNorm; the MLP's input is then norm(x) (the layer's post-attention
         norm, fused)."""
         x = x.contiguous()
         if residual is not None:
             residual = residual.contiguous()
         out = torch.empty_like(x)
-        args = _PlanArgs.for_plan(plan if self.routed else None)
+        if not self.routed:
+            args = NO_EXPERTS
         gu, down = self.gate_up, self.down
         gs = 0 if gu.scales is None else gu.scales.stride(0)
         ds = 0 if down.scales is None else down.scales.stride(0)
@@ -264,7 +266,7 @@ class NativeStep:
             self.rest_rows = torch.cat([torch.arange(s, s + seg.length) for s, seg in zip(starts, rest)])
             self.rest_attention = AttentionPlan(rest, group.rows.device)
             self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
-        self.plan = self._plan(routing, self.rows, num_experts)
+        self.plan_args = PlanArgs(self._plan(routing, self.rows, num_experts))
 
     @staticmethod
     def _plan(routing: Routing | None, rows: torch.Tensor | None, num_experts: int) -> RoutingPlan | None:
@@ -337,7 +339,7 @@ class NativeDecoder:
         )
         if status != 0:
             raise MemoryError("the native attention could not allocate its scratch memory")
-        return n.mlp.run(out, step.plan, out, norm=n.post_norm)
+        return n.mlp.run(out, step.plan_args, out, norm=n.post_norm)
 
 
 class _NativeLayer:
@@ -352,7 +354,7 @@ class _NativeLayer:
         self.bias = attn.qkv_proj.bias
         self.heads = (attn.n_heads, attn.n_kv, attn.head_dim)
         self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-        self.mlp = layer.mlp.native
+        self.mlp = NativeMLP(layer.mlp)
         self.kernel = library().pg_attention
 
 
@@ -405,7 +407,6 @@ def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
             tensors = (mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.w_gate_up, mlp.w_down_t)
             for p in (*tensors, attn.qkv_proj.weight, attn.o_proj.weight):
                 p.data = p.data.contiguous()  # the kernels walk the memory themselves
-        mlp.native = NativeMLP(mlp)
     model.native = NativeDecoder(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -162,24 +162,17 @@ def serving_layout(
     if native:
         from pregate.native import attach_native, can_run_native
 
-        reason = can_run_native(model)  # before any conversion
+        reason = can_run_native(model)  # before any conversion (it implies can_pack)
         if reason is not None:
             raise PregateError(reason)
-        if quantize is not None:
-            quantize_model(model, quantize)
-            if router is not None:
-                quantize_router(router, quantize)
-        else:
-            pack_model(model, decoder=False)
-            if router is not None:
-                pack_router(router)
-        attach_native(model)
-    elif quantize is not None:
+    if quantize is not None:
         quantize_model(model, quantize)
         if router is not None:
             quantize_router(router, quantize)
     elif can_pack(model):
-        pack_model(model)
+        pack_model(model, decoder=not native)  # native reads the decoder layers' plain weights itself
         if router is not None:
             pack_router(router)
+    if native:
+        attach_native(model)
     return model, router

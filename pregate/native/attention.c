@@ -10,18 +10,6 @@
    by the inputs: the same bits alone or in any batch, at any thread count. */
 #include "native.h"
 
-/* x [rows][K] . rows [n0, n1) of w (in tiles of 8; a short tile repeats its last row) -> y[r * N + n] */
-static void project(matrix w, int N, int K, const float *const *xs, int rows, int n0, int n1, float *y, float *d) {
-    for (int n = n0; n < n1; n += 8) {
-        int m = n1 - n < 8 ? n1 - n : 8;
-        long rw[8];
-        for (int q = 0; q < 8; q++) rw[q] = n + (q < m ? q : m - 1);
-        dot8(w, rw, xs, rows, K, 8, d);
-        for (int q = 0; q < m; q++)
-            for (int r = 0; r < rows; r++) y[(long)r * N + n + q] = d[q * rows + r];
-    }
-}
-
 /* RoPE of one head, x * cos + roll(x, D/2) * sin, each product and the sum rounded in float32 (the file
    is compiled with -ffp-contract=off, so no fused multiply-add changes that) */
 static void rope(const float *x, const float *cos, const float *sin, int D, float *out) {
@@ -93,7 +81,7 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, flo
         float *tmp = scores + longest;
         /* 1: q|k|v, rounded to bfloat16 like the projection's output (then float32, as attention runs) */
         share(Q, 8, t, nt, &lo, &hi);
-        project(qkv_w, Q, H, rows, M, lo, hi, qkv, d);
+        rows_dot(qkv_w, H, rows, M, lo, hi, qkv, Q, d);
         for (int r = 0; r < M; r++) /* bfloat16: a bias joins the float32 sum before its one rounding */
             for (int n = lo; n < hi; n++) {
                 float v = qkv[(long)r * Q + n], b = b_qkv ? from_bf16(b_qkv[n]) : 0.0f;
@@ -123,7 +111,7 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, flo
 #pragma omp barrier
         /* 4: o_proj and the residual */
         share(H, 8, t, nt, &lo, &hi);
-        project(o_w, H, N * D, att_rows, M, lo, hi, proj, d);
+        rows_dot(o_w, N * D, att_rows, M, lo, hi, proj, H, d);
         for (int r = 0; r < M; r++)
             for (int c = lo; c < hi; c++) {
                 long i = (long)r * H + c;

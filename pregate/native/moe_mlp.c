@@ -37,20 +37,6 @@ static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, i
     }
 }
 
-/* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8; a short tile repeats its
-   last row), K terms each. d: scratch for 8 * rows floats. */
-static void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
-                     float *d) {
-    for (int c = lo; c < hi; c += 8) {
-        int m = hi - c < 8 ? hi - c : 8;
-        long r[8];
-        for (int q = 0; q < 8; q++) r[q] = c + (q < m ? q : m - 1);
-        dot8(w, r, xs, rows, K, 8, d);
-        for (int q = 0; q < m; q++)
-            for (int i = 0; i < rows; i++) y[(long)i * ldy + c + q] = d[q * rows + i];
-    }
-}
-
 /* Columns [c, c + 8 CB) of y[i] = a[i] @ dt for R activation rows a[i] (stride lda) of one routed expert,
    down transposed dt [W, H]: the R x CB sums stay in registers while the rows of dt stream by, each
    column's sum taken over j in order (the same bits for any tile). */

@@ -134,6 +134,20 @@ static void dot8(matrix w, const long *rows, const float *const *xs, int M, int 
     }
 }
 
+/* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8; a short tile repeats its
+   last row), K terms each. d: scratch for 8 * rows floats. */
+static void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
+                     float *d) {
+    for (int c = lo; c < hi; c += 8) {
+        int m = hi - c < 8 ? hi - c : 8;
+        long r[8];
+        for (int q = 0; q < 8; q++) r[q] = c + (q < m ? q : m - 1);
+        dot8(w, r, xs, rows, K, 8, d);
+        for (int q = 0; q < m; q++)
+            for (int i = 0; i < rows; i++) y[(long)i * ldy + c + q] = d[q * rows + i];
+    }
+}
+
 /* [lo, hi) of n items for thread t of nt, in whole units of `unit` items */
 static void share(int n, int unit, int t, int nt, int *lo, int *hi) {
     int units = (n + unit - 1) / unit, per = units / nt, extra = units % nt;
