@@ -163,6 +163,25 @@ def build(hf, num_experts=3, shared=20, seed=0):
     return build_moe_from_dense(hf, [p[0] for p in parts], [p[1] for p in parts])
 
 
+def served_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """What `pregate serve` loads, at tmp_path / "served": a float32 3-expert MoE of the tiny checkpoint
+    that covers every channel, its tokenizer and a tiny untrained pre-gating router."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pregate.moe import save_moe
+    from pregate.router import PreGatingRouter, RouterConfig, save_router
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    out = tmp_path / "served"
+    out.mkdir()
+    save_moe(build(hf), out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    save_router(
+        PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3)), out
+    )
+    return out
+
+
 def make_moe(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     """`refactor` of the tiny checkpoint into a 2-expert MoE (alpha, beta) at tmp_path / "moe"."""
     from pregate.refactor import RefactorConfig, refactor

@@ -12,7 +12,13 @@ from pregate.errors import PregateError
 from pregate.moe import Routing, RoutingPlan
 from pregate.packed import serving_layout
 from pregate.scheduler import SCHEDULING_POLICIES
-from tests.conftest import assert_batched_equals_one_by_one, build, tiny_hf_model, tiny_router
+from tests.conftest import (
+    assert_batched_equals_one_by_one,
+    build,
+    served_checkpoint,
+    tiny_hf_model,
+    tiny_router,
+)
 
 pytestmark = pytest.mark.skipif(
     native.unavailable_reason() is not None, reason=str(native.unavailable_reason())
@@ -55,13 +61,13 @@ def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize):
     torch.manual_seed(rows)
     differing = total = 0
     with torch.no_grad():
-        for layer in moe.layers:
-            mlp = layer.mlp
+        for i, layer in enumerate(moe.layers):
+            mlp, run = layer.mlp, moe.native.layers[i].mlp.run
             x = torch.randn(rows, hidden, dtype=torch.bfloat16)
             h = torch.randn(rows, hidden, dtype=torch.bfloat16)
             for name, routing in routings(rows, 3, seed=rows).items():
                 plan = RoutingPlan(routing, 3)
-                got = mlp.native.run(x, plan, h)
+                got = run(x, native.PlanArgs(plan), h)
                 want = h + mlp(x, plan)
                 torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=f"routing {name}")
                 differing += int((got != want).sum())
@@ -71,19 +77,20 @@ def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize):
 
 def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count():
     moe = native.attach_native(bf16_moe(seed=2, num_experts=4))
-    run = moe.layers[1].mlp.native.run
+    run = moe.native.layers[1].mlp.run
     torch.manual_seed(0)
     x, h = torch.randn(8, 48, dtype=torch.bfloat16), torch.randn(8, 48, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     with torch.no_grad():
         for name, routing in routings(8, 4, seed=3).items():
-            batch = run(x, RoutingPlan(routing, 4), h)
+            batch = run(x, native.PlanArgs(RoutingPlan(routing, 4)), h)
             for i in range(8):
                 one = Routing(routing.expert_ids[i : i + 1], routing.weights[i : i + 1])
-                assert torch.equal(run(x[i : i + 1], RoutingPlan(one, 4), h[i : i + 1]), batch[i : i + 1])
+                alone = run(x[i : i + 1], native.PlanArgs(RoutingPlan(one, 4)), h[i : i + 1])
+                assert torch.equal(alone, batch[i : i + 1])
             try:
                 torch.set_num_threads(1)
-                assert torch.equal(run(x, RoutingPlan(routing, 4), h), batch), name
+                assert torch.equal(run(x, native.PlanArgs(RoutingPlan(routing, 4)), h), batch), name
             finally:
                 torch.set_num_threads(threads)
 
@@ -140,7 +147,7 @@ def test_native_serving_gives_the_eager_tokens():
     the plain eager model computing it alone by full recompute (within rounding in general; equal here)."""
     moe, router = bf16_moe(seed=5), tiny_router()
     served, _ = serving_layout(copy.deepcopy(moe), native=True)
-    assert all(layer.mlp.native is not None for layer in served.layers) and served.packed
+    assert served.native is not None and served.packed
     assert_batched_equals_one_by_one(served, router, "expert-aware", reference=moe)
 
 
@@ -160,23 +167,16 @@ def test_what_native_refuses():
 def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_checkpoint, tmp_path):
     """`pregate serve --native`'s loader: the checkpoint's MoE with native MLPs behind its router, giving
     the tokens of the plain bfloat16 engine; with an expert store it is refused with the reason."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from pregate.engine import Engine, SamplingParams
     from pregate.launch import load_engine
-    from pregate.moe import load_moe, save_moe
-    from pregate.router import PreGatingRouter, RouterConfig, load_router, save_router
+    from pregate.moe import load_moe
+    from pregate.router import load_router
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
-    out = tmp_path / "served"
-    out.mkdir()
-    save_moe(build(hf), out)
-    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
-    save_router(
-        PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3)), out
-    )
+    out = served_checkpoint(tiny_checkpoint, tmp_path)
     engine = load_engine(str(out), dtype="bfloat16", native=True)
-    assert all(layer.mlp.native is not None for layer in engine.model.layers)
+    assert engine.model.native is not None
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     got = engine.generate(["hello", "a longer prompt"], params)
     plain = Engine(load_moe(out, torch.bfloat16), AutoTokenizer.from_pretrained(out), load_router(out))

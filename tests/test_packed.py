@@ -16,6 +16,7 @@ from pregate.scheduler import SCHEDULING_POLICIES
 from tests.conftest import (
     assert_batched_equals_one_by_one,
     build,
+    served_checkpoint,
     tiny_hf_model,
     tiny_router,
 )
@@ -98,20 +99,13 @@ def test_only_plain_bfloat16_cpu_models_are_packed():
 def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path):
     """What `pregate serve` loads in bfloat16: the checkpoint's MoE packed, behind its router, giving the
     tokens of the plain weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from pregate.launch import load_engine
-    from pregate.moe import load_moe, save_moe
-    from pregate.router import PreGatingRouter, RouterConfig, load_router, save_router
+    from pregate.moe import load_moe
+    from pregate.router import load_router
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
-    out = tmp_path / "served"
-    out.mkdir()
-    save_moe(build(hf), out)
-    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
-    save_router(
-        PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3)), out
-    )
+    out = served_checkpoint(tiny_checkpoint, tmp_path)
     engine = load_engine(str(out), dtype="bfloat16")
     assert engine.model.packed
     params = SamplingParams(max_tokens=5, ignore_eos=True)

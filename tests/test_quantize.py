@@ -23,6 +23,7 @@ from tests.conftest import (
     assert_batched_equals_one_by_one,
     build,
     prompts,
+    served_checkpoint,
     tiny_hf_model,
     tiny_router,
 )
@@ -208,20 +209,9 @@ def test_int8_with_an_expert_store_equals_resident_int8(tmp_path, prefetch):
 
 def test_load_engine_serves_int8(tiny_checkpoint, tmp_path):
     """What `pregate serve --quantize int8` loads: the checkpoint's MoE, quantized, behind its router."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pregate.launch import load_engine
-    from pregate.moe import save_moe
-    from pregate.router import PreGatingRouter, RouterConfig, save_router
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
-    out = tmp_path / "served"
-    out.mkdir()
-    save_moe(build(hf), out)
-    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
-    save_router(
-        PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3)), out
-    )
+    out = served_checkpoint(tiny_checkpoint, tmp_path)
     engine = load_engine(str(out), dtype="float32", quantize="int8")
     assert engine.model.quantized == "int8"
     got = engine.generate(["hello"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
