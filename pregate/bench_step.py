@@ -519,16 +519,22 @@ def run_bench_step(
     models = {STEP_MOE: moe, STEP_DENSE: dense}
     routers = {STEP_MOE: router}
     bandwidths = {STEP_MOE: bw, STEP_DENSE: bw}
+
+    def layout_copies(
+        moe_name: str, dense_name: str, quantize: str | None, native: bool, rates: dict
+    ) -> None:
+        """Copies of the MoE (with its router) and the dense parent in another serving layout."""
+        models[moe_name], routers[moe_name] = serving_layout(
+            copy.deepcopy(moe), copy.deepcopy(router), quantize, native
+        )
+        if dense is not None:
+            models[dense_name] = serving_layout(copy.deepcopy(dense), None, quantize, native)[0]
+        bandwidths[moe_name] = bandwidths[dense_name] = rates
+
     if cfg.quantize:
         progress(f"quantizing copies of the MoE{' and the dense parent' * (dense is not None)} to int8")
-        models[STEP_MOE_INT8], routers[STEP_MOE_INT8] = serving_layout(
-            copy.deepcopy(moe), copy.deepcopy(router), cfg.quantize
-        )
-        models[STEP_DENSE_INT8] = (
-            serving_layout(copy.deepcopy(dense), None, cfg.quantize)[0] if dense is not None else None
-        )
         bw_int8 = measure_bandwidth(cfg.torch_dtype, cfg.floor_mb, [(i, h), (h, i)], int8=True)
-        bandwidths[STEP_MOE_INT8] = bandwidths[STEP_DENSE_INT8] = bw_int8
+        layout_copies(STEP_MOE_INT8, STEP_DENSE_INT8, cfg.quantize, False, bw_int8)
         progress(f"  int8 GEMV {bw_int8['gemv'] / 1e9:.2f} GB/s (int8 bytes)")
     if cfg.unpacked and can_pack(moe):
         models[STEP_MOE_UNPACKED], routers[STEP_MOE_UNPACKED] = copy.deepcopy(moe), copy.deepcopy(router)
@@ -538,21 +544,9 @@ def run_bench_step(
         notes.append(f"--unpacked: nothing to compare, {cfg.dtype} weights are not packed (pregate.packed)")
     if cfg.native:  # serving_layout refuses a model native cannot run, with the reason
         progress("native-layer copies of the MoE" + " and the dense parent" * (dense is not None))
-        models[STEP_MOE_NATIVE], routers[STEP_MOE_NATIVE] = serving_layout(
-            copy.deepcopy(moe), copy.deepcopy(router), native=True
-        )
-        if dense is not None:
-            models[STEP_DENSE_NATIVE] = serving_layout(copy.deepcopy(dense), native=True)[0]
-        bandwidths[STEP_MOE_NATIVE] = bandwidths[STEP_DENSE_NATIVE] = bw
+        layout_copies(STEP_MOE_NATIVE, STEP_DENSE_NATIVE, None, True, bw)
         if cfg.quantize:
-            models[STEP_MOE_INT8_NATIVE], routers[STEP_MOE_INT8_NATIVE] = serving_layout(
-                copy.deepcopy(moe), copy.deepcopy(router), cfg.quantize, native=True
-            )
-            if dense is not None:
-                models[STEP_DENSE_INT8_NATIVE] = serving_layout(
-                    copy.deepcopy(dense), None, cfg.quantize, True
-                )[0]
-            bandwidths[STEP_MOE_INT8_NATIVE] = bandwidths[STEP_DENSE_INT8_NATIVE] = bandwidths[STEP_MOE_INT8]
+            layout_copies(STEP_MOE_INT8_NATIVE, STEP_DENSE_INT8_NATIVE, cfg.quantize, True, bw_int8)
     serving_layout(moe, router)  # as the engine serves them (serve, bench serve): packed in bf16
     if dense is not None:
         serving_layout(dense)
