@@ -127,6 +127,9 @@ def library() -> ctypes.CDLL:
     lib.pg_attention.argtypes = [ptr, ptr, i32, i32, ptr, f32, i32, ptr, ptr, ptr, i32, i32, i32]
     lib.pg_attention.argtypes += [ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr]
     lib.pg_attention.restype = i32
+    lib.pg_router_step.argtypes = [i32, i32, i32, i32, i32, f32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.pg_router_step.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.pg_router_step.restype = i32
     _library = lib
     return lib
 
@@ -192,7 +195,8 @@ class NativeMLP:
             self.down = _Weights(int8_experts.down, int8_experts.down_scales)  # [E, H, Rp], along rows
             widths = [padded(w) for w in mlp.widths]
         else:
-            self.gate_up, self.down = _Weights(mlp.w_gate_up), _Weights(mlp.w_down_t)  # down transposed
+            # w_down_t [E, R, H] is the transposed view of down [E, H, R] (attach_native stores it so)
+            self.gate_up, self.down = _Weights(mlp.w_gate_up), _Weights(mlp.w_down_t.mT)
             widths = list(mlp.widths)
         self.widths = _ints(widths)  # the kernel's width per expert, and where its up rows start
         self.kernel = library().pg_moe_mlp
@@ -404,9 +408,12 @@ def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
     for layer in model.layers:
         mlp, attn = layer.mlp, layer.self_attn
         if not model.quantized:  # int8 buffers are made contiguous
-            tensors = (mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.w_gate_up, mlp.w_down_t)
+            tensors = (mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.w_gate_up)
             for p in (*tensors, attn.qkv_proj.weight, attn.o_proj.weight):
                 p.data = p.data.contiguous()  # the kernels walk the memory themselves
+            # each routed down as rows [H, R], read along them like every other product (a transposed
+            # [R, H] read column by column reached about half the memory's rate); torch reads the view
+            mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
     model.native = NativeDecoder(model)
     for p in model.parameters():
         p.requires_grad_(False)

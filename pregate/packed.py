@@ -157,10 +157,12 @@ def serving_layout(
     """In place, the layout the engine serves: `quantize` ("int8") quantizes the model and its router
     (pregate.quantize); without it a bfloat16 model on CPU and its router are packed; anything else is
     left as it is. `native`: decode rows run through pregate.native, over int8 weights with `quantize`,
-    else over plain bfloat16 decoder layers (the LM head and the router packed as above); raises
-    PregateError where that cannot run. Returns (model, router)."""
+    else over plain bfloat16 decoder layers (the LM head packed as above), and the router routes decode
+    tokens through pregate.native_router (its int8 or plain float32 weights); raises PregateError where
+    that cannot run. Returns (model, router)."""
     if native:
         from pregate.native import attach_native, can_run_native
+        from pregate.native_router import attach_native_router
 
         reason = can_run_native(model)  # before any conversion (it implies can_pack)
         if reason is not None:
@@ -171,8 +173,10 @@ def serving_layout(
             quantize_router(router, quantize)
     elif can_pack(model):
         pack_model(model, decoder=not native)  # native reads the decoder layers' plain weights itself
-        if router is not None:
+        if router is not None and not native:
             pack_router(router)
     if native:
         attach_native(model)
+        if router is not None:
+            attach_native_router(router)
     return model, router

@@ -387,6 +387,7 @@ class PreGatingRouter(nn.Module):
     def __init__(self, cfg: RouterConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.native = None  # pregate.native_router.NativeRouter: step_tokens as one native call
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -499,15 +500,19 @@ class PreGatingRouter(nn.Module):
                 )
             c._reserve(1)
             positions.append(c.length)
-        x = self.embed(ids)  # [B, 1, D]
-        at = torch.tensor(positions, device=x.device)
-        cos = self.rope_cos[at].to(x.dtype)[:, None, None]  # [B, 1, 1, Dh]
-        sin = self.rope_sin[at].to(x.dtype)[:, None, None]
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, caches, i)
+        if self.native is not None and not torch.is_grad_enabled():
+            h = self.native.features(ids[:, 0], caches)  # [B, D]
+        else:
+            x = self.embed(ids)  # [B, 1, D]
+            at = torch.tensor(positions, device=x.device)
+            cos = self.rope_cos[at].to(x.dtype)[:, None, None]  # [B, 1, 1, Dh]
+            sin = self.rope_sin[at].to(x.dtype)[:, None, None]
+            for i, block in enumerate(self.layers):
+                x = block(x, cos, sin, caches, i)
+            h = self.norm(x)[:, 0]
         for c in caches:
             c.length += 1
-        return self._logits(self.norm(x))[:, 0]
+        return self._logits(h)
 
     def route(self, logits: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """logits [.., E] -> (expert_ids [.., k] long, weights [.., k]); k defaults to cfg.top_k.

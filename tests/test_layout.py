@@ -28,6 +28,7 @@ SERVING = (
     "quantize",
     "packed",
     "native",
+    "native_router",
     "checkpoint",
 )
 TRAINING = ("train", "distill", "refactor", "data", "corpora", "stats", "evaluate", "harness", "tasks")

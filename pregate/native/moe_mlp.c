@@ -7,10 +7,10 @@
 
    Each output element is computed in an order that depends on nothing but its own inputs (not on M,
    not on the thread count), so a row gives the same bits alone or in any batch. Weights are read in
-   the layouts the model holds: bfloat16 gate|up [2W, H] and the shared down [H, S] as dot products along
-   rows, a routed down transposed [W, H] as rows scaled and added (axpy); or pregate.quantize's int8
-   layouts (gate rows [0, W), up rows [U, U + W), every down [H, K] along rows, per-row scales). Threads
-   split channels, then output columns. */
+   the layouts the model holds, every product a dot product along rows: bfloat16 gate|up [2W, H] and
+   down [H, W] (a routed expert's down is stored so by pregate.native.attach_native: the model's
+   `w_down_t` is its transposed view), or pregate.quantize's int8 layouts (gate rows [0, W), up rows
+   [U, U + W), every down [H, K], per-row scales). Threads split channels, then output columns. */
 #include "native.h"
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -37,76 +37,21 @@ static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, i
     }
 }
 
-/* Columns [c, c + 8 CB) of y[i] = a[i] @ dt for R activation rows a[i] (stride lda) of one routed expert,
-   down transposed dt [W, H]: the R x CB sums stay in registers while the rows of dt stream by, each
-   column's sum taken over j in order (the same bits for any tile). */
-#define AXPY(R, CB)                                                                                      \
-    static void axpy_##R##x##CB(const bf16 *dt, int W, int H, const float *a, int lda, int c, float *y) { \
-        __m256 acc[R][CB];                                                                               \
-        for (int i = 0; i < R; i++)                                                                      \
-            for (int v = 0; v < CB; v++) acc[i][v] = _mm256_setzero_ps();                                \
-        for (int j = 0; j < W; j++) {                                                                    \
-            const bf16 *row = dt + (long)j * H + c;                                                      \
-            for (int v = 0; v < CB; v += 4) _mm_prefetch((const char *)(row + 8L * H + 8 * v), _MM_HINT_T0); \
-            for (int v = 0; v < CB; v++) {                                                               \
-                __m256 wv = load8(row + 8 * v);                                                          \
-                for (int i = 0; i < R; i++)                                                              \
-                    acc[i][v] = _mm256_fmadd_ps(wv, _mm256_set1_ps(a[(long)i * lda + j]), acc[i][v]);    \
-            }                                                                                            \
-        }                                                                                                \
-        for (int i = 0; i < R; i++)                                                                      \
-            for (int v = 0; v < CB; v++) _mm256_storeu_ps(y + (long)i * H + c + 8 * v, acc[i][v]);       \
-    }
-AXPY(1, 8)
-AXPY(1, 1)
-AXPY(2, 4)
-AXPY(2, 1)
-AXPY(4, 2)
-AXPY(4, 1)
-AXPY(8, 1)
-
-/* y[i] (float32 [H], columns [lo, hi) only; lo, hi multiples of 8) = a[i] @ dt for the `rows`
-   activations a[i] (stride lda) of one routed expert, down transposed dt [W, H]. */
-static void down_axpy(const bf16 *dt, int W, int H, const float *a, int lda, int rows, int lo, int hi,
-                      float *y) {
-    for (int i = 0; i < rows;) {
-        int left = rows - i, r = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        const float *ai = a + (long)i * lda;
-        float *yi = y + (long)i * H;
-        int cb = 8 / r; /* vectors per tile: r x cb sums in registers */
-        int c = lo;
-        for (; c + 8 * cb <= hi; c += 8 * cb) {
-            if (r == 1) axpy_1x8(dt, W, H, ai, lda, c, yi);
-            else if (r == 2) axpy_2x4(dt, W, H, ai, lda, c, yi);
-            else if (r == 4) axpy_4x2(dt, W, H, ai, lda, c, yi);
-            else axpy_8x1(dt, W, H, ai, lda, c, yi);
-        }
-        for (; c < hi; c += 8) {
-            if (r == 1) axpy_1x1(dt, W, H, ai, lda, c, yi);
-            else if (r == 2) axpy_2x1(dt, W, H, ai, lda, c, yi);
-            else if (r == 4) axpy_4x1(dt, W, H, ai, lda, c, yi);
-            else axpy_8x1(dt, W, H, ai, lda, c, yi);
-        }
-        i += r;
-    }
-}
-
 /* out, x, h: [M, H] (h NULL: no residual); norm_w non-NULL: the MLP's input is RMSNorm(x) (weight norm_w,
    epsilon eps), as the layer's post-attention norm computes it.
    int8 0, bfloat16 weights: the shared gate|up s_gu [2S, H] (up rows from S), down s_down [H, S]; routed
-   expert e: gate|up at gu + e * gu_step [2W, H] (up rows from W), down transposed at dt + e * dt_step
-   [W, H]; widths[e] = ups[e] = W.
+   expert e: gate|up at gu + e * gu_step [2W, H] (up rows from W), down at dn + e * dn_step [H, W] with
+   rows dn_stride apart; widths[e] = ups[e] = W.
    int8 1, pregate.quantize's layouts: the same with int8 rows and bfloat16 scales (s_gu_scale,
-   s_down_scale, gu_scale + e * gu_scale_step, dt_scale + e * dt_scale_step), the shared up rows from
-   s_up, expert e's from ups[e], and every down along rows: s_down [H, S], expert e's [H, widths[e]] with
-   rows dt_stride apart. Widths there are padded, the padding rows zero (act(0) * 0 = 0).
+   s_down_scale, gu_scale + e * gu_scale_step, dn_scale + e * dn_scale_step), the shared up rows from
+   s_up, expert e's from ups[e]. Widths there are padded, the padding rows zero (act(0) * 0 = 0).
    Assignments, grouped by expert: group g is expert experts[g] with the assignments [starts[g],
    starts[g] + counts[g]) of `rows_of` (each one's row) and `weights` (bfloat16; NULL: every weight is 1).
    H % 8 == 0. Returns 0, or -1 if scratch memory could not be allocated. */
 int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps, int int8,
                const void *s_gu, const bf16 *s_gu_scale, const void *s_down, const bf16 *s_down_scale, int S, int s_up,
-               const void *gu, long gu_step, const bf16 *gu_scale, long gu_scale_step, const void *dt, long dt_step,
-               const bf16 *dt_scale, long dt_scale_step, long dt_stride, const int *widths, const int *ups,
+               const void *gu, long gu_step, const bf16 *gu_scale, long gu_scale_step, const void *dn, long dn_step,
+               const bf16 *dn_scale, long dn_scale_step, long dn_stride, const int *widths, const int *ups,
                int groups, const int *experts, const int *starts, const int *counts, const int *rows_of,
                const bf16 *weights) {
     int assigned = 0, widest = 0;
@@ -141,8 +86,8 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16
             if (rows_of[i] == r) by_row[n++] = i;
     }
     row_start[M] = n;
-    matrix shared_gu = {int8 ? NULL : s_gu, int8 ? s_gu : NULL, s_gu_scale, H};
-    matrix shared_down = {int8 ? NULL : s_down, int8 ? s_down : NULL, s_down_scale, S};
+    matrix shared_gu = {int8 ? NULL : s_gu, int8 ? s_gu : NULL, s_gu_scale, H, NULL};
+    matrix shared_down = {int8 ? NULL : s_down, int8 ? s_down : NULL, s_down_scale, S, NULL};
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
@@ -152,7 +97,7 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16
         gate_up(shared_gu, s_up, H, xs, M, lo, hi, as, S, d);
         for (int g = 0; g < groups; g++) {
             int e = experts[g];
-            matrix m = {NULL, NULL, NULL, H};
+            matrix m = {NULL, NULL, NULL, H, NULL};
             if (int8) m.w8 = (const int8_t *)gu + e * gu_step, m.scale = gu_scale + e * gu_scale_step;
             else m.w16 = (const bf16 *)gu + e * gu_step;
             share(widths[e], 4, t, nt, &lo, &hi);
@@ -164,13 +109,10 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16
         for (int g = 0; g < groups; g++) {
             int e = experts[g];
             float *y = ye + (long)starts[g] * H;
-            if (int8) {
-                matrix m = {NULL, (const int8_t *)dt + e * dt_step, dt_scale + e * dt_scale_step, dt_stride};
-                rows_dot(m, widths[e], axe + starts[g], counts[g], lo, hi, y, H, d);
-            } else {
-                down_axpy((const bf16 *)dt + e * dt_step, widths[e], H, ae + (long)starts[g] * widest, widest,
-                          counts[g], lo, hi, y);
-            }
+            matrix m = {NULL, NULL, NULL, dn_stride, NULL};
+            if (int8) m.w8 = (const int8_t *)dn + e * dn_step, m.scale = dn_scale + e * dn_scale_step;
+            else m.w16 = (const bf16 *)dn + e * dn_step;
+            rows_dot(m, widths[e], axe + starts[g], counts[g], lo, hi, y, H, d);
         }
         if (S) rows_dot(shared_down, S, ax, M, lo, hi, ys, H, d);
         for (int r = 0; r < M; r++)

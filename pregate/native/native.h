@@ -47,13 +47,17 @@ static inline __m256 load8_i8(const int8_t *p) { /* 8 int8 -> 8 float32 */
 
 static inline float from_i8(int8_t v) { return (float)v; }
 
-/* A weight matrix as the kernels read it: rows of `stride` elements, bfloat16 (w16) or int8 (w8, each
-   row scaled by scale[row], torch's weight-only int8: the sum times the scale, then rounded). */
+static inline float from_f32(float v) { return v; }
+
+/* A weight matrix as the kernels read it: rows of `stride` elements, bfloat16 (w16), float32 (w32, the
+   router's) or int8 (w8, each row scaled by scale[row], torch's weight-only int8: the sum times the
+   scale; the caller rounds). */
 typedef struct {
     const bf16 *w16;
     const int8_t *w8;
     const bf16 *scale;
     long stride;
+    const float *w32;
 } matrix;
 
 /* Dot products of NW rows w[i] (element type T, read by LOAD / ONE) with NX float32 vectors x[j] (K
@@ -89,6 +93,9 @@ DOTS(dots16, bf16, load8, from_bf16, 1, 8)
 DOTS(dots8, int8_t, load8_i8, from_i8, 8, 1)
 DOTS(dots8, int8_t, load8_i8, from_i8, 2, 4)
 DOTS(dots8, int8_t, load8_i8, from_i8, 1, 8)
+DOTS(dots32, float, _mm256_loadu_ps, from_f32, 8, 1)
+DOTS(dots32, float, _mm256_loadu_ps, from_f32, 2, 4)
+DOTS(dots32, float, _mm256_loadu_ps, from_f32, 1, 8)
 
 /* The tiling of dot8 for one element type: one vector, the eight rows stream at once (memory-bound;
    eight independent sums hide each one's latency); up to four, tiles of two rows by four vectors; more,
@@ -117,6 +124,7 @@ DOTS(dots8, int8_t, load8_i8, from_i8, 1, 8)
     }
 DOT8(dots16, bf16)
 DOT8(dots8, int8_t)
+DOT8(dots32, float)
 
 /* out[i * M + m] = row rows[i] of w . xs[m] (K terms) for eight rows and M vectors, int8 rows times
    their scales. pf: prefetch distance in rows. */
@@ -127,6 +135,10 @@ static void dot8(matrix w, const long *rows, const float *const *xs, int M, int 
         dots8_dot8(r, xs, M, K, pf * w.stride, out);
         for (int i = 0; i < 8; i++)
             for (int m = 0; m < M; m++) out[i * M + m] *= from_bf16(w.scale[rows[i]]);
+    } else if (w.w32) {
+        const float *r[8];
+        for (int i = 0; i < 8; i++) r[i] = w.w32 + rows[i] * w.stride;
+        dots32_dot8(r, xs, M, K, pf * w.stride, out);
     } else {
         const bf16 *r[8];
         for (int i = 0; i < 8; i++) r[i] = w.w16 + rows[i] * w.stride;
