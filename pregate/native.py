@@ -41,7 +41,7 @@ from torch import nn
 
 from pregate.errors import PregateError
 from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan
-from pregate.quantize import Int8Experts, Int8Linear, padded
+from pregate.quantize import DEQUANT_ROWS, Int8Experts, Int8Linear, padded
 
 SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
@@ -130,6 +130,8 @@ def library() -> ctypes.CDLL:
     lib.pg_router_step.argtypes = [i32, i32, i32, i32, i32, f32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
     lib.pg_router_step.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr]
     lib.pg_router_step.restype = i32
+    lib.pg_linear.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, i64]
+    lib.pg_linear.restype = i32
     _library = lib
     return lib
 
@@ -362,6 +364,39 @@ class _NativeLayer:
         self.kernel = library().pg_attention
 
 
+class NativeHead(nn.Module):
+    """An int8 LM head whose products over fewer than `DEQUANT_ROWS` rows (the logits of a step's
+    token-producing rows) run as one native call, `native/linear.c`: torch's int8 kernel reached about
+    half the memory's rate on this 49k-row matrix. Other calls, and any with a gradient, go to the
+    wrapped Int8Linear; the int8 table stays the one the tied embedding looks its rows up in."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.inner = head
+        self.kernel = library().pg_linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.inner
+        if x.dim() != 2 or x.dtype != torch.bfloat16 or x.shape[0] >= DEQUANT_ROWS or torch.is_grad_enabled():
+            return head(x)
+        x = x.contiguous()
+        y = x.new_empty(x.shape[0], head.out_features)
+        status = self.kernel(
+            x.data_ptr(),
+            y.data_ptr(),
+            x.shape[0],
+            head.in_features,
+            head.out_features,
+            True,
+            head.qweight.data_ptr(),
+            head.scales.data_ptr(),
+            head.qweight.stride(0),
+        )
+        if status != 0:
+            raise MemoryError("the native LM head could not allocate its scratch memory")
+        return y if head.bias is None else y + head.bias
+
+
 def can_run_native(model: MoEForCausalLM) -> str | None:
     """Why `model` cannot take the native decode layers (`--native`), or None if it can."""
     reason = unavailable_reason()
@@ -415,6 +450,9 @@ def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
             # [R, H] read column by column reached about half the memory's rate); torch reads the view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
     model.native = NativeDecoder(model)
+    head = model.lm_head  # bfloat16: the packed head already reads near the memory's rate
+    if isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16:
+        model.lm_head = NativeHead(model.lm_head)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
