@@ -141,19 +141,37 @@ def _ints(values) -> ctypes.Array:
 
 
 class PlanArgs:
-    """A routing plan's assignments as the MLP kernel takes them. Pre-gating routes a step once for all
-    its layers, so a NativeStep makes them once for every layer's call."""
+    """A step's routing as the MLP kernel takes it: assignments grouped by expert (as RoutingPlan groups
+    them), built from host lists in Python, since a decode step has only a few rows (RoutingPlan's
+    torch calls took longer than the grouping itself). Pre-gating routes a step once for all its layers,
+    so a NativeStep makes this once for every layer's call. rows: the routing's rows to take (None: all)."""
 
-    def __init__(self, plan: RoutingPlan | None):
-        groups = plan.groups if plan is not None else []
+    def __init__(self, routing: Routing | None, rows: list[int] | None = None, num_experts: int = 0):
+        ids, weights, k = [], [], 1
+        if routing is not None and num_experts:
+            k = routing.expert_ids.shape[-1] if routing.expert_ids.dim() > 1 else 1
+            all_ids = routing.expert_ids.reshape(-1, k).tolist()
+            all_weights = routing.weights.reshape(-1, k).tolist()
+            for r in range(len(all_ids)) if rows is None else rows:
+                ids += all_ids[r]
+                weights += all_weights[r]
+        if ids and not 0 <= min(ids) <= max(ids) < num_experts:
+            raise PregateError(f"expert ids must lie in [0, {num_experts}), got [{min(ids)}, {max(ids)}]")
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: by expert, then by row
+        groups: list[tuple[int, int, int]] = []  # (expert, start, end) of `order`
+        for i, a in enumerate(order):
+            if groups and groups[-1][0] == ids[a]:
+                groups[-1] = (ids[a], groups[-1][1], i + 1)
+            else:
+                groups.append((ids[a], i, i + 1))
         self.groups = len(groups)
         self.experts = _ints([e for e, _, _ in groups])
         self.starts = _ints([start for _, start, _ in groups])
         self.counts = _ints([end - start for _, start, end in groups])
-        self.rows_of = _ints(plan.order.tolist()) if groups else None
+        self.rows_of = _ints([a // k for a in order]) if groups else None
         self.weights = None  # bfloat16 [T*K] in `order`; None: every weight is 1 (Read-ME's top-1)
-        if groups and not plan.unit_weights:
-            self.weights = plan.weights.to(torch.bfloat16).contiguous()
+        if groups and any(w != 1 for w in weights):
+            self.weights = torch.tensor([weights[a] for a in order]).to(torch.bfloat16)
 
 
 NO_EXPERTS = PlanArgs(None)  # an MLP without routed experts (the dense parent)
@@ -272,7 +290,8 @@ class NativeStep:
             self.rest_rows = torch.cat([torch.arange(s, s + seg.length) for s, seg in zip(starts, rest)])
             self.rest_attention = AttentionPlan(rest, group.rows.device)
             self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
-        self.plan_args = PlanArgs(self._plan(routing, self.rows, num_experts))
+        rows = None if self.rows is None else self.rows.tolist()
+        self.plan_args = PlanArgs(routing, rows, num_experts)
 
     @staticmethod
     def _plan(routing: Routing | None, rows: torch.Tensor | None, num_experts: int) -> RoutingPlan | None:

@@ -66,8 +66,10 @@ def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize):
             x = torch.randn(rows, hidden, dtype=torch.bfloat16)
             h = torch.randn(rows, hidden, dtype=torch.bfloat16)
             for name, routing in routings(rows, 3, seed=rows).items():
-                plan = RoutingPlan(routing, 3)
-                got = run(x, native.PlanArgs(plan), h)
+                plan, args = RoutingPlan(routing, 3), native.PlanArgs(routing, None, 3)
+                assert list(args.experts)[: args.groups] == [e for e, _, _ in plan.groups]  # same grouping
+                assert list(args.rows_of) == plan.order.tolist()
+                got = run(x, args, h)
                 want = h + mlp(x, plan)
                 torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=f"routing {name}")
                 differing += int((got != want).sum())
@@ -83,14 +85,14 @@ def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count():
     threads = torch.get_num_threads()
     with torch.no_grad():
         for name, routing in routings(8, 4, seed=3).items():
-            batch = run(x, native.PlanArgs(RoutingPlan(routing, 4)), h)
+            batch = run(x, native.PlanArgs(routing, None, 4), h)
             for i in range(8):
                 one = Routing(routing.expert_ids[i : i + 1], routing.weights[i : i + 1])
-                alone = run(x[i : i + 1], native.PlanArgs(RoutingPlan(one, 4)), h[i : i + 1])
+                alone = run(x[i : i + 1], native.PlanArgs(one, None, 4), h[i : i + 1])
                 assert torch.equal(alone, batch[i : i + 1])
             try:
                 torch.set_num_threads(1)
-                assert torch.equal(run(x, native.PlanArgs(RoutingPlan(routing, 4)), h), batch), name
+                assert torch.equal(run(x, native.PlanArgs(routing, None, 4), h), batch), name
             finally:
                 torch.set_num_threads(threads)
 
