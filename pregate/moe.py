@@ -705,9 +705,9 @@ class MoEForCausalLM(nn.Module):
         else:
             hd, hr = step.split(h)
             (cd, cr), (sd, sr) = step.split(cos), step.split(sin)
-            for i in range(len(self.layers)):
-                hd = self.native.layer(i, hd, cd, sd, step)
-                if hr is not None:
+            hd = self.native.run(hd, cd, sd, step)  # every layer, one native call
+            if hr is not None:  # other sequences: the order between the two parts does not matter
+                for i in range(len(self.layers)):
                     hr = self._layer(i, hr, cr, sr, step.rest_attention, step.rest_plan)
             h = step.merge(hd, hr)
         for s in segments:

@@ -1,15 +1,18 @@
-"""Native decode layers (`--native`): a decode step's attention and MLP, each one call per layer.
+"""Native decode layers (`--native`): every decoder layer of a decode step's rows in one native call.
 
 A bfloat16 decode step on CPU spends most of its time outside the bytes it reads: each MoE layer makes
 about fifty torch calls (norms, q|k|v, RoPE, the cache writes, attention, o, two products per expert,
 slicing, the activation, the sums), and oneDNN's small products run well below the memory's rate
-(`pregate bench step`'s per-shape table). `pregate/native/` holds two kernels in C with AVX2:
+(`pregate bench step`'s per-shape table). `pregate/native/` holds the kernels in C with AVX2:
 `attention.c` (RMSNorm, q|k|v, RoPE, the new keys and values into the KV cache, attention, o and the
-residual) and `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
-residual), each one OpenMP region over the plain weights. In every step with at most `NATIVE_ROWS`
-decode rows (one token each, in the engine's KV pool), those rows run every layer as these two calls;
-the step's prompt chunks run beside them through torch, on the same plain weights (`NativeStep` splits
-and merges the rows). A step with more decode rows runs wholly through torch.
+residual), `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
+residual), each one OpenMP region over the plain weights, and `decoder.c`, which runs both for every
+layer in one call (`NativeDecoder.run`; each layer's weights described once in a struct, `native.h`).
+In every step with at most `NATIVE_ROWS` decode rows (one token each, in the engine's KV pool), those
+rows run this way; the step's prompt chunks run beside them through torch, on the same plain weights
+(`NativeStep` splits and merges the rows). A step with more decode rows runs wholly through torch. The
+router's decode step has its kernel too (`router.c`, pregate.native_router), and an int8 model's LM
+head (`linear.c`, `NativeHead`).
 
 Contract (tests): a decode row's result does not depend on the other rows of its step (decode or
 prompt) or on the thread count, so batched serving equals one-by-one serving exactly while steps hold at
@@ -120,13 +123,10 @@ def library() -> ctypes.CDLL:
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     i64 = ctypes.c_long
     f32 = ctypes.c_float
-    lib.pg_moe_mlp.argtypes = [ptr, ptr, ptr, i32, i32, ptr, f32, i32, ptr, ptr, ptr, ptr, i32, i32]
-    lib.pg_moe_mlp.argtypes += [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr]
-    lib.pg_moe_mlp.argtypes += [i32, ptr, ptr, ptr, ptr, ptr]
+    lib.pg_moe_mlp.argtypes = [ptr, ptr, ptr, i32, i32, ptr, i32, ptr]
     lib.pg_moe_mlp.restype = i32
-    lib.pg_attention.argtypes = [ptr, ptr, i32, i32, ptr, f32, i32, ptr, ptr, ptr, i32, i32, i32]
-    lib.pg_attention.argtypes += [ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr]
-    lib.pg_attention.restype = i32
+    lib.pg_decode.argtypes = [ptr, ptr, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr]
+    lib.pg_decode.restype = i32
     lib.pg_router_step.argtypes = [i32, i32, i32, i32, i32, f32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
     lib.pg_router_step.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr]
     lib.pg_router_step.restype = i32
@@ -138,6 +138,64 @@ def library() -> ctypes.CDLL:
 
 def _ints(values) -> ctypes.Array:
     return (ctypes.c_int * max(len(values), 1))(*values)
+
+
+def _address(array: ctypes.Array | None) -> int | None:
+    return None if array is None else ctypes.addressof(array)
+
+
+_PTR, _INT, _LONG = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+
+class _AttentionWeights(ctypes.Structure):
+    """native.h's attention_weights."""
+
+    _fields_ = [("norm_w", _PTR), ("eps", ctypes.c_float), ("int8", _INT), ("w_qkv", _PTR)]
+    _fields_ += [("qkv_scale", _PTR), ("b_qkv", _PTR), ("N", _INT), ("G", _INT), ("D", _INT)]
+    _fields_ += [("w_o", _PTR), ("o_scale", _PTR)]
+
+
+class _MLPWeights(ctypes.Structure):
+    """native.h's mlp_weights."""
+
+    _fields_ = [("norm_w", _PTR), ("eps", ctypes.c_float), ("int8", _INT), ("routed", _INT)]
+    _fields_ += [(name, _PTR) for name in ("s_gu", "s_down", "s_gu_scale", "s_down_scale")]
+    _fields_ += [("S", _INT), ("s_up", _INT)]
+    _fields_ += [(name, _PTR) for name in ("gu", "dn", "gu_scale", "dn_scale")]
+    _fields_ += [
+        (name, _LONG) for name in ("gu_step", "gu_scale_step", "dn_step", "dn_scale_step", "dn_stride")
+    ]
+    _fields_ += [("widths", _PTR), ("ups", _PTR)]
+
+
+class _RoutingPlan(ctypes.Structure):
+    """native.h's routing_plan."""
+
+    _fields_ = [("groups", _INT)] + [(name, _PTR) for name in ("experts", "starts", "counts", "rows_of")]
+    _fields_ += [("weights", _PTR)]
+
+
+class Held:
+    """The tensors (and ctypes arrays) a native struct points into, kept alive as long as it is:
+    `ptr(t)` -> the address of t's data (None -> NULL). A struct is built once, so the kernels read the
+    weights as they were when it was built, like a packed copy."""
+
+    def __init__(self):
+        self.objects: list = []
+
+    def ptr(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if not t.is_contiguous():  # the kernels walk the memory themselves
+            raise PregateError(f"a native kernel would read a non-contiguous tensor {tuple(t.shape)}")
+        t = t.detach()  # its own reference to the storage, even if a parameter's .data is replaced
+        self.objects.append(t)
+        return t.data_ptr()
+
+    def array(self, values: list[int]) -> int:
+        arr = _ints(values)
+        self.objects.append(arr)
+        return ctypes.addressof(arr)
 
 
 class PlanArgs:
@@ -172,99 +230,63 @@ class PlanArgs:
         self.weights = None  # bfloat16 [T*K] in `order`; None: every weight is 1 (Read-ME's top-1)
         if groups and any(w != 1 for w in weights):
             self.weights = torch.tensor([weights[a] for a in order]).to(torch.bfloat16)
-
-
-NO_EXPERTS = PlanArgs(None)  # an MLP without routed experts (the dense parent)
+        arrays = (self.experts, self.starts, self.counts, self.rows_of)
+        self.struct = _RoutingPlan(self.groups, *map(_address, arrays), _ptr(self.weights))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class _Weights:
-    """A weight as the kernels read it: bfloat16 rows, or int8 rows with bfloat16 scales (an Int8Linear or
-    Int8Experts buffer); `values` and `scales` are the tensors, read through their pointers at each call."""
-
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor | None = None):
-        self.values, self.scales = values, scales
-
-
-def _linear_weights(linear) -> _Weights:
+def _linear(linear, held: Held) -> tuple[int, int | None]:
+    """(weights, scales or None) of a plain or Int8Linear layer."""
     if isinstance(linear, Int8Linear):
-        return _Weights(linear.qweight, linear.scales)
-    return _Weights(linear.weight)
+        return held.ptr(linear.qweight), held.ptr(linear.scales)
+    return held.ptr(linear.weight), None
 
 
 class NativeMLP:
-    """One MoEMLP as the kernel reads it: `run(x, args, residual, norm)` -> residual + mlp(norm(x)), in
-    bfloat16 or in pregate.quantize's int8 layouts. It reads the module's own weights (nothing copied),
-    held here so that a call looks nothing up through the modules, their data pointers taken at each
-    call."""
+    """One MoEMLP as the kernel reads it (`native.h`'s mlp_weights, built once over the module's own
+    weights, nothing copied), with the post-attention norm before it: `run(x, args, residual, norm)` ->
+    residual + mlp(x), or mlp(norm(x)) with norm set, in bfloat16 or pregate.quantize's int8 layouts."""
 
-    def __init__(self, mlp: MoEMLP):
-        self.int8 = isinstance(mlp.gate_up_proj, Int8Linear)
-        self.shared_gate_up, self.shared_down = (
-            _linear_weights(mlp.gate_up_proj),
-            _linear_weights(mlp.down_proj),
-        )
-        self.shared = mlp.shared  # int8: padded like the experts, the up rows from there
-        self.routed = mlp.num_experts > 0 and any(mlp.widths)
-        int8_experts = mlp.inference_experts
-        if self.int8 and self.routed:
-            self.gate_up = _Weights(int8_experts.gate_up, int8_experts.gate_up_scales)
-            self.down = _Weights(int8_experts.down, int8_experts.down_scales)  # [E, H, Rp], along rows
-            widths = [padded(w) for w in mlp.widths]
+    def __init__(self, mlp: MoEMLP, norm):
+        held = self.held = Held()
+        int8 = isinstance(mlp.gate_up_proj, Int8Linear)
+        w = self.weights = _MLPWeights(norm_w=held.ptr(norm.weight), eps=norm.eps, int8=int8)
+        w.s_gu, w.s_gu_scale = _linear(mlp.gate_up_proj, held)
+        w.s_down, w.s_down_scale = _linear(mlp.down_proj, held)
+        w.S = w.s_up = mlp.shared  # int8: padded like the experts, the up rows from there
+        w.routed = mlp.num_experts > 0 and any(mlp.widths)
+        if int8 and w.routed:
+            experts = mlp.inference_experts
+            gate_up, down = experts.gate_up, experts.down  # down [E, H, Rp], along rows
+            w.gu_scale, w.dn_scale = held.ptr(experts.gate_up_scales), held.ptr(experts.down_scales)
+            w.gu_scale_step, w.dn_scale_step = experts.gate_up_scales.stride(0), experts.down_scales.stride(0)
+            widths = [padded(width) for width in mlp.widths]
         else:
             # w_down_t [E, R, H] is the transposed view of down [E, H, R] (attach_native stores it so)
-            self.gate_up, self.down = _Weights(mlp.w_gate_up), _Weights(mlp.w_down_t.mT)
+            gate_up, down = mlp.w_gate_up, mlp.w_down_t.mT
             widths = list(mlp.widths)
-        self.widths = _ints(widths)  # the kernel's width per expert, and where its up rows start
+        w.gu, w.gu_step = held.ptr(gate_up), gate_up.stride(0)
+        w.dn, w.dn_step, w.dn_stride = held.ptr(down), down.stride(0), down.stride(1)
+        w.widths = w.ups = held.array(widths)  # the kernel's width per expert, and where its up rows start
         self.kernel = library().pg_moe_mlp
 
-    def run(self, x: torch.Tensor, args: PlanArgs, residual: torch.Tensor | None, norm=None) -> torch.Tensor:
-        """norm: (weight, eps) of an RMSNorm; the MLP's input is then norm(x) (the layer's post-attention
-        norm, fused)."""
+    def run(self, x: torch.Tensor, args: PlanArgs, residual: torch.Tensor | None, norm: bool = False):
         x = x.contiguous()
         if residual is not None:
             residual = residual.contiguous()
         out = torch.empty_like(x)
-        if not self.routed:
-            args = NO_EXPERTS
-        gu, down = self.gate_up, self.down
-        gs = 0 if gu.scales is None else gu.scales.stride(0)
-        ds = 0 if down.scales is None else down.scales.stride(0)
         status = self.kernel(
             x.data_ptr(),
             _ptr(residual),
             out.data_ptr(),
             x.shape[0],
             x.shape[1],
-            None if norm is None else norm[0].data_ptr(),
-            0.0 if norm is None else norm[1],
-            self.int8,
-            self.shared_gate_up.values.data_ptr(),
-            _ptr(self.shared_gate_up.scales),
-            self.shared_down.values.data_ptr(),
-            _ptr(self.shared_down.scales),
-            self.shared,
-            self.shared,
-            gu.values.data_ptr(),
-            gu.values.stride(0),
-            _ptr(gu.scales),
-            gs,
-            down.values.data_ptr(),
-            down.values.stride(0),
-            _ptr(down.scales),
-            ds,
-            down.values.stride(1),
-            self.widths,
-            self.widths,
-            args.groups,
-            args.experts,
-            args.starts,
-            args.counts,
-            args.rows_of,
-            _ptr(args.weights),
+            ctypes.byref(self.weights),
+            norm,
+            ctypes.byref(args.struct),
         )
         if status != 0:
             raise MemoryError("the native MLP could not allocate its scratch memory")
@@ -318,71 +340,6 @@ class NativeStep:
         return out
 
 
-class NativeDecoder:
-    """Decode rows as two native calls per layer (attention, then the MLP; see the module doc):
-    `step(attention, routing, h)` -> a NativeStep, or None for a step that runs wholly through torch;
-    `layer(i, h, cos, sin, step)` runs layer i on the step's decode rows."""
-
-    def __init__(self, model: MoEForCausalLM):
-        self.num_experts = model.num_experts
-        self.layers = [_NativeLayer(layer) for layer in model.layers]
-
-    def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:
-        if len(attention.groups) != 1 or torch.is_grad_enabled() or h.dtype != torch.bfloat16:
-            return None
-        if len(attention.groups[0].rows) > NATIVE_ROWS:
-            return None
-        return NativeStep(attention, routing, self.num_experts)
-
-    def layer(
-        self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: NativeStep
-    ) -> torch.Tensor:
-        n = self.layers[i]
-        h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
-        out = torch.empty_like(h)
-        status = n.kernel(
-            h.data_ptr(),
-            out.data_ptr(),
-            h.shape[0],
-            h.shape[1],
-            n.norm.data_ptr(),
-            n.eps,
-            n.int8,
-            n.qkv.values.data_ptr(),
-            _ptr(n.qkv.scales),
-            _ptr(n.bias),
-            *n.heads,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            step.cache.k[i].data_ptr(),
-            step.cache.v[i].data_ptr(),
-            step.cache.capacity,
-            step.slots,
-            step.pos,
-            n.o.values.data_ptr(),
-            _ptr(n.o.scales),
-        )
-        if status != 0:
-            raise MemoryError("the native attention could not allocate its scratch memory")
-        return n.mlp.run(out, step.plan_args, out, norm=n.post_norm)
-
-
-class _NativeLayer:
-    """What the native calls read of one decoder layer, held so that a call looks nothing up through
-    the modules (each lookup costs about a microsecond, dozens per layer)."""
-
-    def __init__(self, layer):
-        attn = layer.self_attn
-        self.norm, self.eps = layer.input_layernorm.weight, layer.input_layernorm.eps
-        self.int8 = isinstance(attn.qkv_proj, Int8Linear)
-        self.qkv, self.o = _linear_weights(attn.qkv_proj), _linear_weights(attn.o_proj)
-        self.bias = attn.qkv_proj.bias
-        self.heads = (attn.n_heads, attn.n_kv, attn.head_dim)
-        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-        self.mlp = NativeMLP(layer.mlp)
-        self.kernel = library().pg_attention
-
-
 class NativeHead(nn.Module):
     """An int8 LM head whose products over fewer than `DEQUANT_ROWS` rows (the logits of a step's
     token-producing rows) run as one native call, `native/linear.c`: torch's int8 kernel reached about
@@ -414,6 +371,73 @@ class NativeHead(nn.Module):
         if status != 0:
             raise MemoryError("the native LM head could not allocate its scratch memory")
         return y if head.bias is None else y + head.bias
+
+
+class NativeDecoder:
+    """Every decoder layer of a step's decode rows as one native call (`native/decoder.c`: attention,
+    then the MLP, layer after layer): `step(attention, routing, h)` -> a NativeStep, or None for a step
+    that runs wholly through torch; `run(h, cos, sin, step)` -> the rows leaving the last layer."""
+
+    def __init__(self, model: MoEForCausalLM):
+        self.num_experts = model.num_experts
+        self.layers = [_NativeLayer(layer) for layer in model.layers]
+        n = len(self.layers)
+        self.attention = (_AttentionWeights * n)(*[layer.weights for layer in self.layers])
+        self.mlps = (_MLPWeights * n)(*[layer.mlp.weights for layer in self.layers])
+        self.kernel = library().pg_decode
+
+    def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:
+        if len(attention.groups) != 1 or torch.is_grad_enabled() or h.dtype != torch.bfloat16:
+            return None
+        if len(attention.groups[0].rows) > NATIVE_ROWS:
+            return None
+        return NativeStep(attention, routing, self.num_experts)
+
+    def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: NativeStep) -> torch.Tensor:
+        h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
+        out = torch.empty_like(h)
+        n, cache = len(self.layers), step.cache
+        status = self.kernel(
+            h.data_ptr(),
+            out.data_ptr(),
+            h.shape[0],
+            h.shape[1],
+            n,
+            self.attention,
+            self.mlps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            (ctypes.c_void_p * n)(*[k.data_ptr() for k in cache.k]),
+            (ctypes.c_void_p * n)(*[v.data_ptr() for v in cache.v]),
+            cache.capacity,
+            step.slots,
+            step.pos,
+            ctypes.byref(step.plan_args.struct),
+        )
+        if status != 0:
+            raise MemoryError("the native decoder could not allocate its scratch memory")
+        return out
+
+
+class _NativeLayer:
+    """One decoder layer as the kernels read it: its attention (`native.h`'s attention_weights, built
+    once; a call then looks nothing up through the modules) and its NativeMLP."""
+
+    def __init__(self, layer):
+        attn, held = layer.self_attn, Held()
+        self.held = held
+        w = self.weights = _AttentionWeights(
+            norm_w=held.ptr(layer.input_layernorm.weight),
+            eps=layer.input_layernorm.eps,
+            int8=isinstance(attn.qkv_proj, Int8Linear),
+            b_qkv=held.ptr(attn.qkv_proj.bias),
+            N=attn.n_heads,
+            G=attn.n_kv,
+            D=attn.head_dim,
+        )
+        w.w_qkv, w.qkv_scale = _linear(attn.qkv_proj, held)
+        w.w_o, w.o_scale = _linear(attn.o_proj, held)
+        self.mlp = NativeMLP(layer.mlp, layer.post_attention_layernorm)
 
 
 def can_run_native(model: MoEForCausalLM) -> str | None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pregate.errors import PregateError
-from pregate.native import library, unavailable_reason
+from pregate.native import Held, library, unavailable_reason
 from pregate.quantize import Int8Embedding, Int8Linear
 from pregate.router import PreGatingRouter, RouterCache, RouterError
 
@@ -71,7 +71,7 @@ class NativeRouter:
     def __init__(self, router: PreGatingRouter):
         self.cfg = router.cfg
         self.int8 = isinstance(router.layers[0].attn.qkv, Int8Linear) if len(router.layers) else False
-        self._held: list[torch.Tensor] = []  # every tensor a pointer below points into
+        self.held = Held()  # every tensor a pointer below points into
         self.blocks = (_Block * max(len(router.layers), 1))()
         for i, block in enumerate(router.layers):
             attn, mlp = block.attn, block.mlp
@@ -92,9 +92,7 @@ class NativeRouter:
         self.kernel = library().pg_router_step
 
     def _hold(self, t: torch.Tensor) -> int:
-        t = t.detach().contiguous()
-        self._held.append(t)
-        return t.data_ptr()
+        return self.held.ptr(t.detach())
 
     def _matrix(self, linear: nn.Module) -> _Matrix:
         if isinstance(linear, Int8Linear):  # torch's int8 path rounds the scales to bfloat16 per call

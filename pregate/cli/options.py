@@ -105,13 +105,13 @@ def add_quantize(p: argparse.ArgumentParser, what: str = "the model") -> None:
 
 
 def add_native(p: argparse.ArgumentParser, what: str = "the model") -> None:
-    """`--native`: decode rows through native layers, two C calls per layer (pregate.native)."""
+    """`--native`: decode rows and the router's decode step in C (pregate.native, pregate.native_router)."""
     p.add_argument(
         "--native",
         action="store_true",
-        help=f"run {what}'s decode rows through native layers, two C calls per layer (bfloat16 or "
-        "--quantize int8 weights, x86-64 with AVX2; built on first use with the C compiler; within rounding "
-        "of the default path, docs/serving.md; default: off)",
+        help=f"run {what}'s decode rows, every layer in one C call, and the router's decode step in C "
+        "(bfloat16 or --quantize int8 weights, x86-64 with AVX2; built on first use with the C compiler; "
+        "within rounding of the default path, docs/serving.md; default: off)",
     )
 
 

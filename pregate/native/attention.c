@@ -45,15 +45,15 @@ static void attend(const float *q, const float *keys, const float *values, int L
     }
 }
 
-/* h, out: [M, H]. norm_w [H]; w_qkv [(N + 2G) D, H] (q heads, then k, then v) with bias b_qkv or NULL;
-   w_o [H, N D]: bfloat16, or with int8 set int8 rows with bfloat16 scales qkv_scale, o_scale
-   (pregate.quantize: the bias is added to the rounded product). cos, sin [M, D] (float32); k_cache,
-   v_cache [S, G, C, D] float32 (C = capacity). Returns 0, or -1 if scratch memory could not be
-   allocated. */
-int pg_attention(const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps, int int8,
-                 const void *w_qkv, const bf16 *qkv_scale, const bf16 *b_qkv, int N, int G, int D, const float *cos,
-                 const float *sin, float *k_cache, float *v_cache, int C, const int *slots, const int *pos,
-                 const void *w_o, const bf16 *o_scale) {
+/* h, out: [M, H]; w: the layer's weights (native.h; the int8 bias is added to the rounded product).
+   cos, sin [M, D] (float32); k_cache, v_cache [S, G, C, D] float32 (C = capacity). Returns 0, or -1 if
+   scratch memory could not be allocated. */
+int pg_attention(const bf16 *h, bf16 *out, int M, int H, const attention_weights *w, const float *cos,
+                 const float *sin, float *k_cache, float *v_cache, int C, const int *slots, const int *pos) {
+    const bf16 *norm_w = w->norm_w, *qkv_scale = w->qkv_scale, *b_qkv = w->b_qkv, *o_scale = w->o_scale;
+    const void *w_qkv = w->w_qkv, *w_o = w->w_o;
+    int int8 = w->int8, N = w->N, G = w->G, D = w->D;
+    float eps = w->eps;
     int nt = omp_get_max_threads(), Q = (N + 2 * G) * D, longest = 0;
     for (int r = 0; r < M; r++) longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
     long floats = (long)M * H + (long)M * Q + (long)M * N * D + (long)M * H;

@@ -37,23 +37,27 @@ static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, i
     }
 }
 
-/* out, x, h: [M, H] (h NULL: no residual); norm_w non-NULL: the MLP's input is RMSNorm(x) (weight norm_w,
-   epsilon eps), as the layer's post-attention norm computes it.
-   int8 0, bfloat16 weights: the shared gate|up s_gu [2S, H] (up rows from S), down s_down [H, S]; routed
-   expert e: gate|up at gu + e * gu_step [2W, H] (up rows from W), down at dn + e * dn_step [H, W] with
-   rows dn_stride apart; widths[e] = ups[e] = W.
-   int8 1, pregate.quantize's layouts: the same with int8 rows and bfloat16 scales (s_gu_scale,
-   s_down_scale, gu_scale + e * gu_scale_step, dn_scale + e * dn_scale_step), the shared up rows from
-   s_up, expert e's from ups[e]. Widths there are padded, the padding rows zero (act(0) * 0 = 0).
-   Assignments, grouped by expert: group g is expert experts[g] with the assignments [starts[g],
-   starts[g] + counts[g]) of `rows_of` (each one's row) and `weights` (bfloat16; NULL: every weight is 1).
-   H % 8 == 0. Returns 0, or -1 if scratch memory could not be allocated. */
-int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const bf16 *norm_w, float eps, int int8,
-               const void *s_gu, const bf16 *s_gu_scale, const void *s_down, const bf16 *s_down_scale, int S, int s_up,
-               const void *gu, long gu_step, const bf16 *gu_scale, long gu_scale_step, const void *dn, long dn_step,
-               const bf16 *dn_scale, long dn_scale_step, long dn_stride, const int *widths, const int *ups,
-               int groups, const int *experts, const int *starts, const int *counts, const int *rows_of,
-               const bf16 *weights) {
+/* out, x, h: [M, H] (h NULL: no residual); norm set: the MLP's input is RMSNorm(x) with w's norm, as the
+   layer's post-attention norm computes it. w (native.h), bfloat16: the shared gate|up s_gu [2S, H] (up
+   rows from S), down s_down [H, S]; routed expert e: gate|up at gu + e * gu_step [2W, H] (up rows from
+   W), down at dn + e * dn_step [H, W] with rows dn_stride apart; widths[e] = ups[e] = W. int8,
+   pregate.quantize's layouts: the same with int8 rows and bfloat16 scales (s_gu_scale, s_down_scale,
+   gu_scale + e * gu_scale_step, dn_scale + e * dn_scale_step), the shared up rows from s_up, expert e's
+   from ups[e]. Widths there are padded, the padding rows zero (act(0) * 0 = 0). plan: the step's
+   assignments (ignored when w->routed is 0). H % 8 == 0. Returns 0, or -1 if scratch memory could not
+   be allocated. */
+int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_weights *w, int norm,
+               const routing_plan *plan) {
+    const bf16 *norm_w = norm ? w->norm_w : NULL, *s_gu_scale = w->s_gu_scale, *s_down_scale = w->s_down_scale;
+    const bf16 *gu_scale = w->gu_scale, *dn_scale = w->dn_scale;
+    const void *s_gu = w->s_gu, *s_down = w->s_down, *gu = w->gu, *dn = w->dn;
+    int int8 = w->int8, S = w->S, s_up = w->s_up, groups = w->routed ? plan->groups : 0;
+    long gu_step = w->gu_step, gu_scale_step = w->gu_scale_step, dn_step = w->dn_step;
+    long dn_scale_step = w->dn_scale_step, dn_stride = w->dn_stride;
+    const int *widths = w->widths, *ups = w->ups, *experts = plan->experts, *starts = plan->starts;
+    const int *counts = plan->counts, *rows_of = plan->rows_of;
+    const bf16 *weights = plan->weights;
+    float eps = w->eps;
     int assigned = 0, widest = 0;
     for (int g = 0; g < groups; g++) {
         assigned += counts[g];

@@ -60,6 +60,49 @@ typedef struct {
     const float *w32;
 } matrix;
 
+/* One decoder layer's attention as pregate.native hands it over (a ctypes mirror of it there): the input
+   norm, q|k|v [(N + 2G) D, H] (q heads, then k, then v) with its bias or NULL, o [H, N D]; bfloat16, or
+   with int8 set int8 rows with bfloat16 scales (pregate.quantize). N query heads, G kv heads of width D. */
+typedef struct {
+    const bf16 *norm_w;
+    float eps;
+    int int8;
+    const void *w_qkv;
+    const bf16 *qkv_scale, *b_qkv;
+    int N, G, D;
+    const void *w_o;
+    const bf16 *o_scale;
+} attention_weights;
+
+/* One decoder layer's MLP (the shared expert and the routed ones; see moe_mlp.c for the layouts), with
+   the post-attention norm that precedes it. routed 0: no routed experts to run (the dense parent). */
+typedef struct {
+    const bf16 *norm_w;
+    float eps;
+    int int8, routed;
+    const void *s_gu, *s_down;
+    const bf16 *s_gu_scale, *s_down_scale;
+    int S, s_up;
+    const void *gu, *dn;
+    const bf16 *gu_scale, *dn_scale;
+    long gu_step, gu_scale_step, dn_step, dn_scale_step, dn_stride;
+    const int *widths, *ups;
+} mlp_weights;
+
+/* A step's expert assignments grouped by expert (pregate.native.PlanArgs): group g is expert experts[g]
+   with the assignments [starts[g], starts[g] + counts[g]) of rows_of (each one's row) and weights
+   (bfloat16; NULL: every weight is 1). */
+typedef struct {
+    int groups;
+    const int *experts, *starts, *counts, *rows_of;
+    const bf16 *weights;
+} routing_plan;
+
+int pg_attention(const bf16 *h, bf16 *out, int M, int H, const attention_weights *w, const float *cos,
+                 const float *sin, float *k_cache, float *v_cache, int C, const int *slots, const int *pos);
+int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_weights *w, int norm,
+               const routing_plan *plan);
+
 /* Dot products of NW rows w[i] (element type T, read by LOAD / ONE) with NX float32 vectors x[j] (K
    each) into out[i * NX + j]. Every output has one accumulator, fed 8 terms at a time in order, summed
    across lanes, then the last K % 8 terms added in order: the same bits whichever tile computes it.
@@ -128,7 +171,7 @@ DOT8(dots32, float)
 
 /* out[i * M + m] = row rows[i] of w . xs[m] (K terms) for eight rows and M vectors, int8 rows times
    their scales. pf: prefetch distance in rows. */
-static void dot8(matrix w, const long *rows, const float *const *xs, int M, int K, long pf, float *out) {
+static inline void dot8(matrix w, const long *rows, const float *const *xs, int M, int K, long pf, float *out) {
     if (w.w8) {
         const int8_t *r[8];
         for (int i = 0; i < 8; i++) r[i] = w.w8 + rows[i] * w.stride;
@@ -148,7 +191,7 @@ static void dot8(matrix w, const long *rows, const float *const *xs, int M, int 
 
 /* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8; a short tile repeats its
    last row), K terms each. d: scratch for 8 * rows floats. */
-static void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
+static inline void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
                      float *d) {
     for (int c = lo; c < hi; c += 8) {
         int m = hi - c < 8 ? hi - c : 8;
@@ -161,7 +204,7 @@ static void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, 
 }
 
 /* [lo, hi) of n items for thread t of nt, in whole units of `unit` items */
-static void share(int n, int unit, int t, int nt, int *lo, int *hi) {
+static inline void share(int n, int unit, int t, int nt, int *lo, int *hi) {
     int units = (n + unit - 1) / unit, per = units / nt, extra = units % nt;
     int u0 = t * per + (t < extra ? t : extra), u1 = u0 + per + (t < extra);
     *lo = u0 * unit < n ? u0 * unit : n;
