@@ -642,11 +642,18 @@ def run_bench_step(
     if cfg.breakdown:
         breakdown["pregating"] = []
         breakdown["layerwise"] = [] if gate is not None else {"skipped": "no --layerwise gate given"}
-        if STEP_MOE_INT8 in models:
-            breakdown["pregating_int8"] = []
+        hooked = {
+            STEP_MOE: "pregating",
+            STEP_MOE_INT8: "pregating_int8",
+            STEP_MOE_NATIVE: "pregating_native",
+            STEP_MOE_INT8_NATIVE: "pregating_int8_native",
+        }
+        for name, key in hooked.items():
+            if name != STEP_MOE and name in models:
+                breakdown[key] = []
         for b in cfg.batch_sizes:
             progress(f"breakdown at batch {b} (hooked run{' + layer-wise gate' if gate is not None else ''})")
-            for name, key in ((STEP_MOE, "pregating"), (STEP_MOE_INT8, "pregating_int8")):
+            for name, key in hooked.items():
                 if name in models:
                     m, d = models[name], min(cfg.batch_experts, b)
                     res = time_engine(m, tokenizer, routers[name], b, d, cfg, breakdown=True)
@@ -734,7 +741,8 @@ def format_step_table(result: dict) -> str:
         if isinstance(rows, dict):
             lines.append(f"  skipped: {rows['skipped']}")
             continue
-        cols = (*PARTS, "rest", "step")
+        # the parts a layout has (a native step's layers are one call, the torch layout's several)
+        cols = (*[c for c in PARTS if any(r[c] for r in rows) or c in ("router", "lm_head")], "rest", "step")
         lines.append(f"{'batch':>6s}{'experts':>9s}" + "".join(f"{c:>11s}" for c in cols) + f"{'calls':>8s}")
         for r in rows:  # pre-gating: the controlled experts; layer-wise: its mean per layer
             experts = r.get("experts", r.get("experts_per_layer"))

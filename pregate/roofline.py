@@ -22,7 +22,7 @@ from pregate.packed import PackedLinear
 from pregate.quantize import int8_matmul, padded
 from pregate.router import PreGatingRouter
 
-PARTS = ("router", "attention", "shared", "routed", "lm_head")
+PARTS = ("router", "attention", "shared", "routed", "native", "lm_head")
 
 # ----------------------------------------------------------------------------------------- bytes and floors
 
@@ -180,9 +180,10 @@ class Breakdown:
     """Per-part time of every step, from perf_counter in module hooks (CPU ops are synchronous).
 
     attention: each layer's self_attn; shared: the shared expert (gate_up_proj in, down_proj out);
-    routed: the rest of each MoE MLP; lm_head: `lm_logits`; router: `router.step` and `step_tokens`
-    (pre-gating), or the layer-wise gate through to its layer's MLP (its routing plan included). The rest
-    of a step is step time - the parts.
+    routed: the rest of each MoE MLP; native: the native decoder's call (`--native`: every layer of the
+    decode rows, which then pass none of the module hooks); lm_head: `lm_logits`; router: `router.step`
+    and `step_tokens` (pre-gating; natively too), or the layer-wise gate through to its layer's MLP (its
+    routing plan included). The rest of a step is step time - the parts.
     Attach with `with Breakdown(model, router) as bd:`; `take()` returns the parts since the last call.
     """
 
@@ -226,6 +227,8 @@ class Breakdown:
             h.append(layer.mlp.down_proj.register_forward_hook(shared_end))
             h.append(layer.mlp.register_forward_hook(mlp_end))
         self._wrap(self.model, "lm_logits", "lm_head")
+        if self.model.native is not None:
+            self._wrap(self.model.native, "run", "native")
         if self.router is not None:
             self._wrap(self.router, "step", "router")
             self._wrap(self.router, "step_tokens", "router")

@@ -208,11 +208,20 @@ def test_bf16_engine_systems_are_packed_and_unpacked_beside_them(moe_dir):
 
 @pytest.mark.skipif(native_unavailable() is not None, reason=str(native_unavailable()))
 def test_native_systems_run_beside_the_packed_ones(moe_dir):
-    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, hf=False, breakdown=False)
+    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, hf=False)
     result = run_bench_step(moe_dir, cfg, progress=lambda _: None)
     rows = {r["system"]: r for r in result["batch_sizes"] if r["batch"] == 3}
     assert set(rows) == {"moe", "dense", "moe-native", "dense-native"}
     assert rows["moe-native"]["bytes"] == rows["moe"]["bytes"]  # the same bytes, another kernel
+    # the native step's breakdown: its layers one native call, the torch hooks never fire on decode rows
+    native_parts = result["breakdown"]["pregating_native"]
+    assert [r["batch"] for r in native_parts] == [1, 3]
+    assert all(
+        r["native"] > 0 and r["attention"] == r["shared"] == 0 and r["router"] > 0 for r in native_parts
+    )
+    assert all(r["native"] == 0 for r in result["breakdown"]["pregating"])
+    table = format_step_table(result)
+    assert "pregating_native router" in table and "native" in table.split("pregating_native router")[1]
     with pytest.raises(BenchError, match="--native runs bfloat16"):
         StepBenchConfig(dtype="float32", native=True)
 
