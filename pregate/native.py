@@ -140,6 +140,10 @@ def _ints(values) -> ctypes.Array:
     return (ctypes.c_int * max(len(values), 1))(*values)
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def _address(array: ctypes.Array | None) -> int | None:
     return None if array is None else ctypes.addressof(array)
 
@@ -202,7 +206,7 @@ class PlanArgs:
     """A step's routing as the MLP kernel takes it: assignments grouped by expert (as RoutingPlan groups
     them), built from host lists in Python, since a decode step has only a few rows (RoutingPlan's
     torch calls took longer than the grouping itself). Pre-gating routes a step once for all its layers,
-    so a NativeStep makes this once for every layer's call. rows: the routing's rows to take (None: all)."""
+    so a NativeStep makes this once for all of them. rows: the routing's rows to take (None: all)."""
 
     def __init__(self, routing: Routing | None, rows: list[int] | None = None, num_experts: int = 0):
         ids, weights, k = [], [], 1
@@ -232,10 +236,6 @@ class PlanArgs:
             self.weights = torch.tensor([weights[a] for a in order]).to(torch.bfloat16)
         arrays = (self.experts, self.starts, self.counts, self.rows_of)
         self.struct = _RoutingPlan(self.groups, *map(_address, arrays), _ptr(self.weights))
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _linear(linear, held: Held) -> tuple[int, int | None]:

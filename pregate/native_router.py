@@ -66,7 +66,7 @@ def can_run_native_router(router: PreGatingRouter) -> str | None:
 
 
 class NativeRouter:
-    """What `pg_router_step` reads of one router, gathered once: `features(tokens, caches, positions)`."""
+    """What `pg_router_step` reads of one router, gathered once: `features(tokens, caches)`."""
 
     def __init__(self, router: PreGatingRouter):
         self.cfg = router.cfg
