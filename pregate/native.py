@@ -16,10 +16,11 @@ head (`linear.c`, `NativeHead`).
 
 Contract (tests): a decode row's result does not depend on the other rows of its step (decode or
 prompt) or on the thread count, so batched serving equals one-by-one serving exactly while steps hold at
-most `NATIVE_ROWS` decode rows; against the torch path it is the same arithmetic in another summation
-order (float32 sums, bfloat16 rounding after every op as eager torch rounds, attention in float32), so
-it agrees within rounding, not bit for bit: a cached decode matches a full recompute (all prompt rows,
-through torch) within rounding, as int8's does across `quantize.DEQUANT_ROWS`.
+most `NATIVE_ROWS` decode rows (in int8: and produce at most `NATIVE_ROWS` tokens, the head's limit);
+against the torch path it is the same arithmetic in another summation order (float32 sums, bfloat16
+rounding after every op as eager torch rounds, attention in float32), so it agrees within rounding, not
+bit for bit: a cached decode matches a full recompute (all prompt rows, through torch) within rounding,
+as int8's does across `quantize.DEQUANT_ROWS`.
 
 The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
 `~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources; x86-64 with AVX2 and
@@ -44,7 +45,7 @@ from torch import nn
 
 from pregate.errors import PregateError
 from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan
-from pregate.quantize import DEQUANT_ROWS, Int8Experts, Int8Linear, padded
+from pregate.quantize import Int8Experts, Int8Linear, padded
 
 SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
@@ -341,10 +342,13 @@ class NativeStep:
 
 
 class NativeHead(nn.Module):
-    """An int8 LM head whose products over fewer than `DEQUANT_ROWS` rows (the logits of a step's
-    token-producing rows) run as one native call, `native/linear.c`: torch's int8 kernel reached about
-    half the memory's rate on this 49k-row matrix. Other calls, and any with a gradient, go to the
-    wrapped Int8Linear; the int8 table stays the one the tied embedding looks its rows up in."""
+    """An int8 LM head whose products over at most `NATIVE_ROWS` rows (the logits of a step's
+    token-producing rows) run as one native call, `native/linear.c`: at one row torch's int8 kernel read
+    this 49k-row matrix at about 0.6x the memory's rate (`bench step`'s int8 breakdown). At eight rows
+    the native tile is already slower than torch's (each int8 weight converted per tile of rows; the
+    float32 products are then the cost), so the limit is the decoder's own. Other calls, and any with
+    a gradient, go to the wrapped Int8Linear; the int8 table stays the one the tied embedding looks its
+    rows up in."""
 
     def __init__(self, head: Int8Linear):
         super().__init__()
@@ -353,7 +357,7 @@ class NativeHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.inner
-        if x.dim() != 2 or x.dtype != torch.bfloat16 or x.shape[0] >= DEQUANT_ROWS or torch.is_grad_enabled():
+        if x.dim() != 2 or x.dtype != torch.bfloat16 or x.shape[0] > NATIVE_ROWS or torch.is_grad_enabled():
             return head(x)
         x = x.contiguous()
         y = x.new_empty(x.shape[0], head.out_features)

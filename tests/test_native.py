@@ -241,9 +241,7 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
 def test_the_native_int8_head_is_torchs_int8_head_within_rounding_and_the_same_bits_in_any_batch():
     """The int8 model's LM head over a step's token-producing rows runs natively (pregate.native.NativeHead):
     torch's int8 product within one bfloat16 step of each logit, a row's logits the same bits alone or in
-    a batch; from DEQUANT_ROWS rows on, and with a gradient, it is the wrapped Int8Linear itself."""
-    from pregate.quantize import DEQUANT_ROWS
-
+    a batch; past NATIVE_ROWS rows, and with a gradient, it is the wrapped Int8Linear itself."""
     _, model = native_moe("int8", seed=8)
     head = model.lm_head
     assert isinstance(head, native.NativeHead)
@@ -251,7 +249,7 @@ def test_the_native_int8_head_is_torchs_int8_head_within_rounding_and_the_same_b
     with torch.no_grad():
         got, want = head(x), head.inner(x)
         alone = torch.cat([head(x[i : i + 1]) for i in range(5)])
-        many = torch.randn(DEQUANT_ROWS, 64).to(torch.bfloat16)
+        many = torch.randn(native.NATIVE_ROWS + 1, 64).to(torch.bfloat16)
         assert torch.equal(head(many), head.inner(many))
     assert torch.equal(alone, got)
     step = want.float().abs() * 2**-7 + 1e-6  # one bfloat16 step, relative
