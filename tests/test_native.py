@@ -192,8 +192,8 @@ def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_ch
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
 def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize, monkeypatch):
     """A decode step of B sequences in the KV pool goes through the native decoder (one call), gives each
-    row the bits it gets decoding alone, and stays within rounding of the torch path on the same weights
-    (bfloat16, or int8 through torch's int8 kernel)."""
+    row the bits it gets decoding alone and on one thread, and stays within rounding of the torch path on
+    the same weights (bfloat16, or int8 through torch's int8 kernel)."""
     from pregate.moe import Segment
 
     plain, model = native_moe(quantize, seed=7, family=family)
@@ -205,14 +205,15 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
         native.NativeDecoder, "run", lambda self, h, *a: calls.append(len(h)) or real(self, h, *a)
     )
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 9, 3, 12)]
+    # contexts of one to five of the attention's 32-position chunks (merged across chunks in order)
+    prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 40, 3, 150)]
     nxt = torch.randint(3, 97, (4,), generator=g)
     route = Routing.top1(torch.tensor([0, 2, 1, 2]))
 
     def decode(m, rows):
-        cache = m.new_cache(capacity=32, slots=4)
+        cache = m.new_cache(capacity=160, slots=4)
         for slot, p in enumerate(prompts):
-            assert cache.acquire(32) == slot
+            assert cache.acquire(160) == slot
             m.forward_packed(
                 p, [Segment(len(p), cache, slot)], Routing.top1(torch.zeros(len(p), dtype=torch.long))
             )
@@ -234,7 +235,13 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
         assert calls == [4]  # one decode step: its four rows through every layer in one native call
         alone = decode(model, range(4))
         want = decode(plain, None)
-    assert torch.equal(batched, alone)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)  # the chunks and heads split otherwise among the threads
+            one_thread = decode(model, None)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(batched, alone) and torch.equal(batched, one_thread)
     torch.testing.assert_close(batched, want, rtol=3e-2, atol=3e-2)
 
 
