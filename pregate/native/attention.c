@@ -6,8 +6,11 @@
    RoPE, the cache and attention in float32, the attention output rounded to bfloat16 for o_proj. The new
    keys and values are written into the cache at pos[r] and row r attends to positions [0, pos[r]].
 
-   As in moe_mlp.c, each output depends only on its own row (and its own cache slot), in an order fixed
-   by the inputs: the same bits alone or in any batch, at any thread count. */
+   Attention runs over chunks of CHUNK cached positions, each chunk of a kv head read once for all its
+   query heads (the threads share the chunks, so a long cache is read by both), then the chunks are
+   merged in order per query head. As in moe_mlp.c, each output depends only on its own row (and its own
+   cache slot), in an order fixed by the inputs: the same bits alone or in any batch, at any thread
+   count. */
 #include "native.h"
 
 /* RoPE of one head, x * cos + roll(x, D/2) * sin, each product and the sum rounded in float32 (the file
