@@ -68,7 +68,7 @@ STEP_DENSE_INT8 = "dense-int8"  # measured beside the float ones in the same run
 STEP_MOE_UNPACKED = "moe-unpacked"  # with --unpacked: the bfloat16 MoE and dense parent as plain weights,
 STEP_DENSE_UNPACKED = "dense-unpacked"  # beside the packed ones that the engine serves (pregate.packed)
 STEP_MOE_NATIVE = "moe-native"  # with --native: the bfloat16 MoE and dense parent with their decode rows
-STEP_DENSE_NATIVE = "dense-native"  # through the native layers (pregate.native), head and router packed
+STEP_DENSE_NATIVE = "dense-native"  # and the router's step native (pregate.native, native_router)
 STEP_MOE_INT8_NATIVE = "moe-int8-native"  # with --native and --quantize int8: the int8 copies through
 STEP_DENSE_INT8_NATIVE = "dense-int8-native"  # the native decode layers
 MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED, STEP_MOE_NATIVE, STEP_MOE_INT8_NATIVE)
@@ -640,17 +640,14 @@ def run_bench_step(
 
     breakdown: dict = {}
     if cfg.breakdown:
-        breakdown["pregating"] = []
-        breakdown["layerwise"] = [] if gate is not None else {"skipped": "no --layerwise gate given"}
         hooked = {
             STEP_MOE: "pregating",
             STEP_MOE_INT8: "pregating_int8",
             STEP_MOE_NATIVE: "pregating_native",
             STEP_MOE_INT8_NATIVE: "pregating_int8_native",
         }
-        for name, key in hooked.items():
-            if name != STEP_MOE and name in models:
-                breakdown[key] = []
+        breakdown = {key: [] for name, key in hooked.items() if name in models}
+        breakdown["layerwise"] = [] if gate is not None else {"skipped": "no --layerwise gate given"}
         for b in cfg.batch_sizes:
             progress(f"breakdown at batch {b} (hooked run{' + layer-wise gate' if gate is not None else ''})")
             for name, key in hooked.items():

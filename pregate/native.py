@@ -80,6 +80,15 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def weights_reason(weight: torch.Tensor, dtype: torch.dtype, what: str) -> str | None:
+    """Why the native kernels cannot run on weights like `weight` here (the machine first, then its dtype
+    and device: `what` names what they run, e.g. "bfloat16 models"), or None if they can."""
+    reason = unavailable_reason()
+    if reason is None and (weight.dtype != dtype or weight.device.type != "cpu"):
+        reason = f"--native runs {what} on CPU (this one: {weight.dtype} on {weight.device.type})"
+    return reason
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
@@ -248,8 +257,10 @@ def _linear(linear, held: Held) -> tuple[int, int | None]:
 
 class NativeMLP:
     """One MoEMLP as the kernel reads it (`native.h`'s mlp_weights, built once over the module's own
-    weights, nothing copied), with the post-attention norm before it: `run(x, args, residual, norm)` ->
-    residual + mlp(x), or mlp(norm(x)) with norm set, in bfloat16 or pregate.quantize's int8 layouts."""
+    weights, nothing copied), with the post-attention norm before it. `NativeDecoder` hands `weights` to
+    the kernel from C; `run(x, args, residual, norm)` -> residual + mlp(x), or mlp(norm(x)) with norm
+    set, calls it for one layer (the tests check the MLP alone), in bfloat16 or pregate.quantize's int8
+    layouts."""
 
     def __init__(self, mlp: MoEMLP, norm):
         held = self.held = Held()
@@ -446,12 +457,9 @@ class _NativeLayer:
 
 def can_run_native(model: MoEForCausalLM) -> str | None:
     """Why `model` cannot take the native decode layers (`--native`), or None if it can."""
-    reason = unavailable_reason()
+    reason = weights_reason(model.norm.weight, torch.bfloat16, "bfloat16 models")
     if reason is not None:
         return reason
-    w = model.norm.weight
-    if w.dtype != torch.bfloat16 or w.device.type != "cpu":
-        return f"--native runs bfloat16 models on CPU (this one: {w.dtype} on {w.device.type})"
     int8 = model.quantized == "int8"
     if model.quantized and not int8:
         return f"--native reads bfloat16 or int8 weights (this model is {model.quantized})"
@@ -494,7 +502,7 @@ def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
             for p in (*tensors, attn.qkv_proj.weight, attn.o_proj.weight):
                 p.data = p.data.contiguous()  # the kernels walk the memory themselves
             # each routed down as rows [H, R], read along them like every other product (a transposed
-            # [R, H] read column by column reached about half the memory's rate); torch reads the view
+            # [R, H] read column by column was the slowest product); torch reads the transposed view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
     model.native = NativeDecoder(model)
     head = model.lm_head  # bfloat16: the packed head already reads near the memory's rate

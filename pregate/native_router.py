@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pregate.errors import PregateError
-from pregate.native import Held, library, unavailable_reason
+from pregate.native import Held, library, weights_reason
 from pregate.quantize import Int8Embedding, Int8Linear
 from pregate.router import PreGatingRouter, RouterCache, RouterError
 
@@ -54,15 +54,10 @@ class _Block(ctypes.Structure):
 
 def can_run_native_router(router: PreGatingRouter) -> str | None:
     """Why `router` cannot take the native decode step, or None if it can."""
-    reason = unavailable_reason()
-    if reason is not None:
-        return reason
-    w = router.norm.weight
-    if w.dtype != torch.float32 or w.device.type != "cpu":
-        return f"--native runs a float32 router on CPU (this one: {w.dtype} on {w.device.type})"
-    if getattr(router, "packed", False):
-        return "--native reads the router's plain float32 or int8 weights (this router is packed)"
-    return None
+    reason = weights_reason(router.norm.weight, torch.float32, "a float32 router")
+    if reason is None and getattr(router, "packed", False):
+        reason = "--native reads the router's plain float32 or int8 weights (this router is packed)"
+    return reason
 
 
 class NativeRouter:
@@ -70,7 +65,7 @@ class NativeRouter:
 
     def __init__(self, router: PreGatingRouter):
         self.cfg = router.cfg
-        self.int8 = isinstance(router.layers[0].attn.qkv, Int8Linear) if len(router.layers) else False
+        self.int8 = getattr(router, "quantized", None) == "int8"  # set by pregate.quantize.quantize_router
         self.held = Held()  # every tensor a pointer below points into
         self.blocks = (_Block * max(len(router.layers), 1))()
         for i, block in enumerate(router.layers):
@@ -78,27 +73,27 @@ class NativeRouter:
             b = self.blocks[i]
             b.qkv, b.out = self._matrix(attn.qkv), self._matrix(attn.out)
             b.gate, b.up, b.down = (self._matrix(m) for m in (mlp.gate, mlp.up, mlp.down))
-            b.attn_norm, b.mlp_norm = self._hold(block.attn_norm.weight), self._hold(block.mlp_norm.weight)
-        self.final_norm = self._hold(router.norm.weight)
+            b.attn_norm, b.mlp_norm = (
+                self.held.ptr(block.attn_norm.weight),
+                self.held.ptr(block.mlp_norm.weight),
+            )
+        self.final_norm = self.held.ptr(router.norm.weight)
         self.embed = self.embed8 = self.embed_scale = None
         self.embed_stride = self.cfg.dim
         if isinstance(router.embed, Int8Embedding):
             table = router.embed.table
-            self.embed8, self.embed_scale = self._hold(table.qweight), self._hold(table.scales)
+            self.embed8, self.embed_scale = self.held.ptr(table.qweight), self.held.ptr(table.scales)
             self.embed_stride = table.qweight.stride(0)
         else:
-            self.embed = self._hold(router.embed.weight)
-        self.cos, self.sin = self._hold(router.rope_cos), self._hold(router.rope_sin)
+            self.embed = self.held.ptr(router.embed.weight)
+        self.cos, self.sin = self.held.ptr(router.rope_cos), self.held.ptr(router.rope_sin)
         self.kernel = library().pg_router_step
-
-    def _hold(self, t: torch.Tensor) -> int:
-        return self.held.ptr(t.detach())
 
     def _matrix(self, linear: nn.Module) -> _Matrix:
         if isinstance(linear, Int8Linear):  # torch's int8 path rounds the scales to bfloat16 per call
-            scales = self._hold(linear.scales.to(torch.bfloat16))
-            return _Matrix(None, self._hold(linear.qweight), scales, linear.qweight.stride(0), None)
-        return _Matrix(None, None, None, linear.in_features, self._hold(linear.weight))
+            scales = self.held.ptr(linear.scales.to(torch.bfloat16))
+            return _Matrix(None, self.held.ptr(linear.qweight), scales, linear.qweight.stride(0), None)
+        return _Matrix(None, None, None, linear.in_features, self.held.ptr(linear.weight))
 
     def features(self, tokens: torch.Tensor, caches: list[RouterCache]) -> torch.Tensor:
         """tokens [B], each the next token of the sequence of caches[b] (batch-1 caches of this router) ->
