@@ -57,16 +57,6 @@ static inline __m256 sum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* q . k for one key, and its tail past the last multiple of 8 */
-static inline float dot(const float *q, const float *k, int D) {
-    __m256 acc = _mm256_setzero_ps();
-    int d = 0;
-    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
-    float s = hsum(acc);
-    for (; d < D; d++) s += q[d] * k[d];
-    return s;
-}
-
 /* One chunk of one kv head for its R query heads qs[j] (D each, roped): with keys and values [n][D] of
    the chunk's n positions, part[j] = (max_t s, sum_t exp(s - max), sum_t exp(s - max) v_t [D]) for
    s = q_j . k_t / sqrt(D). Keys eight at a time (one sum per key, reduced together), values once for

@@ -41,6 +41,16 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* a . b over K float32s: one accumulator fed 8 terms at a time, summed across lanes, then the tail */
+static inline float dot(const float *a, const float *b, int K) {
+    __m256 acc = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    float s = hsum(acc);
+    for (; k < K; k++) s += a[k] * b[k];
+    return s;
+}
+
 static inline __m256 load8_i8(const int8_t *p) { /* 8 int8 -> 8 float32 */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }

@@ -20,13 +20,8 @@ typedef struct {
 
 /* torch.nn.RMSNorm in float32: x * rsqrt(mean(x^2) + eps) * w */
 static void rms_norm32(const float *x, const float *w, float eps, int D, float *out) {
-    __m256 acc = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 8 <= D; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(x + k), acc);
-    float ss = hsum(acc);
-    for (; k < D; k++) ss += x[k] * x[k];
-    float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (k = 0; k < D; k++) out[k] = x[k] * r * w[k];
+    float r = 1.0f / sqrtf(dot(x, x, D) / (float)D + eps);
+    for (int k = 0; k < D; k++) out[k] = x[k] * r * w[k];
 }
 
 /* y[b * ldy + c] = w row c . in[b] for rows c of [0, N) in this thread's share; int8 rounds the inputs
@@ -112,14 +107,7 @@ int pg_router_step(int B, int D, int layers, int heads, int F, float eps, int in
                 memcpy(vc + (long)p * Dh, v, sizeof(float) * Dh);
                 float scale = 1.0f / sqrtf((float)Dh), top = -INFINITY, total = 0.0f;
                 for (int j = 0; j <= p; j++) {
-                    const float *kj = kc + (long)j * Dh;
-                    __m256 acc = _mm256_setzero_ps();
-                    int e = 0;
-                    for (; e + 8 <= Dh; e += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(rq + e), _mm256_loadu_ps(kj + e), acc);
-                    float sc = hsum(acc);
-                    for (; e < Dh; e++) sc += rq[e] * kj[e];
-                    scores[j] = sc * scale;
+                    scores[j] = dot(rq, kc + (long)j * Dh, Dh) * scale;
                     top = scores[j] > top ? scores[j] : top;
                 }
                 for (int j = 0; j <= p; j++) total += scores[j] = expf(scores[j] - top);
