@@ -111,8 +111,9 @@ class NativeRouter:
             c._reserve(1)
         positions = [c.length for c in caches]
         ids = tokens.to(torch.int64).contiguous()
-        if b and not 0 <= min(ids.tolist()) <= max(ids.tolist()) < cfg.vocab_size:
-            raise RouterError(f"token ids must lie in [0, {cfg.vocab_size}), got {ids.tolist()}")
+        listed = ids.tolist()
+        if b and not 0 <= min(listed) <= max(listed) < cfg.vocab_size:
+            raise RouterError(f"token ids must lie in [0, {cfg.vocab_size}), got {listed}")
         keys = (ctypes.c_void_p * max(b * layers, 1))(
             *[c.keys[i].data_ptr() for c in caches for i in range(layers)]
         )
