@@ -72,6 +72,8 @@ def load_engine(
     from pregate.router import PreGatingRouter, load_router
 
     store, weights_dtype = None, parse_dtype(dtype)
+    if native and resident_experts is not None:  # before any loading: the two options exclude each other
+        raise PregateError("--native needs every routed expert resident; drop --resident-experts")
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig
 
