@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pregate.errors import PregateError, check_int
+from pregate.errors import PregateError, check_expert_ids, check_int
 
 PAPER_ANALYSIS = {
     "locality_readme": 2921 / 4096,
@@ -59,8 +59,8 @@ RESULT_FILE = "analysis.json"
 
 def _ids(choices: Sequence[int] | np.ndarray, num_experts: int) -> np.ndarray:
     a = np.asarray(choices, dtype=np.int64).reshape(-1)
-    if a.size and (a.min() < 0 or a.max() >= num_experts):
-        raise PregateError(f"expert ids must lie in [0, {num_experts}), got [{a.min()}, {a.max()}]")
+    if a.size:
+        check_expert_ids(int(a.min()), int(a.max()), num_experts)
     return a
 
 

@@ -35,6 +35,13 @@ def check_int(
     return value
 
 
+def check_expert_ids(lowest: int, highest: int, num_experts: int) -> None:
+    """Refuse expert ids outside [0, num_experts), given the lowest and highest of them (a trace or a
+    routing of another model, before any kernel indexes experts with them)."""
+    if lowest < 0 or highest >= num_experts:
+        raise PregateError(f"expert ids must lie in [0, {num_experts}), got [{lowest}, {highest}]")
+
+
 def check_number(
     name: str,
     value: object,

@@ -36,7 +36,7 @@ from torch import nn
 
 from pregate import checkpoint
 from pregate.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from pregate.errors import PregateError
+from pregate.errors import PregateError, check_expert_ids
 
 FORMAT = "pregate-moe"
 FORMAT_VERSION = 1
@@ -134,6 +134,18 @@ class Routing:
         return cls(ids.contiguous(), torch.ones(num_tokens, num_experts, device=device))
 
 
+def expert_groups(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, end): the slices of a step's assignments sorted by expert (stable, so by expert,
+    then by token) that hold each expert with any; counts[e] = assignments to expert e. The one grouping
+    rule: RoutingPlan sorts with torch, pregate.native's PlanArgs on host lists."""
+    groups, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            groups.append((e, start, start + c))
+        start += c
+    return groups
+
+
 class RoutingPlan:
     """Tokens grouped by expert once per forward; every layer reuses it.
 
@@ -143,22 +155,14 @@ class RoutingPlan:
 
     def __init__(self, routing: Routing, num_experts: int):
         ids = routing.expert_ids
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-            raise PregateError(
-                f"expert ids must lie in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]"
-            )
+        if ids.numel():
+            check_expert_ids(int(ids.min()), int(ids.max()), num_experts)
         flat = ids.reshape(-1)
         k = ids.shape[-1] if ids.dim() > 1 else 1
         sort = torch.argsort(flat, stable=True)
         self.order = sort // k
         self.weights = routing.weights.reshape(-1)[sort]
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
-        self.groups: list[tuple[int, int, int]] = []
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                self.groups.append((e, start, start + c))
-            start += c
+        self.groups = expert_groups(torch.bincount(flat, minlength=num_experts).tolist())
         self.num_tokens = ids.shape[0]
         # the common decode cases, where grouping and weighting are no-ops (Read-ME: top-1, weight 1)
         self.unit_weights = bool((self.weights == 1).all())

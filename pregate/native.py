@@ -8,19 +8,21 @@ slicing, the activation, the sums), and oneDNN's small products run well below t
 residual), `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
 residual), each one OpenMP region over the plain weights, and `decoder.c`, which runs both for every
 layer in one call (`NativeDecoder.run`; each layer's weights described once in a struct, `native.h`).
-In every step with at most `NATIVE_ROWS` decode rows (one token each, in the engine's KV pool), those
-rows run this way; the step's prompt chunks run beside them through torch, on the same plain weights
-(`NativeStep` splits and merges the rows). A step with more decode rows runs wholly through torch. The
-router's decode step has its kernel too (`router.c`, pregate.native_router), and an int8 model's LM
-head (`linear.c`, `NativeHead`).
+A step of at most `NATIVE_ROWS` tokens in one KV cache (the engine's pool) runs wholly this way, prompt
+chunks included (a chunk's tokens are rows at consecutive positions of one slot). In a larger step with
+at most `NATIVE_ROWS` decode rows (one token each), those rows run this way and the step's prompt chunks
+beside them through torch, on the same plain weights (`NativeStep` splits and merges the rows). A step
+with more decode rows runs wholly through torch. The router's decode step has its kernel too
+(`router.c`, pregate.native_router), and an int8 model's LM head (`linear.c`, `NativeHead`).
 
-Contract (tests): a decode row's result does not depend on the other rows of its step (decode or
-prompt) or on the thread count, so batched serving equals one-by-one serving exactly while steps hold at
-most `NATIVE_ROWS` decode rows (in int8: and produce at most `NATIVE_ROWS` tokens, the head's limit);
-against the torch path it is the same arithmetic in another summation order (float32 sums, bfloat16
-rounding after every op as eager torch rounds, attention in float32), so it agrees within rounding, not
-bit for bit: a cached decode matches a full recompute (all prompt rows, through torch) within rounding,
-as int8's does across `quantize.DEQUANT_ROWS`.
+Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
+the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
+tokens one at a time. So batched serving equals one-by-one serving exactly whenever every row runs
+natively, which a token budget of at most `NATIVE_ROWS` guarantees (in int8 too: the head's limit is
+the same). Against the torch path it is the same arithmetic in another summation order (float32 sums,
+bfloat16 rounding after every op as eager torch rounds, attention in float32), so it agrees within
+rounding, not bit for bit: a cached decode matches a full recompute (all prompt rows, through torch)
+within rounding, as int8's does across `quantize.DEQUANT_ROWS`.
 
 The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
 `~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources; x86-64 with AVX2 and
@@ -43,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pregate.errors import PregateError
-from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan
+from pregate.errors import PregateError, check_expert_ids
+from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan, expert_groups
 from pregate.quantize import Int8Experts, Int8Linear, padded
 
 SOURCES = Path(__file__).parent / "native"
@@ -213,10 +215,11 @@ class Held:
 
 
 class PlanArgs:
-    """A step's routing as the MLP kernel takes it: assignments grouped by expert (as RoutingPlan groups
-    them), built from host lists in Python, since a decode step has only a few rows (RoutingPlan's
-    torch calls took longer than the grouping itself). Pre-gating routes a step once for all its layers,
-    so a NativeStep makes this once for all of them. rows: the routing's rows to take (None: all)."""
+    """A step's routing as the MLP kernel takes it: assignments grouped by expert (`expert_groups`, the
+    rule RoutingPlan follows), built from host lists in Python, since a decode step has only a few rows
+    (RoutingPlan's torch calls took longer than the grouping itself). Pre-gating routes a step once for
+    all its layers, so a NativeStep makes this once for all of them. rows: the routing's rows to take
+    (None: all)."""
 
     def __init__(self, routing: Routing | None, rows: list[int] | None = None, num_experts: int = 0):
         ids, weights, k = [], [], 1
@@ -227,15 +230,13 @@ class PlanArgs:
             for r in range(len(all_ids)) if rows is None else rows:
                 ids += all_ids[r]
                 weights += all_weights[r]
-        if ids and not 0 <= min(ids) <= max(ids) < num_experts:
-            raise PregateError(f"expert ids must lie in [0, {num_experts}), got [{min(ids)}, {max(ids)}]")
-        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: by expert, then by row
-        groups: list[tuple[int, int, int]] = []  # (expert, start, end) of `order`
-        for i, a in enumerate(order):
-            if groups and groups[-1][0] == ids[a]:
-                groups[-1] = (ids[a], groups[-1][1], i + 1)
-            else:
-                groups.append((ids[a], i, i + 1))
+        counts = [0] * num_experts
+        if ids:
+            check_expert_ids(min(ids), max(ids), num_experts)
+            for e in ids:
+                counts[e] += 1
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable, as expert_groups wants
+        groups = expert_groups(counts)
         self.groups = len(groups)
         self.experts = _ints([e for e, _, _ in groups])
         self.starts = _ints([start for _, start, _ in groups])
@@ -306,18 +307,30 @@ class NativeMLP:
 
 
 class NativeStep:
-    """How one step divides between the native decoder and torch: its decode rows (one group of the KV
-    pool, at most NATIVE_ROWS) run natively, every other row (prompt chunks) through torch; `split` and
+    """How one step divides between the native decoder and torch. A step of at most NATIVE_ROWS tokens
+    whose sequences all live in one KV cache runs wholly natively, prompt chunks included: a chunk's
+    token i is a row at position past + i, and the kernel writes every row's key and value before any
+    row attends, so each row sees its chunk's earlier tokens (the causal mask) and the row's result is
+    the one decoding that token alone would give. Otherwise its decode rows (one group of the KV pool,
+    at most NATIVE_ROWS) run natively and every other row (prompt chunks) through torch; `split` and
     `merge` move rows between the step's stream and the two parts."""
 
-    def __init__(self, attention: AttentionPlan, routing: Routing | None, num_experts: int):
+    def __init__(self, attention: AttentionPlan, routing: Routing | None, num_experts: int, whole: bool):
+        self.rest_rows = self.rest_attention = self.rest_plan = None
+        if whole:  # every row, in stream order
+            segments = attention.segments
+            self.cache = segments[0].cache
+            self.slots = _ints([s.slot for s in segments for _ in range(s.length)])
+            self.pos = _ints([p for s in segments for p in range(s.past, s.past + s.length)])
+            self.rows = None
+            self.plan_args = PlanArgs(routing, None, num_experts)
+            return
         group = attention.groups[0]
         self.cache = group.cache
         self.slots = _ints(group.slots.tolist())  # per decode row, in the order of its rows
         self.pos = _ints(group.pos.tolist())
         # rows None: the decode rows are the whole stream in order (the steady state), nothing to gather
         self.rows = None if attention.only_direct else group.rows
-        self.rest_rows = self.rest_attention = self.rest_plan = None
         if attention.alone:  # prompt chunks beside the decode rows: planned on their own, through torch
             rest = [attention.segments[i] for i in attention.alone]
             starts = [attention.starts[i] for i in attention.alone]
@@ -402,11 +415,14 @@ class NativeDecoder:
         self.kernel = library().pg_decode
 
     def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:
-        if len(attention.groups) != 1 or torch.is_grad_enabled() or h.dtype != torch.bfloat16:
+        if torch.is_grad_enabled() or h.dtype != torch.bfloat16:
             return None
-        if len(attention.groups[0].rows) > NATIVE_ROWS:
+        caches = {id(s.cache) for s in attention.segments}
+        if h.shape[0] <= NATIVE_ROWS and len(caches) == 1 and attention.segments[0].cache is not None:
+            return NativeStep(attention, routing, self.num_experts, whole=True)
+        if len(attention.groups) != 1 or len(attention.groups[0].rows) > NATIVE_ROWS:
             return None
-        return NativeStep(attention, routing, self.num_experts)
+        return NativeStep(attention, routing, self.num_experts, whole=False)
 
     def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: NativeStep) -> torch.Tensor:
         h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()

@@ -136,12 +136,19 @@ def one_by_one_engine_tokens(model, router, policy: str):
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
-def test_native_batched_serving_equals_one_by_one_serving(policy, quantize):
-    """Decode rows run natively in every step, pure or mixed with prompt chunks, so batched, chunked and
-    cached serving gives each request exactly the tokens it gets served alone, in bfloat16 and in int8."""
+def test_native_batched_serving_equals_one_by_one_serving(policy, quantize, monkeypatch):
+    """At a token budget of NATIVE_ROWS every step runs natively, decode rows and prompt chunks alike, so
+    batched, chunked and cached serving gives each request exactly the tokens it gets served alone, in
+    bfloat16 and in int8."""
     _, served = native_moe(quantize, seed=4)
+    torch_layers = []
+    real = type(served)._layer
+    monkeypatch.setattr(
+        type(served), "_layer", lambda self, *a, **k: torch_layers.append(1) or real(self, *a, **k)
+    )
     batched, alone = one_by_one_engine_tokens(served, tiny_router(), policy)
     assert batched == alone
+    assert not torch_layers
 
 
 def test_native_serving_gives_the_eager_tokens():
@@ -232,7 +239,9 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
 
     with torch.inference_mode():
         batched = decode(model, None)
-        assert calls == [4]  # one decode step: its four rows through every layer in one native call
+        # the two prompts of at most NATIVE_ROWS tokens natively, then one decode step: its four rows
+        # through every layer in one native call
+        assert calls == [5, 3, 4]
         alone = decode(model, range(4))
         want = decode(plain, None)
         threads = torch.get_num_threads()
@@ -243,6 +252,67 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
             torch.set_num_threads(threads)
     assert torch.equal(batched, alone) and torch.equal(batched, one_thread)
     torch.testing.assert_close(batched, want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_decoding_token_by_token(
+    quantize, monkeypatch
+):
+    """A step of at most NATIVE_ROWS tokens in one KV cache, prompt chunks and decode rows together, is
+    one native call: each chunk token attends to its chunk's earlier tokens, so the logits and the cache
+    are the bits of feeding the same tokens one at a time, and within rounding of the torch path."""
+    from pregate.moe import Segment
+
+    plain, model = native_moe(quantize, seed=8)
+    if quantize:
+        plain = serving_layout(plain, quantize=quantize)[0]
+    torch_layers = []
+    real = type(model)._layer
+    monkeypatch.setattr(
+        type(model), "_layer", lambda self, *a, **k: torch_layers.append(1) or real(self, *a, **k)
+    )
+    g = torch.Generator().manual_seed(1)
+    first = torch.randint(3, 97, (9,), generator=g)  # slot 0: 9 tokens cached, then 1 decode row
+    chunk = torch.randint(3, 97, (4,), generator=g)  # slot 1: a first chunk of 4 tokens
+    later = torch.randint(3, 97, (5,), generator=g)  # slot 2: 2 tokens cached, then a chunk of 3
+    experts = torch.tensor([1, 0, 2, 2, 1, 0, 1, 2])
+    tokens = torch.cat([first[8:], chunk, later[2:]])
+
+    def prime(m):
+        cache = m.new_cache(capacity=16, slots=3)
+        assert [cache.acquire(16) for _ in range(3)] == [0, 1, 2]
+        for slot, ids in ((0, first[:8]), (2, later[:2])):
+            m.forward_packed(
+                ids, [Segment(len(ids), cache, slot)], Routing.top1(torch.zeros(len(ids), dtype=torch.long))
+            )
+        return cache
+
+    def one_step(m):
+        cache = prime(m)
+        segments = [Segment(1, cache, 0), Segment(4, cache, 1), Segment(3, cache, 2)]
+        return m.forward_packed(tokens, segments, Routing.top1(experts)), cache
+
+    def token_by_token(m):
+        cache = prime(m)
+        slots = [0, 1, 1, 1, 1, 2, 2, 2]
+        rows = [
+            m.forward_packed(tokens[i : i + 1], [Segment(1, cache, s)], Routing.top1(experts[i : i + 1]))
+            for i, s in enumerate(slots)
+        ]
+        return torch.cat(rows), cache
+
+    with torch.inference_mode():
+        torch_layers.clear()
+        step, cache = one_step(model)
+        assert not torch_layers  # every row of the 8-token step went through the native decoder
+        alone, alone_cache = token_by_token(model)
+        want, _ = one_step(plain)
+    assert torch.equal(step, alone)
+    for layer in range(len(cache.k)):
+        assert torch.equal(cache.k[layer][:3, :, :10], alone_cache.k[layer][:3, :, :10])
+        assert torch.equal(cache.v[layer][:3, :, :10], alone_cache.v[layer][:3, :, :10])
+    assert cache.lengths[:3] == [9, 4, 5]
+    torch.testing.assert_close(step, want, rtol=3e-2, atol=3e-2)
 
 
 def test_the_native_int8_head_is_torchs_int8_head_within_rounding_and_the_same_bits_in_any_batch():
