@@ -47,6 +47,17 @@ def test_user_mistakes_exit_2_without_traceback(capsys, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_bench_serve_refuses_workload_options_a_replayed_trace_would_ignore(capsys, tmp_path):
+    from pregate.workload import WorkloadRequest, save_trace
+
+    trace = tmp_path / "trace.jsonl"
+    save_trace(trace, [WorkloadRequest("r0", "hello", 4, arrival_time=0.5)])
+    assert main(["bench", "serve", str(tmp_path), "--trace", str(trace), "--rate", "0", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "replayed with its own requests and arrival times, so --rate, --seed would have no effect" in err
+    assert "Traceback" not in err
+
+
 def test_data_lists_the_seven_domains(capsys):
     assert main(["data"]) == 0
     out = capsys.readouterr().out

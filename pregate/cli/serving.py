@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pregate.cli.options import (
     add_dtype,
     add_json,
@@ -154,7 +156,9 @@ def add_bench_serve(p) -> None:
         help=f"Poisson arrivals per second (default {d.rate}); 0 = all at t=0",
     )
     p.add_argument(
-        "--trace", help="JSONL trace: replayed if it exists, else the generated trace is saved there"
+        "--trace",
+        help="JSONL trace: replayed as it is if it exists (its own requests and arrival times, so the "
+        "workload options are refused with it), else the generated trace is saved there",
     )
     add_option(p, "--repeats", d.repeats, "interleaved repeats; medians are reported", type=positive_int)
     add_dtype(p, d.dtype)
@@ -168,8 +172,24 @@ def add_bench_serve(p) -> None:
 
 
 def cmd_bench_serve(args) -> None:
-    from pregate.bench import BenchConfig, bench_serve
+    from pregate.bench import BenchConfig, BenchError, bench_serve
 
+    if args.trace and Path(args.trace).is_file():  # replayed as it is: these would be silently ignored
+        d = BenchConfig()
+        workload = {
+            "--rate": (args.rate or None, d.rate),
+            "--requests": (args.requests, d.requests),
+            "--max-prompt": (args.max_prompt, d.max_prompt_tokens),
+            "--max-output": (args.max_output, d.max_output_tokens),
+            "--seed": (args.seed, d.seed),
+        }
+        given = [flag for flag, (value, default) in workload.items() if value != default]
+        if given:
+            raise BenchError(
+                f"--trace {args.trace} exists and is replayed with its own requests and arrival times, "
+                f"so {', '.join(given)} would have no effect: drop {'them' if len(given) > 1 else 'it'}, "
+                "or give --trace a new file to generate the trace there"
+            )
     cfg = config_from_args(
         BenchConfig,
         args,
