@@ -19,6 +19,7 @@ A script's library half: imports `pregate.bench`, `pregate.bench_step`, `pregate
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def _decode_step_ms(run) -> float:
     return 1e3 * statistics.median(times) if times else float("nan")
 
 
+def native_load(cfg: BenchConfig) -> BenchConfig:
+    """The load run on the fastest layout this machine has: where pregate.native can run (bfloat16, a C
+    compiler, AVX2), the engine's MoE and dense parent natively at a token budget of NATIVE_ROWS, so that
+    every step of the run is native (docs/serving.md, *Under load on the native path*)."""
+    from pregate.native import NATIVE_ROWS, unavailable_reason
+
+    if cfg.dtype != "bfloat16" or cfg.quantize or unavailable_reason() is not None:
+        return cfg
+    return dataclasses.replace(cfg, native=True, token_budget=min(cfg.token_budget, NATIVE_ROWS))
+
+
 def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -> dict:
     """Run the three measurements; returns a JSON-able dict (what `format_serving` prints)."""
     from pregate import sim
@@ -91,6 +103,7 @@ def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -
 
     progress("  batch-1 decode step: MoE and dense parent in bf16 and int8 (packed and native), HF generate")
     batch1 = batch1_decode(train_dir, cfg)
+    cfg = native_load(cfg)
     progress(f"  {cfg.repeats} interleaved repeats of {len(cfg.policies) + cfg.dense + cfg.hf} systems")
     result = run_bench(train_dir, cfg, progress=lambda msg: None)
     runs = result.pop("runs")
@@ -111,7 +124,13 @@ def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -
     layers = result["workload"]["num_layers"]
     steps = sim.scheduled_steps(traces, cfg.scheduler("expert-aware"))
     hits = sim.hit_ratio_table(steps, layers, "expert", CACHE_CAPACITIES, ("belady", "lru"))
-    config = {"requests": cfg.requests, "max_output_tokens": cfg.max_output_tokens, "repeats": cfg.repeats}
+    config = {
+        "requests": cfg.requests,
+        "max_output_tokens": cfg.max_output_tokens,
+        "repeats": cfg.repeats,
+        "native": cfg.native,
+        "token_budget": cfg.token_budget,
+    }
     return {
         "batch1": batch1,
         "load": load,
@@ -147,7 +166,8 @@ def format_serving(summary: dict) -> str:
     lines += [
         "",
         f"serving: {cfg['requests']} ShareGPT requests at once, "
-        f"<= {cfg['max_output_tokens']} new tokens each "
+        f"<= {cfg['max_output_tokens']} new tokens each, {cfg['token_budget']} tokens a step"
+        f"{', MoE and dense parent native' if cfg['native'] else ''} "
         f"({summary['workload']['threads']} threads; medians of {cfg['repeats']} interleaved repeats)",
         f"{'system':16s}{'norm. latency':>15s}{'p95':>9s}{'tok/s':>9s}"
         f"{'decode step':>13s}{'experts/step':>14s}{'repeats range':>18s}",
@@ -173,8 +193,9 @@ def format_serving(summary: dict) -> str:
     lines.append(f"{'policy':16s}" + "".join(f"{'k=' + str(k):>9s}" for k in ks))
     for policy, row in summary["hit_ratio"].items():
         lines.append(f"{policy:16s}" + "".join(f"{row[k]:9.2f}" for k in ks))
+    serve = f" --native --token-budget {cfg['token_budget']}" if cfg["native"] else ""
     lines.append(
         "full size: `pregate bench step MODEL --quantize int8 --native --json F`, "
-        "`pregate bench serve MODEL --json F`, `pregate bench cache MODEL --json F`"
+        f"`pregate bench serve MODEL{serve} --json F`, `pregate bench cache MODEL --json F`"
     )
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The serving half of `make demo` on a tiny trained checkpoint: every system runs, the table prints."""
 
 from pregate.bench import DENSE, HF, BenchConfig
-from pregate.demo_serving import STEP_SYSTEMS, format_serving, serving_summary
+from pregate.demo_serving import SERVE, STEP_SYSTEMS, format_serving, native_load, serving_summary
+from pregate.native import NATIVE_ROWS, unavailable_reason
 from pregate.refactor import RefactorConfig, refactor
 from pregate.train import TrainConfig, train
 
@@ -36,3 +37,14 @@ def test_serving_summary_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     table = format_serving(summary)
     assert "expert-aware" in table and "hit ratio" in table and "pregate bench serve" in table
     assert "batch-1 decode step" in table and "MoE int8" in table
+
+
+def test_the_load_runs_natively_at_a_budget_of_native_rows_where_it_can():
+    """Every step of the demo's load run is then native (tests/test_native.py), or it keeps the default."""
+    assert native_load(BenchConfig(dtype="float32")) == BenchConfig(dtype="float32")
+    got = native_load(SERVE)
+    if unavailable_reason() is None:
+        assert got.native and got.token_budget == NATIVE_ROWS
+        assert got.policies == SERVE.policies and got.requests == SERVE.requests
+    else:
+        assert got == SERVE
