@@ -699,7 +699,7 @@ class MoEForCausalLM(nn.Module):
         attention = AttentionPlan(segments, input_ids.device)
         step = None
         if self.native is not None and layer_router is None and scores is None and expert_source is None:
-            step = self.native.step(attention, routing, h)  # decode rows natively, the rest below
+            step = self.native.step(attention, routing, h)  # a small step wholly, else its decode rows
         if step is None:
             plan = (
                 RoutingPlan(routing, self.num_experts) if routing is not None and self.num_experts else None
