@@ -403,8 +403,9 @@ class NativeHead(nn.Module):
 
 class NativeDecoder:
     """Every decoder layer of a step's native rows (NativeStep) as one native call (`native/decoder.c`:
-    attention, then the MLP, layer after layer): `step(attention, routing, h)` -> a NativeStep, or None for a step
-    that runs wholly through torch; `run(h, cos, sin, step)` -> the rows leaving the last layer."""
+    attention, then the MLP, layer after layer): `step(attention, routing, h)` -> a NativeStep, or None
+    for a step that runs wholly through torch; `run(h, cos, sin, step)` -> the rows leaving the last
+    layer."""
 
     def __init__(self, model: MoEForCausalLM):
         self.num_experts = model.num_experts
