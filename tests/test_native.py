@@ -77,19 +77,25 @@ def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize):
     assert differing <= 0.02 * total, f"{differing} of {total} elements differ"
 
 
-def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count():
-    moe = native.attach_native(bf16_moe(seed=2, num_experts=4))
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(quantize):
+    """Every batch from 1 to 11 rows (each tile width of native.h, and more rows than one tile holds)."""
+    hidden = 64 if quantize else 48  # int8 rows are padded to a multiple of 32
+    moe = serving_layout(bf16_moe(seed=2, num_experts=4, hidden=hidden), quantize=quantize, native=True)[0]
     run = moe.native.layers[1].mlp.run
     torch.manual_seed(0)
-    x, h = torch.randn(8, 48, dtype=torch.bfloat16), torch.randn(8, 48, dtype=torch.bfloat16)
+    x, h = torch.randn(11, hidden, dtype=torch.bfloat16), torch.randn(11, hidden, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     with torch.no_grad():
-        for name, routing in routings(8, 4, seed=3).items():
-            batch = run(x, native.PlanArgs(routing, None, 4), h)
-            for i in range(8):
+        for name, routing in routings(11, 4, seed=3).items():
+            alone = []
+            for i in range(11):
                 one = Routing(routing.expert_ids[i : i + 1], routing.weights[i : i + 1])
-                alone = run(x[i : i + 1], native.PlanArgs(one, None, 4), h[i : i + 1])
-                assert torch.equal(alone, batch[i : i + 1])
+                alone.append(run(x[i : i + 1], native.PlanArgs(one, None, 4), h[i : i + 1]))
+            for n in range(2, 12):
+                first = Routing(routing.expert_ids[:n], routing.weights[:n])
+                assert torch.equal(run(x[:n], native.PlanArgs(first, None, 4), h[:n]), torch.cat(alone[:n]))
+            batch = torch.cat(alone)
             try:
                 torch.set_num_threads(1)
                 assert torch.equal(run(x, native.PlanArgs(routing, None, 4), h), batch), name

@@ -93,11 +93,11 @@ def test_a_token_gets_the_same_features_alone_in_any_batch_and_at_any_thread_cou
     if quantize:
         quantize_router(router)
     fast = attach_native_router(router).native
-    lengths = [4, 19, 1, 33, 8]
+    lengths = [4, 19, 1, 33, 8, 2, 5, 7, 12, 3, 1]  # more tokens than one of native.h's tiles holds
     caches = prefilled(router, lengths, 3)
     tokens = torch.randint(0, VOCAB, (len(lengths),), generator=torch.Generator().manual_seed(4))
     batched = fast.features(tokens, [c.clone() for c in caches])
-    alone = [fast.features(tokens[i : i + 1], [caches[i].clone()]) for i in range(5)]
+    alone = [fast.features(tokens[i : i + 1], [caches[i].clone()]) for i in range(len(lengths))]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

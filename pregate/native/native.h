@@ -140,39 +140,44 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
                 out[i * NX + j] = s;                                                                     \
             }                                                                                            \
     }
-DOTS(dots16, bf16, load8, from_bf16, 8, 1)
-DOTS(dots16, bf16, load8, from_bf16, 2, 4)
-DOTS(dots16, bf16, load8, from_bf16, 1, 8)
-DOTS(dots8, int8_t, load8_i8, from_i8, 8, 1)
-DOTS(dots8, int8_t, load8_i8, from_i8, 2, 4)
-DOTS(dots8, int8_t, load8_i8, from_i8, 1, 8)
-DOTS(dots32, float, _mm256_loadu_ps, from_f32, 8, 1)
-DOTS(dots32, float, _mm256_loadu_ps, from_f32, 2, 4)
-DOTS(dots32, float, _mm256_loadu_ps, from_f32, 1, 8)
+#define TILES(NAME, T, LOAD, ONE)                                                                         \
+    DOTS(NAME, T, LOAD, ONE, 8, 1)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 4, 2)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 2, 3)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 2, 4)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 5)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 6)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 7)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 8)
+TILES(dots16, bf16, load8, from_bf16)
+TILES(dots8, int8_t, load8_i8, from_i8)
+TILES(dots32, float, _mm256_loadu_ps, from_f32)
 
-/* The tiling of dot8 for one element type: one vector, the eight rows stream at once (memory-bound;
-   eight independent sums hide each one's latency); up to four, tiles of two rows by four vectors; more,
-   one row by eight, so each weight is converted once for four or eight of them. A short tile repeats
-   its last vector (the extra sums are dropped). */
+/* The tiling of dot8 for one element type: a tile as wide as the vectors, so no sum is computed twice:
+   one vector, the eight rows stream at once (memory-bound; eight independent sums hide each one's
+   latency); two, four rows by two; three or four, two rows by three or four; more, one row by all of
+   them (up to eight), so each weight is converted once for every vector. More than eight vectors go in
+   tiles of eight and then the rest. */
 #define DOT8(NAME, T)                                                                                    \
-    static void NAME##_dot8(const T *const *w, const float *const *xs, int M, int K, long pf, float *out) { \
-        if (M == 1) {                                                                                    \
-            NAME##_8x1(w, xs, K, pf, out);                                                               \
-            return;                                                                                      \
+    static void NAME##_tile(const T *const *w, const float *const *x, int n, int K, long pf, float *out) { \
+        switch (n) {                                                                                     \
+        case 1: NAME##_8x1(w, x, K, pf, out); return;                                                    \
+        case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, x, K, pf, out + p * 2); return;         \
+        case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, x, K, pf, out + p * 3); return;         \
+        case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, x, K, pf, out + p * 4); return;         \
+        case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, x, K, pf, out + p * 5); return;            \
+        case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, x, K, pf, out + p * 6); return;            \
+        case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, x, K, pf, out + p * 7); return;            \
+        default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, x, K, pf, out + p * 8); return;           \
         }                                                                                                \
-        int width = M <= 4 ? 4 : 8, rows = M <= 4 ? 2 : 1;                                               \
-        float tile[8];                                                                                   \
-        const float *x[8];                                                                               \
-        for (int m = 0; m < M; m += width) {                                                             \
-            int n = M - m < width ? M - m : width;                                                       \
-            for (int j = 0; j < width; j++) x[j] = xs[m + (j < n ? j : n - 1)];                          \
-            for (int p = 0; p < 8; p += rows) {                                                          \
-                long f = m ? 0 : pf;                                                                     \
-                if (rows == 2) NAME##_2x4(w + p, x, K, f, tile);                                         \
-                else NAME##_1x8(w + p, x, K, f, tile);                                                   \
-                for (int i = 0; i < rows; i++)                                                           \
-                    for (int j = 0; j < n; j++) out[(p + i) * M + m + j] = tile[i * width + j];          \
-            }                                                                                            \
+    }                                                                                                    \
+    static void NAME##_dot8(const T *const *w, const float *const *xs, int M, int K, long pf, float *out) { \
+        float tile[64];                                                                                  \
+        for (int m = 0; m < M; m += 8) {                                                                 \
+            int n = M - m < 8 ? M - m : 8;                                                               \
+            NAME##_tile(w, xs + m, n, K, m ? 0 : pf, tile);                                              \
+            for (int i = 0; i < 8; i++)                                                                  \
+                for (int j = 0; j < n; j++) out[i * M + m + j] = tile[i * n + j];                        \
         }                                                                                                \
     }
 DOT8(dots16, bf16)
