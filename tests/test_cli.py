@@ -178,6 +178,9 @@ def test_trace_route_then_simulate_policies(tiny_checkpoint, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["simulate", str(trace), "--policies", "fcfs", "--rate", "-1"]) == 2
     assert "rate" in capsys.readouterr().err
+    assert main(["simulate", str(trace), "--policies", "fcfs", "--max-wait-steps", "-1"]) == 2
+    refused = capsys.readouterr()
+    assert "max_wait_steps=-1" in refused.err and refused.out == ""  # refused before anything prints
     (tmp_path / "list.json").write_text("[1, 2]")
     assert main(["simulate", str(trace), "--policies", "fcfs", "--cost", str(tmp_path / "list.json")]) == 2
     assert "not a cost model" in capsys.readouterr().err

@@ -226,17 +226,17 @@ def cmd_simulate(args) -> None:
     traces = load_trace(args.trace)
     if args.requests is not None:
         traces = traces[: args.requests]
+    scfg = scheduler_config(args)  # a bad option is refused before anything prints
     print(f"cost model: {cost.source}")
     if args.policies:
-        _compare_policies(args, cost, traces)
+        _compare_policies(args, cost, traces, scfg)
     else:
-        _sweep_capacities(args, cost, traces)
+        _sweep_capacities(args, cost, traces, scfg)
 
 
-def _compare_policies(args, cost, traces) -> None:
+def _compare_policies(args, cost, traces, scfg) -> None:
     from pregate.sim import compare_policies, format_policy_table
 
-    scfg = scheduler_config(args)
     result = compare_policies(traces, cost, args.policies, scfg, args.rate, args.seed)
     arrivals = "trace arrival times" if args.rate is None else f"Poisson {args.rate} req/s (seed {args.seed})"
     print(
@@ -252,10 +252,9 @@ def _compare_policies(args, cost, traces) -> None:
     )
 
 
-def _sweep_capacities(args, cost, traces) -> None:
+def _sweep_capacities(args, cost, traces, scfg) -> None:
     from pregate.sim import SimConfig, simulate
 
-    scfg = scheduler_config(args)
     rows = []
     print("k   prefetch  hit ratio  normalized latency (s/token)  stall (s)")
     for k in args.resident_experts:
