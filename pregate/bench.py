@@ -410,7 +410,7 @@ def step_records(run: RunResult) -> list[dict]:
             "duration": st.duration,
             "tokens": st.num_tokens,
             "experts": st.unique_experts,
-            "rows": st.num_decode_tokens,
+            "rows": st.num_token_rows,
         }
         for st in run.steps
     ]

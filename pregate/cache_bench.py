@@ -87,7 +87,8 @@ def replay_teacher_forced(
                 ids.append(r.output_ids[it.start - len(r.prompt_ids)])
             experts += it.experts
             segs.append(Segment(it.num_tokens, caches[it.request_id]))
-            rows.append(len(ids) - 1)
+            if it.produces_token:  # the LM head's rows, as the engine computes them
+                rows.append(len(ids) - 1)
         stall0 = store.stats.stall_s if store is not None else 0.0
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -95,7 +96,7 @@ def replay_teacher_forced(
                 torch.tensor(ids),
                 segs,
                 Routing.top1(torch.tensor(experts)),
-                logits_at=torch.tensor(rows),
+                logits_at=torch.tensor(rows, dtype=torch.long),
                 expert_source=store,
             )
         step_end = time.perf_counter()
@@ -106,7 +107,7 @@ def replay_teacher_forced(
                 "duration": step_end - t0,
                 "tokens": out.num_tokens,
                 "experts": out.unique_experts,
-                "rows": len(rows),
+                "rows": out.num_token_rows,
                 "stall": stall,
             }
         )

@@ -415,6 +415,7 @@ class Engine:
             out.num_prefill_tokens,
             out.num_decode_tokens,
             end=now,
+            num_token_rows=out.num_token_rows,
         )
         done_ids = {r.request_id for r in done}
         events: list[RequestOutput] = []

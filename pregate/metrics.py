@@ -77,6 +77,7 @@ class StepRecord:
     unique_experts: int
     num_prefill_tokens: int
     num_decode_tokens: int
+    num_token_rows: int = 0  # items that produced a token: the LM head's rows (SchedulerOutput's)
 
     @property
     def duration(self) -> float:
@@ -221,10 +222,18 @@ class MetricsRecorder:
         num_prefill_tokens: int,
         num_decode_tokens: int,
         end: float | None = None,
+        num_token_rows: int = 0,
     ) -> StepRecord:
         """Record a step that began at ``start`` (read ``clock()`` before running it) and ends now."""
         rec = StepRecord(
-            step, start, self._t(end), num_tokens, unique_experts, num_prefill_tokens, num_decode_tokens
+            step,
+            start,
+            self._t(end),
+            num_tokens,
+            unique_experts,
+            num_prefill_tokens,
+            num_decode_tokens,
+            num_token_rows,
         )
         self.steps.append(rec)
         return rec

@@ -138,6 +138,11 @@ class SchedulerOutput:
         return sum(it.num_tokens for it in self.items if it.kind == "decode")
 
     @property
+    def num_token_rows(self) -> int:
+        """Items that produce a token (`ScheduledItem.produces_token`): the rows the LM head computes."""
+        return sum(it.produces_token for it in self.items)
+
+    @property
     def request_ids(self) -> tuple[str, ...]:
         return tuple(it.request_id for it in self.items)
 

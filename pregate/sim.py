@@ -47,7 +47,8 @@ class CostModel:
 
     token_layer_s: per token per layer (attention, shared expert, routed-expert FLOPs of that token);
     expert_layer_s: per distinct expert per layer (reading its weights once, kernel launches);
-    row_s: per output row of the LM head; step_s: per step (scheduling, embedding, norms, Python);
+    row_s: per output row of the LM head (an item that produces a token); step_s: per step (scheduling,
+    embedding, norms, Python);
     bandwidth: bytes/s from the slow tier; slice_bytes: bytes of one (layer, expert) slice.
     """
 
@@ -341,7 +342,7 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
                     t.now = t.load()
                 t.stall += t.now - t0
                 t.now += cost.expert_layer_s
-        t.now += cost.step_s + cost.row_s * len(out.items)  # one LM-head row per item (its last token)
+        t.now += cost.step_s + cost.row_s * out.num_token_rows
         times.append(t.now - start)
         return step_result(out, sched, by_id)
 

@@ -48,6 +48,9 @@ def test_batched_equals_one_by_one_greedy(moe_and_router, policy):
     assert summary["generated_tokens"] == sum(lens)
     assert max(s.num_tokens for s in engine.metrics.steps) <= 8
     assert all(1 <= s.unique_experts <= 3 for s in engine.metrics.steps)
+    # the LM head's rows, as steps record them for the simulator's fit: one per token produced
+    assert sum(s.num_token_rows for s in engine.metrics.steps) == sum(lens)
+    assert sum(s.num_decode_tokens for s in engine.metrics.steps) == sum(lens) - len(lens)
 
 
 def test_a_small_request_passes_a_big_one_that_waits_for_kv(moe_and_router):

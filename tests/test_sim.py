@@ -68,6 +68,17 @@ def test_sim_drives_the_scheduler_and_cache():
     )  # cold start only
 
 
+def test_the_lm_head_is_charged_once_per_token_produced():
+    """row_s per item that produces a token (the engine's logits rows), not per prompt chunk: with only
+    that term, the simulated time less its loads is row_s x the tokens generated, however the prompts
+    are chunked."""
+    trace = routed_trace()
+    zero = dict(token_layer_s=0.0, expert_layer_s=0.0, step_s=0.0, row_s=1e-3)
+    chunked = SchedulerConfig(token_budget=16, max_running=4, prefill_chunk=3)  # prompts of many chunks
+    r = simulate(trace, cost(**zero), SimConfig(capacity=E, scheduler=chunked))
+    assert sum(r.step_times) - r.stall_s == pytest.approx(1e-3 * sum(t.output_len for t in trace))
+
+
 def test_prefetch_hides_loads_when_compute_covers_them():
     trace = routed_trace()
     c = cost(expert_layer_s=2e-3)  # a layer computes longer than a slice loads (1 ms)
