@@ -28,7 +28,7 @@ from pregate.checkpoint import ROUTER_WEIGHTS, has_router
 from pregate.distill import DistillConfig, router_loss
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError, check_int
-from pregate.metrics import RequestMetrics, StepRecord, summarize_run
+from pregate.metrics import RequestMetrics, StepRecord, repeat_spread, summarize_run
 from pregate.moe import MoEForCausalLM, build_moe_from_dense, load_moe
 from pregate.packed import serving_layout
 from pregate.quantize import check_mode
@@ -38,6 +38,10 @@ from pregate.workload import WorkloadRequest, load_trace, save_trace, sharegpt_w
 
 DENSE = "dense-fcfs"  # the dense parent in the same engine
 HF = "hf-static"  # HF generate, static batches of max_running requests
+# a whole run's repeat further than this share of the median from it is flagged (metrics.repeat_spread,
+# the rule bench step and bench cache flag single steps and settings by, at 0.2): a run sums thousands
+# of steps, so only a disturbed machine moves it this far (one repeat once took 27x the others)
+FAR_OFF = 0.5
 
 
 class BenchError(PregateError):
@@ -371,7 +375,7 @@ def run_bench(
         spread = [f["norm_mean"] for f in flats if f["norm_mean"] is not None]
         if spread:
             policies[name]["norm_mean_spread"] = [min(spread), max(spread)]
-            policies[name]["outlier_repeats"] = outliers = far_off(spread)
+            policies[name]["outlier_repeats"] = outliers = repeat_spread(spread, FAR_OFF)["flagged"]
             for i in outliers:
                 progress(
                     f"warning: repeat {i + 1} of {name} is far off the others "
@@ -414,12 +418,6 @@ def step_records(run: RunResult) -> list[dict]:
         }
         for st in run.steps
     ]
-
-
-def far_off(values: list[float], factor: float = 1.5) -> list[int]:
-    """Indices of repeats more than `factor` x away from the median of all of them (either way)."""
-    med = statistics.median(values)
-    return [i for i, v in enumerate(values) if med > 0 and not med / factor <= v <= med * factor]
 
 
 def format_serve_table(result: dict) -> str:

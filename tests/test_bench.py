@@ -108,8 +108,12 @@ def test_cli_has_bench_serve():
     assert args.policies == ["fcfs"] and args.rate == 0 and args.func.__name__ == "cmd_bench_serve"
 
 
-def test_far_off_flags_a_disturbed_repeat():
-    from pregate.bench import far_off
+def test_a_disturbed_repeat_is_flagged():
+    from pregate.bench import FAR_OFF
+    from pregate.metrics import repeat_spread
+
+    def far_off(values):
+        return repeat_spread(values, FAR_OFF)["flagged"]
 
     assert far_off([16.0, 17.5, 15.2]) == []
     assert far_off([439.0, 16.0, 17.0]) == [0]  # the disturbed repeat once seen here
