@@ -25,7 +25,8 @@ rounding, not bit for bit: a cached decode matches a full recompute (all prompt 
 within rounding, as int8's does across `quantize.DEQUANT_ROWS`.
 
 The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
-`~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources; x86-64 with AVX2 and
+`~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources (the build of a
+version nothing has loaded for `STALE_DAYS` is deleted when another is loaded); x86-64 with AVX2 and
 FMA only. The library links the OpenMP runtime that torch has already loaded, so both share one thread
 pool.
 """
@@ -39,6 +40,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +59,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "
 # (`bench step --native` measures both).
 NATIVE_ROWS = 8
 
+STALE_DAYS = 30  # a build of other sources unused this long is deleted when one is loaded
 _library: ctypes.CDLL | None = None
 
 
@@ -100,6 +103,19 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "pregate" / "native"
 
 
+def _mark_used_and_prune(path: Path) -> None:
+    """Mark the build at `path` as used now, and delete the builds of other source versions that nothing
+    has loaded for STALE_DAYS (each version leaves one behind). Best effort: the cache may be read-only."""
+    now = time.time()
+    try:
+        os.utime(path)
+        for old in path.parent.glob("pregate-native-*.so"):
+            if old != path and now - old.stat().st_mtime > STALE_DAYS * 86400:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _build(files: list[Path], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -131,6 +147,7 @@ def library() -> ctypes.CDLL:
                 f"cannot build the native kernels into {path.parent} ({err}); set PREGATE_CACHE_DIR to a "
                 "writable directory"
             ) from None
+    _mark_used_and_prune(path)
     lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     i64 = ctypes.c_long

@@ -338,3 +338,25 @@ def test_the_native_int8_head_is_torchs_int8_head_within_rounding_and_the_same_b
     step = want.float().abs() * 2**-7 + 1e-6  # one bfloat16 step, relative
     assert ((got.float() - want.float()).abs() <= step).all()
     assert torch.equal(head(x), head.inner(x))  # gradients on: torch
+
+
+def test_loading_marks_the_build_used_and_prunes_builds_unused_for_long(tmp_path):
+    """Each version of the sources leaves a build in the cache; one no checkout has loaded for
+    STALE_DAYS goes when another loads, a recently used one stays."""
+    import os
+    import time
+
+    current, recent, stale = (tmp_path / f"pregate-native-{n}.so" for n in ("cur", "recent", "stale"))
+    other = tmp_path / "unrelated.so"
+    day = 86400
+    for f, age in (
+        (current, 90),
+        (recent, native.STALE_DAYS - 1),
+        (stale, native.STALE_DAYS + 1),
+        (other, 90),
+    ):
+        f.write_bytes(b"")
+        os.utime(f, (time.time() - age * day,) * 2)
+    native._mark_used_and_prune(current)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([current.name, recent.name, other.name])
+    assert time.time() - current.stat().st_mtime < day
