@@ -441,12 +441,17 @@ class Engine:
         finished: set[str] = set()
         new_tokens: dict[str, int] = {}
         to_route: list[_Sequence] = []  # requests that go on: their new token is routed below, together
+        greedy: list[int] | None = None  # every greedy row's token, from one argmax over the step's rows
         row = 0
         for it in out.items:
             seq = self._seqs[it.request_id]
             if not it.produces_token:
                 continue  # a prefill chunk that does not complete the prompt
-            tok = sample_token(logits[row], seq.params, seq.generator)
+            if seq.params.greedy:  # argmax as sample_token takes it (the first of equal maxima), per row
+                greedy = logits.argmax(-1).tolist() if greedy is None else greedy
+                tok = greedy[row]
+            else:
+                tok = sample_token(logits[row], seq.params, seq.generator)
             if seq.params.logprobs is not None:
                 seq.logprobs.extend(token_logprobs(logits[row : row + 1], [tok], seq.params.logprobs))
             row += 1
