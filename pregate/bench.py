@@ -296,6 +296,19 @@ def flat_metrics(summary: dict) -> dict[str, float | None]:
     return out
 
 
+def native_budget_note(cfg: BenchConfig) -> str | None:
+    """What --native leaves to torch at this token budget, or None when every step runs natively."""
+    from pregate.native import NATIVE_ROWS
+
+    if not cfg.native or cfg.token_budget <= NATIVE_ROWS:
+        return None
+    return (
+        f"note: --native runs a step wholly natively when it holds at most {NATIVE_ROWS} tokens; at "
+        f"--token-budget {cfg.token_budget} larger steps run their prompt chunks (past {NATIVE_ROWS} decode "
+        f"rows, everything) through torch; --token-budget {NATIVE_ROWS} keeps every step native"
+    )
+
+
 def run_bench(
     model_dir: str | Path,
     cfg: BenchConfig,
@@ -344,6 +357,8 @@ def run_bench(
     # Warm-up, unrecorded: a quarter of the trace at once through every system. A shorter one left the
     # first recorded run up to 30 % slower (kernel and allocator caches still cold for its batch shapes).
     warm = [WorkloadRequest(r.request_id, r.prompt, r.output_len) for r in trace[: max(2, len(trace) // 4)]]
+    if (note := native_budget_note(cfg)) is not None:
+        progress(note)
     progress(f"warm-up on {len(warm)} requests ({len(trace)} in the trace; router: {router_note})")
     for m in (moe, dense):
         if m is not None:

@@ -101,6 +101,16 @@ def test_bench_config_errors():
         BenchConfig(rate=-1.0)
 
 
+def test_native_at_a_budget_past_native_rows_says_what_runs_through_torch():
+    from pregate.bench import native_budget_note
+    from pregate.native import NATIVE_ROWS
+
+    assert native_budget_note(BenchConfig()) is None  # not native
+    assert native_budget_note(BenchConfig(native=True, token_budget=NATIVE_ROWS)) is None
+    note = native_budget_note(BenchConfig(native=True, token_budget=16))
+    assert "--token-budget 16" in note and f"--token-budget {NATIVE_ROWS} keeps every step native" in note
+
+
 def test_cli_has_bench_serve():
     args = build_parser().parse_args(
         ["bench", "serve", "some/dir", "--json", "x.json", "--policies", "fcfs", "--rate", "0"]
