@@ -259,8 +259,15 @@ def replay_hf_static(hf, tokenizer, trace: list[WorkloadRequest], batch_size: in
         )
         end = time.perf_counter()
         steps.append(
-            StepRecord(
-                len(steps), start, end, len(batch) * (width + n), 0, len(batch) * width, len(batch) * n
+            StepRecord(  # n tokens for each row of the batch
+                len(steps),
+                start,
+                end,
+                len(batch) * (width + n),
+                0,
+                len(batch) * width,
+                len(batch) * n,
+                len(batch) * n,
             )
         )
         # static batching returns nothing before the batch ends: first token = finish = batch end

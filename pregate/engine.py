@@ -414,8 +414,8 @@ class Engine:
             out.unique_experts if self.router is not None else 0,
             out.num_prefill_tokens,
             out.num_decode_tokens,
+            out.num_token_rows,
             end=now,
-            num_token_rows=out.num_token_rows,
         )
         done_ids = {r.request_id for r in done}
         events: list[RequestOutput] = []

@@ -77,7 +77,7 @@ class StepRecord:
     unique_experts: int
     num_prefill_tokens: int
     num_decode_tokens: int
-    num_token_rows: int = 0  # items that produced a token: the LM head's rows (SchedulerOutput's)
+    num_token_rows: int  # items that produced a token: the LM head's rows (SchedulerOutput's)
 
     @property
     def duration(self) -> float:
@@ -221,8 +221,8 @@ class MetricsRecorder:
         unique_experts: int,
         num_prefill_tokens: int,
         num_decode_tokens: int,
+        num_token_rows: int,
         end: float | None = None,
-        num_token_rows: int = 0,
     ) -> StepRecord:
         """Record a step that began at ``start`` (read ``clock()`` before running it) and ends now."""
         rec = StepRecord(

@@ -59,14 +59,38 @@ def test_recorder_on_fake_clock_gives_exact_summary():
     rec.on_arrival("a")  # t=0
     clock.t = 1.0
     rec.on_arrival("b")
-    rec.on_step(0, start=0.0, num_tokens=10, unique_experts=3, num_prefill_tokens=10, num_decode_tokens=0)
+    rec.on_step(
+        0,
+        start=0.0,
+        num_tokens=10,
+        unique_experts=3,
+        num_prefill_tokens=10,
+        num_decode_tokens=0,
+        num_token_rows=1,
+    )
     rec.on_token("a")  # first token of a at t=1
     clock.t = 2.0
-    rec.on_step(1, start=1.0, num_tokens=6, unique_experts=3, num_prefill_tokens=5, num_decode_tokens=1)
+    rec.on_step(
+        1,
+        start=1.0,
+        num_tokens=6,
+        unique_experts=3,
+        num_prefill_tokens=5,
+        num_decode_tokens=1,
+        num_token_rows=2,
+    )
     rec.on_token("a")
     rec.on_token("b")  # first token of b at t=2
     clock.t = 3.0
-    rec.on_step(2, start=2.0, num_tokens=2, unique_experts=1, num_prefill_tokens=0, num_decode_tokens=2)
+    rec.on_step(
+        2,
+        start=2.0,
+        num_tokens=2,
+        unique_experts=1,
+        num_prefill_tokens=0,
+        num_decode_tokens=2,
+        num_token_rows=2,
+    )
     rec.on_token("a", n=2)  # a: 4 tokens
     rec.on_token("b")
     ma = rec.on_finish("a")
@@ -88,7 +112,7 @@ def test_recorder_on_fake_clock_gives_exact_summary():
     assert s["unique_experts_per_step_mean"] == pytest.approx(7 / 3)
     assert s["unique_experts_histogram"] == {1: 1, 3: 2}
     assert s["step_time_mean"] == 1.0
-    assert rec.steps[1] == StepRecord(1, 1.0, 2.0, 6, 3, 5, 1)
+    assert rec.steps[1] == StepRecord(1, 1.0, 2.0, 6, 3, 5, 1, 2)
 
 
 def test_recorder_explicit_times_and_errors():
