@@ -305,14 +305,14 @@ def flat_metrics(summary: dict) -> dict[str, float | None]:
 
 def native_budget_note(cfg: BenchConfig) -> str | None:
     """What --native leaves to torch at this token budget, or None when every step runs natively."""
-    from pregate.native import NATIVE_ROWS
+    from pregate.native import WHOLE_ROWS
 
-    if not cfg.native or cfg.token_budget <= NATIVE_ROWS:
+    if not cfg.native or cfg.token_budget <= WHOLE_ROWS:
         return None
     return (
-        f"note: --native runs a step wholly natively when it holds at most {NATIVE_ROWS} tokens; at "
-        f"--token-budget {cfg.token_budget} larger steps run their prompt chunks (past {NATIVE_ROWS} decode "
-        f"rows, everything) through torch; --token-budget {NATIVE_ROWS} keeps every step native"
+        f"note: --native runs a step wholly natively when it holds at most {WHOLE_ROWS} tokens; at "
+        f"--token-budget {cfg.token_budget} larger steps run their prompt chunks through torch; "
+        f"--token-budget {WHOLE_ROWS} keeps every step native"
     )
 
 

@@ -8,18 +8,19 @@ slicing, the activation, the sums), and oneDNN's small products run well below t
 residual), `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
 residual), each one OpenMP region over the plain weights, and `decoder.c`, which runs both for every
 layer in one call (`NativeDecoder.run`; each layer's weights described once in a struct, `native.h`).
-A step of at most `NATIVE_ROWS` tokens in one KV cache (the engine's pool) runs wholly this way, prompt
-chunks included (a chunk's tokens are rows at consecutive positions of one slot). In a larger step with
-at most `NATIVE_ROWS` decode rows (one token each), those rows run this way and the step's prompt chunks
-beside them through torch, on the same plain weights (`NativeStep` splits and merges the rows). A step
-with more decode rows runs wholly through torch. The router's decode step has its kernel too
-(`router.c`, pregate.native_router), and an int8 model's LM head (`linear.c`, `NativeHead`).
+A step of at most `WHOLE_ROWS` tokens in one KV cache (the engine's pool) runs wholly this way, prompt
+chunks included (a chunk's tokens are rows at consecutive positions of one slot). In a larger step its
+decode rows (one token each) run this way and its prompt chunks beside them through torch, on the same
+plain weights (`NativeStep` splits and merges the rows). The native rows go in calls of at most
+`NATIVE_ROWS` rows, one after another. The router's decode step has its kernel too (`router.c`,
+pregate.native_router), and an int8 model's LM head (`linear.c`, `NativeHead`).
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
 tokens one at a time. So batched serving equals one-by-one serving exactly whenever every row runs
-natively, which a token budget of at most `NATIVE_ROWS` guarantees (in int8 too: the head's limit is
-the same). Against the torch path it is the same arithmetic in another summation order (float32 sums,
+natively, which a token budget of at most `WHOLE_ROWS` guarantees (in int8 when a step also has at most
+`NATIVE_ROWS` token-producing rows: the int8 head's limit). Against the torch path it is the same
+arithmetic in another summation order (float32 sums,
 bfloat16 rounding after every op as eager torch rounds, attention in float32), so it agrees within
 rounding, not bit for bit: a cached decode matches a full recompute (all prompt rows, through torch)
 within rounding, as int8's does across `quantize.DEQUANT_ROWS`.
@@ -54,10 +55,13 @@ from pregate.quantize import Int8Experts, Int8Linear, padded
 SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-# Up to this many decode rows a step's decode rows run natively. The products read each weight once for
-# all rows but are not blocked like a GEMM: at 8 rows a wide MLP is already as fast through oneDNN
-# (`bench step --native` measures both).
+# Rows per native call: the products read each weight once for all of a call's rows but are not
+# blocked like a GEMM (the dot tiles of native.h are at most 8 wide), so more rows go in more calls.
 NATIVE_ROWS = 8
+# A step of at most this many tokens in one cache runs wholly natively, prompt chunks included. Torch on
+# the plain weights --native keeps (not packed) was the slower one at every chunk up to this size in a
+# side-by-side run; past it a chunk goes to torch, whose GEMM gains on longer chunks.
+WHOLE_ROWS = 128
 
 STALE_DAYS = 30  # a build of other sources unused this long is deleted when one is loaded
 _library: ctypes.CDLL | None = None
@@ -323,39 +327,52 @@ class NativeMLP:
         return out
 
 
+class NativeCall:
+    """One call of the native decoder: at most NATIVE_ROWS consecutive rows [start, end) of a step's
+    native rows, each with its cache slot and position, and their routing."""
+
+    def __init__(self, start: int, slots: list[int], pos: list[int], plan_args: PlanArgs):
+        self.start, self.end = start, start + len(slots)
+        self.slots, self.pos, self.plan_args = _ints(slots), _ints(pos), plan_args
+
+
 class NativeStep:
-    """How one step divides between the native decoder and torch. A step of at most NATIVE_ROWS tokens
-    whose sequences all live in one KV cache runs wholly natively, prompt chunks included: a chunk's
-    token i is a row at position past + i, and the kernel writes every row's key and value before any
-    row attends, so each row sees its chunk's earlier tokens (the causal mask) and the row's result is
-    the one decoding that token alone would give. Otherwise its decode rows (one group of the KV pool,
-    at most NATIVE_ROWS) run natively and every other row (prompt chunks) through torch; `split` and
-    `merge` move rows between the step's stream and the two parts."""
+    """How one step divides between the native decoder and torch. A step whose sequences all live in one
+    KV cache and that holds at most WHOLE_ROWS tokens runs wholly natively, prompt chunks included: a
+    chunk's token i is a row at position past + i, and the kernel writes every row's key and value before
+    any row attends, so each row sees its chunk's earlier tokens (the causal mask) and the row's result
+    is the one decoding that token alone would give. Otherwise its decode rows (one group of the KV pool)
+    run natively and every other row (prompt chunks) through torch; `split` and `merge` move rows between
+    the step's stream and the two parts. The native rows run as `calls` of at most NATIVE_ROWS rows, one
+    after another in stream order, so a chunk cut between two calls sees its earlier tokens in the cache."""
 
     def __init__(self, attention: AttentionPlan, routing: Routing | None, num_experts: int, whole: bool):
         self.rest_rows = self.rest_attention = self.rest_plan = None
         if whole:  # every row, in stream order
             segments = attention.segments
             self.cache = segments[0].cache
-            self.slots = _ints([s.slot for s in segments for _ in range(s.length)])
-            self.pos = _ints([p for s in segments for p in range(s.past, s.past + s.length)])
+            slots = [s.slot for s in segments for _ in range(s.length)]
+            pos = [p for s in segments for p in range(s.past, s.past + s.length)]
             self.rows = None
-            self.plan_args = PlanArgs(routing, None, num_experts)
-            return
-        group = attention.groups[0]
-        self.cache = group.cache
-        self.slots = _ints(group.slots.tolist())  # per decode row, in the order of its rows
-        self.pos = _ints(group.pos.tolist())
-        # rows None: the decode rows are the whole stream in order (the steady state), nothing to gather
-        self.rows = None if attention.only_direct else group.rows
-        if attention.alone:  # prompt chunks beside the decode rows: planned on their own, through torch
-            rest = [attention.segments[i] for i in attention.alone]
-            starts = [attention.starts[i] for i in attention.alone]
-            self.rest_rows = torch.cat([torch.arange(s, s + seg.length) for s, seg in zip(starts, rest)])
-            self.rest_attention = AttentionPlan(rest, group.rows.device)
-            self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
-        rows = None if self.rows is None else self.rows.tolist()
-        self.plan_args = PlanArgs(routing, rows, num_experts)
+        else:
+            group = attention.groups[0]
+            self.cache = group.cache
+            slots, pos = group.slots.tolist(), group.pos.tolist()  # per decode row, in the order of its rows
+            # rows None: the decode rows are the whole stream in order (the steady state), nothing to gather
+            self.rows = None if attention.only_direct else group.rows
+            if attention.alone:  # prompt chunks beside the decode rows: planned on their own, through torch
+                rest = [attention.segments[i] for i in attention.alone]
+                starts = [attention.starts[i] for i in attention.alone]
+                self.rest_rows = torch.cat([torch.arange(s, s + seg.length) for s, seg in zip(starts, rest)])
+                self.rest_attention = AttentionPlan(rest, group.rows.device)
+                self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
+        rows = list(range(len(slots))) if self.rows is None else self.rows.tolist()
+        self.calls = []
+        for a in range(0, len(rows), NATIVE_ROWS):
+            b = a + NATIVE_ROWS
+            # None: the call's rows are the whole stream in order, no rows to pick out of the routing
+            picked = None if self.rows is None and len(rows) <= NATIVE_ROWS else rows[a:b]
+            self.calls.append(NativeCall(a, slots[a:b], pos[a:b], PlanArgs(routing, picked, num_experts)))
 
     @staticmethod
     def _plan(routing: Routing | None, rows: torch.Tensor | None, num_experts: int) -> RoutingPlan | None:
@@ -366,7 +383,7 @@ class NativeStep:
         return RoutingPlan(routing, num_experts)
 
     def split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows of a stream-aligned tensor -> (decode rows, the rest or None)."""
+        """Rows of a stream-aligned tensor -> (native rows, the rest or None)."""
         if self.rows is None:
             return t, None
         return t[self.rows], None if self.rest_rows is None else t[self.rest_rows]
@@ -436,9 +453,9 @@ class NativeDecoder:
         if torch.is_grad_enabled() or h.dtype != torch.bfloat16:
             return None
         caches = {id(s.cache) for s in attention.segments}
-        if h.shape[0] <= NATIVE_ROWS and len(caches) == 1 and attention.segments[0].cache is not None:
+        if h.shape[0] <= WHOLE_ROWS and len(caches) == 1 and attention.segments[0].cache is not None:
             return NativeStep(attention, routing, self.num_experts, whole=True)
-        if len(attention.groups) != 1 or len(attention.groups[0].rows) > NATIVE_ROWS:
+        if len(attention.groups) != 1:
             return None
         return NativeStep(attention, routing, self.num_experts, whole=False)
 
@@ -446,25 +463,29 @@ class NativeDecoder:
         h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
         out = torch.empty_like(h)
         n, cache = len(self.layers), step.cache
-        status = self.kernel(
-            h.data_ptr(),
-            out.data_ptr(),
-            h.shape[0],
-            h.shape[1],
-            n,
-            self.attention,
-            self.mlps,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            (ctypes.c_void_p * n)(*[k.data_ptr() for k in cache.k]),
-            (ctypes.c_void_p * n)(*[v.data_ptr() for v in cache.v]),
-            cache.capacity,
-            step.slots,
-            step.pos,
-            ctypes.byref(step.plan_args.struct),
-        )
-        if status != 0:
-            raise MemoryError("the native decoder could not allocate its scratch memory")
+        k_cache = (ctypes.c_void_p * n)(*[k.data_ptr() for k in cache.k])
+        v_cache = (ctypes.c_void_p * n)(*[v.data_ptr() for v in cache.v])
+        for call in step.calls:  # in order: a later call's rows may attend to an earlier call's keys
+            a, b = call.start, call.end
+            status = self.kernel(
+                h[a:b].data_ptr(),
+                out[a:b].data_ptr(),
+                b - a,
+                h.shape[1],
+                n,
+                self.attention,
+                self.mlps,
+                cos[a:b].data_ptr(),
+                sin[a:b].data_ptr(),
+                k_cache,
+                v_cache,
+                cache.capacity,
+                call.slots,
+                call.pos,
+                ctypes.byref(call.plan_args.struct),
+            )
+            if status != 0:
+                raise MemoryError("the native decoder could not allocate its scratch memory")
         return out
 
 

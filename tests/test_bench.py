@@ -101,14 +101,15 @@ def test_bench_config_errors():
         BenchConfig(rate=-1.0)
 
 
-def test_native_at_a_budget_past_native_rows_says_what_runs_through_torch():
+def test_native_at_a_budget_past_whole_rows_says_what_runs_through_torch():
     from pregate.bench import native_budget_note
-    from pregate.native import NATIVE_ROWS
+    from pregate.native import WHOLE_ROWS
 
     assert native_budget_note(BenchConfig()) is None  # not native
-    assert native_budget_note(BenchConfig(native=True, token_budget=NATIVE_ROWS)) is None
-    note = native_budget_note(BenchConfig(native=True, token_budget=16))
-    assert "--token-budget 16" in note and f"--token-budget {NATIVE_ROWS} keeps every step native" in note
+    assert native_budget_note(BenchConfig(native=True)) is None  # the default budget: every step native
+    assert native_budget_note(BenchConfig(native=True, token_budget=WHOLE_ROWS)) is None
+    note = native_budget_note(BenchConfig(native=True, token_budget=WHOLE_ROWS + 1))
+    assert f"--token-budget {WHOLE_ROWS + 1}" in note and f"--token-budget {WHOLE_ROWS} keeps every" in note
 
 
 def test_cli_has_bench_serve():

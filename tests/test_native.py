@@ -103,30 +103,45 @@ def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(qu
                 torch.set_num_threads(threads)
 
 
-def test_steps_with_more_decode_rows_than_native_rows_run_through_torch():
+def test_how_a_step_divides_between_native_calls_and_torch():
+    """A step of at most WHOLE_ROWS tokens in one cache runs wholly natively, in calls of at most
+    NATIVE_ROWS rows in stream order; in a larger one the decode rows run natively (in such calls, however
+    many) and the prompt chunks through torch; a step with a gradient runs through torch."""
     from pregate.moe import AttentionPlan, Segment
 
+    n = native.NATIVE_ROWS
     moe = native.attach_native(bf16_moe(seed=3))
-    cache = moe.new_cache(capacity=8, slots=native.NATIVE_ROWS + 1)
-    h = torch.zeros(native.NATIVE_ROWS + 1, 48, dtype=torch.bfloat16)
-    rows = [Segment(1, cache, s) for s in range(native.NATIVE_ROWS + 1)]
+    cache = moe.new_cache(capacity=8, slots=2 * n + 1)
+    h = torch.zeros(native.WHOLE_ROWS + 8, 48, dtype=torch.bfloat16)
+    rows = [Segment(1, cache, s) for s in range(2 * n + 1)]
+
+    def calls(step):
+        return [(c.start, c.end) for c in step.calls]
+
     with torch.no_grad():
-        assert moe.native.step(AttentionPlan(rows, None), None, h) is None
-        assert moe.native.step(AttentionPlan(rows[:-1], None), None, h[:-1]) is not None
-        mixed = AttentionPlan([Segment(5), *rows[:3]], None)  # a prompt chunk and three decode rows
-        step = moe.native.step(mixed, None, h[:8])
-        assert step.rows.tolist() == [5, 6, 7] and step.rest_rows.tolist() == [0, 1, 2, 3, 4]
+        step = moe.native.step(AttentionPlan(rows[: n + 1], None), None, h[: n + 1])
+        assert calls(step) == [(0, n), (n, n + 1)] and step.rows is None
+        chunked = AttentionPlan([Segment(n + 2, cache, 0), Segment(1, cache, 1)], None)  # cut in two calls
+        assert calls(moe.native.step(chunked, None, h[: n + 3])) == [(0, n), (n, n + 3)]
+        big = native.WHOLE_ROWS + 1  # past WHOLE_ROWS: the chunk through torch, the decode rows natively
+        mixed = AttentionPlan([Segment(big, cache, 0), *rows[1 : 2 * n + 1]], None)
+        step = moe.native.step(mixed, None, h[: big + 2 * n])
+        assert step.rows.tolist() == list(range(big, big + 2 * n)) and step.rest_rows.tolist() == list(
+            range(big)
+        )
+        assert calls(step) == [(0, n), (n, 2 * n)]
+        assert moe.native.step(AttentionPlan([Segment(big, cache, 0)], None), None, h[:big]) is None
     assert moe.native.step(AttentionPlan(rows[:1], None), None, h[:1]) is None  # gradients on: training
 
 
-def one_by_one_engine_tokens(model, router, policy: str):
+def one_by_one_engine_tokens(model, router, policy: str, token_budget: int = 8):
     """Six requests through one engine, and each alone through an engine of its own (same budgets)."""
     from pregate.engine import Engine, SamplingParams
     from pregate.scheduler import SchedulerConfig
     from tests.conftest import prompts
 
     cfg = SchedulerConfig(
-        policy=policy, token_budget=8, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
+        policy=policy, token_budget=token_budget, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
     )
     ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
 
@@ -140,19 +155,21 @@ def one_by_one_engine_tokens(model, router, policy: str):
     return run(list(zip(ps, lens))), [run([pair])[0] for pair in zip(ps, lens)]
 
 
+@pytest.mark.parametrize("budget", [native.NATIVE_ROWS, native.WHOLE_ROWS])
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
-def test_native_batched_serving_equals_one_by_one_serving(policy, quantize, monkeypatch):
-    """At a token budget of NATIVE_ROWS every step runs natively, decode rows and prompt chunks alike, so
-    batched, chunked and cached serving gives each request exactly the tokens it gets served alone, in
-    bfloat16 and in int8."""
+def test_native_batched_serving_equals_one_by_one_serving(policy, quantize, budget, monkeypatch):
+    """At a token budget of at most WHOLE_ROWS every step runs natively, decode rows and prompt chunks
+    alike (past NATIVE_ROWS in several calls), so batched, chunked and cached serving gives each request
+    exactly the tokens it gets served alone, in bfloat16 and in int8 (at most five token-producing rows
+    here: the int8 head's native limit is NATIVE_ROWS)."""
     _, served = native_moe(quantize, seed=4)
     torch_layers = []
     real = type(served)._layer
     monkeypatch.setattr(
         type(served), "_layer", lambda self, *a, **k: torch_layers.append(1) or real(self, *a, **k)
     )
-    batched, alone = one_by_one_engine_tokens(served, tiny_router(), policy)
+    batched, alone = one_by_one_engine_tokens(served, tiny_router(), policy, budget)
     assert batched == alone
     assert not torch_layers
 
@@ -201,12 +218,13 @@ def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_ch
         load_engine(str(out), dtype="bfloat16", resident_experts=1, native=True)
 
 
+@pytest.mark.parametrize("batch", [4, 11])
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
-def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize, monkeypatch):
-    """A decode step of B sequences in the KV pool goes through the native decoder (one call), gives each
-    row the bits it gets decoding alone and on one thread, and stays within rounding of the torch path on
-    the same weights (bfloat16, or int8 through torch's int8 kernel)."""
+def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize, batch, monkeypatch):
+    """A decode step of B sequences in the KV pool goes through the native decoder (one call per
+    NATIVE_ROWS rows), gives each row the bits it gets decoding alone and on one thread, and stays within
+    rounding of the torch path on the same weights (bfloat16, or int8 through torch's int8 kernel)."""
     from pregate.moe import Segment
 
     plain, model = native_moe(quantize, seed=7, family=family)
@@ -215,23 +233,28 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
     calls = []
     real = native.NativeDecoder.run
     monkeypatch.setattr(
-        native.NativeDecoder, "run", lambda self, h, *a: calls.append(len(h)) or real(self, h, *a)
+        native.NativeDecoder,
+        "run",
+        lambda self, h, c, s, step: (
+            calls.append([b.end - b.start for b in step.calls]) or real(self, h, c, s, step)
+        ),
     )
     g = torch.Generator().manual_seed(0)
     # contexts of one to five of the attention's 32-position chunks (merged across chunks in order)
-    prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 40, 3, 150)]
-    nxt = torch.randint(3, 97, (4,), generator=g)
-    route = Routing.top1(torch.tensor([0, 2, 1, 2]))
+    lengths = [(5, 40, 3, 150)[i % 4] for i in range(batch)]
+    prompts = [torch.randint(3, 97, (n,), generator=g) for n in lengths]
+    nxt = torch.randint(3, 97, (batch,), generator=g)
+    route = Routing.top1(torch.tensor([0, 2, 1, 2] * 3)[:batch])
 
     def decode(m, rows):
-        cache = m.new_cache(capacity=160, slots=4)
+        cache = m.new_cache(capacity=160, slots=batch)
         for slot, p in enumerate(prompts):
             assert cache.acquire(160) == slot
             m.forward_packed(
                 p, [Segment(len(p), cache, slot)], Routing.top1(torch.zeros(len(p), dtype=torch.long))
             )
         if rows is None:  # every row in one step
-            return m.forward_packed(nxt, [Segment(1, cache, s) for s in range(4)], route)
+            return m.forward_packed(nxt, [Segment(1, cache, s) for s in range(batch)], route)
         return torch.cat(
             [
                 m.forward_packed(
@@ -245,10 +268,14 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
 
     with torch.inference_mode():
         batched = decode(model, None)
-        # the two prompts of at most NATIVE_ROWS tokens natively, then one decode step: its four rows
-        # through every layer in one native call
-        assert calls == [5, 3, 4]
-        alone = decode(model, range(4))
+
+        # the prompts of at most WHOLE_ROWS tokens natively, then one decode step: its rows through every
+        # layer in native calls of at most NATIVE_ROWS rows
+        def cut(n):
+            return [min(native.NATIVE_ROWS, n - a) for a in range(0, n, native.NATIVE_ROWS)]
+
+        assert calls == [cut(n) for n in lengths if n <= native.WHOLE_ROWS] + [cut(batch)]
+        alone = decode(model, range(batch))
         want = decode(plain, None)
         threads = torch.get_num_threads()
         try:
@@ -260,13 +287,15 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
     torch.testing.assert_close(batched, want, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("last_chunk", [3, 9])  # a step of 8 tokens (one call), of 14 (two, the chunk cut)
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_decoding_token_by_token(
-    quantize, monkeypatch
+    quantize, last_chunk, monkeypatch
 ):
-    """A step of at most NATIVE_ROWS tokens in one KV cache, prompt chunks and decode rows together, is
-    one native call: each chunk token attends to its chunk's earlier tokens, so the logits and the cache
-    are the bits of feeding the same tokens one at a time, and within rounding of the torch path."""
+    """A step of at most WHOLE_ROWS tokens in one KV cache, prompt chunks and decode rows together, runs
+    natively: each chunk token attends to its chunk's earlier tokens (in an earlier call too), so the
+    logits and the cache are the bits of feeding the same tokens one at a time, and within rounding of
+    the torch path."""
     from pregate.moe import Segment
 
     plain, model = native_moe(quantize, seed=8)
@@ -280,8 +309,8 @@ def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_dec
     g = torch.Generator().manual_seed(1)
     first = torch.randint(3, 97, (9,), generator=g)  # slot 0: 9 tokens cached, then 1 decode row
     chunk = torch.randint(3, 97, (4,), generator=g)  # slot 1: a first chunk of 4 tokens
-    later = torch.randint(3, 97, (5,), generator=g)  # slot 2: 2 tokens cached, then a chunk of 3
-    experts = torch.tensor([1, 0, 2, 2, 1, 0, 1, 2])
+    later = torch.randint(3, 97, (2 + last_chunk,), generator=g)  # slot 2: 2 tokens cached, then a chunk
+    experts = torch.randint(0, 3, (5 + last_chunk,), generator=g)
     tokens = torch.cat([first[8:], chunk, later[2:]])
 
     def prime(m):
@@ -295,12 +324,12 @@ def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_dec
 
     def one_step(m):
         cache = prime(m)
-        segments = [Segment(1, cache, 0), Segment(4, cache, 1), Segment(3, cache, 2)]
+        segments = [Segment(1, cache, 0), Segment(4, cache, 1), Segment(last_chunk, cache, 2)]
         return m.forward_packed(tokens, segments, Routing.top1(experts)), cache
 
     def token_by_token(m):
         cache = prime(m)
-        slots = [0, 1, 1, 1, 1, 2, 2, 2]
+        slots = [0, 1, 1, 1, 1] + [2] * last_chunk
         rows = [
             m.forward_packed(tokens[i : i + 1], [Segment(1, cache, s)], Routing.top1(experts[i : i + 1]))
             for i, s in enumerate(slots)
@@ -310,14 +339,14 @@ def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_dec
     with torch.inference_mode():
         torch_layers.clear()
         step, cache = one_step(model)
-        assert not torch_layers  # every row of the 8-token step went through the native decoder
+        assert not torch_layers  # every row of the step went through the native decoder
         alone, alone_cache = token_by_token(model)
         want, _ = one_step(plain)
     assert torch.equal(step, alone)
     for layer in range(len(cache.k)):
-        assert torch.equal(cache.k[layer][:3, :, :10], alone_cache.k[layer][:3, :, :10])
-        assert torch.equal(cache.v[layer][:3, :, :10], alone_cache.v[layer][:3, :, :10])
-    assert cache.lengths[:3] == [9, 4, 5]
+        assert torch.equal(cache.k[layer][:3, :, :11], alone_cache.k[layer][:3, :, :11])
+        assert torch.equal(cache.v[layer][:3, :, :11], alone_cache.v[layer][:3, :, :11])
+    assert cache.lengths[:3] == [9, 4, 2 + last_chunk]
     torch.testing.assert_close(step, want, rtol=3e-2, atol=3e-2)
 
 
