@@ -20,10 +20,10 @@ the other rows of its step or the thread count, and a prompt chunk's rows give t
 tokens one at a time. So batched serving equals one-by-one serving exactly whenever every row runs
 natively, which a token budget of at most `WHOLE_ROWS` guarantees (in int8 when a step also has at most
 `NATIVE_ROWS` token-producing rows: the int8 head's limit). Against the torch path it is the same
-arithmetic in another summation order (float32 sums,
-bfloat16 rounding after every op as eager torch rounds, attention in float32), so it agrees within
-rounding, not bit for bit: a cached decode matches a full recompute (all prompt rows, through torch)
-within rounding, as int8's does across `quantize.DEQUANT_ROWS`.
+arithmetic in another summation order (float32 sums, bfloat16 rounding after every op as eager torch
+rounds, attention in float32), so it agrees within rounding, not bit for bit: a cached decode matches a
+full recompute (all prompt rows, through torch) within rounding, as int8's does across
+`quantize.DEQUANT_ROWS`.
 
 The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
 `~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources (the build of a
