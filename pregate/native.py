@@ -370,9 +370,7 @@ class NativeStep:
         self.calls = []
         for a in range(0, len(rows), NATIVE_ROWS):
             b = a + NATIVE_ROWS
-            # None: the call's rows are the whole stream in order, no rows to pick out of the routing
-            picked = None if self.rows is None and len(rows) <= NATIVE_ROWS else rows[a:b]
-            self.calls.append(NativeCall(a, slots[a:b], pos[a:b], PlanArgs(routing, picked, num_experts)))
+            self.calls.append(NativeCall(a, slots[a:b], pos[a:b], PlanArgs(routing, rows[a:b], num_experts)))
 
     @staticmethod
     def _plan(routing: Routing | None, rows: torch.Tensor | None, num_experts: int) -> RoutingPlan | None:
