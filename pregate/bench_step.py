@@ -47,7 +47,7 @@ from pregate.errors import PregateError, check_int
 from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
-from pregate.packed import can_pack, serving_layout
+from pregate.packed import can_pack, cpu_packs_bfloat16, serving_layout
 from pregate.quantize import check_mode, padded
 from pregate.roofline import (
     PARTS,
@@ -453,7 +453,7 @@ def measure_products(config: MoEConfig, cfg: StepBenchConfig) -> dict:
     (with --quantize): {"shapes": {role: [out, in]}, kind: {role: {"us": per call, "gbps": rate}}}."""
     shapes = product_shapes(config)
     kinds = {"plain": {}}
-    if cfg.torch_dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if cfg.torch_dtype == torch.bfloat16 and cpu_packs_bfloat16():
         kinds["packed"] = {"packed": True}
     if cfg.quantize:
         kinds["int8"] = {"int8": True}
@@ -541,7 +541,12 @@ def run_bench_step(
         models[STEP_DENSE_UNPACKED] = copy.deepcopy(dense) if dense is not None else None
         bandwidths[STEP_MOE_UNPACKED] = bandwidths[STEP_DENSE_UNPACKED] = bw
     elif cfg.unpacked:
-        notes.append(f"--unpacked: nothing to compare, {cfg.dtype} weights are not packed (pregate.packed)")
+        why = (
+            "this CPU's oneDNN cannot pack bfloat16"
+            if cfg.dtype == "bfloat16"
+            else f"{cfg.dtype} is not packed"
+        )
+        notes.append(f"--unpacked: nothing to compare, the weights stay plain ({why}; pregate.packed)")
     if cfg.native:  # serving_layout refuses a model native cannot run, with the reason
         progress("native-layer copies of the MoE" + " and the dense parent" * (dense is not None))
         layout_copies(STEP_MOE_NATIVE, STEP_DENSE_NATIVE, None, True, bw)

@@ -13,13 +13,14 @@ chunks included (a chunk's tokens are rows at consecutive positions of one slot)
 decode rows (one token each) run this way and its prompt chunks beside them through torch, on the same
 plain weights (`NativeStep` splits and merges the rows). The native rows go in calls of at most
 `NATIVE_ROWS` rows, one after another. The router's decode step has its kernel too (`router.c`,
-pregate.native_router), and an int8 model's LM head (`linear.c`, `NativeHead`).
+pregate.native_router), and the LM head where it is int8, or plain bfloat16 (not packed: a CPU whose
+oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`, `NativeHead`).
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
 tokens one at a time. So batched serving equals one-by-one serving exactly whenever every row runs
 natively, which a token budget of at most `WHOLE_ROWS` guarantees (in int8 when a step also has at most
-`NATIVE_ROWS` token-producing rows: the int8 head's limit). Against the torch path it is the same
+`HEAD_ROWS` token-producing rows: the int8 head's limit). Against the torch path it is the same
 arithmetic in another summation order (float32 sums, bfloat16 rounding after every op as eager torch
 rounds, attention in float32), so it agrees within rounding, not bit for bit: a cached decode matches a
 full recompute (all prompt rows, through torch) within rounding, as int8's does across
@@ -62,6 +63,8 @@ NATIVE_ROWS = 8
 # the plain weights --native keeps (not packed) was the slower one at every chunk up to this size in a
 # side-by-side run; past it a chunk goes to torch, whose GEMM gains on longer chunks.
 WHOLE_ROWS = 128
+# Rows up to which an int8 LM head runs natively (NativeHead): past them torch's int8 kernel is faster.
+HEAD_ROWS = 8
 
 STALE_DAYS = 30  # a build of other sources unused this long is deleted when one is loaded
 _library: ctypes.CDLL | None = None
@@ -398,22 +401,25 @@ class NativeStep:
 
 
 class NativeHead(nn.Module):
-    """An int8 LM head whose products over at most `NATIVE_ROWS` rows (the logits of a step's
-    token-producing rows) run as one native call, `native/linear.c`: at one row torch's int8 kernel read
-    this 49k-row matrix at about 0.6x the memory's rate (`bench step`'s int8 breakdown). At eight rows
-    the native tile is already slower than torch's (each int8 weight converted per tile of rows; the
-    float32 products are then the cost), so the limit is the decoder's own. Other calls, and any with
-    a gradient, go to the wrapped Int8Linear; the int8 table stays the one the tied embedding looks its
-    rows up in."""
+    """An LM head whose products over a step's token-producing rows run as one native call,
+    `native/linear.c`. Two cases: an int8 head, over at most `HEAD_ROWS` rows (at one row torch's int8
+    kernel read this 49k-row matrix at about 0.6x the memory's rate, `bench step`'s int8 breakdown; past
+    HEAD_ROWS it is the faster one); and a plain bfloat16 head over any rows, what a CPU whose oneDNN
+    cannot pack bfloat16 serves (pregate.packed), where torch's product on the plain weights takes far
+    longer at every row count (docs/serving.md). Other calls, and any with a gradient, go to the wrapped
+    layer (`inner`); a tied head wraps the embedding's own table, nothing copied."""
 
-    def __init__(self, head: Int8Linear):
+    def __init__(self, head: nn.Linear | Int8Linear):
         super().__init__()
         self.inner = head
+        self.int8 = isinstance(head, Int8Linear)
+        self.weight = head.qweight if self.int8 else head.weight
         self.kernel = library().pg_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.inner
-        if x.dim() != 2 or x.dtype != torch.bfloat16 or x.shape[0] > NATIVE_ROWS or torch.is_grad_enabled():
+        many = self.int8 and x.shape[0] > HEAD_ROWS
+        if x.dim() != 2 or x.dtype != torch.bfloat16 or many or torch.is_grad_enabled():
             return head(x)
         x = x.contiguous()
         y = x.new_empty(x.shape[0], head.out_features)
@@ -423,10 +429,10 @@ class NativeHead(nn.Module):
             x.shape[0],
             head.in_features,
             head.out_features,
-            True,
-            head.qweight.data_ptr(),
-            head.scales.data_ptr(),
-            head.qweight.stride(0),
+            self.int8,
+            self.weight.data_ptr(),
+            head.scales.data_ptr() if self.int8 else None,
+            self.weight.stride(0),
         )
         if status != 0:
             raise MemoryError("the native LM head could not allocate its scratch memory")
@@ -558,9 +564,12 @@ def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
             # [R, H] read column by column was the slowest product); torch reads the transposed view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
     model.native = NativeDecoder(model)
-    head = model.lm_head  # bfloat16: the packed head already reads near the memory's rate
-    if isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16:
-        model.lm_head = NativeHead(model.lm_head)
+    head = model.lm_head  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
+    if head is None:  # tied to the embedding, plain
+        head = nn.Linear(model.embed_tokens.embedding_dim, model.embed_tokens.num_embeddings, bias=False)
+        head.weight = model.embed_tokens.weight
+    if (isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16) or type(head) is nn.Linear:
+        model.lm_head = NativeHead(head)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -33,6 +33,8 @@ experts come from the store as they are and only the rest is packed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -42,12 +44,26 @@ from pregate.quantize import quantize_model, quantize_router
 from pregate.router import PreGatingRouter
 
 
+@functools.cache
+def cpu_packs_bfloat16() -> bool:
+    """Whether this CPU's oneDNN packs bfloat16 weights: it needs avx_ne_convert or AVX-512 (BW, VL, DQ),
+    and on a CPU with neither (an AVX2-only AMD EPYC, for one) `_reorder_linear_weight` raises. Probed
+    once on a tiny weight; where it is False the plain weights are what serves."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        _pack(torch.zeros(8, 8, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
+
+
 def can_pack(model: MoEForCausalLM) -> bool:
     """True for a bfloat16 model on CPU that is neither packed nor quantized (the only case that pays and
-    stays bit-exact)."""
+    stays bit-exact), on a CPU whose oneDNN can pack bfloat16 (`cpu_packs_bfloat16`)."""
     w = model.norm.weight
-    usable = torch.backends.mkldnn.is_available() and w.device.type == "cpu" and w.dtype == torch.bfloat16
-    return usable and not model.quantized and not model.packed
+    usable = w.device.type == "cpu" and w.dtype == torch.bfloat16 and not model.quantized and not model.packed
+    return usable and cpu_packs_bfloat16()
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -102,9 +118,11 @@ def pack_model(model: MoEForCausalLM, experts: bool = True, decoder: bool = True
     Raises PregateError for a model `can_pack` refuses."""
     if not can_pack(model):
         raise PregateError(
-            "only a bfloat16 model on CPU that is neither packed nor quantized can be packed "
+            "only a bfloat16 model on CPU that is neither packed nor quantized can be packed, on a CPU "
+            "whose oneDNN packs bfloat16 (avx_ne_convert or AVX-512) "
             f"(this one: {model.norm.weight.dtype} on {model.norm.weight.device.type}, "
-            f"quantized={model.quantized}, packed={model.packed})"
+            f"quantized={model.quantized}, packed={model.packed}, "
+            f"this CPU packs bfloat16: {cpu_packs_bfloat16()})"
         )
     for layer in model.layers if decoder else []:
         attn, ffn = layer.self_attn, layer.mlp

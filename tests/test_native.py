@@ -10,7 +10,7 @@ import torch
 from pregate import native
 from pregate.errors import PregateError
 from pregate.moe import Routing, RoutingPlan
-from pregate.packed import serving_layout
+from pregate.packed import cpu_packs_bfloat16, serving_layout
 from pregate.scheduler import SCHEDULING_POLICIES
 from tests.conftest import (
     assert_batched_equals_one_by_one,
@@ -162,7 +162,7 @@ def test_native_batched_serving_equals_one_by_one_serving(policy, quantize, budg
     """At a token budget of at most WHOLE_ROWS every step runs natively, decode rows and prompt chunks
     alike (past NATIVE_ROWS in several calls), so batched, chunked and cached serving gives each request
     exactly the tokens it gets served alone, in bfloat16 and in int8 (at most five token-producing rows
-    here: the int8 head's native limit is NATIVE_ROWS)."""
+    here: the int8 head's native limit is HEAD_ROWS)."""
     _, served = native_moe(quantize, seed=4)
     torch_layers = []
     real = type(served)._layer
@@ -179,7 +179,8 @@ def test_native_serving_gives_the_eager_tokens():
     the plain eager model computing it alone by full recompute (within rounding in general; equal here)."""
     moe, router = bf16_moe(seed=5), tiny_router()
     served, _ = serving_layout(copy.deepcopy(moe), native=True)
-    assert served.native is not None and served.packed
+    assert served.native is not None and served.packed == cpu_packs_bfloat16()
+    assert isinstance(served.lm_head, native.NativeHead) != served.packed  # a plain head runs natively
     assert_batched_equals_one_by_one(served, router, "expert-aware", reference=moe)
 
 
@@ -190,8 +191,9 @@ def test_what_native_refuses():
         native.attach_native(f32)
     with pytest.raises(PregateError, match="multiple of 32"):  # int8 rows padded past 48 columns
         serving_layout(bf16_moe(seed=6), quantize="int8", native=True)
-    packed, _ = serving_layout(bf16_moe(seed=6))
-    assert "packed" in native.can_run_native(packed)
+    if cpu_packs_bfloat16():
+        packed, _ = serving_layout(bf16_moe(seed=6))
+        assert "packed" in native.can_run_native(packed)
     gelu = build(tiny_hf_model(seed=6, hidden_act="gelu"), num_experts=2).to(torch.bfloat16)
     assert "SiLU" in native.can_run_native(gelu)
 
@@ -350,19 +352,30 @@ def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_dec
     torch.testing.assert_close(step, want, rtol=3e-2, atol=3e-2)
 
 
-def test_the_native_int8_head_is_torchs_int8_head_within_rounding_and_the_same_bits_in_any_batch():
-    """The int8 model's LM head over a step's token-producing rows runs natively (pregate.native.NativeHead):
-    torch's int8 product within one bfloat16 step of each logit, a row's logits the same bits alone or in
-    a batch; past NATIVE_ROWS rows, and with a gradient, it is the wrapped Int8Linear itself."""
-    _, model = native_moe("int8", seed=8)
+@pytest.mark.parametrize("quantize", ["int8", None])
+def test_the_native_head_is_torchs_head_within_rounding_and_the_same_bits_in_any_batch(quantize):
+    """An LM head over a step's token-producing rows runs natively (pregate.native.NativeHead): an int8
+    one, or a plain bfloat16 one (tied to the embedding, the same table: what a CPU that cannot pack
+    bfloat16 serves). Torch's product within one bfloat16 step of each logit, a row's logits the same bits
+    alone or in a batch; with a gradient, and in int8 past HEAD_ROWS rows, it is the wrapped layer itself
+    (bfloat16 stays native there)."""
+    plain, model = native_moe(quantize, seed=8)
+    if quantize is None:  # attach_native on the plain weights: the packed head a packing CPU serves stays
+        model = native.attach_native(copy.deepcopy(plain))
     head = model.lm_head
-    assert isinstance(head, native.NativeHead)
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    assert isinstance(head, native.NativeHead) and head.int8 == (quantize == "int8")
+    if quantize is None:
+        assert head.inner.weight is model.embed_tokens.weight  # tied: no copy
+    width = head.inner.in_features
+    x = torch.randn(5, width, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     with torch.no_grad():
         got, want = head(x), head.inner(x)
         alone = torch.cat([head(x[i : i + 1]) for i in range(5)])
-        many = torch.randn(native.NATIVE_ROWS + 1, 64).to(torch.bfloat16)
-        assert torch.equal(head(many), head.inner(many))
+        many = torch.randn(native.HEAD_ROWS + 1, width).to(torch.bfloat16)
+        if quantize:
+            assert torch.equal(head(many), head.inner(many))
+        else:
+            assert torch.equal(head(many)[:1], head(many[:1]))
     assert torch.equal(alone, got)
     step = want.float().abs() * 2**-7 + 1e-6  # one bfloat16 step, relative
     assert ((got.float() - want.float()).abs() <= step).all()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pregate.engine import Engine, SamplingParams
 from pregate.errors import PregateError
 from pregate.moe import Routing
-from pregate.packed import PackedLinear, can_pack, pack_model, pack_router
+from pregate.packed import PackedLinear, can_pack, cpu_packs_bfloat16, pack_model, pack_router
 from pregate.quantize import quantize_model
 from pregate.scheduler import SCHEDULING_POLICIES
 from tests.conftest import (
@@ -22,12 +22,17 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+packs_bfloat16 = pytest.mark.skipif(
+    not cpu_packs_bfloat16(),
+    reason="this CPU's oneDNN cannot pack bfloat16 (needs avx_ne_convert or AVX-512)",
+)
 
 
 def bf16_moe(seed: int = 0, family: str = "llama"):
     return build(tiny_hf_model(family, seed=seed), num_experts=3).to(torch.bfloat16).eval()
 
 
+@packs_bfloat16
 @pytest.mark.parametrize("rows", [1, 5, 200])  # decode rows and a prefill chunk
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_f_linear_bit_for_bit(rows, bias):
@@ -39,6 +44,7 @@ def test_packed_linear_equals_f_linear_bit_for_bit(rows, bias):
     assert torch.equal(layer(x.view(1, rows, 48)), F.linear(x, w, b)[None])  # [B, L, K] inputs too
 
 
+@packs_bfloat16
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
 def test_packed_model_equals_the_plain_model_bit_for_bit(family):
     moe = bf16_moe(seed=1, family=family)
@@ -52,6 +58,7 @@ def test_packed_model_equals_the_plain_model_bit_for_bit(family):
         assert torch.equal(packed(ids, every), moe(ids, every))
 
 
+@packs_bfloat16
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 def test_packed_batched_serving_equals_one_by_one(policy):
     """Batched, chunked and cached on packed weights == one request alone, recomputed on plain ones."""
@@ -87,6 +94,11 @@ def test_only_plain_bfloat16_cpu_models_are_packed():
     with pytest.raises(PregateError, match="bfloat16 model on CPU"):
         pack_model(f32)
     assert not can_pack(quantize_model(bf16_moe(seed=2)))
+    if not cpu_packs_bfloat16():  # refused with the reason, and serving keeps the plain weights
+        assert not can_pack(bf16_moe(seed=2))
+        with pytest.raises(PregateError, match="this CPU packs bfloat16: False"):
+            pack_model(bf16_moe(seed=2))
+        return
     packed = pack_model(bf16_moe(seed=2))
     with pytest.raises(PregateError, match="packed=True"):
         pack_model(packed)
@@ -97,8 +109,8 @@ def test_only_plain_bfloat16_cpu_models_are_packed():
 
 
 def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path):
-    """What `pregate serve` loads in bfloat16: the checkpoint's MoE packed, behind its router, giving the
-    tokens of the plain weights."""
+    """What `pregate serve` loads in bfloat16: the checkpoint's MoE packed (where this CPU can pack
+    bfloat16; plain weights elsewhere), behind its router, giving the tokens of the plain weights."""
     from transformers import AutoTokenizer
 
     from pregate.launch import load_engine
@@ -107,7 +119,7 @@ def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path):
 
     out = served_checkpoint(tiny_checkpoint, tmp_path)
     engine = load_engine(str(out), dtype="bfloat16")
-    assert engine.model.packed
+    assert engine.model.packed == cpu_packs_bfloat16()
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     got = engine.generate(["hello", "a longer prompt"], params)
     plain = Engine(load_moe(out, torch.bfloat16), AutoTokenizer.from_pretrained(out), load_router(out))
