@@ -3,8 +3,9 @@
 Four measurements on the demo's trained checkpoint, each a small run of a command a user can rerun
 at full size (the footer of the table names them):
 - the batch-1 decode step (`pregate bench step --quantize int8 --native`, run at batch 1 only): the MoE
-  and the dense parent in the engine in bfloat16 (packed, and with native decode layers where they can
-  run) and with int8 weights, and HF `generate`; medians of 3 interleaved repeats;
+  and the dense parent in the engine in bfloat16 (packed where the CPU can pack bfloat16, plain weights
+  elsewhere, and with native decode layers where they can run) and with int8 weights, and HF
+  `generate`; medians of 3 interleaved repeats;
 - decode under load (`pregate bench serve`): the MoE under expert-aware and decode-first batching, the
   dense parent in the same engine and HF `generate`, on one ShareGPT trace; medians of 3 interleaved
   repeats, with the slowest and fastest repeat;
@@ -101,8 +102,9 @@ def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -
     """Run the three measurements; returns a JSON-able dict (what `format_serving` prints)."""
     from pregate import sim
     from pregate.cache_bench import route_sharegpt
+    from pregate.packed import cpu_packs_bfloat16
 
-    progress("  batch-1 decode step: MoE and dense parent in bf16 and int8 (packed and native), HF generate")
+    progress("  batch-1 decode step: MoE and dense parent in bf16 and int8 (default and native), HF generate")
     batch1 = batch1_decode(train_dir, cfg)
     cfg = native_load(cfg)
     progress(f"  {cfg.repeats} interleaved repeats of {len(cfg.policies) + cfg.dense + cfg.hf} systems")
@@ -131,6 +133,7 @@ def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -
         "repeats": cfg.repeats,
         "native": cfg.native,
         "token_budget": cfg.token_budget,
+        "packed": cpu_packs_bfloat16(),  # the default bfloat16 layout here: packed, or plain weights
     }
     return {
         "batch1": batch1,
@@ -158,9 +161,10 @@ def format_serving(summary: dict) -> str:
     ]
     if all(label in b1 for label in NATIVE_SYSTEMS.values()):
         native = {name: b1[label]["median_ms"] for name, label in NATIVE_SYSTEMS.items()}
+        layout = "packed" if cfg.get("packed", True) else "plain"  # older summaries: packed
         lines.append(
             f"native: MoE bf16 {native['moe-native'] / native['dense-native']:.2f}x the parent native, "
-            f"{native['moe-native'] / ms['moe']:.2f}x the MoE packed; MoE int8 "
+            f"{native['moe-native'] / ms['moe']:.2f}x the MoE {layout}; MoE int8 "
             f"{native['moe-int8-native'] / native['dense-int8-native']:.2f}x the parent native, "
             f"{native['moe-int8-native'] / ms['moe-int8']:.2f}x the MoE's torch int8 step"
         )
