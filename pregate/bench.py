@@ -305,14 +305,15 @@ def flat_metrics(summary: dict) -> dict[str, float | None]:
 
 def native_budget_note(cfg: BenchConfig) -> str | None:
     """What --native leaves to torch at this token budget, or None when every step runs natively."""
-    from pregate.native import WHOLE_ROWS
+    from pregate.native import whole_rows
 
-    if not cfg.native or cfg.token_budget <= WHOLE_ROWS:
+    limit = whole_rows(cfg.quantize is not None)
+    if not cfg.native or limit is None or cfg.token_budget <= limit:
         return None
     return (
-        f"note: --native runs a step wholly natively when it holds at most {WHOLE_ROWS} tokens; at "
+        f"note: --native runs a step wholly natively when it holds at most {limit} tokens; at "
         f"--token-budget {cfg.token_budget} larger steps run their prompt chunks through torch; "
-        f"--token-budget {WHOLE_ROWS} keeps every step native"
+        f"--token-budget {limit} keeps every step native"
     )
 
 

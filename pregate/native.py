@@ -63,6 +63,20 @@ NATIVE_ROWS = 8
 # the plain weights --native keeps (not packed) was the slower one at every chunk up to this size in a
 # side-by-side run; past it a chunk goes to torch, whose GEMM gains on longer chunks.
 WHOLE_ROWS = 128
+
+
+def whole_rows(quantized: bool) -> int | None:
+    """The most tokens a step may hold to run wholly natively, None for any. WHOLE_ROWS comes from a
+    CPU where oneDNN packs bfloat16 (pregate.packed.cpu_packs_bfloat16), which is where it has fast
+    bfloat16 kernels; on one where it cannot (AVX2 alone), its bfloat16 products on the plain weights
+    were the slower ones at every size a side-by-side script outside the repository tried, up to
+    256-row chunks, so there every bfloat16 step runs natively. int8 keeps the limit: torch's int8 kernel
+    is another kernel."""
+    from pregate.packed import cpu_packs_bfloat16
+
+    return WHOLE_ROWS if quantized or cpu_packs_bfloat16() else None
+
+
 # Rows up to which an int8 LM head runs natively (NativeHead): past them torch's int8 kernel is faster.
 HEAD_ROWS = 8
 
@@ -447,6 +461,7 @@ class NativeDecoder:
 
     def __init__(self, model: MoEForCausalLM):
         self.num_experts = model.num_experts
+        self.whole_rows = whole_rows(bool(model.quantized))
         self.layers = [_NativeLayer(layer) for layer in model.layers]
         n = len(self.layers)
         self.attention = (_AttentionWeights * n)(*[layer.weights for layer in self.layers])
@@ -457,7 +472,8 @@ class NativeDecoder:
         if torch.is_grad_enabled() or h.dtype != torch.bfloat16:
             return None
         caches = {id(s.cache) for s in attention.segments}
-        if h.shape[0] <= WHOLE_ROWS and len(caches) == 1 and attention.segments[0].cache is not None:
+        small = self.whole_rows is None or h.shape[0] <= self.whole_rows
+        if small and len(caches) == 1 and attention.segments[0].cache is not None:
             return NativeStep(attention, routing, self.num_experts, whole=True)
         if len(attention.groups) != 1:
             return None

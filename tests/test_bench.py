@@ -104,12 +104,19 @@ def test_bench_config_errors():
 def test_native_at_a_budget_past_whole_rows_says_what_runs_through_torch():
     from pregate.bench import native_budget_note
     from pregate.native import WHOLE_ROWS
+    from pregate.packed import cpu_packs_bfloat16
 
     assert native_budget_note(BenchConfig()) is None  # not native
     assert native_budget_note(BenchConfig(native=True)) is None  # the default budget: every step native
-    assert native_budget_note(BenchConfig(native=True, token_budget=WHOLE_ROWS)) is None
-    note = native_budget_note(BenchConfig(native=True, token_budget=WHOLE_ROWS + 1))
+    for quantize in (None, "int8"):
+        assert (
+            native_budget_note(BenchConfig(native=True, token_budget=WHOLE_ROWS, quantize=quantize)) is None
+        )
+    note = native_budget_note(BenchConfig(native=True, token_budget=WHOLE_ROWS + 1, quantize="int8"))
     assert f"--token-budget {WHOLE_ROWS + 1}" in note and f"--token-budget {WHOLE_ROWS} keeps every" in note
+    # bfloat16 where oneDNN cannot pack it: every step native at any budget, nothing to note
+    bf16 = native_budget_note(BenchConfig(native=True, token_budget=WHOLE_ROWS + 1))
+    assert (bf16 is None) == (not cpu_packs_bfloat16())
 
 
 def test_cli_has_bench_serve():

@@ -106,11 +106,16 @@ def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(qu
 def test_how_a_step_divides_between_native_calls_and_torch():
     """A step of at most WHOLE_ROWS tokens in one cache runs wholly natively, in calls of at most
     NATIVE_ROWS rows in stream order; in a larger one the decode rows run natively (in such calls, however
-    many) and the prompt chunks through torch; a step with a gradient runs through torch."""
+    many) and the prompt chunks through torch, unless the limit is off (bfloat16 on a CPU whose oneDNN
+    cannot pack it: `native.whole_rows`); a step with a gradient runs through torch."""
     from pregate.moe import AttentionPlan, Segment
+    from pregate.packed import cpu_packs_bfloat16
 
     n = native.NATIVE_ROWS
     moe = native.attach_native(bf16_moe(seed=3))
+    assert moe.native.whole_rows == (native.WHOLE_ROWS if cpu_packs_bfloat16() else None)
+    assert native.whole_rows(quantized=True) == native.WHOLE_ROWS
+    moe.native.whole_rows = native.WHOLE_ROWS  # the limit as a CPU that packs bfloat16 has it
     cache = moe.new_cache(capacity=8, slots=2 * n + 1)
     h = torch.zeros(native.WHOLE_ROWS + 8, 48, dtype=torch.bfloat16)
     rows = [Segment(1, cache, s) for s in range(2 * n + 1)]
@@ -131,6 +136,10 @@ def test_how_a_step_divides_between_native_calls_and_torch():
         )
         assert calls(step) == [(0, n), (n, 2 * n)]
         assert moe.native.step(AttentionPlan([Segment(big, cache, 0)], None), None, h[:big]) is None
+        moe.native.whole_rows = None  # no limit: the whole mixed step natively, in stream order
+        step = moe.native.step(mixed, None, h[: big + 2 * n])
+        assert step.rows is None and step.rest_rows is None
+        assert calls(step) == [(a, min(a + n, big + 2 * n)) for a in range(0, big + 2 * n, n)]
     assert moe.native.step(AttentionPlan(rows[:1], None), None, h[:1]) is None  # gradients on: training
 
 
@@ -271,12 +280,13 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
     with torch.inference_mode():
         batched = decode(model, None)
 
-        # the prompts of at most WHOLE_ROWS tokens natively, then one decode step: its rows through every
+        # the prompts of at most whole_rows tokens natively, then one decode step: its rows through every
         # layer in native calls of at most NATIVE_ROWS rows
         def cut(n):
             return [min(native.NATIVE_ROWS, n - a) for a in range(0, n, native.NATIVE_ROWS)]
 
-        assert calls == [cut(n) for n in lengths if n <= native.WHOLE_ROWS] + [cut(batch)]
+        limit = model.native.whole_rows  # None: any prompt natively (bfloat16 where oneDNN cannot pack)
+        assert calls == [cut(n) for n in lengths if limit is None or n <= limit] + [cut(batch)]
         alone = decode(model, range(batch))
         want = decode(plain, None)
         threads = torch.get_num_threads()

@@ -109,7 +109,8 @@ def add_native(p: argparse.ArgumentParser, what: str = "the model") -> None:
     p.add_argument(
         "--native",
         action="store_true",
-        help=f"run {what}'s decode rows (and whole steps of at most 128 tokens), every layer in C calls "
+        help=f"run {what}'s decode rows (and whole steps of at most 128 tokens; of any size in bfloat16 "
+        "where oneDNN cannot pack bfloat16), every layer in C calls "
         "of at most 8 rows, "
         "and the router's decode step in C "
         "(bfloat16 or --quantize int8 weights, x86-64 with AVX2; built on first use with the C compiler; "
