@@ -427,7 +427,6 @@ class NativeHead(nn.Module):
         super().__init__()
         self.inner = head
         self.int8 = isinstance(head, Int8Linear)
-        self.weight = head.qweight if self.int8 else head.weight
         self.kernel = library().pg_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -437,6 +436,7 @@ class NativeHead(nn.Module):
             return head(x)
         x = x.contiguous()
         y = x.new_empty(x.shape[0], head.out_features)
+        weight = head.qweight if self.int8 else head.weight
         status = self.kernel(
             x.data_ptr(),
             y.data_ptr(),
@@ -444,9 +444,9 @@ class NativeHead(nn.Module):
             head.in_features,
             head.out_features,
             self.int8,
-            self.weight.data_ptr(),
+            weight.data_ptr(),
             head.scales.data_ptr() if self.int8 else None,
-            self.weight.stride(0),
+            weight.stride(0),
         )
         if status != 0:
             raise MemoryError("the native LM head could not allocate its scratch memory")
@@ -582,8 +582,9 @@ def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
     model.native = NativeDecoder(model)
     head = model.lm_head  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
     if head is None:  # tied to the embedding, plain
-        head = nn.Linear(model.embed_tokens.embedding_dim, model.embed_tokens.num_embeddings, bias=False)
-        head.weight = model.embed_tokens.weight
+        table = model.embed_tokens
+        head = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False, device="meta")
+        head.weight = table.weight  # the same parameter: nothing allocated, nothing copied
     if (isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16) or type(head) is nn.Linear:
         model.lm_head = NativeHead(head)
     for p in model.parameters():
