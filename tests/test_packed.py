@@ -108,7 +108,7 @@ def test_only_plain_bfloat16_cpu_models_are_packed():
     assert packed.norm.weight.dtype == torch.bfloat16  # refused before anything changed
 
 
-def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path):
+def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path, capsys):
     """What `pregate serve` loads in bfloat16: the checkpoint's MoE packed (where this CPU can pack
     bfloat16; plain weights elsewhere), behind its router, giving the tokens of the plain weights."""
     from transformers import AutoTokenizer
@@ -120,6 +120,8 @@ def test_load_engine_packs_a_bfloat16_checkpoint(tiny_checkpoint, tmp_path):
     out = served_checkpoint(tiny_checkpoint, tmp_path)
     engine = load_engine(str(out), dtype="bfloat16")
     assert engine.model.packed == cpu_packs_bfloat16()
+    # where it cannot pack, the user hears so, and what serves faster
+    assert ("cannot pack bfloat16" in capsys.readouterr().out) == (not cpu_packs_bfloat16())
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     got = engine.generate(["hello", "a longer prompt"], params)
     plain = Engine(load_moe(out, torch.bfloat16), AutoTokenizer.from_pretrained(out), load_router(out))
