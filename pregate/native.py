@@ -68,10 +68,10 @@ WHOLE_ROWS = 128
 def whole_rows(quantized: bool) -> int | None:
     """The most tokens a step may hold to run wholly natively, None for any. WHOLE_ROWS comes from a
     CPU where oneDNN packs bfloat16 (pregate.packed.cpu_packs_bfloat16), which is where it has fast
-    bfloat16 kernels; on one where it cannot (AVX2 alone), its bfloat16 products on the plain weights
-    were the slower ones at every size a side-by-side script outside the repository tried, up to
-    256-row chunks, so there every bfloat16 step runs natively. int8 keeps the limit: torch's int8 kernel
-    is another kernel."""
+    bfloat16 kernels; on one where it cannot (AVX2 alone), its bfloat16 product on the plain weights
+    was the slower one at every row count, 1 to 256, that a side-by-side script outside the repository
+    tried on one MLP-sized matrix, so there every bfloat16 step runs natively. int8 keeps the limit:
+    torch's int8 kernel is another kernel."""
     from pregate.packed import cpu_packs_bfloat16
 
     return WHOLE_ROWS if quantized or cpu_packs_bfloat16() else None
