@@ -109,7 +109,6 @@ def test_how_a_step_divides_between_native_calls_and_torch():
     many) and the prompt chunks through torch, unless the limit is off (bfloat16 on a CPU whose oneDNN
     cannot pack it: `native.whole_rows`); a step with a gradient runs through torch."""
     from pregate.moe import AttentionPlan, Segment
-    from pregate.packed import cpu_packs_bfloat16
 
     n = native.NATIVE_ROWS
     moe = native.attach_native(bf16_moe(seed=3))
