@@ -344,6 +344,21 @@ class NativeMLP:
         return out
 
 
+def by_expert(lengths: list[int], experts: list[list[int]]) -> list[int]:
+    """The order in which a step's native rows go through its calls: rows come in runs of `lengths`
+    (one per sequence: one token, or a prompt chunk), experts[i] is row i's expert ids. The one-token
+    rows first, grouped by expert (stable), then the chunks in their order, each chunk's rows in order.
+    A call reads each of its experts' weights once for all its rows, so grouping lets a step of several
+    calls read each expert in about one call instead of in every call; the rows of different sequences
+    do not depend on each other, and each row's bits do not depend on its call (the contract above)."""
+    runs, start = [], 0
+    for n in lengths:
+        runs.append(range(start, start + n))
+        start += n
+    single = sorted((r for r in runs if len(r) == 1), key=lambda r: experts[r[0]])
+    return [i for r in single + [r for r in runs if len(r) > 1] for i in r]
+
+
 class NativeCall:
     """One call of the native decoder: at most NATIVE_ROWS consecutive rows [start, end) of a step's
     native rows, each with its cache slot and position, and their routing."""
@@ -361,7 +376,9 @@ class NativeStep:
     is the one decoding that token alone would give. Otherwise its decode rows (one group of the KV pool)
     run natively and every other row (prompt chunks) through torch; `split` and `merge` move rows between
     the step's stream and the two parts. The native rows run as `calls` of at most NATIVE_ROWS rows, one
-    after another in stream order, so a chunk cut between two calls sees its earlier tokens in the cache."""
+    after another, a chunk's rows in order, so a chunk cut between two calls sees its earlier tokens in
+    the cache; a step of more than one call takes its one-token rows first, grouped by expert
+    (`by_expert`), so that each call reads fewer experts."""
 
     def __init__(self, attention: AttentionPlan, routing: Routing | None, num_experts: int, whole: bool):
         self.rest_rows = self.rest_attention = self.rest_plan = None
@@ -384,6 +401,14 @@ class NativeStep:
                 self.rest_attention = AttentionPlan(rest, group.rows.device)
                 self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
         rows = list(range(len(slots))) if self.rows is None else self.rows.tolist()
+        if len(rows) > NATIVE_ROWS and routing is not None and num_experts:
+            k = routing.expert_ids.shape[-1] if routing.expert_ids.dim() > 1 else 1
+            ids = routing.expert_ids.reshape(-1, k).tolist()
+            lengths = [seg.length for seg in attention.segments] if whole else [1] * len(rows)
+            order = by_expert(lengths, [ids[r] for r in rows])
+            if order != sorted(order):
+                rows, slots, pos = ([v[i] for i in order] for v in (rows, slots, pos))
+                self.rows = torch.tensor(rows)
         self.calls = []
         for a in range(0, len(rows), NATIVE_ROWS):
             b = a + NATIVE_ROWS

@@ -105,7 +105,8 @@ def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(qu
 
 def test_how_a_step_divides_between_native_calls_and_torch():
     """A step of at most WHOLE_ROWS tokens in one cache runs wholly natively, in calls of at most
-    NATIVE_ROWS rows in stream order; in a larger one the decode rows run natively (in such calls, however
+    NATIVE_ROWS rows (in stream order, or past one call its one-token rows first, grouped by expert); in a
+    larger one the decode rows run natively (in such calls, however
     many) and the prompt chunks through torch, unless the limit is off (bfloat16 on a CPU whose oneDNN
     cannot pack it: `native.whole_rows`); a step with a gradient runs through torch."""
     from pregate.moe import AttentionPlan, Segment
@@ -139,19 +140,36 @@ def test_how_a_step_divides_between_native_calls_and_torch():
         step = moe.native.step(mixed, None, h[: big + 2 * n])
         assert step.rows is None and step.rest_rows is None
         assert calls(step) == [(a, min(a + n, big + 2 * n)) for a in range(0, big + 2 * n, n)]
+        # past one call, the one-token rows go first, grouped by expert, each chunk's rows in order
+        interleaved = Routing.top1(torch.tensor([r % 3 for r in range(2 * n + 3)]))
+        decodes = AttentionPlan([*rows[1 : 2 * n + 1], Segment(3, cache, 0)], None)
+        step = moe.native.step(decodes, interleaved, h[: 2 * n + 3])
+        want = sorted(range(2 * n), key=lambda r: r % 3) + [2 * n, 2 * n + 1, 2 * n + 2]
+        assert step.rows.tolist() == want and calls(step) == [(0, n), (n, 2 * n), (2 * n, 2 * n + 3)]
+        assert [c.plan_args.groups for c in step.calls] == [2, 2, 3]  # stream order: 3, 3, 3
+        assert native.by_expert([1, 1, 2, 1], [[1], [0], [0], [0], [1]]) == [1, 0, 4, 2, 3]
     assert moe.native.step(AttentionPlan(rows[:1], None), None, h[:1]) is None  # gradients on: training
 
 
-def one_by_one_engine_tokens(model, router, policy: str, token_budget: int = 8):
-    """Six requests through one engine, and each alone through an engine of its own (same budgets)."""
+def one_by_one_engine_tokens(
+    model, router, policy: str, token_budget: int = 8, max_running: int = 5, many=False
+):
+    """Six requests (`many`: twelve) through one engine, and each alone through an engine of its own
+    (same budgets)."""
     from pregate.engine import Engine, SamplingParams
     from pregate.scheduler import SchedulerConfig
     from tests.conftest import prompts
 
     cfg = SchedulerConfig(
-        policy=policy, token_budget=token_budget, max_running=5, kv_capacity_tokens=150, prefill_chunk=6
+        policy=policy,
+        token_budget=token_budget,
+        max_running=max_running,
+        kv_capacity_tokens=300 if many else 150,
+        prefill_chunk=6,
     )
     ps, lens = prompts(6), [6, 3, 9, 1, 7, 4]
+    if many:
+        ps, lens = ps + prompts(6, seed=1), lens + [8, 5, 2, 9, 6, 3]
 
     def run(pairs):
         engine = Engine(model, router=router, scheduler_config=cfg)
@@ -180,6 +198,27 @@ def test_native_batched_serving_equals_one_by_one_serving(policy, quantize, budg
     batched, alone = one_by_one_engine_tokens(served, tiny_router(), policy, budget)
     assert batched == alone
     assert not torch_layers
+
+
+@pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
+def test_native_serving_past_one_call_equals_one_by_one_serving(policy):
+    """Twelve requests running at once: their decode steps take two native calls, the one-token rows
+    reordered by expert between them (`by_expert`), and each request still gets exactly the tokens it
+    gets served alone (bfloat16: its native head has no row limit)."""
+    _, served = native_moe(None, seed=4)
+    calls = []
+    real = native.NativeDecoder.run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            native.NativeDecoder,
+            "run",
+            lambda self, h, c, s, step: calls.append(step.rows) or real(self, h, c, s, step),
+        )
+        batched, alone = one_by_one_engine_tokens(
+            served, tiny_router(), policy, native.WHOLE_ROWS, max_running=12, many=True
+        )
+    assert batched == alone
+    assert any(rows is not None and rows.tolist() != sorted(rows.tolist()) for rows in calls)  # reordered
 
 
 def test_native_serving_gives_the_eager_tokens():
