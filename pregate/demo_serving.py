@@ -90,7 +90,9 @@ def native_load(cfg: BenchConfig) -> BenchConfig:
     """The load run on the fastest layout this machine has: where pregate.native can run (bfloat16, a C
     compiler, AVX2), the engine's MoE and dense parent natively at a token budget of NATIVE_ROWS: every
     step is then one native call, the setting README's load table and docs/serving.md's *Measured on the
-    native path* were measured in (any budget up to native.WHOLE_ROWS is native too, in more calls)."""
+    native path* were measured in (any budget up to native.WHOLE_ROWS is native too, in more calls). It
+    also keeps the policies apart: with the demo's 12 requests at once, a budget of 16 would fit every
+    decode row in every step, and expert-aware batching would have nothing left to choose."""
     from pregate.native import NATIVE_ROWS, unavailable_reason
 
     if cfg.dtype != "bfloat16" or cfg.quantize or unavailable_reason() is not None:
