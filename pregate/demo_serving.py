@@ -163,7 +163,7 @@ def format_serving(summary: dict) -> str:
     ]
     if all(label in b1 for label in NATIVE_SYSTEMS.values()):
         native = {name: b1[label]["median_ms"] for name, label in NATIVE_SYSTEMS.items()}
-        layout = "packed" if cfg.get("packed", True) else "plain"  # older summaries: packed
+        layout = "packed" if cfg["packed"] else "plain"
         lines.append(
             f"native: MoE bf16 {native['moe-native'] / native['dense-native']:.2f}x the parent native, "
             f"{native['moe-native'] / ms['moe']:.2f}x the MoE {layout}; MoE int8 "

@@ -94,7 +94,7 @@ def load_engine(
     from pregate.packed import cpu_packs_bfloat16, serving_layout
 
     serving_layout(moe, router, quantize, native)  # int8, or packed bfloat16 on CPU (pregate.packed)
-    if weights_dtype == torch.bfloat16 and not (quantize or native or moe.packed or cpu_packs_bfloat16()):
+    if weights_dtype == torch.bfloat16 and not (quantize or native or cpu_packs_bfloat16()):
         print(
             "note: this CPU's oneDNN cannot pack bfloat16 (no avx_ne_convert or AVX-512), so torch's "
             "bfloat16 products run on plain weights, far slower; --native serves this model faster "

@@ -252,19 +252,31 @@ class Held:
         return ctypes.addressof(arr)
 
 
+def host_routing(routing: Routing) -> tuple[list[list[int]], list[list[float]]]:
+    """A routing's expert ids and weights as host lists, one list of k per row: what PlanArgs and the
+    call order (`by_expert`) read, taken from the tensors once per step."""
+    k = routing.expert_ids.shape[-1] if routing.expert_ids.dim() > 1 else 1
+    return routing.expert_ids.reshape(-1, k).tolist(), routing.weights.reshape(-1, k).tolist()
+
+
 class PlanArgs:
     """A step's routing as the MLP kernel takes it: assignments grouped by expert (`expert_groups`, the
     rule RoutingPlan follows), built from host lists in Python, since a decode step has only a few rows
     (RoutingPlan's torch calls took longer than the grouping itself). Pre-gating routes a step once for
     all its layers, so a NativeStep makes this once for all of them. rows: the routing's rows to take
-    (None: all)."""
+    (None: all); lists: `host_routing(routing)` when the caller has it already."""
 
-    def __init__(self, routing: Routing | None, rows: list[int] | None = None, num_experts: int = 0):
+    def __init__(
+        self,
+        routing: Routing | None,
+        rows: list[int] | None = None,
+        num_experts: int = 0,
+        lists: tuple[list[list[int]], list[list[float]]] | None = None,
+    ):
         ids, weights, k = [], [], 1
         if routing is not None and num_experts:
-            k = routing.expert_ids.shape[-1] if routing.expert_ids.dim() > 1 else 1
-            all_ids = routing.expert_ids.reshape(-1, k).tolist()
-            all_weights = routing.weights.reshape(-1, k).tolist()
+            all_ids, all_weights = lists or host_routing(routing)
+            k = len(all_ids[0]) if all_ids else 1
             for r in range(len(all_ids)) if rows is None else rows:
                 ids += all_ids[r]
                 weights += all_weights[r]
@@ -401,18 +413,18 @@ class NativeStep:
                 self.rest_attention = AttentionPlan(rest, group.rows.device)
                 self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
         rows = list(range(len(slots))) if self.rows is None else self.rows.tolist()
-        if len(rows) > NATIVE_ROWS and routing is not None and num_experts:
-            k = routing.expert_ids.shape[-1] if routing.expert_ids.dim() > 1 else 1
-            ids = routing.expert_ids.reshape(-1, k).tolist()
+        lists = host_routing(routing) if routing is not None and num_experts else None
+        if len(rows) > NATIVE_ROWS and lists is not None:
             lengths = [seg.length for seg in attention.segments] if whole else [1] * len(rows)
-            order = by_expert(lengths, [ids[r] for r in rows])
+            order = by_expert(lengths, [lists[0][r] for r in rows])
             if order != sorted(order):
                 rows, slots, pos = ([v[i] for i in order] for v in (rows, slots, pos))
                 self.rows = torch.tensor(rows)
         self.calls = []
         for a in range(0, len(rows), NATIVE_ROWS):
             b = a + NATIVE_ROWS
-            self.calls.append(NativeCall(a, slots[a:b], pos[a:b], PlanArgs(routing, rows[a:b], num_experts)))
+            plan_args = PlanArgs(routing, rows[a:b], num_experts, lists)
+            self.calls.append(NativeCall(a, slots[a:b], pos[a:b], plan_args))
 
     @staticmethod
     def _plan(routing: Routing | None, rows: torch.Tensor | None, num_experts: int) -> RoutingPlan | None:
