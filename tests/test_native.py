@@ -105,10 +105,10 @@ def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(qu
 
 def test_how_a_step_divides_between_native_calls_and_torch():
     """A step of at most WHOLE_ROWS tokens in one cache runs wholly natively, in calls of at most
-    NATIVE_ROWS rows (in stream order, or past one call its one-token rows first, grouped by expert); in a
-    larger one the decode rows run natively (in such calls, however
-    many) and the prompt chunks through torch, unless the limit is off (bfloat16 on a CPU whose oneDNN
-    cannot pack it: `native.whole_rows`); a step with a gradient runs through torch."""
+    NATIVE_ROWS rows (in stream order, or past one call its one-token rows first, grouped by expert); in
+    a larger one the decode rows run natively (in such calls, however many) and the prompt chunks through
+    torch, unless the limit is off (bfloat16 on a CPU whose oneDNN cannot pack it: `native.whole_rows`);
+    a step with a gradient runs through torch."""
     from pregate.moe import AttentionPlan, Segment
 
     n = native.NATIVE_ROWS
