@@ -47,6 +47,7 @@ from pregate.errors import PregateError, check_int
 from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
+from pregate.native import pair_dots
 from pregate.packed import can_pack, cpu_packs_bfloat16, serving_layout
 from pregate.quantize import check_mode, padded
 from pregate.roofline import (
@@ -71,7 +72,16 @@ STEP_MOE_NATIVE = "moe-native"  # with --native: the bfloat16 MoE and dense pare
 STEP_DENSE_NATIVE = "dense-native"  # and the router's step native (pregate.native, native_router)
 STEP_MOE_INT8_NATIVE = "moe-int8-native"  # with --native and --quantize int8: the int8 copies through
 STEP_DENSE_INT8_NATIVE = "dense-int8-native"  # the native decode layers
-MOE_SYSTEMS = (STEP_MOE, STEP_MOE_INT8, STEP_MOE_UNPACKED, STEP_MOE_NATIVE, STEP_MOE_INT8_NATIVE)
+STEP_MOE_NATIVE_AVX2 = "moe-native-avx2"  # with --native --avx2-products on a CPU with AVX512-BF16: the
+STEP_DENSE_NATIVE_AVX2 = "dense-native-avx2"  # native copies on AVX2's products (pregate.native.pair_dots)
+MOE_SYSTEMS = (
+    STEP_MOE,
+    STEP_MOE_INT8,
+    STEP_MOE_UNPACKED,
+    STEP_MOE_NATIVE,
+    STEP_MOE_NATIVE_AVX2,
+    STEP_MOE_INT8_NATIVE,
+)
 
 
 @dataclass
@@ -90,6 +100,7 @@ class StepBenchConfig:
     quantize: str | None = None  # "int8": also the MoE and the dense parent with int8 weights
     unpacked: bool = False  # also the bfloat16 models with plain (not prepacked) weights
     native: bool = False  # also the models through the native decode layers (pregate.native)
+    avx2_products: bool = False  # with native: also its copies on AVX2's products, where pairs run
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -127,6 +138,8 @@ class StepBenchConfig:
         check_mode(self.quantize, error=BenchError)
         if self.native and self.dtype != "bfloat16":
             raise BenchError("--native runs bfloat16 weights; drop --dtype float32")
+        if self.avx2_products and not self.native:
+            raise BenchError("--avx2-products compares the native layers' products; add --native")
         if not self.flag_spread > 0:
             raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
         if self.gguf is not None and not Path(self.gguf).is_file():
@@ -521,14 +534,14 @@ def run_bench_step(
     bandwidths = {STEP_MOE: bw, STEP_DENSE: bw}
 
     def layout_copies(
-        moe_name: str, dense_name: str, quantize: str | None, native: bool, rates: dict
+        moe_name: str, dense_name: str, quantize: str | None, native: bool, rates: dict, pairs=None
     ) -> None:
         """Copies of the MoE (with its router) and the dense parent in another serving layout."""
         models[moe_name], routers[moe_name] = serving_layout(
-            copy.deepcopy(moe), copy.deepcopy(router), quantize, native
+            copy.deepcopy(moe), copy.deepcopy(router), quantize, native, pairs
         )
         if dense is not None:
-            models[dense_name] = serving_layout(copy.deepcopy(dense), None, quantize, native)[0]
+            models[dense_name] = serving_layout(copy.deepcopy(dense), None, quantize, native, pairs)[0]
         bandwidths[moe_name] = bandwidths[dense_name] = rates
 
     if cfg.quantize:
@@ -550,6 +563,12 @@ def run_bench_step(
     if cfg.native:  # serving_layout refuses a model native cannot run, with the reason
         progress("native-layer copies of the MoE" + " and the dense parent" * (dense is not None))
         layout_copies(STEP_MOE_NATIVE, STEP_DENSE_NATIVE, None, True, bw)
+        products = "AVX512-BF16's pair dot products" if pair_dots() else "AVX2"
+        notes.append(f"--native: bfloat16 products on {products} (pregate.native.pair_dots)")
+        if cfg.avx2_products and pair_dots():
+            layout_copies(STEP_MOE_NATIVE_AVX2, STEP_DENSE_NATIVE_AVX2, None, True, bw, pairs=False)
+        elif cfg.avx2_products:
+            notes.append("--avx2-products: nothing to compare, the native layers run AVX2's products here")
         if cfg.quantize:
             layout_copies(STEP_MOE_INT8_NATIVE, STEP_DENSE_INT8_NATIVE, cfg.quantize, True, bw_int8)
     serving_layout(moe, router)  # as the engine serves them (serve, bench serve): packed in bf16
@@ -566,6 +585,7 @@ def run_bench_step(
             STEP_DENSE_INT8,
             STEP_DENSE_UNPACKED,
             STEP_DENSE_NATIVE,
+            STEP_DENSE_NATIVE_AVX2,
             STEP_DENSE_INT8_NATIVE,
         )
         if models.get(name) is not None and cfg.dense

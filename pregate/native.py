@@ -3,7 +3,8 @@
 A bfloat16 decode step on CPU spends most of its time outside the bytes it reads: each MoE layer makes
 about fifty torch calls (norms, q|k|v, RoPE, the cache writes, attention, o, two products per expert,
 slicing, the activation, the sums), and oneDNN's small products run well below the memory's rate
-(`pregate bench step`'s per-shape table). `pregate/native/` holds the kernels in C with AVX2:
+(`pregate bench step`'s per-shape table). `pregate/native/` holds the kernels in C with AVX2, and their
+bfloat16 products on AVX512-BF16's pair dot products where the CPU has them (`pair_dots`):
 `attention.c` (RMSNorm, q|k|v, RoPE, the new keys and values into the KV cache, attention, o and the
 residual), `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
 residual), each one OpenMP region over the plain weights, and `decoder.c`, which runs both for every
@@ -29,7 +30,8 @@ full recompute (all prompt rows, through torch) within rounding, as int8's does 
 The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
 `~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources (the build of a
 version nothing has loaded for `STALE_DAYS` is deleted when another is loaded); x86-64 with AVX2 and
-FMA only. The library links the OpenMP runtime that torch has already loaded, so both share one thread
+FMA only, with AVX512-BF16's flags added where the CPU has it ($PREGATE_NATIVE_ISA=avx2: not). The
+library links the OpenMP runtime that torch has already loaded, so both share one thread
 pool.
 """
 
@@ -56,6 +58,13 @@ from pregate.quantize import Int8Experts, Int8Linear, padded
 SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+# Where the CPU has AVX512-BF16, bfloat16 weights meet their inputs in its pair dot products (native.h's
+# PAIR_DOTS): half the instructions of AVX2's convert-and-FMA at one row, a quarter at eight.
+PAIR_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512bf16"]
+PAIR_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+# "avx2" keeps the AVX2 products on a CPU that has AVX512-BF16 (to compare or test them); read once,
+# when the library is first loaded.
+ISA_ENV = "PREGATE_NATIVE_ISA"
 # Rows per native call: the products read each weight once for all of a call's rows but are not
 # blocked like a GEMM (the dot tiles of native.h are at most 8 wide), so more rows go in more calls.
 NATIVE_ROWS = 8
@@ -81,7 +90,13 @@ def whole_rows(quantized: bool) -> int | None:
 HEAD_ROWS = 8
 
 STALE_DAYS = 30  # a build of other sources unused this long is deleted when one is loaded
-_library: ctypes.CDLL | None = None
+_libraries: dict[bool, ctypes.CDLL] = {}  # by whether the pair dot products run
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's feature flags (/proc/cpuinfo). Raises OSError."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return next((line.split() for line in lines if line.startswith("flags")), [])
 
 
 def unavailable_reason() -> str | None:
@@ -89,14 +104,7 @@ def unavailable_reason() -> str | None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"--native needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
     try:
-        flags = next(
-            (
-                line.split()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
+        flags = _cpu_flags()
     except OSError as e:
         return f"cannot read /proc/cpuinfo: {e}"
     if "avx2" not in flags or "fma" not in flags:
@@ -104,6 +112,24 @@ def unavailable_reason() -> str | None:
     if _compiler() is None:
         return "--native needs a C compiler (cc, gcc, or $CC)"
     return None
+
+
+def cpu_pair_dots() -> bool:
+    """Whether this CPU has AVX512-BF16's pair dot products (and the AVX-512 they need)."""
+    try:
+        return all(f in _cpu_flags() for f in PAIR_CPU_FLAGS)
+    except OSError:
+        return False
+
+
+def pair_dots() -> bool:
+    """Whether the bfloat16 products run on AVX512-BF16's pair dot products by default here (the CPU has
+    them, and $PREGATE_NATIVE_ISA is not "avx2"), rather than on AVX2's. The two sum in other orders,
+    so their bits differ within rounding; each keeps the kernels' contract on its own."""
+    isa = os.environ.get(ISA_ENV, "auto")
+    if isa not in ("auto", "avx2"):
+        raise PregateError(f"${ISA_ENV} must be auto or avx2, not {isa!r}")
+    return isa == "auto" and cpu_pair_dots()
 
 
 def weights_reason(weight: torch.Tensor, dtype: torch.dtype, what: str) -> str | None:
@@ -137,32 +163,37 @@ def _mark_used_and_prune(path: Path) -> None:
         pass
 
 
-def _build(files: list[Path], path: Path) -> None:
+def _build(files: list[Path], path: Path, flags: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
         sources = [str(f) for f in files if f.suffix == ".c"]
-        cmd = [_compiler(), *FLAGS, *sources, "-o", str(built), "-lm"]
+        cmd = [_compiler(), *flags, *sources, "-o", str(built), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise PregateError(f"building the native kernels failed ({' '.join(cmd)}):\n{done.stderr}")
+            hint = f"; {ISA_ENV}=avx2 builds without AVX512-BF16" if flags != FLAGS else ""
+            raise PregateError(f"building the native kernels failed ({' '.join(cmd)}{hint}):\n{done.stderr}")
         os.replace(built, path)  # atomic: a concurrent build leaves one complete file
 
 
-def library() -> ctypes.CDLL:
-    """The compiled kernels (built on first use, then loaded from the cache). Raises PregateError."""
-    global _library
-    if _library is not None:
-        return _library
+def library(pairs: bool | None = None) -> ctypes.CDLL:
+    """The compiled kernels (built on first use, then loaded from the cache), with AVX512-BF16's pair
+    dot products for bfloat16 weights or AVX2's (`pairs`; None: pair_dots(), what this machine runs by
+    default). Raises PregateError."""
+    pairs = pair_dots() if pairs is None else pairs
+    if pairs in _libraries:
+        return _libraries[pairs]
     reason = unavailable_reason()
+    if reason is None and pairs and not cpu_pair_dots():
+        reason = f"AVX512-BF16's pair dot products need a CPU with {', '.join(PAIR_CPU_FLAGS)}"
     if reason is not None:
         raise PregateError(reason)
-    files = sorted(SOURCES.glob("*.[ch]"))
-    tag = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    files, flags = sorted(SOURCES.glob("*.[ch]")), FLAGS + PAIR_FLAGS * pairs
+    tag = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(flags).encode()).hexdigest()[:16]
     path = _cache_dir() / f"pregate-native-{tag}.so"
     if not path.exists():
         try:
-            _build(files, path)
+            _build(files, path, flags)
         except OSError as err:
             raise PregateError(
                 f"cannot build the native kernels into {path.parent} ({err}); set PREGATE_CACHE_DIR to a "
@@ -182,7 +213,7 @@ def library() -> ctypes.CDLL:
     lib.pg_router_step.restype = i32
     lib.pg_linear.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, i64]
     lib.pg_linear.restype = i32
-    _library = lib
+    _libraries[pairs] = lib
     return lib
 
 
@@ -313,7 +344,7 @@ class NativeMLP:
     set, calls it for one layer (the tests check the MLP alone), in bfloat16 or pregate.quantize's int8
     layouts."""
 
-    def __init__(self, mlp: MoEMLP, norm):
+    def __init__(self, mlp: MoEMLP, norm, lib: ctypes.CDLL | None = None):
         held = self.held = Held()
         int8 = isinstance(mlp.gate_up_proj, Int8Linear)
         w = self.weights = _MLPWeights(norm_w=held.ptr(norm.weight), eps=norm.eps, int8=int8)
@@ -334,7 +365,7 @@ class NativeMLP:
         w.gu, w.gu_step = held.ptr(gate_up), gate_up.stride(0)
         w.dn, w.dn_step, w.dn_stride = held.ptr(down), down.stride(0), down.stride(1)
         w.widths = w.ups = held.array(widths)  # the kernel's width per expert, and where its up rows start
-        self.kernel = library().pg_moe_mlp
+        self.kernel = (lib or library()).pg_moe_mlp
 
     def run(self, x: torch.Tensor, args: PlanArgs, residual: torch.Tensor | None, norm: bool = False):
         x = x.contiguous()
@@ -460,11 +491,11 @@ class NativeHead(nn.Module):
     longer at every row count (docs/serving.md). Other calls, and any with a gradient, go to the wrapped
     layer (`inner`); a tied head wraps the embedding's own table, nothing copied."""
 
-    def __init__(self, head: nn.Linear | Int8Linear):
+    def __init__(self, head: nn.Linear | Int8Linear, lib: ctypes.CDLL | None = None):
         super().__init__()
         self.inner = head
         self.int8 = isinstance(head, Int8Linear)
-        self.kernel = library().pg_linear
+        self.kernel = (lib or library()).pg_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.inner
@@ -496,14 +527,15 @@ class NativeDecoder:
     for a step that runs wholly through torch; `run(h, cos, sin, step)` -> the rows leaving the last
     layer."""
 
-    def __init__(self, model: MoEForCausalLM):
+    def __init__(self, model: MoEForCausalLM, lib: ctypes.CDLL | None = None):
+        lib = lib or library()
         self.num_experts = model.num_experts
         self.whole_rows = whole_rows(bool(model.quantized))
-        self.layers = [_NativeLayer(layer) for layer in model.layers]
+        self.layers = [_NativeLayer(layer, lib) for layer in model.layers]
         n = len(self.layers)
         self.attention = (_AttentionWeights * n)(*[layer.weights for layer in self.layers])
         self.mlps = (_MLPWeights * n)(*[layer.mlp.weights for layer in self.layers])
-        self.kernel = library().pg_decode
+        self.kernel = lib.pg_decode
 
     def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:
         if torch.is_grad_enabled() or h.dtype != torch.bfloat16:
@@ -550,7 +582,7 @@ class _NativeLayer:
     """One decoder layer as the kernels read it: its attention (`native.h`'s attention_weights, built
     once; a call then looks nothing up through the modules) and its NativeMLP."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, lib: ctypes.CDLL):
         attn, held = layer.self_attn, Held()
         self.held = held
         w = self.weights = _AttentionWeights(
@@ -564,7 +596,7 @@ class _NativeLayer:
         )
         w.w_qkv, w.qkv_scale = _linear(attn.qkv_proj, held)
         w.w_o, w.o_scale = _linear(attn.o_proj, held)
-        self.mlp = NativeMLP(layer.mlp, layer.post_attention_layernorm)
+        self.mlp = NativeMLP(layer.mlp, layer.post_attention_layernorm, lib)
 
 
 def can_run_native(model: MoEForCausalLM) -> str | None:
@@ -599,14 +631,15 @@ def can_run_native(model: MoEForCausalLM) -> str | None:
 
 
 @torch.no_grad()
-def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
+def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCausalLM:
     """Give a bfloat16 model with plain decoder layers, or one quantized to int8, its native decode path
-    (in place; the weights stay as they are). Raises PregateError when `can_run_native` refuses (the
-    routed experts must be resident: no expert store)."""
+    (in place; the weights stay as they are), its bfloat16 products on AVX512-BF16's pair dot products or
+    AVX2's (`pairs`, library()). Raises PregateError when `can_run_native` refuses (the routed experts
+    must be resident: no expert store)."""
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)
-    library()  # build now, not in the first request
+    lib = library(pairs)  # build now, not in the first request
     for layer in model.layers:
         mlp, attn = layer.mlp, layer.self_attn
         if not model.quantized:  # int8 buffers are made contiguous
@@ -616,14 +649,14 @@ def attach_native(model: MoEForCausalLM) -> MoEForCausalLM:
             # each routed down as rows [H, R], read along them like every other product (a transposed
             # [R, H] read column by column was the slowest product); torch reads the transposed view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
-    model.native = NativeDecoder(model)
+    model.native = NativeDecoder(model, lib)
     head = model.lm_head  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
     if head is None:  # tied to the embedding, plain
         table = model.embed_tokens
         head = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False, device="meta")
         head.weight = table.weight  # the same parameter: nothing allocated, nothing copied
     if (isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16) or type(head) is nn.Linear:
-        model.lm_head = NativeHead(head)
+        model.lm_head = NativeHead(head, lib)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -23,6 +23,7 @@ from pregate.bench_step import (
 from pregate.cli import main
 from pregate.errors import PregateError
 from pregate.moe import load_moe, save_moe
+from pregate.native import pair_dots as native_pair_dots
 from pregate.native import unavailable_reason as native_unavailable
 from pregate.packed import cpu_packs_bfloat16
 from pregate.quantize import quantize_model
@@ -213,11 +214,18 @@ def test_bf16_engine_systems_are_packed_and_unpacked_beside_them(moe_dir):
 
 @pytest.mark.skipif(native_unavailable() is not None, reason=str(native_unavailable()))
 def test_native_systems_run_beside_the_packed_ones(moe_dir):
-    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, hf=False)
+    """--native, and with --avx2-products the native copies on AVX2's products where the CPU runs
+    AVX512-BF16's pair dot products by default (elsewhere a note says there is nothing to compare)."""
+    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, avx2_products=True, hf=False)
     result = run_bench_step(moe_dir, cfg, progress=lambda _: None)
     rows = {r["system"]: r for r in result["batch_sizes"] if r["batch"] == 3}
-    assert set(rows) == {"moe", "dense", "moe-native", "dense-native"}
+    avx2 = {"moe-native-avx2", "dense-native-avx2"} if native_pair_dots() else set()
+    assert set(rows) == {"moe", "dense", "moe-native", "dense-native"} | avx2
     assert rows["moe-native"]["bytes"] == rows["moe"]["bytes"]  # the same bytes, another kernel
+    products = "AVX512-BF16's pair dot products" if native_pair_dots() else "AVX2"
+    assert f"--native: bfloat16 products on {products} (pregate.native.pair_dots)" in result["notes"]
+    if not avx2:
+        assert any(n.startswith("--avx2-products: nothing to compare") for n in result["notes"])
     # the native step's breakdown: its layers one native call, the torch hooks never fire on decode rows
     native_parts = result["breakdown"]["pregating_native"]
     assert [r["batch"] for r in native_parts] == [1, 3]
@@ -229,6 +237,8 @@ def test_native_systems_run_beside_the_packed_ones(moe_dir):
     assert "pregating_native router" in table and "native" in table.split("pregating_native router")[1]
     with pytest.raises(BenchError, match="--native runs bfloat16"):
         StepBenchConfig(dtype="float32", native=True)
+    with pytest.raises(BenchError, match="add --native"):
+        StepBenchConfig(avx2_products=True)
 
 
 def test_layerwise_direct_path_runs(moe_dir):

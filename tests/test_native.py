@@ -25,16 +25,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# (quantize, pairs): the kernels a test runs. bfloat16 on the machine's default products (AVX512-BF16's
+# pair dot products where the CPU has them), and there AVX2's too; int8 (its products are AVX2's).
+KERNELS = [(None, None), ("int8", None)] + [(None, False)] * native.pair_dots()
+KERNEL_IDS = ["bf16", "int8", "bf16-avx2"][: len(KERNELS)]
+
+
 def bf16_moe(seed: int = 0, family: str = "llama", num_experts: int = 3, hidden: int = 48):
     hf = tiny_hf_model(family, seed=seed, hidden_size=hidden)
     return build(hf, num_experts=num_experts).to(torch.bfloat16).eval()
 
 
-def native_moe(quantize, seed: int = 0, family: str = "llama"):
-    """(the bfloat16 model, a copy served natively, int8 with `quantize`): int8 needs a hidden size that is
-    a multiple of 32."""
+def native_moe(quantize, seed: int = 0, family: str = "llama", pairs: bool | None = None):
+    """(the bfloat16 model, a copy served natively, int8 with `quantize`, its bfloat16 products picked by
+    `pairs`: native.library): int8 needs a hidden size that is a multiple of 32."""
     plain = bf16_moe(seed=seed, family=family, hidden=64 if quantize else 48)
-    return plain, serving_layout(copy.deepcopy(plain), quantize=quantize, native=True)[0]
+    return plain, serving_layout(copy.deepcopy(plain), quantize=quantize, native=True, pairs=pairs)[0]
 
 
 def routings(rows: int, experts: int, seed: int):
@@ -51,12 +57,12 @@ def routings(rows: int, experts: int, seed: int):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize):
+@pytest.mark.parametrize("quantize, pairs", KERNELS, ids=KERNEL_IDS)
+def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize, pairs):
     """Each element equals the eager path's (torch's own products on the same weights, bfloat16 or int8)
     or differs from it by float32 summation order: after bfloat16 rounding, rarely, and then by about one
     unit in the last place."""
-    moe = native_moe(quantize, seed=1)[1]
+    moe = native_moe(quantize, seed=1, pairs=pairs)[1]
     hidden = moe.config.base["hidden_size"]
     torch.manual_seed(rows)
     differing = total = 0
@@ -77,11 +83,12 @@ def test_native_mlp_is_the_eager_arithmetic_within_rounding(rows, quantize):
     assert differing <= 0.02 * total, f"{differing} of {total} elements differ"
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(quantize):
+@pytest.mark.parametrize("quantize, pairs", KERNELS, ids=KERNEL_IDS)
+def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(quantize, pairs):
     """Every batch from 1 to 11 rows (each tile width of native.h, and more rows than one tile holds)."""
     hidden = 64 if quantize else 48  # int8 rows are padded to a multiple of 32
-    moe = serving_layout(bf16_moe(seed=2, num_experts=4, hidden=hidden), quantize=quantize, native=True)[0]
+    moe = bf16_moe(seed=2, num_experts=4, hidden=hidden)
+    moe = serving_layout(moe, quantize=quantize, native=True, pairs=pairs)[0]
     run = moe.native.layers[1].mlp.run
     torch.manual_seed(0)
     x, h = torch.randn(11, hidden, dtype=torch.bfloat16), torch.randn(11, hidden, dtype=torch.bfloat16)
@@ -268,15 +275,15 @@ def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_ch
 
 
 @pytest.mark.parametrize("batch", [4, 11])
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize, pairs", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
-def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize, batch, monkeypatch):
+def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize, pairs, batch, monkeypatch):
     """A decode step of B sequences in the KV pool goes through the native decoder (one call per
     NATIVE_ROWS rows), gives each row the bits it gets decoding alone and on one thread, and stays within
     rounding of the torch path on the same weights (bfloat16, or int8 through torch's int8 kernel)."""
     from pregate.moe import Segment
 
-    plain, model = native_moe(quantize, seed=7, family=family)
+    plain, model = native_moe(quantize, seed=7, family=family, pairs=pairs)
     if quantize:
         plain = serving_layout(plain, quantize=quantize)[0]
     calls = []
@@ -338,9 +345,9 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
 
 
 @pytest.mark.parametrize("last_chunk", [3, 9])  # a step of 8 tokens (one call), of 14 (two, the chunk cut)
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize, pairs", KERNELS, ids=KERNEL_IDS)
 def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_decoding_token_by_token(
-    quantize, last_chunk, monkeypatch
+    quantize, pairs, last_chunk, monkeypatch
 ):
     """A step of at most WHOLE_ROWS tokens in one KV cache, prompt chunks and decode rows together, runs
     natively: each chunk token attends to its chunk's earlier tokens (in an earlier call too), so the
@@ -348,7 +355,7 @@ def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_dec
     the torch path."""
     from pregate.moe import Segment
 
-    plain, model = native_moe(quantize, seed=8)
+    plain, model = native_moe(quantize, seed=8, pairs=pairs)
     if quantize:
         plain = serving_layout(plain, quantize=quantize)[0]
     torch_layers = []
@@ -400,16 +407,16 @@ def test_a_small_step_with_prompt_chunks_runs_natively_and_gives_the_bits_of_dec
     torch.testing.assert_close(step, want, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("quantize", ["int8", None])
-def test_the_native_head_is_torchs_head_within_rounding_and_the_same_bits_in_any_batch(quantize):
+@pytest.mark.parametrize("quantize, pairs", KERNELS, ids=KERNEL_IDS)
+def test_the_native_head_is_torchs_head_within_rounding_and_the_same_bits_in_any_batch(quantize, pairs):
     """An LM head over a step's token-producing rows runs natively (pregate.native.NativeHead): an int8
     one, or a plain bfloat16 one (tied to the embedding, the same table: what a CPU that cannot pack
     bfloat16 serves). Torch's product within one bfloat16 step of each logit, a row's logits the same bits
     alone or in a batch; with a gradient, and in int8 past HEAD_ROWS rows, it is the wrapped layer itself
     (bfloat16 stays native there)."""
-    plain, model = native_moe(quantize, seed=8)
+    plain, model = native_moe(quantize, seed=8, pairs=pairs)
     if quantize is None:  # attach_native on the plain weights: the packed head a packing CPU serves stays
-        model = native.attach_native(copy.deepcopy(plain))
+        model = native.attach_native(copy.deepcopy(plain), pairs)
     head = model.lm_head
     assert isinstance(head, native.NativeHead) and head.int8 == (quantize == "int8")
     if quantize is None:
@@ -450,3 +457,21 @@ def test_loading_marks_the_build_used_and_prunes_builds_unused_for_long(tmp_path
     native._mark_used_and_prune(current)
     assert sorted(f.name for f in tmp_path.iterdir()) == sorted([current.name, recent.name, other.name])
     assert time.time() - current.stat().st_mtime < day
+
+
+def test_which_products_run_and_how_to_keep_avx2s(monkeypatch):
+    """By default a CPU with AVX512-BF16 runs its pair dot products; $PREGATE_NATIVE_ISA=avx2 keeps AVX2's,
+    anything but auto or avx2 is refused, and so is asking for the pair products where the CPU has none."""
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    assert native.pair_dots() == native.cpu_pair_dots()
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    assert not native.pair_dots()
+    monkeypatch.setenv(native.ISA_ENV, "avx512")
+    with pytest.raises(PregateError, match="must be auto or avx2"):
+        native.pair_dots()
+    monkeypatch.delenv(native.ISA_ENV)
+    if native.cpu_pair_dots():
+        assert native.library(True) is not native.library(False)
+    else:
+        with pytest.raises(PregateError, match="avx512_bf16"):
+            native.library(True)

@@ -248,6 +248,12 @@ def add_bench_step(p) -> None:
         "with the C compiler)",
     )
     p.add_argument(
+        "--avx2-products",
+        action="store_true",
+        help="with --native on a CPU with AVX512-BF16: also the native MoE and dense parent on AVX2's "
+        "products (moe-native-avx2, dense-native-avx2), beside the pair dot products they run by default",
+    )
+    p.add_argument(
         "--layerwise",
         metavar="DIR",
         help="a `pregate train --layerwise` output: also break down a step with its gate",

@@ -139,7 +139,8 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const attention_weights
     int units = first[M];
     long part_step = (long)R * (D + 2); /* one unit's parts: R query heads */
     long floats = (long)M * H + (long)M * Q + 2L * M * N * D + (long)M * H + units * part_step;
-    float *xf = malloc(sizeof(float) * (floats + (long)nt * (8 * (M + 1) + R * CHUNK)));
+    long per_thread = dot_scratch(M, H > N * D ? H : N * D);
+    float *xf = malloc(sizeof(float) * (floats + (long)nt * (per_thread + R * CHUNK)));
     const float **rows = malloc(sizeof(float *) * (2L * M + 1));
     if (!xf || !rows) {
         free(xf), free(rows), free(first);
@@ -159,7 +160,7 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const attention_weights
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
-        float *d = scratch + (long)t * (8 * (M + 1) + R * CHUNK), *sc = d + 8 * (M + 1);
+        float *d = scratch + (long)t * (per_thread + R * CHUNK), *sc = d + per_thread;
         /* 1: q|k|v, rounded to bfloat16 like the projection's output (then float32, as attention runs) */
         share(Q, 8, t, nt, &lo, &hi);
         rows_dot(qkv_w, H, rows, M, lo, hi, qkv, Q, d);

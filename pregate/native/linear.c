@@ -11,7 +11,8 @@
 int pg_linear(const bf16 *x, bf16 *y, int M, int K, int N, int int8, const void *w, const bf16 *scale,
               long stride) {
     int nt = omp_get_max_threads();
-    float *xf = malloc(sizeof(float) * ((long)M * K + (long)M * N + (long)nt * 8 * (M + 1)));
+    long per_thread = dot_scratch(M, K);
+    float *xf = malloc(sizeof(float) * ((long)M * K + (long)M * N + (long)nt * per_thread));
     const float **xs = malloc(sizeof(float *) * (M + 1));
     if (!xf || !xs) {
         free(xf), free(xs);
@@ -27,7 +28,7 @@ int pg_linear(const bf16 *x, bf16 *y, int M, int K, int N, int int8, const void 
     {
         int t = omp_get_thread_num(), lo, hi;
         share(N, 8, t, nt, &lo, &hi);
-        rows_dot(m, K, xs, M, lo, hi, yf, N, scratch + (long)t * 8 * (M + 1));
+        rows_dot(m, K, xs, M, lo, hi, yf, N, scratch + (long)t * per_thread);
         for (int r = 0; r < M; r++)
             for (int c = lo; c < hi; c++) y[(long)r * N + c] = to_bf16(yf[(long)r * N + c]);
     }

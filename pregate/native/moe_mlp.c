@@ -17,9 +17,10 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* act(gate) * up for channels [j0, j1) of one gate|up matrix (gate rows [0, W), up rows [U, U + W)), for
    `rows` inputs xs[i] (float32 [H]), into a[i * lda + j] (bfloat16 values held as float32).
-   d: scratch for 8 * rows floats. */
+   d: scratch for dot_scratch(rows, H) floats. */
 static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, int j0, int j1, float *a, int lda,
                     float *d) {
+    const bf16 *xb = j0 < j1 ? bf16_inputs(gu, xs, rows, H, d) : NULL;
     for (int j = j0; j < j1; j += 4) {
         int n = j1 - j < 4 ? j1 - j : 4; /* channels in this call; a short call repeats its last one */
         long w[8];
@@ -28,7 +29,7 @@ static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, i
             w[2 * c] = jc;
             w[2 * c + 1] = U + jc;
         }
-        dot8(gu, w, xs, rows, H, 4, d);
+        dot8(gu, w, xs, xb, rows, H, 4, d);
         for (int c = 0; c < n; c++)
             for (int i = 0; i < rows; i++) {
                 float g = round_bf16(d[2 * c * rows + i]), u = round_bf16(d[(2 * c + 1) * rows + i]);
@@ -63,9 +64,11 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
         assigned += counts[g];
         widest = widths[experts[g]] > widest ? widths[experts[g]] : widest;
     }
-    int nt = omp_get_max_threads();
+    int nt = omp_get_max_threads(), K = H > S ? H : S;
+    K = K > widest ? K : widest;
     long floats = 2L * M * H + (long)M * S + (long)assigned * widest + (long)assigned * H;
-    float *xf = malloc(sizeof(float) * (floats + (long)nt * 8 * (M + 1)));
+    long per_thread = dot_scratch(M, K);
+    float *xf = malloc(sizeof(float) * (floats + (long)nt * per_thread));
     const float **xs = malloc(sizeof(float *) * (2L * M + 2L * assigned + 1));
     int *by_row = malloc(sizeof(int) * ((long)assigned + M + 2)); /* assignments by row, in group order */
     if (!xf || !xs || !by_row) {
@@ -73,7 +76,7 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
         return -1;
     }
     float *as = xf + (long)M * H, *ae = as + (long)M * S, *ye = ae + (long)assigned * widest;
-    float *ys = ye + (long)assigned * H, *dots = ys + (long)M * H; /* dots: 8 * (M + 1) per thread */
+    float *ys = ye + (long)assigned * H, *dots = ys + (long)M * H; /* dots: per_thread for each thread */
     /* each assignment's input, the shared activations, each assignment's activations */
     const float **xe = xs + M, **ax = xe + assigned, **axe = ax + M;
     for (int r = 0; r < M; r++) {
@@ -95,7 +98,7 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
-        float *d = dots + (long)t * 8 * (M + 1);
+        float *d = dots + (long)t * per_thread;
         /* 1: act(gate) * up, each matrix's channels split among the threads */
         share(S, 4, t, nt, &lo, &hi);
         gate_up(shared_gu, s_up, H, xs, M, lo, hi, as, S, d);

@@ -153,6 +153,67 @@ TILES(dots16, bf16, load8, from_bf16)
 TILES(dots8, int8_t, load8_i8, from_i8)
 TILES(dots32, float, _mm256_loadu_ps, from_f32)
 
+/* Where the CPU has AVX512-BF16 (pregate.native then builds with it), bfloat16 weights meet their
+   inputs as bfloat16 pairs: vdpbf16ps makes 32 exact products a vector and adds them in float32, two to
+   a lane, with no conversion of the weights. The inputs hold bfloat16 values, so their bfloat16 copies
+   (made once per product, bf16_inputs) are exact. The same rule as DOTS: every output has one
+   accumulator fed in order (the last partial vector masked to zero), then summed across lanes. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define PAIR_DOTS 1
+#define PAIRS(NW, NX)                                                                                     \
+    static void pairs_##NW##x##NX(const bf16 *const *w, const bf16 *x, long ldx, int K, long pf, float *out) { \
+        __m512 acc[NW][NX];                                                                              \
+        for (int i = 0; i < NW; i++)                                                                     \
+            for (int j = 0; j < NX; j++) acc[i][j] = _mm512_setzero_ps();                                \
+        for (int k = 0; k < K; k += 32) {                                                                \
+            __mmask32 m = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;                              \
+            if (pf) /* one cache line per row and step */                                                \
+                for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
+            for (int i = 0; i < NW; i++) {                                                               \
+                __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[i] + k);                           \
+                for (int j = 0; j < NX; j++)                                                             \
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv,                                          \
+                                                 (__m512bh)_mm512_maskz_loadu_epi16(m, x + j * ldx + k)); \
+            }                                                                                            \
+        }                                                                                                \
+        for (int i = 0; i < NW; i++)                                                                     \
+            for (int j = 0; j < NX; j++) out[i * NX + j] = _mm512_reduce_add_ps(acc[i][j]);              \
+    }
+PAIRS(8, 1)
+PAIRS(4, 2)
+PAIRS(2, 3)
+PAIRS(2, 4)
+PAIRS(1, 5)
+PAIRS(1, 6)
+PAIRS(1, 7)
+PAIRS(1, 8)
+
+/* dots16_dot8 on bfloat16 pairs: the same tiles (see DOT8 below), the n vectors at x, ldx apart */
+static void pairs_tile(const bf16 *const *w, const bf16 *x, long ldx, int n, int K, long pf, float *out) {
+    switch (n) {
+    case 1: pairs_8x1(w, x, ldx, K, pf, out); return;
+    case 2: for (int p = 0; p < 8; p += 4) pairs_4x2(w + p, x, ldx, K, pf, out + p * 2); return;
+    case 3: for (int p = 0; p < 8; p += 2) pairs_2x3(w + p, x, ldx, K, pf, out + p * 3); return;
+    case 4: for (int p = 0; p < 8; p += 2) pairs_2x4(w + p, x, ldx, K, pf, out + p * 4); return;
+    case 5: for (int p = 0; p < 8; p++) pairs_1x5(w + p, x, ldx, K, pf, out + p * 5); return;
+    case 6: for (int p = 0; p < 8; p++) pairs_1x6(w + p, x, ldx, K, pf, out + p * 6); return;
+    case 7: for (int p = 0; p < 8; p++) pairs_1x7(w + p, x, ldx, K, pf, out + p * 7); return;
+    default: for (int p = 0; p < 8; p++) pairs_1x8(w + p, x, ldx, K, pf, out + p * 8); return;
+    }
+}
+static void pairs_dot8(const bf16 *const *w, const bf16 *xb, int M, int K, long pf, float *out) {
+    float tile[64];
+    for (int m = 0; m < M; m += 8) {
+        int n = M - m < 8 ? M - m : 8;
+        pairs_tile(w, xb + (long)m * K, K, n, K, m ? 0 : pf, tile);
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < n; j++) out[i * M + m + j] = tile[i * n + j];
+    }
+}
+#else
+#define PAIR_DOTS 0
+#endif
+
 /* The tiling of dot8 for one element type: a tile as wide as the vectors, so no sum is computed twice:
    one vector, the eight rows stream at once (memory-bound; eight independent sums hide each one's
    latency); two, four rows by two; three or four, two rows by three or four; more, one row by all of
@@ -184,9 +245,32 @@ DOT8(dots16, bf16)
 DOT8(dots8, int8_t)
 DOT8(dots32, float)
 
+/* Floats of scratch that rows_dot and gate_up need (per thread) for `rows` inputs of up to K terms: the
+   tiles' outputs, then where the pair tiles run the inputs' bfloat16 copies. */
+static inline long dot_scratch(int rows, int K) {
+    return 8L * (rows + 1) + (PAIR_DOTS ? ((long)rows * K + 1) / 2 : 0);
+}
+
+/* The bfloat16 copies of rows xs[i] (K floats holding bfloat16 values) that the pair tiles read, rows
+   K apart in d's scratch past the tiles' outputs (dot_scratch); NULL where the pair tiles do not run on
+   w (no AVX512-BF16 or not bfloat16 weights). */
+static inline const bf16 *bf16_inputs(matrix w, const float *const *xs, int rows, int K, float *d) {
+    if (!PAIR_DOTS || !w.w16) return NULL;
+    bf16 *b = (bf16 *)(d + 8L * (rows + 1));
+    for (int i = 0; i < rows; i++)
+        for (int k = 0; k < K; k++) {
+            uint32_t u;
+            memcpy(&u, xs[i] + k, 4);
+            b[(long)i * K + k] = (bf16)(u >> 16); /* exact: the low half is zero */
+        }
+    return b;
+}
+
 /* out[i * M + m] = row rows[i] of w . xs[m] (K terms) for eight rows and M vectors, int8 rows times
-   their scales. pf: prefetch distance in rows. */
-static inline void dot8(matrix w, const long *rows, const float *const *xs, int M, int K, long pf, float *out) {
+   their scales; xb: bf16_inputs(w, xs, ...), the pair tiles' copies of xs, or NULL. pf: prefetch
+   distance in rows. */
+static inline void dot8(matrix w, const long *rows, const float *const *xs, const bf16 *xb, int M, int K, long pf,
+                        float *out) {
     if (w.w8) {
         const int8_t *r[8];
         for (int i = 0; i < 8; i++) r[i] = w.w8 + rows[i] * w.stride;
@@ -200,19 +284,27 @@ static inline void dot8(matrix w, const long *rows, const float *const *xs, int 
     } else {
         const bf16 *r[8];
         for (int i = 0; i < 8; i++) r[i] = w.w16 + rows[i] * w.stride;
+#if PAIR_DOTS
+        if (xb) {
+            pairs_dot8(r, xb, M, K, pf * w.stride, out);
+            return;
+        }
+#endif
         dots16_dot8(r, xs, M, K, pf * w.stride, out);
     }
 }
 
 /* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8; a short tile repeats its
-   last row), K terms each. d: scratch for 8 * rows floats. */
+   last row), K terms each. d: scratch for dot_scratch(rows, K) floats (8 * rows where w is not
+   bfloat16). */
 static inline void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
                      float *d) {
+    const bf16 *xb = lo < hi ? bf16_inputs(w, xs, rows, K, d) : NULL;
     for (int c = lo; c < hi; c += 8) {
         int m = hi - c < 8 ? hi - c : 8;
         long r[8];
         for (int q = 0; q < 8; q++) r[q] = c + (q < m ? q : m - 1);
-        dot8(w, r, xs, rows, K, 8, d);
+        dot8(w, r, xs, xb, rows, K, 8, d);
         for (int q = 0; q < m; q++)
             for (int i = 0; i < rows; i++) y[(long)i * ldy + c + q] = d[q * rows + i];
     }
