@@ -13,9 +13,10 @@ A step of at most `WHOLE_ROWS` tokens in one KV cache (the engine's pool) runs w
 chunks included (a chunk's tokens are rows at consecutive positions of one slot). In a larger step its
 decode rows (one token each) run this way and its prompt chunks beside them through torch, on the same
 plain weights (`NativeStep` splits and merges the rows). The native rows go in calls of at most
-`NATIVE_ROWS` rows, one after another. The router's decode step has its kernel too (`router.c`,
-pregate.native_router), and the LM head where it is int8, or plain bfloat16 (not packed: a CPU whose
-oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`, `NativeHead`).
+`NATIVE_ROWS` rows (`PAIR_ROWS` on the pair dot products), one after another. The router's decode
+step has its kernel too (`router.c`, pregate.native_router), and the LM head where it is int8, or plain
+bfloat16 (not packed: a CPU whose oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`,
+`NativeHead`).
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
@@ -68,6 +69,11 @@ ISA_ENV = "PREGATE_NATIVE_ISA"
 # Rows per native call: the products read each weight once for all of a call's rows but are not
 # blocked like a GEMM (the dot tiles of native.h are at most 8 wide), so more rows go in more calls.
 NATIVE_ROWS = 8
+# ... and where the pair dot products run bfloat16 weights: a tile of 8 weight rows then serves 16 rows
+# from L1 (their bfloat16 copies are half the float32 inputs AVX2 reads), so a step of 16 decode rows
+# reads its weights once. A side-by-side script outside the repository found steps of 12-32 decode rows
+# faster in calls of 16 than of 8, and calls of 32 no faster than 16 (docs/serving.md).
+PAIR_ROWS = 16
 # A step of at most this many tokens in one cache runs wholly natively, prompt chunks included. Torch on
 # the plain weights --native keeps (not packed) was the slower one at every chunk up to this size in a
 # side-by-side run; past it a chunk goes to torch, whose GEMM gains on longer chunks.
@@ -403,7 +409,7 @@ def by_expert(lengths: list[int], experts: list[list[int]]) -> list[int]:
 
 
 class NativeCall:
-    """One call of the native decoder: at most NATIVE_ROWS consecutive rows [start, end) of a step's
+    """One call of the native decoder: at most `call_rows` consecutive rows [start, end) of a step's
     native rows, each with its cache slot and position, and their routing."""
 
     def __init__(self, start: int, slots: list[int], pos: list[int], plan_args: PlanArgs):
@@ -418,12 +424,14 @@ class NativeStep:
     any row attends, so each row sees its chunk's earlier tokens (the causal mask) and the row's result
     is the one decoding that token alone would give. Otherwise its decode rows (one group of the KV pool)
     run natively and every other row (prompt chunks) through torch; `split` and `merge` move rows between
-    the step's stream and the two parts. The native rows run as `calls` of at most NATIVE_ROWS rows, one
-    after another, a chunk's rows in order, so a chunk cut between two calls sees its earlier tokens in
-    the cache; a step of more than one call takes its one-token rows first, grouped by expert
-    (`by_expert`), so that each call reads fewer experts."""
+    the step's stream and the two parts. The native rows run as `calls` of at most `call_rows` rows (the
+    decoder's: NATIVE_ROWS, or PAIR_ROWS), one after another, a chunk's rows in order, so a chunk cut
+    between two calls sees its earlier tokens in the cache; a step of more than one call takes its
+    one-token rows first, grouped by expert (`by_expert`), so that each call reads fewer experts."""
 
-    def __init__(self, attention: AttentionPlan, routing: Routing | None, num_experts: int, whole: bool):
+    def __init__(
+        self, attention: AttentionPlan, routing: Routing | None, num_experts: int, whole: bool, call_rows: int
+    ):
         self.rest_rows = self.rest_attention = self.rest_plan = None
         if whole:  # every row, in stream order
             segments = attention.segments
@@ -445,15 +453,15 @@ class NativeStep:
                 self.rest_plan = self._plan(routing, self.rest_rows, num_experts)
         rows = list(range(len(slots))) if self.rows is None else self.rows.tolist()
         lists = host_routing(routing) if routing is not None and num_experts else None
-        if len(rows) > NATIVE_ROWS and lists is not None:
+        if len(rows) > call_rows and lists is not None:
             lengths = [seg.length for seg in attention.segments] if whole else [1] * len(rows)
             order = by_expert(lengths, [lists[0][r] for r in rows])
             if order != sorted(order):
                 rows, slots, pos = ([v[i] for i in order] for v in (rows, slots, pos))
                 self.rows = torch.tensor(rows)
         self.calls = []
-        for a in range(0, len(rows), NATIVE_ROWS):
-            b = a + NATIVE_ROWS
+        for a in range(0, len(rows), call_rows):
+            b = a + call_rows
             plan_args = PlanArgs(routing, rows[a:b], num_experts, lists)
             self.calls.append(NativeCall(a, slots[a:b], pos[a:b], plan_args))
 
@@ -527,10 +535,12 @@ class NativeDecoder:
     for a step that runs wholly through torch; `run(h, cos, sin, step)` -> the rows leaving the last
     layer."""
 
-    def __init__(self, model: MoEForCausalLM, lib: ctypes.CDLL | None = None):
-        lib = lib or library()
+    def __init__(self, model: MoEForCausalLM, pairs: bool | None = None):
+        lib = library(pairs)
+        pairs = pair_dots() if pairs is None else pairs
         self.num_experts = model.num_experts
         self.whole_rows = whole_rows(bool(model.quantized))
+        self.call_rows = PAIR_ROWS if pairs and not model.quantized else NATIVE_ROWS  # int8 keeps AVX2's
         self.layers = [_NativeLayer(layer, lib) for layer in model.layers]
         n = len(self.layers)
         self.attention = (_AttentionWeights * n)(*[layer.weights for layer in self.layers])
@@ -543,10 +553,10 @@ class NativeDecoder:
         caches = {id(s.cache) for s in attention.segments}
         small = self.whole_rows is None or h.shape[0] <= self.whole_rows
         if small and len(caches) == 1 and attention.segments[0].cache is not None:
-            return NativeStep(attention, routing, self.num_experts, whole=True)
+            return NativeStep(attention, routing, self.num_experts, True, self.call_rows)
         if len(attention.groups) != 1:
             return None
-        return NativeStep(attention, routing, self.num_experts, whole=False)
+        return NativeStep(attention, routing, self.num_experts, False, self.call_rows)
 
     def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: NativeStep) -> torch.Tensor:
         h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
@@ -649,7 +659,7 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCau
             # each routed down as rows [H, R], read along them like every other product (a transposed
             # [R, H] read column by column was the slowest product); torch reads the transposed view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
-    model.native = NativeDecoder(model, lib)
+    model.native = NativeDecoder(model, pairs)
     head = model.lm_head  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
     if head is None:  # tied to the embedding, plain
         table = model.embed_tokens

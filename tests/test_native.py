@@ -112,14 +112,14 @@ def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(qu
 
 def test_how_a_step_divides_between_native_calls_and_torch():
     """A step of at most WHOLE_ROWS tokens in one cache runs wholly natively, in calls of at most
-    NATIVE_ROWS rows (in stream order, or past one call its one-token rows first, grouped by expert); in
+    `call_rows` rows (in stream order, or past one call its one-token rows first, grouped by expert); in
     a larger one the decode rows run natively (in such calls, however many) and the prompt chunks through
     torch, unless the limit is off (bfloat16 on a CPU whose oneDNN cannot pack it: `native.whole_rows`);
     a step with a gradient runs through torch."""
     from pregate.moe import AttentionPlan, Segment
 
-    n = native.NATIVE_ROWS
     moe = native.attach_native(bf16_moe(seed=3))
+    n = moe.native.call_rows
     assert moe.native.whole_rows == (native.WHOLE_ROWS if cpu_packs_bfloat16() else None)
     assert native.whole_rows(quantized=True) == native.WHOLE_ROWS
     moe.native.whole_rows = native.WHOLE_ROWS  # the limit as a CPU that packs bfloat16 has it
@@ -209,10 +209,12 @@ def test_native_batched_serving_equals_one_by_one_serving(policy, quantize, budg
 
 @pytest.mark.parametrize("policy", SCHEDULING_POLICIES)
 def test_native_serving_past_one_call_equals_one_by_one_serving(policy):
-    """Twelve requests running at once: their decode steps take two native calls, the one-token rows
-    reordered by expert between them (`by_expert`), and each request still gets exactly the tokens it
-    gets served alone (bfloat16: its native head has no row limit)."""
+    """Twelve requests running at once: their decode steps take two native calls of at most NATIVE_ROWS
+    (set so: twelve fit one call of PAIR_ROWS), the one-token rows reordered by expert between them
+    (`by_expert`), and each request still gets exactly the tokens it gets served alone (bfloat16: its
+    native head has no row limit)."""
     _, served = native_moe(None, seed=4)
+    served.native.call_rows = native.NATIVE_ROWS
     calls = []
     real = native.NativeDecoder.run
     with pytest.MonkeyPatch.context() as mp:
@@ -279,7 +281,7 @@ def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_ch
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
 def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize, pairs, batch, monkeypatch):
     """A decode step of B sequences in the KV pool goes through the native decoder (one call per
-    NATIVE_ROWS rows), gives each row the bits it gets decoding alone and on one thread, and stays within
+    `call_rows` rows), gives each row the bits it gets decoding alone and on one thread, and stays within
     rounding of the torch path on the same weights (bfloat16, or int8 through torch's int8 kernel)."""
     from pregate.moe import Segment
 
@@ -326,9 +328,9 @@ def test_a_decode_step_runs_natively_the_same_alone_or_batched(family, quantize,
         batched = decode(model, None)
 
         # the prompts of at most whole_rows tokens natively, then one decode step: its rows through every
-        # layer in native calls of at most NATIVE_ROWS rows
+        # layer in native calls of at most call_rows rows (NATIVE_ROWS, or PAIR_ROWS on the pair products)
         def cut(n):
-            return [min(native.NATIVE_ROWS, n - a) for a in range(0, n, native.NATIVE_ROWS)]
+            return [min(model.native.call_rows, n - a) for a in range(0, n, model.native.call_rows)]
 
         limit = model.native.whole_rows  # None: any prompt natively (bfloat16 where oneDNN cannot pack)
         assert calls == [cut(n) for n in lengths if limit is None or n <= limit] + [cut(batch)]
@@ -460,8 +462,9 @@ def test_loading_marks_the_build_used_and_prunes_builds_unused_for_long(tmp_path
 
 
 def test_which_products_run_and_how_to_keep_avx2s(monkeypatch):
-    """By default a CPU with AVX512-BF16 runs its pair dot products; $PREGATE_NATIVE_ISA=avx2 keeps AVX2's,
-    anything but auto or avx2 is refused, and so is asking for the pair products where the CPU has none."""
+    """By default a CPU with AVX512-BF16 runs its pair dot products (in calls of PAIR_ROWS);
+    $PREGATE_NATIVE_ISA=avx2 keeps AVX2's, anything but auto or avx2 is refused, and so is asking for the
+    pair products where the CPU has none."""
     monkeypatch.delenv(native.ISA_ENV, raising=False)
     assert native.pair_dots() == native.cpu_pair_dots()
     monkeypatch.setenv(native.ISA_ENV, "avx2")
@@ -470,8 +473,13 @@ def test_which_products_run_and_how_to_keep_avx2s(monkeypatch):
     with pytest.raises(PregateError, match="must be auto or avx2"):
         native.pair_dots()
     monkeypatch.delenv(native.ISA_ENV)
+    # calls of PAIR_ROWS where the pair products run bfloat16 weights, else (AVX2, int8) of NATIVE_ROWS
+    assert native.attach_native(bf16_moe(), False).native.call_rows == native.NATIVE_ROWS
+    int8 = serving_layout(bf16_moe(hidden=64), quantize="int8", native=True)[0]
+    assert int8.native.call_rows == native.NATIVE_ROWS
     if native.cpu_pair_dots():
         assert native.library(True) is not native.library(False)
+        assert native.attach_native(bf16_moe(), True).native.call_rows == native.PAIR_ROWS
     else:
         with pytest.raises(PregateError, match="avx512_bf16"):
             native.library(True)
