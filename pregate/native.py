@@ -39,6 +39,7 @@ pool.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -60,11 +61,12 @@ SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 # Where the CPU has AVX512-BF16, bfloat16 weights meet their inputs in its pair dot products (native.h's
-# PAIR_DOTS): half the instructions of AVX2's convert-and-FMA at one row, a quarter at eight.
+# PAIR_DOTS): 32 products an instruction, no conversion of the weights; a fifth to a quarter off the
+# steps that are bound by arithmetic (docs/serving.md), nothing off those bound by reading the weights.
 PAIR_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512bf16"]
 PAIR_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
-# "avx2" keeps the AVX2 products on a CPU that has AVX512-BF16 (to compare or test them); read once,
-# when the library is first loaded.
+# "avx2" keeps the AVX2 products on a CPU that has AVX512-BF16 (to compare or test them); read whenever
+# the default is asked for (pair_dots).
 ISA_ENV = "PREGATE_NATIVE_ISA"
 # Rows per native call: the products read each weight once for all of a call's rows but are not
 # blocked like a GEMM (the dot tiles of native.h are at most 8 wide), so more rows go in more calls.
@@ -120,6 +122,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
 def cpu_pair_dots() -> bool:
     """Whether this CPU has AVX512-BF16's pair dot products (and the AVX-512 they need)."""
     try:
@@ -194,7 +197,7 @@ def library(pairs: bool | None = None) -> ctypes.CDLL:
         reason = f"AVX512-BF16's pair dot products need a CPU with {', '.join(PAIR_CPU_FLAGS)}"
     if reason is not None:
         raise PregateError(reason)
-    files, flags = sorted(SOURCES.glob("*.[ch]")), FLAGS + PAIR_FLAGS * pairs
+    files, flags = sorted(SOURCES.glob("*.[ch]")), FLAGS + (PAIR_FLAGS if pairs else [])
     tag = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(flags).encode()).hexdigest()[:16]
     path = _cache_dir() / f"pregate-native-{tag}.so"
     if not path.exists():
