@@ -73,7 +73,9 @@ STEP_DENSE_NATIVE = "dense-native"  # and the router's step native (pregate.nati
 STEP_MOE_INT8_NATIVE = "moe-int8-native"  # with --native and --quantize int8: the int8 copies through
 STEP_DENSE_INT8_NATIVE = "dense-int8-native"  # the native decode layers
 STEP_MOE_NATIVE_AVX2 = "moe-native-avx2"  # with --native --avx2-products on a CPU with AVX512-BF16: the
-STEP_DENSE_NATIVE_AVX2 = "dense-native-avx2"  # native copies on AVX2's products (pregate.native.pair_dots)
+STEP_DENSE_NATIVE_AVX2 = "dense-native-avx2"  # native copies on AVX2's products (pregate.native.pair_dots),
+STEP_MOE_INT8_NATIVE_AVX2 = "moe-int8-native-avx2"  # with --quantize int8 the int8 ones too
+STEP_DENSE_INT8_NATIVE_AVX2 = "dense-int8-native-avx2"
 MOE_SYSTEMS = (
     STEP_MOE,
     STEP_MOE_INT8,
@@ -81,6 +83,7 @@ MOE_SYSTEMS = (
     STEP_MOE_NATIVE,
     STEP_MOE_NATIVE_AVX2,
     STEP_MOE_INT8_NATIVE,
+    STEP_MOE_INT8_NATIVE_AVX2,
 )
 
 
@@ -564,13 +567,16 @@ def run_bench_step(
         progress("native-layer copies of the MoE" + " and the dense parent" * (dense is not None))
         layout_copies(STEP_MOE_NATIVE, STEP_DENSE_NATIVE, None, True, bw)
         products = "AVX512-BF16's pair dot products" if pair_dots() else "AVX2"
-        notes.append(f"--native: bfloat16 products on {products} (pregate.native.pair_dots)")
+        notes.append(f"--native: bfloat16 and int8 products on {products} (pregate.native.pair_dots)")
         if cfg.avx2_products and pair_dots():
             layout_copies(STEP_MOE_NATIVE_AVX2, STEP_DENSE_NATIVE_AVX2, None, True, bw, pairs=False)
         elif cfg.avx2_products:
             notes.append("--avx2-products: nothing to compare, the native layers run AVX2's products here")
         if cfg.quantize:
             layout_copies(STEP_MOE_INT8_NATIVE, STEP_DENSE_INT8_NATIVE, cfg.quantize, True, bw_int8)
+        if cfg.quantize and cfg.avx2_products and pair_dots():
+            names = STEP_MOE_INT8_NATIVE_AVX2, STEP_DENSE_INT8_NATIVE_AVX2
+            layout_copies(*names, cfg.quantize, True, bw_int8, pairs=False)
     serving_layout(moe, router)  # as the engine serves them (serve, bench serve): packed in bf16
     if dense is not None:
         serving_layout(dense)
@@ -587,6 +593,7 @@ def run_bench_step(
             STEP_DENSE_NATIVE,
             STEP_DENSE_NATIVE_AVX2,
             STEP_DENSE_INT8_NATIVE,
+            STEP_DENSE_INT8_NATIVE_AVX2,
         )
         if models.get(name) is not None and cfg.dense
     ]

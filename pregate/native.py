@@ -4,7 +4,7 @@ A bfloat16 decode step on CPU spends most of its time outside the bytes it reads
 about fifty torch calls (norms, q|k|v, RoPE, the cache writes, attention, o, two products per expert,
 slicing, the activation, the sums), and oneDNN's small products run well below the memory's rate
 (`pregate bench step`'s per-shape table). `pregate/native/` holds the kernels in C with AVX2, and their
-bfloat16 products on AVX512-BF16's pair dot products where the CPU has them (`pair_dots`):
+bfloat16 and int8 products on AVX512-BF16's pair dot products where the CPU has them (`pair_dots`):
 `attention.c` (RMSNorm, q|k|v, RoPE, the new keys and values into the KV cache, attention, o and the
 residual), `moe_mlp.c` (RMSNorm, the shared and routed experts, the activation, their sums and the
 residual), each one OpenMP region over the plain weights, and `decoder.c`, which runs both for every
@@ -60,11 +60,12 @@ from pregate.quantize import Int8Experts, Int8Linear, padded
 SOURCES = Path(__file__).parent / "native"
 # -ffp-contract=off: no fused multiply-add where torch rounds a product before adding (RoPE)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-# Where the CPU has AVX512-BF16, bfloat16 weights meet their inputs in its pair dot products (native.h's
-# PAIR_DOTS): 32 products an instruction, no conversion of the weights; a fifth to a quarter off the
-# steps that are bound by arithmetic (docs/serving.md), nothing off those bound by reading the weights.
-PAIR_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512bf16"]
-PAIR_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+# Where the CPU has AVX512-BF16, bfloat16 and int8 weights meet their inputs in its pair dot products
+# (native.h's PAIR_DOTS): 32 products an instruction, no conversion of bfloat16 weights; a fifth to a
+# quarter off the steps that are bound by arithmetic (docs/serving.md), nothing off those bound by
+# reading the weights.
+PAIR_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+PAIR_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 # "avx2" keeps the AVX2 products on a CPU that has AVX512-BF16 (to compare or test them); read whenever
 # the default is asked for (pair_dots).
 ISA_ENV = "PREGATE_NATIVE_ISA"
@@ -132,9 +133,10 @@ def cpu_pair_dots() -> bool:
 
 
 def pair_dots() -> bool:
-    """Whether the bfloat16 products run on AVX512-BF16's pair dot products by default here (the CPU has
-    them, and $PREGATE_NATIVE_ISA is not "avx2"), rather than on AVX2's. The two sum in other orders,
-    so their bits differ within rounding; each keeps the kernels' contract on its own."""
+    """Whether the bfloat16 and int8 products run on AVX512-BF16's pair dot products by default here (the
+    CPU has them, and $PREGATE_NATIVE_ISA is not "avx2"), rather than on AVX2's (float32 ones always
+    do). The two sum in other orders, so their bits differ within rounding; each keeps the kernels'
+    contract on its own."""
     isa = os.environ.get(ISA_ENV, "auto")
     if isa not in ("auto", "avx2"):
         raise PregateError(f"${ISA_ENV} must be auto or avx2, not {isa!r}")
@@ -187,8 +189,8 @@ def _build(files: list[Path], path: Path, flags: list[str]) -> None:
 
 def library(pairs: bool | None = None) -> ctypes.CDLL:
     """The compiled kernels (built on first use, then loaded from the cache), with AVX512-BF16's pair
-    dot products for bfloat16 weights or AVX2's (`pairs`; None: pair_dots(), what this machine runs by
-    default). Raises PregateError."""
+    dot products for bfloat16 and int8 weights or AVX2's (`pairs`; None: pair_dots(), what this
+    machine runs by default). Raises PregateError."""
     pairs = pair_dots() if pairs is None else pairs
     if pairs in _libraries:
         return _libraries[pairs]
@@ -543,7 +545,8 @@ class NativeDecoder:
         pairs = pair_dots() if pairs is None else pairs
         self.num_experts = model.num_experts
         self.whole_rows = whole_rows(bool(model.quantized))
-        self.call_rows = PAIR_ROWS if pairs and not model.quantized else NATIVE_ROWS  # int8 keeps AVX2's
+        # int8 keeps calls of 8: on its pair products a side-by-side script found calls of 16 no faster
+        self.call_rows = PAIR_ROWS if pairs and not model.quantized else NATIVE_ROWS
         self.layers = [_NativeLayer(layer, lib) for layer in model.layers]
         n = len(self.layers)
         self.attention = (_AttentionWeights * n)(*[layer.weights for layer in self.layers])
@@ -646,9 +649,9 @@ def can_run_native(model: MoEForCausalLM) -> str | None:
 @torch.no_grad()
 def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCausalLM:
     """Give a bfloat16 model with plain decoder layers, or one quantized to int8, its native decode path
-    (in place; the weights stay as they are), its bfloat16 products on AVX512-BF16's pair dot products or
-    AVX2's (`pairs`, library()). Raises PregateError when `can_run_native` refuses (the routed experts
-    must be resident: no expert store)."""
+    (in place; the weights stay as they are), its bfloat16 and int8 products on AVX512-BF16's pair dot
+    products or AVX2's (`pairs`, library()). Raises PregateError when `can_run_native` refuses (the
+    routed experts must be resident: no expert store)."""
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)

@@ -63,7 +63,7 @@ def can_run_native_router(router: PreGatingRouter) -> str | None:
 class NativeRouter:
     """What `pg_router_step` reads of one router, gathered once: `features(tokens, caches)`."""
 
-    def __init__(self, router: PreGatingRouter):
+    def __init__(self, router: PreGatingRouter, pairs: bool | None = None):
         self.cfg = router.cfg
         self.int8 = getattr(router, "quantized", None) == "int8"  # set by pregate.quantize.quantize_router
         self.held = Held()  # every tensor a pointer below points into
@@ -87,7 +87,7 @@ class NativeRouter:
         else:
             self.embed = self.held.ptr(router.embed.weight)
         self.cos, self.sin = self.held.ptr(router.rope_cos), self.held.ptr(router.rope_sin)
-        self.kernel = library().pg_router_step
+        self.kernel = library(pairs).pg_router_step  # pairs: the int8 products' kernel (native.library)
 
     def _matrix(self, linear: nn.Module) -> _Matrix:
         if isinstance(linear, Int8Linear):  # torch's int8 path rounds the scales to bfloat16 per call
@@ -149,11 +149,12 @@ class NativeRouter:
         return out
 
 
-def attach_native_router(router: PreGatingRouter) -> PreGatingRouter:
-    """Give a float32 router (plain, or quantized by `quantize_router`) its native decode step, in place.
-    Raises PregateError when `can_run_native_router` refuses."""
+def attach_native_router(router: PreGatingRouter, pairs: bool | None = None) -> PreGatingRouter:
+    """Give a float32 router (plain, or quantized by `quantize_router`) its native decode step, in place;
+    int8 products on AVX512-BF16's pair dot products or AVX2's (`pairs`, pregate.native.library; float32
+    ones are AVX2's). Raises PregateError when `can_run_native_router` refuses."""
     reason = can_run_native_router(router)
     if reason is not None:
         raise PregateError(reason)
-    router.native = NativeRouter(router)
+    router.native = NativeRouter(router, pairs)
     return router.eval()

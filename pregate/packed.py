@@ -198,5 +198,5 @@ def serving_layout(
     if native:
         attach_native(model, pairs)
         if router is not None:
-            attach_native_router(router)
+            attach_native_router(router, pairs)
     return model, router

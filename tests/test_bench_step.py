@@ -223,7 +223,7 @@ def test_native_systems_run_beside_the_packed_ones(moe_dir):
     assert set(rows) == {"moe", "dense", "moe-native", "dense-native"} | avx2
     assert rows["moe-native"]["bytes"] == rows["moe"]["bytes"]  # the same bytes, another kernel
     products = "AVX512-BF16's pair dot products" if native_pair_dots() else "AVX2"
-    assert f"--native: bfloat16 products on {products} (pregate.native.pair_dots)" in result["notes"]
+    assert f"--native: bfloat16 and int8 products on {products} (pregate.native.pair_dots)" in result["notes"]
     if not avx2:
         assert any(n.startswith("--avx2-products: nothing to compare") for n in result["notes"])
     # the native step's breakdown: its layers one native call, the torch hooks never fire on decode rows

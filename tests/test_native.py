@@ -25,10 +25,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# (quantize, pairs): the kernels a test runs. bfloat16 on the machine's default products (AVX512-BF16's
-# pair dot products where the CPU has them), and there AVX2's too; int8 (its products are AVX2's).
-KERNELS = [(None, None), ("int8", None)] + [(None, False)] * native.pair_dots()
-KERNEL_IDS = ["bf16", "int8", "bf16-avx2"][: len(KERNELS)]
+# (quantize, pairs): the kernels a test runs. bfloat16 and int8 on the machine's default products
+# (AVX512-BF16's pair dot products where the CPU has them), and there on AVX2's too.
+KERNELS = [(None, None), ("int8", None)] + [(None, False), ("int8", False)] * native.pair_dots()
+KERNEL_IDS = ["bf16", "int8", "bf16-avx2", "int8-avx2"][: len(KERNELS)]
 
 
 def bf16_moe(seed: int = 0, family: str = "llama", num_experts: int = 3, hidden: int = 48):

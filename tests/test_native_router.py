@@ -75,11 +75,16 @@ def test_native_step_is_the_torch_step_within_float32_rounding(preset, head):
     assert torch.equal(plain.route(got)[0], plain.route(want)[0])
 
 
-def test_int8_native_step_is_the_torch_int8_step_within_its_bfloat16_rounding():
+# the int8 products' kernels: the machine's default, and AVX2's where that is AVX512-BF16's pair products
+PAIRS = [None] + [False] * native.pair_dots()
+
+
+@pytest.mark.parametrize("pairs", PAIRS)
+def test_int8_native_step_is_the_torch_int8_step_within_its_bfloat16_rounding(pairs):
     """Both round each product's input and output to bfloat16; summed in another order, an element can land
     one bfloat16 step away, so the logits agree to about a percent and nearly every choice is the same."""
     plain = quantize_router(random_router("readme"))
-    fast = attach_native_router(copy.deepcopy(plain))
+    fast = attach_native_router(copy.deepcopy(plain), pairs)
     assert fast.native.int8
     want, got = decode_both(plain, fast, steps=20, lengths=[3, 12, 25, 40])
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
@@ -87,12 +92,12 @@ def test_int8_native_step_is_the_torch_int8_step_within_its_bfloat16_rounding():
     assert same >= 0.9
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_a_token_gets_the_same_features_alone_in_any_batch_and_at_any_thread_count(quantize):
+@pytest.mark.parametrize("quantize, pairs", [(None, None), *(("int8", p) for p in PAIRS)])
+def test_a_token_gets_the_same_features_alone_in_any_batch_and_at_any_thread_count(quantize, pairs):
     router = random_router("readme")
     if quantize:
         quantize_router(router)
-    fast = attach_native_router(router).native
+    fast = attach_native_router(router, pairs).native
     lengths = [4, 19, 1, 33, 8, 2, 5, 7, 12, 3, 1]  # more tokens than one of native.h's tiles holds
     caches = prefilled(router, lengths, 3)
     tokens = torch.randint(0, VOCAB, (len(lengths),), generator=torch.Generator().manual_seed(4))

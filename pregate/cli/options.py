@@ -113,8 +113,8 @@ def add_native(p: argparse.ArgumentParser, what: str = "the model") -> None:
         "where oneDNN cannot pack bfloat16), every layer in C calls "
         "of at most 8 rows (16 on AVX512-BF16's pair dot products), "
         "and the router's decode step in C "
-        "(bfloat16 or --quantize int8 weights, x86-64 with AVX2, bfloat16 products on AVX512-BF16 where "
-        "the CPU has it; built on first use with the C compiler; "
+        "(bfloat16 or --quantize int8 weights, x86-64 with AVX2, their products on AVX512-BF16 where the "
+        "CPU has it; built on first use with the C compiler; "
         "within rounding of the default path, docs/serving.md; default: off)",
     )
 

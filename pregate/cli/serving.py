@@ -251,7 +251,8 @@ def add_bench_step(p) -> None:
         "--avx2-products",
         action="store_true",
         help="with --native on a CPU with AVX512-BF16: also the native MoE and dense parent on AVX2's "
-        "products (moe-native-avx2, dense-native-avx2), beside the pair dot products they run by default",
+        "products (moe-native-avx2, dense-native-avx2; with --quantize also moe-int8-native-avx2, "
+        "dense-int8-native-avx2), beside the pair dot products they run by default",
     )
     p.add_argument(
         "--layerwise",

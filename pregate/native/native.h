@@ -153,24 +153,32 @@ TILES(dots16, bf16, load8, from_bf16)
 TILES(dots8, int8_t, load8_i8, from_i8)
 TILES(dots32, float, _mm256_loadu_ps, from_f32)
 
-/* Where the CPU has AVX512-BF16 (pregate.native then builds with it), bfloat16 weights meet their
-   inputs as bfloat16 pairs: vdpbf16ps makes 32 exact products a vector and adds them in float32, two to
-   a lane, with no conversion of the weights. The inputs hold bfloat16 values, so their bfloat16 copies
-   (made once per product, bf16_inputs) are exact. The same rule as DOTS: every output has one
-   accumulator fed in order (the last partial vector masked to zero), then summed across lanes. */
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* Where the CPU has AVX512-BF16 (pregate.native then builds with it), the weights meet their inputs as
+   bfloat16 pairs: vdpbf16ps makes 32 exact products a vector and adds them in float32, two to a lane.
+   bfloat16 weights go in as they are; int8 weights are converted to bfloat16, exactly (8 significant
+   bits hold any int8). The inputs hold bfloat16 values, so their bfloat16 copies (made once per
+   product, bf16_inputs) are exact too. The same rule as DOTS: every output has one accumulator fed in
+   order (the last partial vector masked to zero), then summed across lanes. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PAIR_DOTS 1
-#define PAIRS(NW, NX)                                                                                     \
-    static void pairs_##NW##x##NX(const bf16 *const *w, const bf16 *x, long ldx, int K, long pf, float *out) { \
+static inline __m512bh pair16(const bf16 *p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+static inline __m512bh pair8(const int8_t *p, __mmask32 m) {
+    __m256i b = _mm256_maskz_loadu_epi8(m, p);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo); /* elements 0-15 from lo, 16-31 from hi */
+}
+#define PAIRS(NAME, T, LOAD, NW, NX)                                                                      \
+    static void NAME##_##NW##x##NX(const T *const *w, const bf16 *x, long ldx, int K, long pf, float *out) { \
         __m512 acc[NW][NX];                                                                              \
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) acc[i][j] = _mm512_setzero_ps();                                \
         for (int k = 0; k < K; k += 32) {                                                                \
             __mmask32 m = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;                              \
-            if (pf) /* one cache line per row and step */                                                \
+            if (pf && !(k & (64 / sizeof(T) - 1))) /* once per cache line */                           \
                 for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
             for (int i = 0; i < NW; i++) {                                                               \
-                __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[i] + k);                           \
+                __m512bh wv = LOAD(w[i] + k, m);                                                         \
                 for (int j = 0; j < NX; j++)                                                             \
                     acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv,                                          \
                                                  (__m512bh)_mm512_maskz_loadu_epi16(m, x + j * ldx + k)); \
@@ -179,37 +187,40 @@ TILES(dots32, float, _mm256_loadu_ps, from_f32)
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) out[i * NX + j] = _mm512_reduce_add_ps(acc[i][j]);              \
     }
-PAIRS(8, 1)
-PAIRS(4, 2)
-PAIRS(2, 3)
-PAIRS(2, 4)
-PAIRS(1, 5)
-PAIRS(1, 6)
-PAIRS(1, 7)
-PAIRS(1, 8)
 
-/* dots16_dot8 on bfloat16 pairs: the same tiles (see DOT8 below), the n vectors at x, ldx apart */
-static void pairs_tile(const bf16 *const *w, const bf16 *x, long ldx, int n, int K, long pf, float *out) {
-    switch (n) {
-    case 1: pairs_8x1(w, x, ldx, K, pf, out); return;
-    case 2: for (int p = 0; p < 8; p += 4) pairs_4x2(w + p, x, ldx, K, pf, out + p * 2); return;
-    case 3: for (int p = 0; p < 8; p += 2) pairs_2x3(w + p, x, ldx, K, pf, out + p * 3); return;
-    case 4: for (int p = 0; p < 8; p += 2) pairs_2x4(w + p, x, ldx, K, pf, out + p * 4); return;
-    case 5: for (int p = 0; p < 8; p++) pairs_1x5(w + p, x, ldx, K, pf, out + p * 5); return;
-    case 6: for (int p = 0; p < 8; p++) pairs_1x6(w + p, x, ldx, K, pf, out + p * 6); return;
-    case 7: for (int p = 0; p < 8; p++) pairs_1x7(w + p, x, ldx, K, pf, out + p * 7); return;
-    default: for (int p = 0; p < 8; p++) pairs_1x8(w + p, x, ldx, K, pf, out + p * 8); return;
+/* The tiles of DOT8 below on bfloat16 pairs, the n vectors at x, ldx apart; NAME_dot8 as DOT8's */
+#define PAIR_DOT8(NAME, T, LOAD)                                                                          \
+    PAIRS(NAME, T, LOAD, 8, 1)                                                                           \
+    PAIRS(NAME, T, LOAD, 4, 2)                                                                           \
+    PAIRS(NAME, T, LOAD, 2, 3)                                                                           \
+    PAIRS(NAME, T, LOAD, 2, 4)                                                                           \
+    PAIRS(NAME, T, LOAD, 1, 5)                                                                           \
+    PAIRS(NAME, T, LOAD, 1, 6)                                                                           \
+    PAIRS(NAME, T, LOAD, 1, 7)                                                                           \
+    PAIRS(NAME, T, LOAD, 1, 8)                                                                           \
+    static void NAME##_tile(const T *const *w, const bf16 *x, long ldx, int n, int K, long pf, float *out) { \
+        switch (n) {                                                                                     \
+        case 1: NAME##_8x1(w, x, ldx, K, pf, out); return;                                               \
+        case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, x, ldx, K, pf, out + p * 2); return;    \
+        case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, x, ldx, K, pf, out + p * 3); return;    \
+        case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, x, ldx, K, pf, out + p * 4); return;    \
+        case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, x, ldx, K, pf, out + p * 5); return;       \
+        case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, x, ldx, K, pf, out + p * 6); return;       \
+        case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, x, ldx, K, pf, out + p * 7); return;       \
+        default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, x, ldx, K, pf, out + p * 8); return;      \
+        }                                                                                                \
+    }                                                                                                    \
+    static void NAME##_dot8(const T *const *w, const bf16 *xb, int M, int K, long pf, float *out) {      \
+        float tile[64];                                                                                  \
+        for (int m = 0; m < M; m += 8) {                                                                 \
+            int n = M - m < 8 ? M - m : 8;                                                               \
+            NAME##_tile(w, xb + (long)m * K, K, n, K, m ? 0 : pf, tile);                                 \
+            for (int i = 0; i < 8; i++)                                                                  \
+                for (int j = 0; j < n; j++) out[i * M + m + j] = tile[i * n + j];                        \
+        }                                                                                                \
     }
-}
-static void pairs_dot8(const bf16 *const *w, const bf16 *xb, int M, int K, long pf, float *out) {
-    float tile[64];
-    for (int m = 0; m < M; m += 8) {
-        int n = M - m < 8 ? M - m : 8;
-        pairs_tile(w, xb + (long)m * K, K, n, K, m ? 0 : pf, tile);
-        for (int i = 0; i < 8; i++)
-            for (int j = 0; j < n; j++) out[i * M + m + j] = tile[i * n + j];
-    }
-}
+PAIR_DOT8(pairs16, bf16, pair16)
+PAIR_DOT8(pairs8, int8_t, pair8)
 #else
 #define PAIR_DOTS 0
 #endif
@@ -253,9 +264,9 @@ static inline long dot_scratch(int rows, int K) {
 
 /* The bfloat16 copies of rows xs[i] (K floats holding bfloat16 values) that the pair tiles read, rows
    K apart in d's scratch past the tiles' outputs (dot_scratch); NULL where the pair tiles do not run on
-   w (no AVX512-BF16 or not bfloat16 weights). */
+   w (no AVX512-BF16, or float32 weights). */
 static inline const bf16 *bf16_inputs(matrix w, const float *const *xs, int rows, int K, float *d) {
-    if (!PAIR_DOTS || !w.w16) return NULL;
+    if (!PAIR_DOTS || w.w32) return NULL;
     bf16 *b = (bf16 *)(d + 8L * (rows + 1));
     for (int i = 0; i < rows; i++)
         for (int k = 0; k < K; k++) {
@@ -274,7 +285,11 @@ static inline void dot8(matrix w, const long *rows, const float *const *xs, cons
     if (w.w8) {
         const int8_t *r[8];
         for (int i = 0; i < 8; i++) r[i] = w.w8 + rows[i] * w.stride;
-        dots8_dot8(r, xs, M, K, pf * w.stride, out);
+#if PAIR_DOTS
+        if (xb) pairs8_dot8(r, xb, M, K, pf * w.stride, out);
+        else
+#endif
+            dots8_dot8(r, xs, M, K, pf * w.stride, out);
         for (int i = 0; i < 8; i++)
             for (int m = 0; m < M; m++) out[i * M + m] *= from_bf16(w.scale[rows[i]]);
     } else if (w.w32) {
@@ -285,18 +300,15 @@ static inline void dot8(matrix w, const long *rows, const float *const *xs, cons
         const bf16 *r[8];
         for (int i = 0; i < 8; i++) r[i] = w.w16 + rows[i] * w.stride;
 #if PAIR_DOTS
-        if (xb) {
-            pairs_dot8(r, xb, M, K, pf * w.stride, out);
-            return;
-        }
+        if (xb) pairs16_dot8(r, xb, M, K, pf * w.stride, out);
+        else
 #endif
-        dots16_dot8(r, xs, M, K, pf * w.stride, out);
+            dots16_dot8(r, xs, M, K, pf * w.stride, out);
     }
 }
 
 /* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8; a short tile repeats its
-   last row), K terms each. d: scratch for dot_scratch(rows, K) floats (8 * rows where w is not
-   bfloat16). */
+   last row), K terms each. d: scratch for dot_scratch(rows, K) floats (8 * rows for float32 weights). */
 static inline void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
                      float *d) {
     const bf16 *xb = lo < hi ? bf16_inputs(w, xs, rows, K, d) : NULL;
