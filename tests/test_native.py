@@ -37,7 +37,7 @@ def bf16_moe(seed: int = 0, family: str = "llama", num_experts: int = 3, hidden:
 
 
 def native_moe(quantize, seed: int = 0, family: str = "llama", pairs: bool | None = None):
-    """(the bfloat16 model, a copy served natively, int8 with `quantize`, its bfloat16 products picked by
+    """(the bfloat16 model, a copy served natively, int8 with `quantize`, its products' kernel picked by
     `pairs`: native.library): int8 needs a hidden size that is a multiple of 32."""
     plain = bf16_moe(seed=seed, family=family, hidden=64 if quantize else 48)
     return plain, serving_layout(copy.deepcopy(plain), quantize=quantize, native=True, pairs=pairs)[0]
