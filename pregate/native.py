@@ -22,11 +22,11 @@ Contract (tests): a native row's result depends on its own token, position and c
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
 tokens one at a time. So batched serving equals one-by-one serving exactly whenever every row runs
 natively, which a token budget of at most `WHOLE_ROWS` guarantees (in int8 when a step also has at most
-`HEAD_ROWS` token-producing rows: the int8 head's limit). Against the torch path it is the same
-arithmetic in another summation order (float32 sums, bfloat16 rounding after every op as eager torch
-rounds, attention in float32), so it agrees within rounding, not bit for bit: a cached decode matches a
-full recompute (all prompt rows, through torch) within rounding, as int8's does across
-`quantize.DEQUANT_ROWS`.
+`HEAD_ROWS` token-producing rows, `PAIR_HEAD_ROWS` on the pair dot products: the int8 head's limit).
+Against the torch path it is the same arithmetic in another summation order (float32 sums, bfloat16
+rounding after every op as eager torch rounds, attention in float32), so it agrees within rounding, not
+bit for bit: a cached decode matches a full recompute (all prompt rows, through torch) within rounding,
+as int8's does across `quantize.DEQUANT_ROWS`.
 
 The C files are compiled on first use with the system's C compiler (`cc`, or `$CC`) into
 `~/.cache/pregate/native` (`$PREGATE_CACHE_DIR`), once per version of the sources (the build of a
@@ -97,6 +97,10 @@ def whole_rows(quantized: bool) -> int | None:
 
 # Rows up to which an int8 LM head runs natively (NativeHead): past them torch's int8 kernel is faster.
 HEAD_ROWS = 8
+# ... on the pair dot products: a side-by-side script outside the repository found the native int8 head
+# at about half the time of torch's int8 kernel at every row count from 1 to 32 (both grow linearly;
+# docs/serving.md); larger steps were not measured and keep torch's kernel.
+PAIR_HEAD_ROWS = 32
 
 STALE_DAYS = 30  # a build of other sources unused this long is deleted when one is loaded
 _libraries: dict[bool, ctypes.CDLL] = {}  # by whether the pair dot products run
@@ -497,22 +501,25 @@ class NativeStep:
 
 class NativeHead(nn.Module):
     """An LM head whose products over a step's token-producing rows run as one native call,
-    `native/linear.c`. Two cases: an int8 head, over at most `HEAD_ROWS` rows (at one row torch's int8
-    kernel read this 49k-row matrix at about 0.6x the memory's rate, `bench step`'s int8 breakdown; past
-    HEAD_ROWS it is the faster one); and a plain bfloat16 head over any rows, what a CPU whose oneDNN
+    `native/linear.c`. Two cases: an int8 head, over at most `max_rows` rows (`HEAD_ROWS`: at one row
+    torch's int8 kernel read this 49k-row matrix at about 0.6x the memory's rate, `bench step`'s int8
+    breakdown; past HEAD_ROWS it is the faster one; `PAIR_HEAD_ROWS` on the pair dot products); and a
+    plain bfloat16 head over any rows, what a CPU whose oneDNN
     cannot pack bfloat16 serves (pregate.packed), where torch's product on the plain weights takes far
     longer at every row count (docs/serving.md). Other calls, and any with a gradient, go to the wrapped
     layer (`inner`); a tied head wraps the embedding's own table, nothing copied."""
 
-    def __init__(self, head: nn.Linear | Int8Linear, lib: ctypes.CDLL | None = None):
+    def __init__(self, head: nn.Linear | Int8Linear, pairs: bool | None = None):
         super().__init__()
         self.inner = head
         self.int8 = isinstance(head, Int8Linear)
-        self.kernel = (lib or library()).pg_linear
+        self.kernel = library(pairs).pg_linear
+        pairs = pair_dots() if pairs is None else pairs
+        self.max_rows = None if not self.int8 else PAIR_HEAD_ROWS if pairs else HEAD_ROWS  # None: any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.inner
-        many = self.int8 and x.shape[0] > HEAD_ROWS
+        many = self.max_rows is not None and x.shape[0] > self.max_rows
         if x.dim() != 2 or x.dtype != torch.bfloat16 or many or torch.is_grad_enabled():
             return head(x)
         x = x.contiguous()
@@ -655,7 +662,7 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCau
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)
-    lib = library(pairs)  # build now, not in the first request
+    library(pairs)  # build now, not in the first request
     for layer in model.layers:
         mlp, attn = layer.mlp, layer.self_attn
         if not model.quantized:  # int8 buffers are made contiguous
@@ -672,7 +679,7 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCau
         head = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False, device="meta")
         head.weight = table.weight  # the same parameter: nothing allocated, nothing copied
     if (isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16) or type(head) is nn.Linear:
-        model.lm_head = NativeHead(head, lib)
+        model.lm_head = NativeHead(head, pairs)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -414,13 +414,17 @@ def test_the_native_head_is_torchs_head_within_rounding_and_the_same_bits_in_any
     """An LM head over a step's token-producing rows runs natively (pregate.native.NativeHead): an int8
     one, or a plain bfloat16 one (tied to the embedding, the same table: what a CPU that cannot pack
     bfloat16 serves). Torch's product within one bfloat16 step of each logit, a row's logits the same bits
-    alone or in a batch; with a gradient, and in int8 past HEAD_ROWS rows, it is the wrapped layer itself
-    (bfloat16 stays native there)."""
+    alone or in a batch; with a gradient, and in int8 past its `max_rows` (HEAD_ROWS, or PAIR_HEAD_ROWS
+    on the pair dot products), it is the wrapped layer itself (bfloat16 stays native there)."""
     plain, model = native_moe(quantize, seed=8, pairs=pairs)
     if quantize is None:  # attach_native on the plain weights: the packed head a packing CPU serves stays
         model = native.attach_native(copy.deepcopy(plain), pairs)
     head = model.lm_head
     assert isinstance(head, native.NativeHead) and head.int8 == (quantize == "int8")
+    on_pairs = native.pair_dots() if pairs is None else pairs
+    assert head.max_rows == (
+        None if not quantize else native.PAIR_HEAD_ROWS if on_pairs else native.HEAD_ROWS
+    )
     if quantize is None:
         assert head.inner.weight is model.embed_tokens.weight  # tied: no copy
     width = head.inner.in_features
@@ -428,9 +432,10 @@ def test_the_native_head_is_torchs_head_within_rounding_and_the_same_bits_in_any
     with torch.no_grad():
         got, want = head(x), head.inner(x)
         alone = torch.cat([head(x[i : i + 1]) for i in range(5)])
-        many = torch.randn(native.HEAD_ROWS + 1, width).to(torch.bfloat16)
+        many = torch.randn((head.max_rows or native.HEAD_ROWS) + 1, width).to(torch.bfloat16)
         if quantize:
             assert torch.equal(head(many), head.inner(many))
+            assert torch.equal(head(many[:-1])[:1], head(many[:1]))  # up to max_rows: native, batched
         else:
             assert torch.equal(head(many)[:1], head(many[:1]))
     assert torch.equal(alone, got)
