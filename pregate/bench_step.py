@@ -48,6 +48,7 @@ from pregate.llama_reference import GGUF_TYPES
 from pregate.metrics import repeat_spread
 from pregate.moe import MoEConfig, MoEForCausalLM, Routing, Segment, load_config
 from pregate.native import pair_dots
+from pregate.native import products as native_products
 from pregate.packed import can_pack, cpu_packs_bfloat16, serving_layout
 from pregate.quantize import check_mode, padded
 from pregate.roofline import (
@@ -566,8 +567,9 @@ def run_bench_step(
     if cfg.native:  # serving_layout refuses a model native cannot run, with the reason
         progress("native-layer copies of the MoE" + " and the dense parent" * (dense is not None))
         layout_copies(STEP_MOE_NATIVE, STEP_DENSE_NATIVE, None, True, bw)
-        products = "AVX512-BF16's pair dot products" if pair_dots() else "AVX2"
-        notes.append(f"--native: bfloat16 and int8 products on {products} (pregate.native.pair_dots)")
+        notes.append(
+            f"--native: bfloat16 and int8 products on {native_products()} (pregate.native.pair_dots)"
+        )
         if cfg.avx2_products and pair_dots():
             layout_copies(STEP_MOE_NATIVE_AVX2, STEP_DENSE_NATIVE_AVX2, None, True, bw, pairs=False)
         elif cfg.avx2_products:

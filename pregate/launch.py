@@ -100,6 +100,10 @@ def load_engine(
             "bfloat16 products run on plain weights, far slower; --native serves this model faster "
             "(docs/serving.md)"
         )
+    if native:
+        from pregate.native import products
+
+        print(f"native decode layers: bfloat16 and int8 products on {products()} (pregate.native)")
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(

@@ -147,6 +147,11 @@ def pair_dots() -> bool:
     return isa == "auto" and cpu_pair_dots()
 
 
+def products() -> str:
+    """What the native kernels' bfloat16 and int8 products run on here by default, in words."""
+    return "AVX512-BF16's pair dot products" if pair_dots() else "AVX2"
+
+
 def weights_reason(weight: torch.Tensor, dtype: torch.dtype, what: str) -> str | None:
     """Why the native kernels cannot run on weights like `weight` here (the machine first, then its dtype
     and device: `what` names what they run, e.g. "bfloat16 models"), or None if they can."""

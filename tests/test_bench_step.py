@@ -24,6 +24,7 @@ from pregate.cli import main
 from pregate.errors import PregateError
 from pregate.moe import load_moe, save_moe
 from pregate.native import pair_dots as native_pair_dots
+from pregate.native import products as native_products
 from pregate.native import unavailable_reason as native_unavailable
 from pregate.packed import cpu_packs_bfloat16
 from pregate.quantize import quantize_model
@@ -223,6 +224,7 @@ def test_native_systems_run_beside_the_packed_ones(moe_dir):
     assert set(rows) == {"moe", "dense", "moe-native", "dense-native"} | avx2
     assert rows["moe-native"]["bytes"] == rows["moe"]["bytes"]  # the same bytes, another kernel
     products = "AVX512-BF16's pair dot products" if native_pair_dots() else "AVX2"
+    assert products == native_products()
     assert f"--native: bfloat16 and int8 products on {products} (pregate.native.pair_dots)" in result["notes"]
     if not avx2:
         assert any(n.startswith("--avx2-products: nothing to compare") for n in result["notes"])

@@ -254,9 +254,10 @@ def test_what_native_refuses():
     assert "SiLU" in native.can_run_native(gelu)
 
 
-def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_checkpoint, tmp_path):
+def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_checkpoint, tmp_path, capsys):
     """`pregate serve --native`'s loader: the checkpoint's MoE with native MLPs behind its router, giving
-    the tokens of the plain bfloat16 engine; with an expert store it is refused with the reason."""
+    the tokens of the plain bfloat16 engine, and saying which products its kernels run; with an expert
+    store it is refused with the reason."""
     from transformers import AutoTokenizer
 
     from pregate.engine import Engine, SamplingParams
@@ -267,6 +268,10 @@ def test_serve_loads_the_native_layout_and_answers_with_the_plain_tokens(tiny_ch
     out = served_checkpoint(tiny_checkpoint, tmp_path)
     engine = load_engine(str(out), dtype="bfloat16", native=True)
     assert engine.model.native is not None
+    assert native.products() == ("AVX512-BF16's pair dot products" if native.pair_dots() else "AVX2")
+    assert (
+        f"native decode layers: bfloat16 and int8 products on {native.products()}" in capsys.readouterr().out
+    )
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     got = engine.generate(["hello", "a longer prompt"], params)
     plain = Engine(load_moe(out, torch.bfloat16), AutoTokenizer.from_pretrained(out), load_router(out))
