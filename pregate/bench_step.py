@@ -570,13 +570,14 @@ def run_bench_step(
         notes.append(
             f"--native: bfloat16 and int8 products on {native_products()} (pregate.native.pair_dots)"
         )
-        if cfg.avx2_products and pair_dots():
+        avx2 = cfg.avx2_products and pair_dots()  # elsewhere the native layers run AVX2's already
+        if avx2:
             layout_copies(STEP_MOE_NATIVE_AVX2, STEP_DENSE_NATIVE_AVX2, None, True, bw, pairs=False)
         elif cfg.avx2_products:
             notes.append("--avx2-products: nothing to compare, the native layers run AVX2's products here")
         if cfg.quantize:
             layout_copies(STEP_MOE_INT8_NATIVE, STEP_DENSE_INT8_NATIVE, cfg.quantize, True, bw_int8)
-        if cfg.quantize and cfg.avx2_products and pair_dots():
+        if cfg.quantize and avx2:
             names = STEP_MOE_INT8_NATIVE_AVX2, STEP_DENSE_INT8_NATIVE_AVX2
             layout_copies(*names, cfg.quantize, True, bw_int8, pairs=False)
     serving_layout(moe, router)  # as the engine serves them (serve, bench serve): packed in bf16

@@ -509,17 +509,16 @@ class NativeHead(nn.Module):
     `native/linear.c`. Two cases: an int8 head, over at most `max_rows` rows (`HEAD_ROWS`: at one row
     torch's int8 kernel read this 49k-row matrix at about 0.6x the memory's rate, `bench step`'s int8
     breakdown; past HEAD_ROWS it is the faster one; `PAIR_HEAD_ROWS` on the pair dot products); and a
-    plain bfloat16 head over any rows, what a CPU whose oneDNN
-    cannot pack bfloat16 serves (pregate.packed), where torch's product on the plain weights takes far
-    longer at every row count (docs/serving.md). Other calls, and any with a gradient, go to the wrapped
-    layer (`inner`); a tied head wraps the embedding's own table, nothing copied."""
+    plain bfloat16 head over any rows, what a CPU whose oneDNN cannot pack bfloat16 serves
+    (pregate.packed), where torch's product on the plain weights takes far longer at every row count
+    (docs/serving.md). Other calls, and any with a gradient, go to the wrapped layer (`inner`); a tied
+    head wraps the embedding's own table, nothing copied. `pairs`: its kernel (library)."""
 
-    def __init__(self, head: nn.Linear | Int8Linear, pairs: bool | None = None):
+    def __init__(self, head: nn.Linear | Int8Linear, pairs: bool):
         super().__init__()
         self.inner = head
         self.int8 = isinstance(head, Int8Linear)
         self.kernel = library(pairs).pg_linear
-        pairs = pair_dots() if pairs is None else pairs
         self.max_rows = None if not self.int8 else PAIR_HEAD_ROWS if pairs else HEAD_ROWS  # None: any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -552,9 +551,8 @@ class NativeDecoder:
     for a step that runs wholly through torch; `run(h, cos, sin, step)` -> the rows leaving the last
     layer."""
 
-    def __init__(self, model: MoEForCausalLM, pairs: bool | None = None):
+    def __init__(self, model: MoEForCausalLM, pairs: bool):
         lib = library(pairs)
-        pairs = pair_dots() if pairs is None else pairs
         self.num_experts = model.num_experts
         self.whole_rows = whole_rows(bool(model.quantized))
         # int8 keeps calls of 8: on its pair products a side-by-side script found calls of 16 no faster
@@ -667,6 +665,7 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCau
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)
+    pairs = pair_dots() if pairs is None else pairs
     library(pairs)  # build now, not in the first request
     for layer in model.layers:
         mlp, attn = layer.mlp, layer.self_attn
