@@ -77,12 +77,15 @@ STEP_MOE_NATIVE_AVX2 = "moe-native-avx2"  # with --native --avx2-products on a C
 STEP_DENSE_NATIVE_AVX2 = "dense-native-avx2"  # native copies on AVX2's products (pregate.native.pair_dots),
 STEP_MOE_INT8_NATIVE_AVX2 = "moe-int8-native-avx2"  # with --quantize int8 the int8 ones too
 STEP_DENSE_INT8_NATIVE_AVX2 = "dense-int8-native-avx2"
+STEP_MOE_NATIVE_TILES = "moe-native-tiles"  # with --native --native-tiles: the bfloat16 native copies with
+STEP_DENSE_NATIVE_TILES = "dense-native-tiles"  # their decoder weights tiled, on AVX2's products
 MOE_SYSTEMS = (
     STEP_MOE,
     STEP_MOE_INT8,
     STEP_MOE_UNPACKED,
     STEP_MOE_NATIVE,
     STEP_MOE_NATIVE_AVX2,
+    STEP_MOE_NATIVE_TILES,
     STEP_MOE_INT8_NATIVE,
     STEP_MOE_INT8_NATIVE_AVX2,
 )
@@ -105,6 +108,7 @@ class StepBenchConfig:
     unpacked: bool = False  # also the bfloat16 models with plain (not prepacked) weights
     native: bool = False  # also the models through the native decode layers (pregate.native)
     avx2_products: bool = False  # with native: also its copies on AVX2's products, where pairs run
+    native_tiles: bool = False  # with native: also its bfloat16 copies with tiled weights (native_layout)
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -144,6 +148,8 @@ class StepBenchConfig:
             raise BenchError("--native runs bfloat16 weights; drop --dtype float32")
         if self.avx2_products and not self.native:
             raise BenchError("--avx2-products compares the native layers' products; add --native")
+        if self.native_tiles and not self.native:
+            raise BenchError("--native-tiles compares the native layers' weight layouts; add --native")
         if not self.flag_spread > 0:
             raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
         if self.gguf is not None and not Path(self.gguf).is_file():
@@ -538,14 +544,20 @@ def run_bench_step(
     bandwidths = {STEP_MOE: bw, STEP_DENSE: bw}
 
     def layout_copies(
-        moe_name: str, dense_name: str, quantize: str | None, native: bool, rates: dict, pairs=None
+        moe_name: str,
+        dense_name: str,
+        quantize: str | None,
+        native: bool,
+        rates: dict,
+        pairs=None,
+        tiles=False,
     ) -> None:
         """Copies of the MoE (with its router) and the dense parent in another serving layout."""
         models[moe_name], routers[moe_name] = serving_layout(
-            copy.deepcopy(moe), copy.deepcopy(router), quantize, native, pairs
+            copy.deepcopy(moe), copy.deepcopy(router), quantize, native, pairs, tiles
         )
         if dense is not None:
-            models[dense_name] = serving_layout(copy.deepcopy(dense), None, quantize, native, pairs)[0]
+            models[dense_name] = serving_layout(copy.deepcopy(dense), None, quantize, native, pairs, tiles)[0]
         bandwidths[moe_name] = bandwidths[dense_name] = rates
 
     if cfg.quantize:
@@ -575,6 +587,11 @@ def run_bench_step(
             layout_copies(STEP_MOE_NATIVE_AVX2, STEP_DENSE_NATIVE_AVX2, None, True, bw, pairs=False)
         elif cfg.avx2_products:
             notes.append("--avx2-products: nothing to compare, the native layers run AVX2's products here")
+        if cfg.native_tiles:  # AVX2's products: where the pair products run, beside their AVX2 copies
+            layout_copies(
+                STEP_MOE_NATIVE_TILES, STEP_DENSE_NATIVE_TILES, None, True, bw, pairs=False, tiles=True
+            )
+            notes.append("--native-tiles: the tiled copies run AVX2's products (pregate.native_layout)")
         if cfg.quantize:
             layout_copies(STEP_MOE_INT8_NATIVE, STEP_DENSE_INT8_NATIVE, cfg.quantize, True, bw_int8)
         if cfg.quantize and avx2:
@@ -595,6 +612,7 @@ def run_bench_step(
             STEP_DENSE_UNPACKED,
             STEP_DENSE_NATIVE,
             STEP_DENSE_NATIVE_AVX2,
+            STEP_DENSE_NATIVE_TILES,
             STEP_DENSE_INT8_NATIVE,
             STEP_DENSE_INT8_NATIVE_AVX2,
         )
@@ -672,6 +690,10 @@ def run_bench_step(
         for r in rows
         if r["system"] in MOE_SYSTEMS and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
     ]
+    for name in (STEP_MOE_NATIVE_TILES, STEP_DENSE_NATIVE_TILES):
+        tiling = models[name].native.tiling if models.get(name) is not None else True
+        if tiling is None or not (tiling is True or tiling.tiled):  # tiling None: the model could not tile
+            notes.append(f"{name}: its weights were read as rows, not tiles (pregate.native_layout)")
 
     breakdown: dict = {}
     if cfg.breakdown:

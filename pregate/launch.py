@@ -56,6 +56,7 @@ def load_engine(
     prefetch: bool = False,
     quantize: str | None = None,
     native: bool = False,
+    tiles: bool = False,
 ) -> Engine:
     """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
 
@@ -64,7 +65,8 @@ def load_engine(
     while a layer computes). The model then computes in the checkpoint's dtype.
     quantize "int8": weight-only int8 (pregate.quantize); with resident_experts the routed experts stay in
     the checkpoint's dtype (the store serves them) and the rest is int8.
-    native: decode rows through the native layers (pregate.native; bfloat16 or int8, experts resident)."""
+    native: decode rows through the native layers (pregate.native; bfloat16 or int8, experts resident);
+    tiles: with native, its bfloat16 decoder weights tiled for AVX2's products (pregate.native_layout)."""
     from transformers import AutoTokenizer
 
     from pregate.checkpoint import parse_dtype
@@ -74,6 +76,8 @@ def load_engine(
     store, weights_dtype = None, parse_dtype(dtype)
     if native and resident_experts is not None:  # before any loading: the two options exclude each other
         raise PregateError("--native needs every routed expert resident; drop --resident-experts")
+    if tiles and not native:
+        raise PregateError("--native-tiles lays out the native layers' weights; add --native")
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig
 
@@ -93,7 +97,7 @@ def load_engine(
         )
     from pregate.packed import cpu_packs_bfloat16, serving_layout
 
-    serving_layout(moe, router, quantize, native)  # int8, or packed bfloat16 on CPU (pregate.packed)
+    serving_layout(moe, router, quantize, native, tiles=tiles)  # int8, or packed bfloat16 (pregate.packed)
     if weights_dtype == torch.bfloat16 and not (quantize or native or cpu_packs_bfloat16()):
         print(
             "note: this CPU's oneDNN cannot pack bfloat16 (no avx_ne_convert or AVX-512), so torch's "
@@ -133,6 +137,7 @@ def serve(
     quantize: str | None = None,
     timeout_read: float = READ_TIMEOUT_S,
     native: bool = False,
+    tiles: bool = False,
 ) -> None:
     """Serve a trained pregate MoE (`load_engine`) until interrupted.
 
@@ -152,7 +157,9 @@ def serve(
             raise PregateError(
                 f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
             ) from None
-    engine = load_engine(model_dir, config, router_dir, dtype, resident_experts, prefetch, quantize, native)
+    engine = load_engine(
+        model_dir, config, router_dir, dtype, resident_experts, prefetch, quantize, native, tiles
+    )
     store = engine.store
     name = model_name or Path(model_dir).resolve().name
     print(

@@ -55,6 +55,7 @@ from torch import nn
 
 from pregate.errors import PregateError, check_expert_ids
 from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan, expert_groups
+from pregate.native_layout import Tiling, gate_up_order
 from pregate.quantize import Int8Experts, Int8Linear, padded
 
 SOURCES = Path(__file__).parent / "native"
@@ -257,7 +258,7 @@ class _AttentionWeights(ctypes.Structure):
 
     _fields_ = [("norm_w", _PTR), ("eps", ctypes.c_float), ("int8", _INT), ("w_qkv", _PTR)]
     _fields_ += [("qkv_scale", _PTR), ("b_qkv", _PTR), ("N", _INT), ("G", _INT), ("D", _INT)]
-    _fields_ += [("w_o", _PTR), ("o_scale", _PTR)]
+    _fields_ += [("w_o", _PTR), ("o_scale", _PTR), ("blocked", _INT)]
 
 
 class _MLPWeights(ctypes.Structure):
@@ -270,7 +271,7 @@ class _MLPWeights(ctypes.Structure):
     _fields_ += [
         (name, _LONG) for name in ("gu_step", "gu_scale_step", "dn_step", "dn_scale_step", "dn_stride")
     ]
-    _fields_ += [("widths", _PTR), ("ups", _PTR)]
+    _fields_ += [("widths", _PTR), ("ups", _PTR), ("blocked", _INT)]
 
 
 class _RoutingPlan(ctypes.Structure):
@@ -551,7 +552,7 @@ class NativeDecoder:
     for a step that runs wholly through torch; `run(h, cos, sin, step)` -> the rows leaving the last
     layer."""
 
-    def __init__(self, model: MoEForCausalLM, pairs: bool):
+    def __init__(self, model: MoEForCausalLM, pairs: bool, tiles: bool = False):
         lib = library(pairs)
         self.num_experts = model.num_experts
         self.whole_rows = whole_rows(bool(model.quantized))
@@ -562,6 +563,35 @@ class NativeDecoder:
         self.attention = (_AttentionWeights * n)(*[layer.weights for layer in self.layers])
         self.mlps = (_MLPWeights * n)(*[layer.mlp.weights for layer in self.layers])
         self.kernel = lib.pg_decode
+        self.tiling = self._tiling(model) if tiles else None
+
+    def _tiling(self, model: MoEForCausalLM) -> Tiling | None:
+        """The bfloat16 decoder weights tiled for AVX2's products (pregate.native_layout); None where
+        one cannot be tiled in place (the kernels then read rows)."""
+        tiling = Tiling()
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            tiling.add(attn.qkv_proj, "weight")
+            tiling.add(attn.o_proj, "weight")
+            tiling.add(mlp.gate_up_proj, "weight", order=gate_up_order(mlp.shared, mlp.shared))
+            tiling.add(mlp.down_proj, "weight")
+            if self.layers[i].mlp.weights.routed:
+                for e, width in enumerate(mlp.widths):  # gate|up rows [0, 2W), down [H, W] of [H, R]
+                    tiling.add(mlp, "w_gate_up", lambda t, e=e: t[e], gate_up_order(width, width))
+                    tiling.add(mlp, "w_down_t", lambda t, e=e: t.mT[e], cols=width)
+            tiling.flags += [
+                self.attention[i],
+                self.mlps[i],
+                self.layers[i].weights,
+                self.layers[i].mlp.weights,
+            ]
+        if not tiling.fits():
+            return None
+        tiling.tile()
+        for layer in model.layers:  # torch reads rows: a forward or a state_dict puts them back first
+            tiling.hook(layer.self_attn)
+            tiling.hook(layer.mlp)
+        return tiling
 
     def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:
         if torch.is_grad_enabled() or h.dtype != torch.bfloat16:
@@ -657,15 +687,22 @@ def can_run_native(model: MoEForCausalLM) -> str | None:
 
 
 @torch.no_grad()
-def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCausalLM:
+def attach_native(model: MoEForCausalLM, pairs: bool | None = None, tiles: bool = False) -> MoEForCausalLM:
     """Give a bfloat16 model with plain decoder layers, or one quantized to int8, its native decode path
     (in place; the weights stay as they are), its bfloat16 and int8 products on AVX512-BF16's pair dot
-    products or AVX2's (`pairs`, library()). Raises PregateError when `can_run_native` refuses (the
-    routed experts must be resident: no expert store)."""
+    products or AVX2's (`pairs`, library()). `tiles`: the bfloat16 decoder weights tiled in place for
+    AVX2's products (pregate.native_layout, `--native-tiles`). Raises PregateError when `can_run_native`
+    refuses (the routed experts must be resident: no expert store), or tiles cannot run."""
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)
     pairs = pair_dots() if pairs is None else pairs
+    if tiles and (pairs or model.quantized):
+        what = "int8 weights" if model.quantized else "AVX512-BF16's pair dot products (this CPU's default)"
+        raise PregateError(
+            f"--native-tiles tiles bfloat16 weights for AVX2's products, not {what}"
+            + (f"; {ISA_ENV}=avx2 runs AVX2's" if pairs and not model.quantized else "")
+        )
     library(pairs)  # build now, not in the first request
     for layer in model.layers:
         mlp, attn = layer.mlp, layer.self_attn
@@ -676,7 +713,7 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None) -> MoEForCau
             # each routed down as rows [H, R], read along them like every other product (a transposed
             # [R, H] read column by column was the slowest product); torch reads the transposed view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
-    model.native = NativeDecoder(model, pairs)
+    model.native = NativeDecoder(model, pairs, tiles)
     head = model.lm_head  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
     if head is None:  # tied to the embedding, plain
         table = model.embed_tokens

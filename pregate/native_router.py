@@ -40,6 +40,7 @@ class _Matrix(ctypes.Structure):
         ("scale", ctypes.c_void_p),
         ("stride", ctypes.c_long),
         ("w32", ctypes.c_void_p),
+        ("blocked", ctypes.c_int),  # 0: the router's weights stay in rows
     ]
 
 

@@ -172,14 +172,15 @@ def serving_layout(
     quantize: str | None = None,
     native: bool = False,
     pairs: bool | None = None,
+    tiles: bool = False,
 ):
     """In place, the layout the engine serves: `quantize` ("int8") quantizes the model and its router
     (pregate.quantize); without it a bfloat16 model on CPU and its router are packed; anything else is
     left as it is. `native`: decode rows run through pregate.native, over int8 weights with `quantize`,
     else over plain bfloat16 decoder layers (the LM head packed as above), and the router routes decode
     tokens through pregate.native_router (its int8 or plain float32 weights); raises PregateError where
-    that cannot run; `pairs` picks its bfloat16 products (pregate.native.library). Returns (model,
-    router)."""
+    that cannot run; `pairs` picks its bfloat16 products (pregate.native.library), `tiles` tiles its
+    bfloat16 decoder weights (pregate.native.attach_native). Returns (model, router)."""
     if native:
         from pregate.native import attach_native, can_run_native
         from pregate.native_router import attach_native_router
@@ -196,7 +197,7 @@ def serving_layout(
         if router is not None and not native:
             pack_router(router)
     if native:
-        attach_native(model, pairs)
+        attach_native(model, pairs, tiles)
         if router is not None:
             attach_native_router(router, pairs)
     return model, router

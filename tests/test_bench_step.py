@@ -29,26 +29,39 @@ from pregate.native import unavailable_reason as native_unavailable
 from pregate.packed import cpu_packs_bfloat16
 from pregate.quantize import quantize_model
 from pregate.router import LayerwiseGate, PreGatingRouter, RouterConfig, save_router
-from tests.conftest import build
+from tests.conftest import build, tiny_hf_model, tiny_tokenizer
 
 TINY = dict(batch_sizes=[1, 3], expert_batch=3, prompt_len=4, warmup_steps=1, decode_steps=3, floor_mb=1)
 
 
-@pytest.fixture
-def moe_dir(tiny_checkpoint, tmp_path):
-    """A saved 3-expert MoE of the tiny checkpoint, with its tokenizer and a tiny pre-gating router."""
+def saved_moe(checkpoint, out):
+    """A saved 3-expert MoE of `checkpoint` at `out`, with its tokenizer and a tiny pre-gating router."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     moe = build(hf)
-    moe.config.provenance = {"base": str(tiny_checkpoint)}
-    out = tmp_path / "moe"
+    moe.config.provenance = {"base": str(checkpoint)}
     out.mkdir()
     save_moe(moe, out)
-    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
     router = PreGatingRouter(RouterConfig.preset("tiny", vocab_size=hf.config.vocab_size, num_experts=3))
     save_router(router, out)
     return out
+
+
+@pytest.fixture
+def moe_dir(tiny_checkpoint, tmp_path):
+    return saved_moe(tiny_checkpoint, tmp_path / "moe")
+
+
+@pytest.fixture
+def moe_dir_64(tmp_path):
+    """moe_dir's MoE at hidden size 64: int8's native kernels need a multiple of 32 (the tiny one has 48)."""
+    tokenizer = tiny_tokenizer(tmp_path)
+    checkpoint = tmp_path / "tiny-llama-64"
+    tiny_hf_model("llama", vocab_size=len(tokenizer), hidden_size=64).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    return saved_moe(checkpoint, tmp_path / "moe-64")
 
 
 @pytest.fixture
@@ -241,6 +254,40 @@ def test_native_systems_run_beside_the_packed_ones(moe_dir):
         StepBenchConfig(dtype="float32", native=True)
     with pytest.raises(BenchError, match="add --native"):
         StepBenchConfig(avx2_products=True)
+    with pytest.raises(BenchError, match="add --native"):
+        StepBenchConfig(native_tiles=True)
+
+
+@pytest.mark.skipif(native_unavailable() is not None, reason=str(native_unavailable()))
+def test_native_tiles_run_beside_the_native_rows(moe_dir):
+    """--native --native-tiles: the tiled copies beside the others, the same bytes, and still tiled after
+    every timed step (a torch read would have put the rows back, and the notes would say so)."""
+    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, native_tiles=True, hf=False)
+    result = run_bench_step(moe_dir, cfg, progress=lambda _: None)
+    rows = {r["system"]: r for r in result["batch_sizes"] if r["batch"] == 3}
+    assert {"moe-native-tiles", "dense-native-tiles"} <= set(rows)
+    assert rows["moe-native-tiles"]["bytes"] == rows["moe-native"]["bytes"]
+    assert rows["dense-native-tiles"]["decode_ms"]["median"] > 0
+    assert any(n.startswith("--native-tiles:") for n in result["notes"])
+    assert not any("read as rows, not tiles" in n for n in result["notes"])
+
+
+@pytest.mark.skipif(native_unavailable() is not None, reason=str(native_unavailable()))
+def test_native_int8_systems_run_and_a_width_native_cannot_take_is_refused(moe_dir_64, moe_dir):
+    """--native --quantize int8: the int8 copies through the native layers beside the others, their bytes
+    int8's; on a hidden size int8's kernels cannot take, a clean error that says why."""
+    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, quantize="int8", hf=False)
+    result = run_bench_step(moe_dir_64, cfg, progress=lambda _: None)
+    rows = {r["system"]: r for r in result["batch_sizes"] if r["batch"] == 3}
+    int8 = {"moe-int8", "dense-int8", "moe-int8-native", "dense-int8-native"}
+    assert set(rows) == {"moe", "dense", "moe-native", "dense-native"} | int8
+    assert rows["moe-int8-native"]["bytes"] == rows["moe-int8"]["bytes"]
+    assert rows["moe-int8"]["bytes"]["total"] < rows["moe-native"]["bytes"]["total"]
+    assert all(rows[name]["decode_ms"]["median"] > 0 for name in int8)
+    parts = result["breakdown"]["pregating_int8_native"]
+    assert [r["batch"] for r in parts] == [1, 3] and all(r["native"] > 0 for r in parts)
+    with pytest.raises(PregateError, match="multiple of 32"):
+        run_bench_step(moe_dir, cfg, progress=lambda _: None)
 
 
 def test_layerwise_direct_path_runs(moe_dir):

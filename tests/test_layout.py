@@ -28,6 +28,7 @@ SERVING = (
     "quantize",
     "packed",
     "native",
+    "native_layout",
     "native_router",
     "checkpoint",
 )

@@ -493,3 +493,17 @@ def test_which_products_run_and_how_to_keep_avx2s(monkeypatch):
     else:
         with pytest.raises(PregateError, match="avx512_bf16"):
             native.library(True)
+
+
+def test_the_native_option_s_help_states_the_limits_native_defines():
+    """cli/options.py stays torch-free for a fast `pregate --help`, so its --native text writes the row
+    limits out: they must be the ones pregate.native runs."""
+    import argparse
+
+    from pregate.cli.options import add_native
+
+    parser = argparse.ArgumentParser()
+    add_native(parser)
+    text = " ".join(parser._option_string_actions["--native"].help.split())
+    assert f"steps of at most {native.WHOLE_ROWS} tokens" in text
+    assert f"of at most {native.NATIVE_ROWS} rows ({native.PAIR_ROWS} on AVX512-BF16" in text

@@ -37,6 +37,13 @@ def add_serve(p) -> None:
     add_dtype(p, "bfloat16", "weight dtype; attention is float32 on CPU")
     add_quantize(p)
     add_native(p)
+    p.add_argument(
+        "--native-tiles",
+        action="store_true",
+        help="with --native, bfloat16 on AVX2's products: the decoder weights tiled in place, so each "
+        "native call streams one run of memory (pregate.native_layout): faster steps of one token a "
+        "step (single-stream use), slower ones of several (docs/serving.md; default: off)",
+    )
     add_resident_experts(
         p,
         help="keep only this many whole routed experts in memory (Belady eviction; the rest are read "
@@ -124,6 +131,7 @@ def cmd_serve(args) -> None:
         limits,
         quantize=args.quantize,
         native=args.native,
+        tiles=args.native_tiles,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful=args.timeout_graceful,
         timeout_read=args.timeout_read,
@@ -253,6 +261,12 @@ def add_bench_step(p) -> None:
         help="with --native on a CPU with AVX512-BF16: also the native MoE and dense parent on AVX2's "
         "products (moe-native-avx2, dense-native-avx2; with --quantize also moe-int8-native-avx2, "
         "dense-int8-native-avx2), beside the pair dot products they run by default",
+    )
+    p.add_argument(
+        "--native-tiles",
+        action="store_true",
+        help="with --native: also the bfloat16 native MoE and dense parent with their decoder weights tiled "
+        "for AVX2's products (moe-native-tiles, dense-native-tiles; pregate.native_layout)",
     )
     p.add_argument(
         "--layerwise",

@@ -155,8 +155,8 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const attention_weights
         att_rows[r] = att + (long)r * N * D;
     }
     long head_stride = (long)C * D, slot_stride = (long)G * head_stride;
-    matrix qkv_w = {int8 ? NULL : w_qkv, int8 ? w_qkv : NULL, qkv_scale, H, NULL};
-    matrix o_w = {int8 ? NULL : w_o, int8 ? w_o : NULL, o_scale, (long)N * D, NULL};
+    matrix qkv_w = layer_matrix(w_qkv, int8, qkv_scale, H, w->blocked);
+    matrix o_w = layer_matrix(w_o, int8, o_scale, (long)N * D, w->blocked);
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;

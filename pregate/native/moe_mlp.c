@@ -24,12 +24,14 @@ static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, i
     for (int j = j0; j < j1; j += 4) {
         int n = j1 - j < 4 ? j1 - j : 4; /* channels in this call; a short call repeats its last one */
         long w[8];
+        int last = gu.blocked && n < 4; /* a blocked matrix keeps its last channels' rows as rows, gate, up */
         for (int c = 0; c < 4; c++) {
-            int jc = j + (c < n ? c : n - 1);
-            w[2 * c] = jc;
-            w[2 * c + 1] = U + jc;
+            int jc = c < n ? c : n - 1;
+            w[2 * c] = last ? 2 * jc : j + jc;
+            w[2 * c + 1] = last ? 2 * jc + 1 : U + j + jc;
         }
-        dot8(gu, w, xs, xb, rows, H, 4, d);
+        /* a blocked tile: channels j..j+3, gate and up rows by turns */
+        dot8(last ? rows_after_tiles(gu, j / 4) : gu, w, j / 4, xs, xb, rows, H, last ? 0 : 4, d);
         for (int c = 0; c < n; c++)
             for (int i = 0; i < rows; i++) {
                 float g = round_bf16(d[2 * c * rows + i]), u = round_bf16(d[(2 * c + 1) * rows + i]);
@@ -93,8 +95,9 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
             if (rows_of[i] == r) by_row[n++] = i;
     }
     row_start[M] = n;
-    matrix shared_gu = {int8 ? NULL : s_gu, int8 ? s_gu : NULL, s_gu_scale, H, NULL};
-    matrix shared_down = {int8 ? NULL : s_down, int8 ? s_down : NULL, s_down_scale, S, NULL};
+    int blocked = w->blocked;
+    matrix shared_gu = layer_matrix(s_gu, int8, s_gu_scale, H, blocked);
+    matrix shared_down = layer_matrix(s_down, int8, s_down_scale, S, blocked);
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
@@ -104,9 +107,8 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
         gate_up(shared_gu, s_up, H, xs, M, lo, hi, as, S, d);
         for (int g = 0; g < groups; g++) {
             int e = experts[g];
-            matrix m = {NULL, NULL, NULL, H, NULL};
-            if (int8) m.w8 = (const int8_t *)gu + e * gu_step, m.scale = gu_scale + e * gu_scale_step;
-            else m.w16 = (const bf16 *)gu + e * gu_step;
+            matrix m = int8 ? layer_matrix((const int8_t *)gu + e * gu_step, 1, gu_scale + e * gu_scale_step, H, 0)
+                            : layer_matrix((const bf16 *)gu + e * gu_step, 0, NULL, H, blocked);
             share(widths[e], 4, t, nt, &lo, &hi);
             gate_up(m, ups[e], H, xe + starts[g], counts[g], lo, hi, ae + (long)starts[g] * widest, widest, d);
         }
@@ -116,9 +118,10 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
         for (int g = 0; g < groups; g++) {
             int e = experts[g];
             float *y = ye + (long)starts[g] * H;
-            matrix m = {NULL, NULL, NULL, dn_stride, NULL};
-            if (int8) m.w8 = (const int8_t *)dn + e * dn_step, m.scale = dn_scale + e * dn_scale_step;
-            else m.w16 = (const bf16 *)dn + e * dn_step;
+            matrix m = int8 ? layer_matrix((const int8_t *)dn + e * dn_step, 1, dn_scale + e * dn_scale_step,
+                                           dn_stride, 0)
+                            : layer_matrix((const bf16 *)dn + e * dn_step, 0, NULL, blocked ? widths[e] : dn_stride,
+                                           blocked); /* blocked: tiles of its [H, W] alone */
             rows_dot(m, widths[e], axe + starts[g], counts[g], lo, hi, y, H, d);
         }
         if (S) rows_dot(shared_down, S, ax, M, lo, hi, ys, H, d);

@@ -61,18 +61,30 @@ static inline float from_f32(float v) { return v; }
 
 /* A weight matrix as the kernels read it: rows of `stride` elements, bfloat16 (w16), float32 (w32, the
    router's) or int8 (w8, each row scaled by scale[row], torch's weight-only int8: the sum times the
-   scale; the caller rounds). */
+   scale; the caller rounds). blocked (bfloat16 only): w16 holds tiles of the eight rows one dot8 call
+   reads, `stride` elements a tile (DOTS says how; pregate.native_layout), so a call streams one run of
+   memory instead of eight rows at once: on an AVX2-only EPYC eight rows at once read a third slower. */
 typedef struct {
     const bf16 *w16;
     const int8_t *w8;
     const bf16 *scale;
     long stride;
     const float *w32;
+    int blocked;
 } matrix;
+
+/* The matrix of a layer's weights w (int8 with its scales, else bfloat16) with rows of `row` elements,
+   in tiles (blocked) or rows. */
+static inline matrix layer_matrix(const void *w, int int8, const bf16 *scale, long row, int blocked) {
+    blocked = blocked && !int8;
+    matrix m = {int8 ? NULL : w, int8 ? w : NULL, scale, blocked ? 8 * row : row, NULL, blocked};
+    return m;
+}
 
 /* One decoder layer's attention as pregate.native hands it over (a ctypes mirror of it there): the input
    norm, q|k|v [(N + 2G) D, H] (q heads, then k, then v) with its bias or NULL, o [H, N D]; bfloat16, or
-   with int8 set int8 rows with bfloat16 scales (pregate.quantize). N query heads, G kv heads of width D. */
+   with int8 set int8 rows with bfloat16 scales (pregate.quantize). N query heads, G kv heads of width D.
+   blocked: the bfloat16 matrices in tiles of 8 rows (matrix.blocked). */
 typedef struct {
     const bf16 *norm_w;
     float eps;
@@ -82,10 +94,13 @@ typedef struct {
     int N, G, D;
     const void *w_o;
     const bf16 *o_scale;
+    int blocked;
 } attention_weights;
 
 /* One decoder layer's MLP (the shared expert and the routed ones; see moe_mlp.c for the layouts), with
-   the post-attention norm that precedes it. routed 0: no routed experts to run (the dense parent). */
+   the post-attention norm that precedes it. routed 0: no routed experts to run (the dense parent).
+   blocked: the bfloat16 matrices in tiles (matrix.blocked; a gate|up tile holds 4 channels, each one's
+   gate row and then its up row). */
 typedef struct {
     const bf16 *norm_w;
     float eps;
@@ -97,6 +112,7 @@ typedef struct {
     const bf16 *gu_scale, *dn_scale;
     long gu_step, gu_scale_step, dn_step, dn_scale_step, dn_stride;
     const int *widths, *ups;
+    int blocked;
 } mlp_weights;
 
 /* A step's expert assignments grouped by expert (pregate.native.PlanArgs): group g is expert experts[g]
@@ -116,19 +132,29 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
 /* Dot products of NW rows w[i] (element type T, read by LOAD / ONE) with NX float32 vectors x[j] (K
    each) into out[i * NX + j]. Every output has one accumulator, fed 8 terms at a time in order, summed
    across lanes, then the last K % 8 terms added in order: the same bits whichever tile computes it.
-   pf > 0: prefetch the rows pf elements further on (what the next call reads); the hardware prefetcher
-   alone reaches about half the memory's rate on rows this short. */
-#define DOTS(NAME, T, LOAD, ONE, NW, NX)                                                                 \
-    static void NAME##_##NW##x##NX(const T *const *w, const float *const *x, int K, long pf, float *out) { \
+   B 0: a row's terms are consecutive. B 1 (blocked, matrix.blocked): a tile's rows come in chunks of
+   CHUNK terms, the chunk of each of its 8 rows in turn (row i's at w[i], CHUNK apart), and from the
+   last whole chunk on each row's remaining terms one row after another, row i's at tail[i]. The sums
+   are the same either way. pf > 0: prefetch pf elements further on (rows: what the next call reads,
+   once per cache line of each row, since the hardware prefetcher alone reaches about half the memory's
+   rate on rows this short; blocked: a short way ahead of the one run a tile is). */
+#define CHUNK 32 /* bfloat16 terms in a cache line */
+#define AT(B, i, k) (B ? ((k) < kc ? w[i] + (k) + ((k) / CHUNK) * (7 * CHUNK) : tail[i] + (k) - kc) : w[i] + (k))
+#define DOTS(NAME, T, LOAD, ONE, NW, NX, B)                                                              \
+    static void NAME##_##NW##x##NX(const T *const *w, const T *const *tail, const float *const *x, int K,  \
+                                   long pf, float *out) {                                               \
         __m256 acc[NW][NX];                                                                              \
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();                                \
-        int k = 0;                                                                                       \
+        int k = 0, kc = K - K % CHUNK;                                                                   \
         for (; k + 8 <= K; k += 8) {                                                                     \
-            if (pf && !(k & (64 / sizeof(T) - 1))) /* once per cache line */                           \
+            if (!B && pf && !(k & (64 / sizeof(T) - 1))) /* once per cache line */                     \
                 for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
+            if (B && pf) /* the tile advances 8 x 8 terms a step */                                     \
+                for (int l = 0; l < 2; l++)                                                              \
+                    _mm_prefetch((const char *)(w[0] + 8 * k + pf + l * (64 / sizeof(T))), _MM_HINT_T0); \
             for (int i = 0; i < NW; i++) {                                                               \
-                __m256 wv = LOAD(w[i] + k);                                                              \
+                __m256 wv = LOAD(AT(B, i, k));                                                           \
                 for (int j = 0; j < NX; j++)                                                             \
                     acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + k), acc[i][j]);               \
             }                                                                                            \
@@ -136,22 +162,23 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) {                                                               \
                 float s = hsum(acc[i][j]);                                                               \
-                for (int t = k; t < K; t++) s += ONE(w[i][t]) * x[j][t];                                 \
+                for (int t = k; t < K; t++) s += ONE(*AT(B, i, t)) * x[j][t];                            \
                 out[i * NX + j] = s;                                                                     \
             }                                                                                            \
     }
-#define TILES(NAME, T, LOAD, ONE)                                                                         \
-    DOTS(NAME, T, LOAD, ONE, 8, 1)                                                                       \
-    DOTS(NAME, T, LOAD, ONE, 4, 2)                                                                       \
-    DOTS(NAME, T, LOAD, ONE, 2, 3)                                                                       \
-    DOTS(NAME, T, LOAD, ONE, 2, 4)                                                                       \
-    DOTS(NAME, T, LOAD, ONE, 1, 5)                                                                       \
-    DOTS(NAME, T, LOAD, ONE, 1, 6)                                                                       \
-    DOTS(NAME, T, LOAD, ONE, 1, 7)                                                                       \
-    DOTS(NAME, T, LOAD, ONE, 1, 8)
-TILES(dots16, bf16, load8, from_bf16)
-TILES(dots8, int8_t, load8_i8, from_i8)
-TILES(dots32, float, _mm256_loadu_ps, from_f32)
+#define TILES(NAME, T, LOAD, ONE, B)                                                                      \
+    DOTS(NAME, T, LOAD, ONE, 8, 1, B)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 4, 2, B)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 2, 3, B)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 2, 4, B)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 5, B)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 6, B)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 7, B)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 8, B)
+TILES(dots16, bf16, load8, from_bf16, 0)
+DOTS(blocked16, bf16, load8, from_bf16, 8, 1, 1)
+TILES(dots8, int8_t, load8_i8, from_i8, 0)
+TILES(dots32, float, _mm256_loadu_ps, from_f32, 0)
 
 /* Where the CPU has AVX512-BF16 (pregate.native then builds with it), the weights meet their inputs as
    bfloat16 pairs: vdpbf16ps makes 32 exact products a vector and adds them in float32, two to a lane.
@@ -233,14 +260,14 @@ PAIR_DOT8(pairs8, int8_t, pair8)
 #define DOT8(NAME, T)                                                                                    \
     static void NAME##_tile(const T *const *w, const float *const *x, int n, int K, long pf, float *out) { \
         switch (n) {                                                                                     \
-        case 1: NAME##_8x1(w, x, K, pf, out); return;                                                    \
-        case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, x, K, pf, out + p * 2); return;         \
-        case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, x, K, pf, out + p * 3); return;         \
-        case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, x, K, pf, out + p * 4); return;         \
-        case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, x, K, pf, out + p * 5); return;            \
-        case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, x, K, pf, out + p * 6); return;            \
-        case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, x, K, pf, out + p * 7); return;            \
-        default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, x, K, pf, out + p * 8); return;           \
+        case 1: NAME##_8x1(w, NULL, x, K, pf, out); return;                                              \
+        case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, NULL, x, K, pf, out + p * 2); return;   \
+        case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, NULL, x, K, pf, out + p * 3); return;   \
+        case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, NULL, x, K, pf, out + p * 4); return;   \
+        case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, NULL, x, K, pf, out + p * 5); return;      \
+        case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, NULL, x, K, pf, out + p * 6); return;      \
+        case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, NULL, x, K, pf, out + p * 7); return;      \
+        default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, NULL, x, K, pf, out + p * 8); return;     \
         }                                                                                                \
     }                                                                                                    \
     static void NAME##_dot8(const T *const *w, const float *const *xs, int M, int K, long pf, float *out) { \
@@ -257,9 +284,10 @@ DOT8(dots8, int8_t)
 DOT8(dots32, float)
 
 /* Floats of scratch that rows_dot and gate_up need (per thread) for `rows` inputs of up to K terms: the
-   tiles' outputs, then where the pair tiles run the inputs' bfloat16 copies. */
+   tiles' outputs, then where the pair tiles run the inputs' bfloat16 copies, else a blocked tile's
+   float32 rows (dot8). */
 static inline long dot_scratch(int rows, int K) {
-    return 8L * (rows + 1) + (PAIR_DOTS ? ((long)rows * K + 1) / 2 : 0);
+    return 8L * (rows + 1) + (PAIR_DOTS ? ((long)rows * K + 1) / 2 : 8L * K);
 }
 
 /* The bfloat16 copies of rows xs[i] (K floats holding bfloat16 values) that the pair tiles read, rows
@@ -277,11 +305,41 @@ static inline const bf16 *bf16_inputs(matrix w, const float *const *xs, int rows
     return b;
 }
 
+/* How far ahead, in elements, a blocked product prefetches: a short way; prefetching a whole tile ahead
+   read slower than none in a side-by-side script outside the repository. */
+#define BLOCKED_PF 512
+
 /* out[i * M + m] = row rows[i] of w . xs[m] (K terms) for eight rows and M vectors, int8 rows times
-   their scales; xb: bf16_inputs(w, xs, ...), the pair tiles' copies of xs, or NULL. pf: prefetch
-   distance in rows. */
-static inline void dot8(matrix w, const long *rows, const float *const *xs, const bf16 *xb, int M, int K, long pf,
-                        float *out) {
+   their scales; blocked: the rows of tile `tile` (rows unused). xb: bf16_inputs(w, xs, ...), the pair
+   tiles' copies of xs, or NULL. pf: prefetch distance in rows (0: none). */
+static inline void dot8(matrix w, const long *rows, long tile, const float *const *xs, const bf16 *xb, int M,
+                        int K, long pf, float *out) {
+    if (w.blocked) { /* the tile's rows by chunks of CHUNK terms; the terms past them one row after another */
+        const bf16 *base = w.w16 + tile * w.stride;
+        int kc = K - K % CHUNK;
+        if (M == 1) {
+            const bf16 *r[8], *tl[8];
+            for (int i = 0; i < 8; i++) r[i] = base + i * CHUNK, tl[i] = base + 8L * kc + (long)i * (K - kc);
+            blocked16_8x1(r, tl, xs, K, pf ? BLOCKED_PF : 0, out);
+            return;
+        }
+        /* more vectors: the tile read in its one run into float32 rows (exact), which the float32 tiles
+           then read from L1, each weight converted once, as the bfloat16 ones would */
+        float *f = out + 8L * (M + 1);
+        const float *r[8];
+        for (int c = 0; c < kc; c += CHUNK)
+            for (int i = 0; i < 8; i++) {
+                const bf16 *src = base + 8L * c + i * CHUNK;
+                if (pf) _mm_prefetch((const char *)(src + BLOCKED_PF), _MM_HINT_T0);
+                for (int e = 0; e < CHUNK; e += 8) _mm256_storeu_ps(f + (long)i * K + c + e, load8(src + e));
+            }
+        for (int i = 0; i < 8; i++) {
+            for (int t = kc; t < K; t++) f[(long)i * K + t] = from_bf16(base[8L * kc + (long)i * (K - kc) + t - kc]);
+            r[i] = f + (long)i * K;
+        }
+        dots32_dot8(r, xs, M, K, 0, out);
+        return;
+    }
     if (w.w8) {
         const int8_t *r[8];
         for (int i = 0; i < 8; i++) r[i] = w.w8 + rows[i] * w.stride;
@@ -307,16 +365,30 @@ static inline void dot8(matrix w, const long *rows, const float *const *xs, cons
     }
 }
 
-/* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8; a short tile repeats its
-   last row), K terms each. d: scratch for dot_scratch(rows, K) floats (8 * rows for float32 weights). */
+/* The rows that follow a blocked matrix's whole tiles, from tile `tile` on (pregate.native_layout keeps
+   a last short tile's rows as rows), as a matrix of rows. */
+static inline matrix rows_after_tiles(matrix w, long tile) {
+    matrix m = w;
+    m.w16 = w.w16 + tile * w.stride, m.stride = w.stride / 8, m.blocked = 0;
+    return m;
+}
+
+/* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8, lo a multiple of 8; a
+   short tile repeats its last row), K terms each. d: scratch for dot_scratch(rows, K) floats (8 * rows
+   for float32 weights). */
 static inline void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
                      float *d) {
     const bf16 *xb = lo < hi ? bf16_inputs(w, xs, rows, K, d) : NULL;
     for (int c = lo; c < hi; c += 8) {
         int m = hi - c < 8 ? hi - c : 8;
         long r[8];
-        for (int q = 0; q < 8; q++) r[q] = c + (q < m ? q : m - 1);
-        dot8(w, r, xs, xb, rows, K, 8, d);
+        if (w.blocked && m < 8) { /* the last rows, kept as rows */
+            for (int q = 0; q < 8; q++) r[q] = q < m ? q : m - 1;
+            dot8(rows_after_tiles(w, c / 8), r, 0, xs, xb, rows, K, 0, d);
+        } else {
+            for (int q = 0; q < 8; q++) r[q] = c + (q < m ? q : m - 1);
+            dot8(w, r, c / 8, xs, xb, rows, K, 8, d);
+        }
         for (int q = 0; q < m; q++)
             for (int i = 0; i < rows; i++) y[(long)i * ldy + c + q] = d[q * rows + i];
     }

@@ -1,0 +1,123 @@
+"""The native kernels' tiled weight layout (`matrix.blocked` in pregate/native/native.h), in place.
+
+A native product reads a matrix eight rows at a time (one `dot8` call). In the rows' own layout that is
+eight streams at once, which an AVX2-only AMD EPYC read about a third slower than one stream (15-18
+against 22-26 GB/s on 2 threads, one bfloat16 row per call, the MLP shapes of smollm2-135m; side-by-side
+C scripts outside the repository). Tiled, the eight rows of a call lie together, a cache line of each
+in turn, so a call of one row streams one run of memory. A call of more rows converts its tile to
+float32 rows first (each weight once, as the rows' tiles do) and multiplies those: slower than the rows'
+own tiles, so tiles pay for steps of one token a step (single-stream use) and cost steps of several
+(docs/serving.md). The sums are the same either way (each row's terms meet its accumulator in the same
+order), so the tiled kernels give the bits of the rows' ones.
+
+`--native-tiles` asks for it (AVX2's bfloat16 products only). The tiles reuse each weight's own storage
+(nothing copied, nothing added), so torch cannot read those weights: `Tiling` puts the rows back, in
+place, the first time torch would read them (a torch forward of a decoder layer's attention or MLP, or a
+state_dict), and from then on the kernels read rows. A serving step that runs wholly natively never
+does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TILE_ROWS = 8  # rows a native call reads at once (native.h's dot8)
+CHUNK = 32  # terms of a row that lie together in a tile: a cache line of bfloat16 (native.h's CHUNK)
+
+
+def tile(w: torch.Tensor, order: torch.Tensor | None = None, cols: int | None = None) -> None:
+    """The [N, K] matrix w (a view; its rows contiguous), tiled in place from the start of its storage:
+    its rows `order` (None: all in order; else an order of rows 0..len(order)-1), their first `cols` terms
+    (None: K). Tile t holds rows order[8t..8t+7]: their terms 0-31 one row after another, then their
+    terms 32-63, and so on, then each row's terms past its last whole chunk of 32, one row after another
+    (native.h's DOTS). The rows past the last whole tile stay rows, after the tiles."""
+    rows = (w if order is None else w[order])[:, :cols].contiguous()
+    w.view(-1)[: rows.numel()].copy_(_tiled(rows))
+
+
+def untile(w: torch.Tensor, order: torch.Tensor | None = None, cols: int | None = None) -> None:
+    """The inverse of `tile(w, order, cols)`; the terms past `cols` come back as zeros (`Tiling.fits`
+    tiles only matrices whose terms past cols are zero)."""
+    n, k = w.shape[0] if order is None else len(order), w.shape[1] if cols is None else cols
+    rows = _rows(w.view(-1)[: n * k].clone(), n, k)
+    if cols is not None:
+        w[:, cols:] = 0
+    if order is None:
+        w[:, :k] = rows
+    else:
+        w[order, :k] = rows
+
+
+def _tiled(rows: torch.Tensor) -> torch.Tensor:
+    n, k = rows.shape
+    whole, kc = n - n % TILE_ROWS, k - k % CHUNK
+    tiles = rows[:whole].reshape(whole // TILE_ROWS, TILE_ROWS, k)
+    chunks = tiles[:, :, :kc].reshape(len(tiles), TILE_ROWS, kc // CHUNK, CHUNK).transpose(1, 2)
+    t = len(tiles)
+    parts = torch.cat(
+        [chunks.reshape(t, TILE_ROWS * kc), tiles[:, :, kc:].reshape(t, TILE_ROWS * (k - kc))], 1
+    )
+    return torch.cat([parts.reshape(-1), rows[whole:].reshape(-1)])
+
+
+def _rows(flat: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    whole, kc = n - n % TILE_ROWS, k - k % CHUNK
+    parts = flat[: whole * k].view(whole // TILE_ROWS, TILE_ROWS * k)
+    t = len(parts)
+    chunks = parts[:, : TILE_ROWS * kc].reshape(t, kc // CHUNK, TILE_ROWS, CHUNK).transpose(1, 2)
+    rest = parts[:, TILE_ROWS * kc :].reshape(t, TILE_ROWS, k - kc)
+    tiles = torch.cat([chunks.reshape(t, TILE_ROWS, kc), rest], dim=2).reshape(whole, k)
+    return torch.cat([tiles, flat[whole * k :].view(n - whole, k)])
+
+
+def gate_up_order(channels: int, up: int) -> torch.Tensor:
+    """Rows of a gate|up matrix in its tiles' order: each channel's gate row, then its up row (from
+    `up`), so a tile of 8 rows holds 4 channels, as native/moe_mlp.c's gate_up reads them."""
+    c = torch.arange(channels)
+    return torch.stack([c, up + c], dim=1).reshape(-1)
+
+
+class Tiling:
+    """A model's decoder weights tiled for the native kernels. `add(owner, name, view, order, cols)`: the
+    matrix view(getattr(owner, name)), a 2-d [N, K] one, tiled as `tile(matrix, order, cols)`; `flags`:
+    the native structs whose `blocked` field says how the kernels read them. `hook(module)` makes a torch
+    forward of module, and a state_dict of it, put the rows back first (`untile`)."""
+
+    def __init__(self):
+        self.matrices: list[tuple] = []
+        self.flags: list = []
+        self.tiled = False
+
+    def add(self, owner, name: str, view=lambda t: t, order: torch.Tensor | None = None, cols=None) -> None:
+        self.matrices.append((owner, name, view, order, cols))
+
+    def fits(self) -> bool:
+        """Whether every matrix can be tiled in place: its rows contiguous, its terms past `cols` zero."""
+        for owner, name, view, _, cols in self.matrices:
+            w = view(getattr(owner, name))
+            if w.stride(1) != 1 or w.stride(0) != w.shape[1] or (cols is not None and w[:, cols:].any()):
+                return False
+        return True
+
+    @torch.no_grad()
+    def tile(self) -> None:
+        for owner, name, view, order, cols in self.matrices:
+            tile(view(getattr(owner, name)), order, cols)
+        for struct in self.flags:
+            struct.blocked = 1
+        self.tiled = True
+
+    @torch.no_grad()
+    def untile(self) -> None:
+        if not self.tiled:
+            return
+        for struct in self.flags:  # first: a kernel never reads rows as tiles
+            struct.blocked = 0
+        for owner, name, view, order, cols in self.matrices:
+            untile(view(getattr(owner, name)), order, cols)
+        self.tiled = False
+
+    def hook(self, module: nn.Module) -> None:
+        module.register_forward_pre_hook(lambda *_: self.untile())
+        module.register_state_dict_pre_hook(lambda *_: self.untile())

@@ -1,0 +1,143 @@
+"""The native kernels' tiled weight layout (pregate.native_layout): tiles in place, the rows' bits from
+them, and the rows back whenever torch reads the weights."""
+
+import copy
+
+import pytest
+import torch
+
+from pregate import native
+from pregate.moe import Routing, RoutingPlan, Segment
+from pregate.native_layout import CHUNK, TILE_ROWS, gate_up_order, tile, untile
+from tests.conftest import build, tiny_hf_model
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason=str(native.unavailable_reason())
+)
+
+
+@pytest.mark.parametrize("gate_up", [False, True])
+@pytest.mark.parametrize("cols", [None, 70])
+def test_tiles_hold_each_call_s_rows_in_turn_and_untile_puts_them_back(gate_up, cols):
+    """Whole tiles of 8 rows (8 terms of each in turn, then each row's last terms), then the rows past
+    the last whole tile as rows; on a gate|up matrix each channel's gate row, then its up row."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(26, 75, generator=g).to(torch.bfloat16)
+    if cols is not None:
+        w[:, cols:] = 0  # a routed expert's down: the terms past its width are the padding
+    before = w.clone()
+    order = gate_up_order(11, 11) if gate_up else None  # 11 channels: gate rows 0-10, up rows 11-21
+    rows = (before if order is None else before[order])[:, :cols]
+    tile(w, order, cols)
+    n, k = rows.shape
+    flat, at, kc = w.view(-1), 0, k - k % CHUNK
+    for t in range(n // TILE_ROWS):
+        for c in range(kc // CHUNK):
+            for i in range(TILE_ROWS):
+                want = rows[t * TILE_ROWS + i, c * CHUNK : (c + 1) * CHUNK]
+                assert torch.equal(flat[at : at + CHUNK], want)
+                at += CHUNK
+        for i in range(TILE_ROWS):
+            rest = rows[t * TILE_ROWS + i, kc:]
+            assert torch.equal(flat[at : at + len(rest)], rest)
+            at += len(rest)
+    assert torch.equal(flat[at : n * k], rows[n - n % TILE_ROWS :].reshape(-1))  # the last rows as rows
+    assert torch.equal(flat[n * k :], before.view(-1)[n * k :])  # storage past them untouched
+    untile(w, order, cols)
+    assert torch.equal(w, before)
+
+
+def tiling_moe(family: str = "llama", hidden: int = 48):
+    """A bfloat16 MoE of uneven widths: a shared expert and three routed ones per layer, none of them a
+    multiple of 4 channels in some layer, and a hidden size whose rows end in a partial step of 8 terms
+    nowhere (the kernels need a multiple of 8), but the experts' downs do."""
+    hf = tiny_hf_model(family, seed=0, hidden_size=hidden, intermediate_size=90)
+    return build(hf, num_experts=3, shared=21).to(torch.bfloat16).eval()
+
+
+def decode(model, batch: int = 3):
+    """Logits of prompts of a few lengths, then one decode step of all of them, in the model's KV pool."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 40, 3)[:batch]]
+    cache = model.new_cache(capacity=64, slots=batch)
+    out = []
+    for slot, p in enumerate(prompts):
+        assert cache.acquire(64) == slot
+        route = Routing.top1(torch.tensor([slot % 3] * len(p)))
+        out.append(model.forward_packed(p, [Segment(len(p), cache, slot)], route))
+    nxt = torch.randint(3, 97, (batch,), generator=g)
+    route = Routing.top1(torch.tensor([0, 2, 1][:batch]))
+    out.append(model.forward_packed(nxt, [Segment(1, cache, s) for s in range(batch)], route))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
+def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
+    """On AVX2's products the decoder weights are tiled at attach; serving steps run on the tiles, with
+    the bits of the same kernels on rows; a torch forward of a layer, or a state_dict, puts the rows back
+    first, and the native steps go on with the same bits."""
+    plain = tiling_moe(family)
+    tiled = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    rows = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    assert tiled.native.tiling is not None and tiled.native.tiling.tiled
+    rows.native.tiling.untile()
+    assert not rows.native.tiling.tiled
+    layer0 = tiled.layers[0].mlp.gate_up_proj.weight
+    assert not torch.equal(layer0, plain.layers[0].mlp.gate_up_proj.weight)  # tiled in place
+    with torch.inference_mode():
+        want = decode(rows)
+        assert torch.equal(decode(tiled), want)
+        assert tiled.native.tiling.tiled  # serving never read the weights through torch
+        x = torch.randn(4, 48, dtype=torch.bfloat16)
+        plan = RoutingPlan(Routing.top1(torch.tensor([0, 1, 2, 0])), 3)
+        got = tiled.layers[1].mlp(x, plan)  # torch: the rows come back first
+        assert not tiled.native.tiling.tiled
+        assert torch.equal(got, plain.layers[1].mlp(x, plan))
+        assert torch.equal(decode(tiled), want)  # and the kernels read them as rows
+    again = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    assert again.native.tiling.tiled
+    state = again.state_dict()
+    assert not again.native.tiling.tiled
+    decoder = {name: value for name, value in plain.state_dict().items() if name.startswith("layers.")}
+    assert decoder and all(torch.equal(state[name], value) for name, value in decoder.items())
+
+
+def test_tiles_are_asked_for_and_refused_where_they_cannot_run():
+    """Tiles only with `tiles` (--native-tiles), for bfloat16 weights on AVX2's products: int8 weights,
+    and the pair dot products, are refused with the reason."""
+    from pregate.errors import PregateError
+    from pregate.packed import serving_layout
+
+    plain = tiling_moe()
+    assert native.attach_native(copy.deepcopy(plain), pairs=False).native.tiling is None
+    tiled = serving_layout(copy.deepcopy(plain), native=True, pairs=False, tiles=True)[0]
+    assert tiled.native.tiling.tiled
+    with pytest.raises(PregateError, match="not int8 weights"):
+        serving_layout(tiling_moe(hidden=64), quantize="int8", native=True, pairs=False, tiles=True)
+    if native.cpu_pair_dots():
+        with pytest.raises(PregateError, match="PREGATE_NATIVE_ISA=avx2"):
+            native.attach_native(copy.deepcopy(plain), pairs=True, tiles=True)
+
+
+def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, tmp_path):
+    """`pregate serve --native --native-tiles`: the same tokens as --native alone, the weights still tiled
+    after serving; --native-tiles without --native is refused with the reason."""
+    from pregate.engine import SamplingParams
+    from pregate.errors import PregateError
+    from pregate.launch import load_engine
+    from tests.conftest import served_checkpoint
+
+    out = str(served_checkpoint(tiny_checkpoint, tmp_path))
+    if native.pair_dots():  # tiles run AVX2's products, which --native does not pick on such a CPU
+        with pytest.raises(PregateError, match="PREGATE_NATIVE_ISA=avx2"):
+            load_engine(out, dtype="bfloat16", native=True, tiles=True)
+        return
+    tiled = load_engine(out, dtype="bfloat16", native=True, tiles=True)
+    rows = load_engine(out, dtype="bfloat16", native=True)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = ["hello", "a longer prompt", "x"]
+    got, want = tiled.generate(prompts, params), rows.generate(prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert tiled.model.native.tiling.tiled and rows.model.native.tiling is None
+    with pytest.raises(PregateError, match="add --native"):
+        load_engine(out, dtype="bfloat16", tiles=True)
