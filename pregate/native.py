@@ -16,7 +16,8 @@ plain weights (`NativeStep` splits and merges the rows). The native rows go in c
 `NATIVE_ROWS` rows (`PAIR_ROWS` on the pair dot products), one after another. The router's decode
 step has its kernel too (`router.c`, pregate.native_router), and the LM head where it is int8, or plain
 bfloat16 (not packed: a CPU whose oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`,
-`NativeHead`).
+`NativeHead`). `attach_native(..., tiles=True)` (`--native-tiles`) tiles the bfloat16 decoder weights in
+place for AVX2's products (pregate.native_layout): faster steps of one token, slower ones of several.
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its

@@ -1,9 +1,9 @@
 """The native kernels' tiled weight layout (`matrix.blocked` in pregate/native/native.h), in place.
 
 A native product reads a matrix eight rows at a time (one `dot8` call). In the rows' own layout that is
-eight streams at once, which an AVX2-only AMD EPYC read about a third slower than one stream (15-18
-against 22-26 GB/s on 2 threads, one bfloat16 row per call, the MLP shapes of smollm2-135m; side-by-side
-C scripts outside the repository). Tiled, the eight rows of a call lie together, a cache line of each
+eight streams at once, which an AVX2-only AMD EPYC read about a third slower than one stream (2 threads,
+one bfloat16 row per call, the MLP shapes of smollm2-135m; side-by-side C scripts outside the
+repository). Tiled, the eight rows of a call lie together, a cache line of each
 in turn, so a call of one row streams one run of memory. A call of more rows converts its tile to
 float32 rows first (each weight once, as the rows' tiles do) and multiplies those: slower than the rows'
 own tiles, so tiles pay for steps of one token a step (single-stream use) and cost steps of several

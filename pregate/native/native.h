@@ -166,19 +166,19 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
                 out[i * NX + j] = s;                                                                     \
             }                                                                                            \
     }
-#define TILES(NAME, T, LOAD, ONE, B)                                                                      \
-    DOTS(NAME, T, LOAD, ONE, 8, 1, B)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 4, 2, B)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 2, 3, B)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 2, 4, B)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 5, B)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 6, B)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 7, B)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 8, B)
-TILES(dots16, bf16, load8, from_bf16, 0)
-DOTS(blocked16, bf16, load8, from_bf16, 8, 1, 1)
-TILES(dots8, int8_t, load8_i8, from_i8, 0)
-TILES(dots32, float, _mm256_loadu_ps, from_f32, 0)
+#define TILES(NAME, T, LOAD, ONE)                                                                         \
+    DOTS(NAME, T, LOAD, ONE, 8, 1, 0)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 4, 2, 0)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 2, 3, 0)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 2, 4, 0)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 5, 0)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 6, 0)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 7, 0)                                                                    \
+    DOTS(NAME, T, LOAD, ONE, 1, 8, 0)
+TILES(dots16, bf16, load8, from_bf16)
+TILES(dots8, int8_t, load8_i8, from_i8)
+TILES(dots32, float, _mm256_loadu_ps, from_f32)
+DOTS(blocked16, bf16, load8, from_bf16, 8, 1, 1) /* one vector: more go through float32 rows (dot8) */
 
 /* Where the CPU has AVX512-BF16 (pregate.native then builds with it), the weights meet their inputs as
    bfloat16 pairs: vdpbf16ps makes 32 exact products a vector and adds them in float32, two to a lane.
