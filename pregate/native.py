@@ -589,9 +589,12 @@ class NativeDecoder:
         if not tiling.fits():
             return None
         tiling.tile()
-        for layer in model.layers:  # torch reads rows: a forward or a state_dict puts them back first
-            tiling.hook(layer.self_attn)
-            tiling.hook(layer.mlp)
+        # torch reads rows: a forward of any module that holds them, or of a layer's attention or MLP, or
+        # a state_dict, puts them back first
+        modules = [owner for owner, *_ in tiling.matrices]
+        modules += [m for layer in model.layers for m in (layer.self_attn, layer.mlp)]
+        for module in {id(m): m for m in modules}.values():
+            tiling.hook(module)
         return tiling
 
     def step(self, attention: AttentionPlan, routing: Routing | None, h: torch.Tensor) -> NativeStep | None:

@@ -94,6 +94,11 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
         assert not tiled.native.tiling.tiled
         assert torch.equal(got, plain.layers[1].mlp(x, plan))
         assert torch.equal(decode(tiled), want)  # and the kernels read them as rows
+    direct = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    with torch.inference_mode():  # a projection called on its own puts the rows back too
+        x = torch.randn(2, 48, dtype=torch.bfloat16)
+        assert torch.equal(direct.layers[2].self_attn.o_proj(x), plain.layers[2].self_attn.o_proj(x))
+    assert not direct.native.tiling.tiled
     again = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
     assert again.native.tiling.tiled
     state = again.state_dict()
