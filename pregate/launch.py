@@ -108,6 +108,10 @@ def load_engine(
         from pregate.native import products
 
         print(f"native decode layers: bfloat16 and int8 products on {products()} (pregate.native)")
+        if tiles and moe.native.tiling is not None:
+            print("native weights: tiled for steps of one token (pregate.native_layout)")
+        elif tiles:
+            print("note: --native-tiles could not tile this model's weights in place; the kernels read rows")
     if store is not None:
         on_disk = store.slice_bytes * store.num_experts * store.num_layers
         print(

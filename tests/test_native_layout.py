@@ -124,7 +124,7 @@ def test_tiles_are_asked_for_and_refused_where_they_cannot_run():
             native.attach_native(copy.deepcopy(plain), pairs=True, tiles=True)
 
 
-def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, tmp_path):
+def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, tmp_path, capsys):
     """`pregate serve --native --native-tiles`: the same tokens as --native alone, the weights still tiled
     after serving; --native-tiles without --native is refused with the reason."""
     from pregate.engine import SamplingParams
@@ -138,6 +138,7 @@ def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, 
             load_engine(out, dtype="bfloat16", native=True, tiles=True)
         return
     tiled = load_engine(out, dtype="bfloat16", native=True, tiles=True)
+    assert "native weights: tiled for steps of one token" in capsys.readouterr().out
     rows = load_engine(out, dtype="bfloat16", native=True)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     prompts = ["hello", "a longer prompt", "x"]
