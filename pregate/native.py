@@ -16,8 +16,9 @@ plain weights (`NativeStep` splits and merges the rows). The native rows go in c
 `NATIVE_ROWS` rows (`PAIR_ROWS` on the pair dot products), one after another. The router's decode
 step has its kernel too (`router.c`, pregate.native_router), and the LM head where it is int8, or plain
 bfloat16 (not packed: a CPU whose oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`,
-`NativeHead`). `attach_native(..., tiles=True)` (`--native-tiles`) tiles the bfloat16 decoder weights in
-place for AVX2's products (pregate.native_layout): faster steps of one token, slower ones of several.
+`NativeHead`). `attach_native(..., tiles=True)` (`--native-tiles`) tiles the bfloat16 decoder weights,
+and an untied head, in place for AVX2's products (pregate.native_layout): faster steps of one token,
+slower ones of several.
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
@@ -233,7 +234,7 @@ def library(pairs: bool | None = None) -> ctypes.CDLL:
     lib.pg_router_step.argtypes = [i32, i32, i32, i32, i32, f32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
     lib.pg_router_step.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr]
     lib.pg_router_step.restype = i32
-    lib.pg_linear.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, i64]
+    lib.pg_linear.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, i64, i32]
     lib.pg_linear.restype = i32
     _libraries[pairs] = lib
     return lib
@@ -522,6 +523,7 @@ class NativeHead(nn.Module):
         self.int8 = isinstance(head, Int8Linear)
         self.kernel = library(pairs).pg_linear
         self.max_rows = None if not self.int8 else PAIR_HEAD_ROWS if pairs else HEAD_ROWS  # None: any
+        self.blocked = 0  # 1: its weight tiled (pregate.native_layout; an untied bfloat16 head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.inner
@@ -541,6 +543,7 @@ class NativeHead(nn.Module):
             weight.data_ptr(),
             head.scales.data_ptr() if self.int8 else None,
             weight.stride(0),
+            self.blocked,
         )
         if status != 0:
             raise MemoryError("the native LM head could not allocate its scratch memory")
@@ -718,13 +721,18 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None, tiles: bool 
             # [R, H] read column by column was the slowest product); torch reads the transposed view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
     model.native = NativeDecoder(model, pairs, tiles)
-    head = model.lm_head  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
+    head = untied = (
+        model.lm_head
+    )  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
     if head is None:  # tied to the embedding, plain
         table = model.embed_tokens
         head = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False, device="meta")
         head.weight = table.weight  # the same parameter: nothing allocated, nothing copied
     if (isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16) or type(head) is nn.Linear:
         model.lm_head = NativeHead(head, pairs)
+        tiling = model.native.tiling
+        if tiling is not None and untied is not None and type(head) is nn.Linear:  # a tied one is the table
+            tiling.include(head, "weight", model.lm_head)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

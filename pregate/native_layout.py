@@ -96,7 +96,7 @@ class Tiling:
         """Whether every matrix can be tiled in place: its rows contiguous, its terms past `cols` zero."""
         for owner, name, view, _, cols in self.matrices:
             w = view(getattr(owner, name))
-            if w.stride(1) != 1 or w.stride(0) != w.shape[1] or (cols is not None and w[:, cols:].any()):
+            if not _contiguous_rows(w) or (cols is not None and w[:, cols:].any()):
                 return False
         return True
 
@@ -118,6 +118,21 @@ class Tiling:
             untile(view(getattr(owner, name)), order, cols)
         self.tiled = False
 
+    @torch.no_grad()
+    def include(self, owner: nn.Module, name: str, flag) -> None:
+        """Tile one more matrix, the rows of owner's `name`, now (while tiled), its kernel reading
+        flag.blocked, and hook owner."""
+        if self.tiled and _contiguous_rows(getattr(owner, name)):
+            tile(getattr(owner, name))
+            self.add(owner, name)
+            self.flags.append(flag)
+            flag.blocked = 1
+            self.hook(owner)
+
     def hook(self, module: nn.Module) -> None:
         module.register_forward_pre_hook(lambda *_: self.untile())
         module.register_state_dict_pre_hook(lambda *_: self.untile())
+
+
+def _contiguous_rows(w: torch.Tensor) -> bool:
+    return w.stride(1) == 1 and w.stride(0) == w.shape[1]

@@ -80,6 +80,9 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
     tiled = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
     rows = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
     assert tiled.native.tiling is not None and tiled.native.tiling.tiled
+    assert tiled.lm_head.blocked == (
+        family == "qwen2"
+    )  # an untied head is tiled too; a tied one is the table
     rows.native.tiling.untile()
     assert not rows.native.tiling.tiled
     layer0 = tiled.layers[0].mlp.gate_up_proj.weight
@@ -105,6 +108,8 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
     assert not again.native.tiling.tiled
     decoder = {name: value for name, value in plain.state_dict().items() if name.startswith("layers.")}
     assert decoder and all(torch.equal(state[name], value) for name, value in decoder.items())
+    if family == "qwen2":
+        assert torch.equal(state["lm_head.inner.weight"], plain.lm_head.weight)
 
 
 def test_tiles_are_asked_for_and_refused_where_they_cannot_run():

@@ -6,10 +6,10 @@
    kernels: the same bits for a row alone or in any batch, at any thread count. Threads split W's rows. */
 #include "native.h"
 
-/* w: N rows of `stride` elements (int8 0: bfloat16; 1: int8, with scale). Returns 0, or -1 if scratch
-   memory could not be allocated. */
+/* w: N rows of `stride` elements (int8 0: bfloat16; 1: int8, with scale; blocked: bfloat16 tiles of such
+   rows, matrix.blocked). Returns 0, or -1 if scratch memory could not be allocated. */
 int pg_linear(const bf16 *x, bf16 *y, int M, int K, int N, int int8, const void *w, const bf16 *scale,
-              long stride) {
+              long stride, int blocked) {
     int nt = omp_get_max_threads();
     long per_thread = dot_scratch(M, K);
     float *xf = malloc(sizeof(float) * ((long)M * K + (long)M * N + (long)nt * per_thread));
@@ -23,7 +23,7 @@ int pg_linear(const bf16 *x, bf16 *y, int M, int K, int N, int int8, const void 
         for (int k = 0; k < K; k++) xf[(long)r * K + k] = from_bf16(x[(long)r * K + k]);
         xs[r] = xf + (long)r * K;
     }
-    matrix m = {int8 ? NULL : w, int8 ? w : NULL, scale, stride, NULL};
+    matrix m = layer_matrix(w, int8, scale, stride, blocked);
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
