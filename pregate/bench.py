@@ -317,13 +317,41 @@ def native_budget_note(cfg: BenchConfig) -> str | None:
     )
 
 
+# the settings that make a trace (BenchConfig field -> `bench serve` flag): a trace replayed from a file
+# has its own, so these set to anything but their defaults would have no effect, and are refused
+WORKLOAD_FIELDS = {
+    "rate": "--rate",
+    "requests": "--requests",
+    "max_prompt_tokens": "--max-prompt",
+    "max_output_tokens": "--max-output",
+    "seed": "--seed",
+}
+
+
+def check_replay(cfg: BenchConfig, trace_path: str | Path | None) -> None:
+    """Raise BenchError if trace_path exists (it is replayed as it is) and cfg sets workload settings."""
+    if trace_path is None or not Path(trace_path).is_file():
+        return
+    d = BenchConfig()
+    given = [flag for name, flag in WORKLOAD_FIELDS.items() if getattr(cfg, name) != getattr(d, name)]
+    if given:
+        raise BenchError(
+            f"--trace {trace_path} exists and is replayed with its own requests and arrival times, "
+            f"so {', '.join(given)} would have no effect: drop {'them' if len(given) > 1 else 'it'}, "
+            "or give --trace a new file to generate the trace there"
+        )
+
+
 def run_bench(
     model_dir: str | Path,
     cfg: BenchConfig,
     trace_path: str | Path | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Run the benchmark; returns {"policies": {name: {metric: median}}, "workload": {...}, "runs": ...}."""
+    """Run the benchmark; returns {"policies": {name: {metric: median}}, "workload": {...}, "runs": ...}.
+    A trace_path that exists is replayed as it is (`check_replay`); else the trace is generated (and
+    saved there if given)."""
+    check_replay(cfg, trace_path)
     moe, tokenizer, router, router_note = load_parts(model_dir, cfg, progress)
     if trace_path is not None and Path(trace_path).is_file():
         trace = load_trace(trace_path)

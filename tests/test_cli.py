@@ -56,6 +56,10 @@ def test_bench_serve_refuses_workload_options_a_replayed_trace_would_ignore(caps
     err = capsys.readouterr().err
     assert "replayed with its own requests and arrival times, so --rate, --seed would have no effect" in err
     assert "Traceback" not in err
+    from pregate.bench import BenchConfig, BenchError, run_bench  # the library refuses too, before loading
+
+    with pytest.raises(BenchError, match="so --requests would have no effect"):
+        run_bench(tmp_path / "not-loaded", BenchConfig(requests=3), trace)
 
 
 def test_data_lists_the_seven_domains(capsys):

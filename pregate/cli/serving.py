@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pregate.cli.options import (
     add_dtype,
     add_json,
@@ -179,17 +177,8 @@ def add_bench_serve(p) -> None:
     p.set_defaults(func=cmd_bench_serve)
 
 
-WORKLOAD_FLAGS = {  # bench serve's options that make the trace -> their BenchConfig fields
-    "--rate": "rate",
-    "--requests": "requests",
-    "--max-prompt": "max_prompt_tokens",
-    "--max-output": "max_output_tokens",
-    "--seed": "seed",
-}
-
-
 def cmd_bench_serve(args) -> None:
-    from pregate.bench import BenchConfig, BenchError, bench_serve
+    from pregate.bench import BenchConfig, bench_serve
 
     cfg = config_from_args(
         BenchConfig,
@@ -201,16 +190,7 @@ def cmd_bench_serve(args) -> None:
         hf=not args.no_hf,
         **scheduler_budgets(args),
     )
-    if args.trace and Path(args.trace).is_file():  # replayed as it is: these would be silently ignored
-        d = BenchConfig()
-        given = [flag for flag, field in WORKLOAD_FLAGS.items() if getattr(cfg, field) != getattr(d, field)]
-        if given:
-            raise BenchError(
-                f"--trace {args.trace} exists and is replayed with its own requests and arrival times, "
-                f"so {', '.join(given)} would have no effect: drop {'them' if len(given) > 1 else 'it'}, "
-                "or give --trace a new file to generate the trace there"
-            )
-    bench_serve(args.model, args.json, cfg, args.trace)
+    bench_serve(args.model, args.json, cfg, args.trace)  # a replayed trace refuses workload flags there
 
 
 # ----------------------------------------------------------------------------------------- bench step
