@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("gate_up", [False, True])
 @pytest.mark.parametrize("cols", [None, 70])
 def test_tiles_hold_each_call_s_rows_in_turn_and_untile_puts_them_back(gate_up, cols):
-    """Whole tiles of 8 rows (8 terms of each in turn, then each row's last terms), then the rows past
-    the last whole tile as rows; on a gate|up matrix each channel's gate row, then its up row."""
+    """Whole tiles of 8 rows (a chunk of 32 terms of each in turn, then each row's terms past its last
+    whole chunk), then the rows past the last whole tile as rows; on a gate|up matrix each channel's
+    gate row, then its up row; with `cols`, only the first cols terms (a routed expert's down)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(26, 75, generator=g).to(torch.bfloat16)
     if cols is not None:
@@ -48,9 +49,9 @@ def test_tiles_hold_each_call_s_rows_in_turn_and_untile_puts_them_back(gate_up, 
 
 
 def tiling_moe(family: str = "llama", hidden: int = 48):
-    """A bfloat16 MoE of uneven widths: a shared expert and three routed ones per layer, none of them a
-    multiple of 4 channels in some layer, and a hidden size whose rows end in a partial step of 8 terms
-    nowhere (the kernels need a multiple of 8), but the experts' downs do."""
+    """A bfloat16 MoE whose tiles end every way: a shared expert of 21 channels (its gate|up ends in a
+    short tile, kept as rows) and three routed ones of random widths, and rows of 48 terms (one chunk of
+    32 and a rest of 16)."""
     hf = tiny_hf_model(family, seed=0, hidden_size=hidden, intermediate_size=90)
     return build(hf, num_experts=3, shared=21).to(torch.bfloat16).eval()
 
@@ -73,16 +74,16 @@ def decode(model, batch: int = 3):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
 def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
-    """On AVX2's products the decoder weights are tiled at attach; serving steps run on the tiles, with
-    the bits of the same kernels on rows; a torch forward of a layer, or a state_dict, puts the rows back
-    first, and the native steps go on with the same bits."""
+    """With tiles (AVX2's products) the decoder weights, and an untied head, are tiled at attach; serving
+    steps run on the tiles with the bits of the same kernels on rows; a torch forward of a layer or of
+    one projection, or a state_dict, puts the rows back first, and the native steps go on with the same
+    bits."""
     plain = tiling_moe(family)
     tiled = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
     rows = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
     assert tiled.native.tiling is not None and tiled.native.tiling.tiled
-    assert tiled.lm_head.blocked == (
-        family == "qwen2"
-    )  # an untied head is tiled too; a tied one is the table
+    untied = family == "qwen2"  # an untied head is tiled too; a tied one is the embedding's table
+    assert tiled.lm_head.blocked == untied
     rows.native.tiling.untile()
     assert not rows.native.tiling.tiled
     layer0 = tiled.layers[0].mlp.gate_up_proj.weight
@@ -108,7 +109,7 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
     assert not again.native.tiling.tiled
     decoder = {name: value for name, value in plain.state_dict().items() if name.startswith("layers.")}
     assert decoder and all(torch.equal(state[name], value) for name, value in decoder.items())
-    if family == "qwen2":
+    if untied:
         assert torch.equal(state["lm_head.inner.weight"], plain.lm_head.weight)
 
 
