@@ -691,8 +691,9 @@ def run_bench_step(
         if r["system"] in MOE_SYSTEMS and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
     ]
     for name in (STEP_MOE_NATIVE_TILES, STEP_DENSE_NATIVE_TILES):
-        tiling = models[name].native.tiling if models.get(name) is not None else True
-        if tiling is None or not (tiling is True or tiling.tiled):  # tiling None: the model could not tile
+        model = models.get(name)
+        tiling = model.native.tiling if model is not None else None  # None: it could not be tiled
+        if model is not None and not (tiling and tiling.tiled):
             notes.append(f"{name}: its weights were read as rows, not tiles (pregate.native_layout)")
 
     breakdown: dict = {}

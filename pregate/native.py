@@ -583,12 +583,8 @@ class NativeDecoder:
                 for e, width in enumerate(mlp.widths):  # gate|up rows [0, 2W), down [H, W] of [H, R]
                     tiling.add(mlp, "w_gate_up", lambda t, e=e: t[e], gate_up_order(width, width))
                     tiling.add(mlp, "w_down_t", lambda t, e=e: t.mT[e], cols=width)
-            tiling.flags += [
-                self.attention[i],
-                self.mlps[i],
-                self.layers[i].weights,
-                self.layers[i].mlp.weights,
-            ]
+            # what the kernels read: the decoder's arrays, and the MLP's own struct (NativeMLP.run)
+            tiling.flags += [self.attention[i], self.mlps[i], self.layers[i].mlp.weights]
         if not tiling.fits():
             return None
         tiling.tile()
@@ -721,9 +717,8 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None, tiles: bool 
             # [R, H] read column by column was the slowest product); torch reads the transposed view
             mlp.w_down_t.data = mlp.w_down_t.data.mT.contiguous().mT
     model.native = NativeDecoder(model, pairs, tiles)
-    head = untied = (
-        model.lm_head
-    )  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
+    head = model.lm_head  # a packed bfloat16 head (pregate.packed) already reads near the memory's rate
+    untied = head is not None
     if head is None:  # tied to the embedding, plain
         table = model.embed_tokens
         head = nn.Linear(table.embedding_dim, table.num_embeddings, bias=False, device="meta")
@@ -731,7 +726,7 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None, tiles: bool 
     if (isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16) or type(head) is nn.Linear:
         model.lm_head = NativeHead(head, pairs)
         tiling = model.native.tiling
-        if tiling is not None and untied is not None and type(head) is nn.Linear:  # a tied one is the table
+        if tiling is not None and untied and type(head) is nn.Linear:  # a tied head is the embedding table
             tiling.include(head, "weight", model.lm_head)
     for p in model.parameters():
         p.requires_grad_(False)

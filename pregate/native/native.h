@@ -132,21 +132,28 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
 /* Dot products of NW rows w[i] (element type T, read by LOAD / ONE) with NX float32 vectors x[j] (K
    each) into out[i * NX + j]. Every output has one accumulator, fed 8 terms at a time in order, summed
    across lanes, then the last K % 8 terms added in order: the same bits whichever tile computes it.
-   B 0: a row's terms are consecutive. B 1 (blocked, matrix.blocked): a tile's rows come in chunks of
-   CHUNK terms, the chunk of each of its 8 rows in turn (row i's at w[i], CHUNK apart), and from the
-   last whole chunk on each row's remaining terms one row after another, row i's at tail[i]. The sums
-   are the same either way. pf > 0: prefetch pf elements further on (rows: what the next call reads,
-   once per cache line of each row, since the hardware prefetcher alone reaches about half the memory's
-   rate on rows this short; blocked: a short way ahead of the one run a tile is). */
+   B 0: a row's terms are consecutive. B 1 (blocked, matrix.blocked): w[0] is a tile of 8 rows of K
+   terms (tile_offset says where each term lies), and row i is its i-th. The sums are the same either
+   way. pf > 0: prefetch pf elements further on (rows: what the next call reads, once per cache line of
+   each row, since the hardware prefetcher alone reaches about half the memory's rate on rows this
+   short; blocked: a short way ahead of the one run a tile is). */
 #define CHUNK 32 /* bfloat16 terms in a cache line */
-#define AT(B, i, k) (B ? ((k) < kc ? w[i] + (k) + ((k) / CHUNK) * (7 * CHUNK) : tail[i] + (k) - kc) : w[i] + (k))
+
+/* Where term k of row i lies in a blocked tile of 8 rows of K terms, from the tile's start
+   (pregate.native_layout): the rows' chunks of CHUNK terms, a chunk of each row in turn; then each
+   row's terms past its last whole chunk, one row after another. */
+static inline long tile_offset(int K, int i, int k) {
+    int kc = K - K % CHUNK;
+    return k < kc ? 8L * (k - k % CHUNK) + i * CHUNK + k % CHUNK : 8L * kc + (long)i * (K - kc) + k - kc;
+}
+
+#define AT(B, i, k) (B ? w[0] + tile_offset(K, i, k) : w[i] + (k))
 #define DOTS(NAME, T, LOAD, ONE, NW, NX, B)                                                              \
-    static void NAME##_##NW##x##NX(const T *const *w, const T *const *tail, const float *const *x, int K,  \
-                                   long pf, float *out) {                                               \
+    static void NAME##_##NW##x##NX(const T *const *w, const float *const *x, int K, long pf, float *out) { \
         __m256 acc[NW][NX];                                                                              \
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();                                \
-        int k = 0, kc = K - K % CHUNK;                                                                   \
+        int k = 0;                                                                                       \
         for (; k + 8 <= K; k += 8) {                                                                     \
             if (!B && pf && !(k & (64 / sizeof(T) - 1))) /* once per cache line */                     \
                 for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
@@ -179,6 +186,20 @@ TILES(dots16, bf16, load8, from_bf16)
 TILES(dots8, int8_t, load8_i8, from_i8)
 TILES(dots32, float, _mm256_loadu_ps, from_f32)
 DOTS(blocked16, bf16, load8, from_bf16, 8, 1, 1) /* one vector: more go through float32 rows (dot8) */
+
+/* Which tiles serve n vectors, for DOT8 and PAIR_DOT8 (DOT8 says why these shapes): each tile NAME_RxC
+   gets its rows w + p, then the tiles' own arguments (...), then where its outputs go. */
+#define TILE_SWITCH(NAME, n, ...)                                                                        \
+    switch (n) {                                                                                         \
+    case 1: NAME##_8x1(w, __VA_ARGS__, out); return;                                                     \
+    case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, __VA_ARGS__, out + p * 2); return;          \
+    case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, __VA_ARGS__, out + p * 3); return;          \
+    case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, __VA_ARGS__, out + p * 4); return;          \
+    case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, __VA_ARGS__, out + p * 5); return;             \
+    case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, __VA_ARGS__, out + p * 6); return;             \
+    case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, __VA_ARGS__, out + p * 7); return;             \
+    default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, __VA_ARGS__, out + p * 8); return;            \
+    }
 
 /* Where the CPU has AVX512-BF16 (pregate.native then builds with it), the weights meet their inputs as
    bfloat16 pairs: vdpbf16ps makes 32 exact products a vector and adds them in float32, two to a lane.
@@ -226,16 +247,7 @@ static inline __m512bh pair8(const int8_t *p, __mmask32 m) {
     PAIRS(NAME, T, LOAD, 1, 7)                                                                           \
     PAIRS(NAME, T, LOAD, 1, 8)                                                                           \
     static void NAME##_tile(const T *const *w, const bf16 *x, long ldx, int n, int K, long pf, float *out) { \
-        switch (n) {                                                                                     \
-        case 1: NAME##_8x1(w, x, ldx, K, pf, out); return;                                               \
-        case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, x, ldx, K, pf, out + p * 2); return;    \
-        case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, x, ldx, K, pf, out + p * 3); return;    \
-        case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, x, ldx, K, pf, out + p * 4); return;    \
-        case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, x, ldx, K, pf, out + p * 5); return;       \
-        case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, x, ldx, K, pf, out + p * 6); return;       \
-        case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, x, ldx, K, pf, out + p * 7); return;       \
-        default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, x, ldx, K, pf, out + p * 8); return;      \
-        }                                                                                                \
+        TILE_SWITCH(NAME, n, x, ldx, K, pf)                                                              \
     }                                                                                                    \
     static void NAME##_dot8(const T *const *w, const bf16 *xb, int M, int K, long pf, float *out) {      \
         float tile[64];                                                                                  \
@@ -259,16 +271,7 @@ PAIR_DOT8(pairs8, int8_t, pair8)
    tiles of eight and then the rest. */
 #define DOT8(NAME, T)                                                                                    \
     static void NAME##_tile(const T *const *w, const float *const *x, int n, int K, long pf, float *out) { \
-        switch (n) {                                                                                     \
-        case 1: NAME##_8x1(w, NULL, x, K, pf, out); return;                                              \
-        case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, NULL, x, K, pf, out + p * 2); return;   \
-        case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, NULL, x, K, pf, out + p * 3); return;   \
-        case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, NULL, x, K, pf, out + p * 4); return;   \
-        case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, NULL, x, K, pf, out + p * 5); return;      \
-        case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, NULL, x, K, pf, out + p * 6); return;      \
-        case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, NULL, x, K, pf, out + p * 7); return;      \
-        default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, NULL, x, K, pf, out + p * 8); return;     \
-        }                                                                                                \
+        TILE_SWITCH(NAME, n, x, K, pf)                                                                   \
     }                                                                                                    \
     static void NAME##_dot8(const T *const *w, const float *const *xs, int M, int K, long pf, float *out) { \
         float tile[64];                                                                                  \
@@ -284,10 +287,10 @@ DOT8(dots8, int8_t)
 DOT8(dots32, float)
 
 /* Floats of scratch that rows_dot and gate_up need (per thread) for `rows` inputs of up to K terms: the
-   tiles' outputs, then where the pair tiles run the inputs' bfloat16 copies, else a blocked tile's
-   float32 rows (dot8). */
-static inline long dot_scratch(int rows, int K) {
-    return 8L * (rows + 1) + (PAIR_DOTS ? ((long)rows * K + 1) / 2 : 8L * K);
+   tiles' outputs, then where the pair tiles run the inputs' bfloat16 copies, or with blocked matrices a
+   tile's float32 rows (dot8). */
+static inline long dot_scratch(int rows, int K, int blocked) {
+    return 8L * (rows + 1) + (PAIR_DOTS ? ((long)rows * K + 1) / 2 : blocked ? 8L * K : 0);
 }
 
 /* The bfloat16 copies of rows xs[i] (K floats holding bfloat16 values) that the pair tiles read, rows
@@ -316,25 +319,23 @@ static inline void dot8(matrix w, const long *rows, long tile, const float *cons
                         int K, long pf, float *out) {
     if (w.blocked) { /* the tile's rows by chunks of CHUNK terms; the terms past them one row after another */
         const bf16 *base = w.w16 + tile * w.stride;
-        int kc = K - K % CHUNK;
         if (M == 1) {
-            const bf16 *r[8], *tl[8];
-            for (int i = 0; i < 8; i++) r[i] = base + i * CHUNK, tl[i] = base + 8L * kc + (long)i * (K - kc);
-            blocked16_8x1(r, tl, xs, K, pf ? BLOCKED_PF : 0, out);
+            blocked16_8x1(&base, xs, K, pf ? BLOCKED_PF : 0, out);
             return;
         }
         /* more vectors: the tile read in its one run into float32 rows (exact), which the float32 tiles
            then read from L1, each weight converted once, as the bfloat16 ones would */
         float *f = out + 8L * (M + 1);
         const float *r[8];
+        int kc = K - K % CHUNK;
         for (int c = 0; c < kc; c += CHUNK)
             for (int i = 0; i < 8; i++) {
-                const bf16 *src = base + 8L * c + i * CHUNK;
+                const bf16 *src = base + tile_offset(K, i, c);
                 if (pf) _mm_prefetch((const char *)(src + BLOCKED_PF), _MM_HINT_T0);
                 for (int e = 0; e < CHUNK; e += 8) _mm256_storeu_ps(f + (long)i * K + c + e, load8(src + e));
             }
         for (int i = 0; i < 8; i++) {
-            for (int t = kc; t < K; t++) f[(long)i * K + t] = from_bf16(base[8L * kc + (long)i * (K - kc) + t - kc]);
+            for (int t = kc; t < K; t++) f[(long)i * K + t] = from_bf16(base[tile_offset(K, i, t)]);
             r[i] = f + (long)i * K;
         }
         dots32_dot8(r, xs, M, K, 0, out);
@@ -374,8 +375,8 @@ static inline matrix rows_after_tiles(matrix w, long tile) {
 }
 
 /* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8, lo a multiple of 8; a
-   short tile repeats its last row), K terms each. d: scratch for dot_scratch(rows, K) floats (8 * rows
-   for float32 weights). */
+   short tile repeats its last row), K terms each. d: scratch for dot_scratch(rows, K, w.blocked) floats
+   (8 * rows for float32 weights). */
 static inline void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
                      float *d) {
     const bf16 *xb = lo < hi ? bf16_inputs(w, xs, rows, K, d) : NULL;
