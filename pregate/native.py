@@ -16,9 +16,9 @@ plain weights (`NativeStep` splits and merges the rows). The native rows go in c
 `NATIVE_ROWS` rows (`PAIR_ROWS` on the pair dot products), one after another. The router's decode
 step has its kernel too (`router.c`, pregate.native_router), and the LM head where it is int8, or plain
 bfloat16 (not packed: a CPU whose oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`,
-`NativeHead`). `attach_native(..., tiles=True)` (`--native-tiles`) tiles the bfloat16 decoder weights,
-and an untied head, in place for AVX2's products (pregate.native_layout): faster steps of one token,
-slower ones of several.
+`NativeHead`). `attach_native(..., tiles=True)` (`--native-tiles`) tiles the bfloat16 decoder weights
+and LM head (a tied one with its embedding) in place for AVX2's products (pregate.native_layout):
+faster steps of one token, slower ones of several.
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
@@ -57,7 +57,7 @@ from torch import nn
 
 from pregate.errors import PregateError, check_expert_ids
 from pregate.moe import AttentionPlan, MoEForCausalLM, MoEMLP, Routing, RoutingPlan, expert_groups
-from pregate.native_layout import Tiling, gate_up_order
+from pregate.native_layout import TiledEmbedding, Tiling, gate_up_order
 from pregate.quantize import Int8Experts, Int8Linear, padded
 
 SOURCES = Path(__file__).parent / "native"
@@ -523,7 +523,7 @@ class NativeHead(nn.Module):
         self.int8 = isinstance(head, Int8Linear)
         self.kernel = library(pairs).pg_linear
         self.max_rows = None if not self.int8 else PAIR_HEAD_ROWS if pairs else HEAD_ROWS  # None: any
-        self.blocked = 0  # 1: its weight tiled (pregate.native_layout; an untied bfloat16 head)
+        self.blocked = 0  # 1: its weight tiled (pregate.native_layout; a bfloat16 head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.inner
@@ -726,8 +726,9 @@ def attach_native(model: MoEForCausalLM, pairs: bool | None = None, tiles: bool 
     if (isinstance(head, Int8Linear) and head.scales.dtype == torch.bfloat16) or type(head) is nn.Linear:
         model.lm_head = NativeHead(head, pairs)
         tiling = model.native.tiling
-        if tiling is not None and untied and type(head) is nn.Linear:  # a tied head is the embedding table
-            tiling.include(head, "weight", model.lm_head)
+        if tiling is not None and type(head) is nn.Linear and tiling.include(head, "weight", model.lm_head):
+            if not untied:  # the table is the head's: lookups read the tiles
+                model.embed_tokens = TiledEmbedding(model.embed_tokens, tiling)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

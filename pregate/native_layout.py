@@ -14,10 +14,13 @@ give the bits of the rows' ones.
 (nothing copied, nothing added), so torch cannot read those weights: `Tiling` puts the rows back, in
 place, the first time torch would read them (a torch forward of a module that holds them or of a
 decoder layer's attention or MLP, or a state_dict), and from then on the kernels read rows. A serving
-step that runs wholly natively never does.
+step that runs wholly natively never does. A tied LM head is the input embedding's table, so its
+lookups read the tiles (`TiledEmbedding`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -71,6 +74,29 @@ def _rows(flat: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([tiles, flat[whole * k :].view(n - whole, k)])
 
 
+def tiled_rows(w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the [N, K] matrix w tiled by `tile(w)`, as the rows held them (a copy: the same
+    bits), shaped ids.shape + (K,)."""
+    n, k = w.shape
+    whole = n - n % TILE_ROWS
+    flat = ids.reshape(-1)
+    in_tiles = flat < whole
+    start = torch.where(in_tiles, flat // TILE_ROWS * TILE_ROWS * k, whole * k + (flat - whole) * k)
+    rows = torch.arange(k, device=w.device)
+    within = torch.where(in_tiles[:, None], _tile_offsets(k, w.device)[flat % TILE_ROWS], rows)
+    return w.view(-1)[start[:, None] + within].view(*ids.shape, k)
+
+
+@functools.cache  # one per row length: a lookup a step must not rebuild it
+def _tile_offsets(k: int, device: torch.device) -> torch.Tensor:
+    """[TILE_ROWS, k]: where term j of a tile's row i lies from the tile's start (native.h's tile_offset),
+    read off `_tiled` itself."""
+    where = _tiled(torch.arange(TILE_ROWS * k, device=device).view(TILE_ROWS, k))
+    offsets = torch.empty_like(where)
+    offsets[where] = torch.arange(len(where), device=device)
+    return offsets.view(TILE_ROWS, k)
+
+
 def gate_up_order(channels: int, up: int) -> torch.Tensor:
     """Rows of a gate|up matrix in its tiles' order: each channel's gate row, then its up row (from
     `up`), so a tile of 8 rows holds 4 channels, as native/moe_mlp.c's gate_up reads them."""
@@ -119,19 +145,36 @@ class Tiling:
         self.tiled = False
 
     @torch.no_grad()
-    def include(self, owner: nn.Module, name: str, flag) -> None:
+    def include(self, owner: nn.Module, name: str, flag) -> bool:
         """Tile one more matrix, the rows of owner's `name`, now (while tiled), its kernel reading
-        flag.blocked, and hook owner."""
-        if self.tiled and _contiguous_rows(getattr(owner, name)):
-            tile(getattr(owner, name))
-            self.add(owner, name)
-            self.flags.append(flag)
-            flag.blocked = 1
-            self.hook(owner)
+        flag.blocked, and hook owner. False: it cannot be tiled in place (its rows stay)."""
+        if not (self.tiled and _contiguous_rows(getattr(owner, name))):
+            return False
+        tile(getattr(owner, name))
+        self.add(owner, name)
+        self.flags.append(flag)
+        flag.blocked = 1
+        self.hook(owner)
+        return True
 
     def hook(self, module: nn.Module) -> None:
         module.register_forward_pre_hook(lambda *_: self.untile())
         module.register_state_dict_pre_hook(lambda *_: self.untile())
+
+
+class TiledEmbedding(nn.Embedding):
+    """An input embedding whose table (the same parameter as `table`'s) is also a tied LM head that
+    `tiling` tiled: a lookup reads its rows from the tiles while they stand (`tiled_rows`), else as
+    nn.Embedding does. Its state_dict puts the rows back first, as every tiled module's does."""
+
+    def __init__(self, table: nn.Embedding, tiling: Tiling):
+        super().__init__(table.num_embeddings, table.embedding_dim, table.padding_idx, device="meta")
+        self.weight = table.weight  # the same parameter: nothing allocated, nothing copied
+        self.tiling = tiling
+        self.register_state_dict_pre_hook(lambda *_: tiling.untile())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return tiled_rows(self.weight, ids) if self.tiling.tiled else super().forward(ids)
 
 
 def _contiguous_rows(w: torch.Tensor) -> bool:

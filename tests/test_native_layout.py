@@ -8,7 +8,7 @@ import torch
 
 from pregate import native
 from pregate.moe import Routing, RoutingPlan, Segment
-from pregate.native_layout import CHUNK, TILE_ROWS, gate_up_order, tile, untile
+from pregate.native_layout import CHUNK, TILE_ROWS, TiledEmbedding, gate_up_order, tile, tiled_rows, untile
 from tests.conftest import build, tiny_hf_model
 
 pytestmark = pytest.mark.skipif(
@@ -48,6 +48,20 @@ def test_tiles_hold_each_call_s_rows_in_turn_and_untile_puts_them_back(gate_up, 
     assert torch.equal(w, before)
 
 
+def test_a_lookup_reads_the_rows_from_the_tiles():
+    """tiled_rows gives the rows a tiled matrix held (those in whole tiles and the rows after them) in
+    the shape of the ids, as a lookup of the rows would."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(26, 75, generator=g).to(torch.bfloat16)
+    before = w.clone()
+    tile(w)
+    assert not torch.equal(w, before)
+    ids = torch.randint(0, 26, (3, 11), generator=g)
+    ids[0, :3] = torch.tensor([0, 23, 25])  # the first row, the last in a tile, the last after them
+    assert torch.equal(tiled_rows(w, ids), before[ids])
+    assert torch.equal(tiled_rows(w, torch.arange(26)), before)
+
+
 def tiling_moe(family: str = "llama", hidden: int = 48):
     """A bfloat16 MoE whose tiles end every way: a shared expert of 21 channels (its gate|up ends in a
     short tile, kept as rows) and three routed ones of random widths, and rows of 48 terms (one chunk of
@@ -74,16 +88,19 @@ def decode(model, batch: int = 3):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
 def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
-    """With tiles (AVX2's products) the decoder weights, and an untied head, are tiled at attach; serving
-    steps run on the tiles with the bits of the same kernels on rows; a torch forward of a layer or of
-    one projection, or a state_dict, puts the rows back first, and the native steps go on with the same
-    bits."""
+    """With tiles (AVX2's products) the decoder weights and the head are tiled at attach (a tied head
+    with its embedding, whose lookups then read the tiles); serving steps run on the tiles with the bits
+    of the same kernels on rows; a torch forward of a layer or of one projection, or a state_dict, puts
+    the rows back first, and the native steps go on with the same bits."""
     plain = tiling_moe(family)
     tiled = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
     rows = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
     assert tiled.native.tiling is not None and tiled.native.tiling.tiled
-    untied = family == "qwen2"  # an untied head is tiled too; a tied one is the embedding's table
-    assert tiled.lm_head.blocked == untied
+    untied = family == "qwen2"
+    assert tiled.lm_head.blocked == 1
+    assert isinstance(tiled.embed_tokens, TiledEmbedding) != untied  # a tied head is the embedding's table
+    head = tiled.lm_head.inner.weight
+    assert not torch.equal(head, plain.lm_head.weight if untied else plain.embed_tokens.weight)
     rows.native.tiling.untile()
     assert not rows.native.tiling.tiled
     layer0 = tiled.layers[0].mlp.gate_up_proj.weight
@@ -109,8 +126,15 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
     assert not again.native.tiling.tiled
     decoder = {name: value for name, value in plain.state_dict().items() if name.startswith("layers.")}
     assert decoder and all(torch.equal(state[name], value) for name, value in decoder.items())
+    assert torch.equal(state["embed_tokens.weight"], plain.embed_tokens.weight)
     if untied:
         assert torch.equal(state["lm_head.inner.weight"], plain.lm_head.weight)
+    tied = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    with torch.inference_mode():  # a torch read of the head puts the rows back
+        x = torch.randn(1, 2, 48, dtype=torch.bfloat16)
+        got = tied.lm_head(x)  # NativeHead leaves a 3-d product to torch
+        assert not tied.native.tiling.tiled
+        assert torch.equal(got, plain.lm_logits(x))
 
 
 def test_tiles_are_asked_for_and_refused_where_they_cannot_run():
