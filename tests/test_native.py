@@ -449,6 +449,33 @@ def test_the_native_head_is_torchs_head_within_rounding_and_the_same_bits_in_any
     assert torch.equal(head(x), head.inner(x))  # gradients on: torch
 
 
+@pytest.mark.parametrize("width", [75, 1280])  # a short rest past the chunks; inputs past L1_FLOATS
+def test_every_tile_shape_gives_a_row_its_bits_alone_on_rows_and_on_tiles(width):
+    """AVX2's bfloat16 products (pregate/native/native.h, through the native head's kernel) over 1 to 9
+    rows, every tile shape, and at 1280 terms tiles of 4 vectors where 5 to 8 would overflow L1: each row
+    gets the bits it gets alone, from the rows' layout and from the tiled one (pregate.native_layout),
+    within one bfloat16 step of torch's product."""
+    from pregate.native_layout import tile
+
+    g = torch.Generator().manual_seed(3)
+    linear = (
+        torch.nn.Linear(width, 43, bias=False).to(torch.bfloat16).requires_grad_(False)
+    )  # 5 tiles + 3 rows
+    rows = native.NativeHead(linear, pairs=False)
+    tiled = native.NativeHead(copy.deepcopy(linear), pairs=False)
+    tile(tiled.inner.weight)
+    tiled.blocked = 1
+    x = torch.randn(9, width, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        alone = torch.cat([rows(x[i : i + 1]) for i in range(9)])
+        want = linear(x)
+        for m in range(1, 10):
+            assert torch.equal(rows(x[:m]), alone[:m]), m
+            assert torch.equal(tiled(x[:m]), alone[:m]), m
+    step = want.float().abs() * 2**-7 + 1e-6
+    assert ((alone.float() - want.float()).abs() <= step).all()
+
+
 def test_loading_marks_the_build_used_and_prunes_builds_unused_for_long(tmp_path):
     """Each version of the sources leaves a build in the cache; one no checkout has loaded for
     STALE_DAYS goes when another loads, a recently used one stays."""

@@ -139,7 +139,7 @@ int pg_attention(const bf16 *h, bf16 *out, int M, int H, const attention_weights
     int units = first[M];
     long part_step = (long)R * (D + 2); /* one unit's parts: R query heads */
     long floats = (long)M * H + (long)M * Q + 2L * M * N * D + (long)M * H + units * part_step;
-    long per_thread = dot_scratch(M, H > N * D ? H : N * D, w->blocked);
+    long per_thread = dot_scratch(M, H > N * D ? H : N * D);
     float *xf = malloc(sizeof(float) * (floats + (long)nt * (per_thread + R * CHUNK)));
     const float **rows = malloc(sizeof(float *) * (2L * M + 1));
     if (!xf || !rows) {

@@ -11,7 +11,7 @@
 int pg_linear(const bf16 *x, bf16 *y, int M, int K, int N, int int8, const void *w, const bf16 *scale,
               long stride, int blocked) {
     int nt = omp_get_max_threads();
-    long per_thread = dot_scratch(M, K, blocked);
+    long per_thread = dot_scratch(M, K);
     float *xf = malloc(sizeof(float) * ((long)M * K + (long)M * N + (long)nt * per_thread));
     const float **xs = malloc(sizeof(float *) * (M + 1));
     if (!xf || !xs) {

@@ -17,7 +17,7 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* act(gate) * up for channels [j0, j1) of one gate|up matrix (gate rows [0, W), up rows [U, U + W)), for
    `rows` inputs xs[i] (float32 [H]), into a[i * lda + j] (bfloat16 values held as float32).
-   d: scratch for dot_scratch(rows, H, gu.blocked) floats. */
+   d: scratch for dot_scratch(rows, H) floats. */
 static void gate_up(matrix gu, int U, int H, const float *const *xs, int rows, int j0, int j1, float *a, int lda,
                     float *d) {
     const bf16 *xb = j0 < j1 ? bf16_inputs(gu, xs, rows, H, d) : NULL;
@@ -69,7 +69,7 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
     int nt = omp_get_max_threads(), K = H > S ? H : S;
     K = K > widest ? K : widest;
     long floats = 2L * M * H + (long)M * S + (long)assigned * widest + (long)assigned * H;
-    long per_thread = dot_scratch(M, K, w->blocked);
+    long per_thread = dot_scratch(M, K);
     float *xf = malloc(sizeof(float) * (floats + (long)nt * per_thread));
     const float **xs = malloc(sizeof(float *) * (2L * M + 2L * assigned + 1));
     int *by_row = malloc(sizeof(int) * ((long)assigned + M + 2)); /* assignments by row, in group order */

@@ -62,7 +62,7 @@ static inline float from_f32(float v) { return v; }
 /* A weight matrix as the kernels read it: rows of `stride` elements, bfloat16 (w16), float32 (w32, the
    router's) or int8 (w8, each row scaled by scale[row], torch's weight-only int8: the sum times the
    scale; the caller rounds). blocked (bfloat16 only): w16 holds tiles of the eight rows one dot8 call
-   reads, `stride` elements a tile (DOTS says how; pregate.native_layout), so a call streams one run of
+   reads, `stride` elements a tile (tile_offset says how; pregate.native_layout), so a call streams one run of
    memory instead of eight rows at once: on an AVX2-only EPYC eight rows at once read a third slower. */
 typedef struct {
     const bf16 *w16;
@@ -132,11 +132,43 @@ int pg_moe_mlp(const bf16 *x, const bf16 *h, bf16 *out, int M, int H, const mlp_
 /* Dot products of NW rows w[i] (element type T, read by LOAD / ONE) with NX float32 vectors x[j] (K
    each) into out[i * NX + j]. Every output has one accumulator, fed 8 terms at a time in order, summed
    across lanes, then the last K % 8 terms added in order: the same bits whichever tile computes it.
-   B 0: a row's terms are consecutive. B 1 (blocked, matrix.blocked): w[0] is a tile of 8 rows of K
-   terms (tile_offset says where each term lies), and row i is its i-th. The sums are the same either
-   way. pf > 0: prefetch pf elements further on (rows: what the next call reads, once per cache line of
-   each row, since the hardware prefetcher alone reaches about half the memory's rate on rows this
-   short; blocked: a short way ahead of the one run a tile is). */
+   pf > 0: prefetch pf elements further on (what the next call reads, once per cache line of each row,
+   since the hardware prefetcher alone reaches about half the memory's rate on rows this short). */
+#define DOTS(NAME, T, LOAD, ONE, NW, NX)                                                                 \
+    static void NAME##_##NW##x##NX(const T *const *w, const float *const *x, int K, long pf, float *out) { \
+        __m256 acc[NW][NX];                                                                              \
+        for (int i = 0; i < NW; i++)                                                                     \
+            for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();                                \
+        int k = 0;                                                                                       \
+        for (; k + 8 <= K; k += 8) {                                                                     \
+            if (pf && !(k & (64 / sizeof(T) - 1))) /* once per cache line */                           \
+                for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
+            for (int i = 0; i < NW; i++) {                                                               \
+                __m256 wv = LOAD(w[i] + k);                                                              \
+                for (int j = 0; j < NX; j++)                                                             \
+                    acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + k), acc[i][j]);               \
+            }                                                                                            \
+        }                                                                                                \
+        for (int i = 0; i < NW; i++)                                                                     \
+            for (int j = 0; j < NX; j++) {                                                               \
+                float s = hsum(acc[i][j]);                                                               \
+                for (int t = k; t < K; t++) s += ONE(w[i][t]) * x[j][t];                                 \
+                out[i * NX + j] = s;                                                                     \
+            }                                                                                            \
+    }
+#define TILES(NAME, T, LOAD, ONE)                                                                         \
+    DOTS(NAME, T, LOAD, ONE, 8, 1)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 4, 2)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 2, 3)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 2, 4)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 5)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 6)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 7)                                                                       \
+    DOTS(NAME, T, LOAD, ONE, 1, 8)
+TILES(dots16, bf16, load8, from_bf16)
+TILES(dots8, int8_t, load8_i8, from_i8)
+TILES(dots32, float, _mm256_loadu_ps, from_f32)
+
 #define CHUNK 32 /* bfloat16 terms in a cache line */
 
 /* Where term k of row i lies in a blocked tile of 8 rows of K terms, from the tile's start
@@ -147,58 +179,66 @@ static inline long tile_offset(int K, int i, int k) {
     return k < kc ? 8L * (k - k % CHUNK) + i * CHUNK + k % CHUNK : 8L * kc + (long)i * (K - kc) + k - kc;
 }
 
-#define AT(B, i, k) (B ? w[0] + tile_offset(K, i, k) : w[i] + (k))
-#define DOTS(NAME, T, LOAD, ONE, NW, NX, B)                                                              \
-    static void NAME##_##NW##x##NX(const T *const *w, const float *const *x, int K, long pf, float *out) { \
+/* DOTS on rows p..p+NW-1 of the blocked bfloat16 tile t (matrix.blocked, tile_offset's layout), read
+   chunk by chunk, then their terms past the last whole chunk: each output's terms meet its accumulator
+   in DOTS's order, so the same bits as DOTS on those rows. pf > 0: the tile's first part (p 0)
+   prefetches every line of the tile's run pf elements ahead, so that run is read in order and the
+   parts after it find the tile in the cache. */
+#define BLOCKED_DOTS(NW, NX)                                                                              \
+    static void blocked16_##NW##x##NX(const bf16 *t, int p, const float *const *x, int K, long pf, float *out) { \
         __m256 acc[NW][NX];                                                                              \
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();                                \
-        int k = 0;                                                                                       \
-        for (; k + 8 <= K; k += 8) {                                                                     \
-            if (!B && pf && !(k & (64 / sizeof(T) - 1))) /* once per cache line */                     \
-                for (int i = 0; i < NW; i++) _mm_prefetch((const char *)(w[i] + k + pf), _MM_HINT_T0);   \
-            if (B && pf) /* the tile advances 8 x 8 terms a step */                                     \
-                for (int l = 0; l < 2; l++)                                                              \
-                    _mm_prefetch((const char *)(w[0] + 8 * k + pf + l * (64 / sizeof(T))), _MM_HINT_T0); \
-            for (int i = 0; i < NW; i++) {                                                               \
-                __m256 wv = LOAD(AT(B, i, k));                                                           \
-                for (int j = 0; j < NX; j++)                                                             \
-                    acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + k), acc[i][j]);               \
-            }                                                                                            \
+        int kc = K - K % CHUNK, r = K - kc;                                                              \
+        for (int c = 0; c < kc; c += CHUNK) {                                                            \
+            const bf16 *chunk = t + 8L * c + p * CHUNK; /* row p's terms c..; row p + i's i CHUNKs on */ \
+            if (pf && !p)                                                                                \
+                for (int l = 0; l < 8; l++) _mm_prefetch((const char *)(t + 8L * c + pf + l * CHUNK), _MM_HINT_T0); \
+            for (int e = 0; e < CHUNK; e += 8)                                                           \
+                for (int i = 0; i < NW; i++) {                                                           \
+                    __m256 wv = load8(chunk + i * CHUNK + e);                                            \
+                    for (int j = 0; j < NX; j++)                                                         \
+                        acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + c + e), acc[i][j]);       \
+                }                                                                                        \
         }                                                                                                \
+        const bf16 *rest = t + 8L * kc + (long)p * r; /* row p's terms from kc; row p + i's i r on */    \
+        int k = kc;                                                                                      \
+        for (; k + 8 <= K; k += 8)                                                                       \
+            for (int i = 0; i < NW; i++) {                                                               \
+                __m256 wv = load8(rest + i * r + k - kc);                                                \
+                for (int j = 0; j < NX; j++) acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + k), acc[i][j]); \
+            }                                                                                            \
         for (int i = 0; i < NW; i++)                                                                     \
             for (int j = 0; j < NX; j++) {                                                               \
                 float s = hsum(acc[i][j]);                                                               \
-                for (int t = k; t < K; t++) s += ONE(*AT(B, i, t)) * x[j][t];                            \
+                for (int q = k; q < K; q++) s += from_bf16(rest[i * r + q - kc]) * x[j][q];              \
                 out[i * NX + j] = s;                                                                     \
             }                                                                                            \
     }
-#define TILES(NAME, T, LOAD, ONE)                                                                         \
-    DOTS(NAME, T, LOAD, ONE, 8, 1, 0)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 4, 2, 0)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 2, 3, 0)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 2, 4, 0)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 5, 0)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 6, 0)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 7, 0)                                                                    \
-    DOTS(NAME, T, LOAD, ONE, 1, 8, 0)
-TILES(dots16, bf16, load8, from_bf16)
-TILES(dots8, int8_t, load8_i8, from_i8)
-TILES(dots32, float, _mm256_loadu_ps, from_f32)
-DOTS(blocked16, bf16, load8, from_bf16, 8, 1, 1) /* one vector: more go through float32 rows (dot8) */
+BLOCKED_DOTS(8, 1)
+BLOCKED_DOTS(4, 2)
+BLOCKED_DOTS(2, 3)
+BLOCKED_DOTS(2, 4)
+BLOCKED_DOTS(1, 5)
+BLOCKED_DOTS(1, 6)
+BLOCKED_DOTS(1, 7)
+BLOCKED_DOTS(1, 8)
 
 /* Which tiles serve n vectors, for DOT8 and PAIR_DOT8 (DOT8 says why these shapes): each tile NAME_RxC
-   gets its rows w + p, then the tiles' own arguments (...), then where its outputs go. */
-#define TILE_SWITCH(NAME, n, ...)                                                                        \
+   gets its rows from PART(p) (ROWS: the pointers w + p; BLOCKED: the tile w and p), then the tiles' own
+   arguments (...), then where its outputs go. */
+#define ROWS(p) w + (p)
+#define BLOCKED(p) w, (p)
+#define TILE_SWITCH(NAME, n, PART, ...)                                                                  \
     switch (n) {                                                                                         \
-    case 1: NAME##_8x1(w, __VA_ARGS__, out); return;                                                     \
-    case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(w + p, __VA_ARGS__, out + p * 2); return;          \
-    case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(w + p, __VA_ARGS__, out + p * 3); return;          \
-    case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(w + p, __VA_ARGS__, out + p * 4); return;          \
-    case 5: for (int p = 0; p < 8; p++) NAME##_1x5(w + p, __VA_ARGS__, out + p * 5); return;             \
-    case 6: for (int p = 0; p < 8; p++) NAME##_1x6(w + p, __VA_ARGS__, out + p * 6); return;             \
-    case 7: for (int p = 0; p < 8; p++) NAME##_1x7(w + p, __VA_ARGS__, out + p * 7); return;             \
-    default: for (int p = 0; p < 8; p++) NAME##_1x8(w + p, __VA_ARGS__, out + p * 8); return;            \
+    case 1: NAME##_8x1(PART(0), __VA_ARGS__, out); return;                                               \
+    case 2: for (int p = 0; p < 8; p += 4) NAME##_4x2(PART(p), __VA_ARGS__, out + p * 2); return;        \
+    case 3: for (int p = 0; p < 8; p += 2) NAME##_2x3(PART(p), __VA_ARGS__, out + p * 3); return;        \
+    case 4: for (int p = 0; p < 8; p += 2) NAME##_2x4(PART(p), __VA_ARGS__, out + p * 4); return;        \
+    case 5: for (int p = 0; p < 8; p++) NAME##_1x5(PART(p), __VA_ARGS__, out + p * 5); return;           \
+    case 6: for (int p = 0; p < 8; p++) NAME##_1x6(PART(p), __VA_ARGS__, out + p * 6); return;           \
+    case 7: for (int p = 0; p < 8; p++) NAME##_1x7(PART(p), __VA_ARGS__, out + p * 7); return;           \
+    default: for (int p = 0; p < 8; p++) NAME##_1x8(PART(p), __VA_ARGS__, out + p * 8); return;          \
     }
 
 /* Where the CPU has AVX512-BF16 (pregate.native then builds with it), the weights meet their inputs as
@@ -247,7 +287,7 @@ static inline __m512bh pair8(const int8_t *p, __mmask32 m) {
     PAIRS(NAME, T, LOAD, 1, 7)                                                                           \
     PAIRS(NAME, T, LOAD, 1, 8)                                                                           \
     static void NAME##_tile(const T *const *w, const bf16 *x, long ldx, int n, int K, long pf, float *out) { \
-        TILE_SWITCH(NAME, n, x, ldx, K, pf)                                                              \
+        TILE_SWITCH(NAME, n, ROWS, x, ldx, K, pf)                                                        \
     }                                                                                                    \
     static void NAME##_dot8(const T *const *w, const bf16 *xb, int M, int K, long pf, float *out) {      \
         float tile[64];                                                                                  \
@@ -264,33 +304,45 @@ PAIR_DOT8(pairs8, int8_t, pair8)
 #define PAIR_DOTS 0
 #endif
 
-/* The tiling of dot8 for one element type: a tile as wide as the vectors, so no sum is computed twice:
-   one vector, the eight rows stream at once (memory-bound; eight independent sums hide each one's
-   latency); two, four rows by two; three or four, two rows by three or four; more, one row by all of
-   them (up to eight), so each weight is converted once for every vector. More than eight vectors go in
-   tiles of eight and then the rest. */
-#define DOT8(NAME, T)                                                                                    \
-    static void NAME##_tile(const T *const *w, const float *const *x, int n, int K, long pf, float *out) { \
-        TILE_SWITCH(NAME, n, x, K, pf)                                                                   \
+/* Float32 inputs that one tile of DOT8 reads for each weight: the L1 data cache (32 KB) */
+#define L1_FLOATS 8192
+
+/* How many of `left` vectors of K terms one tile of DOT8 takes: up to 8, or 4 where more than 4 would
+   not fit L1_FLOATS (a side-by-side script outside the repository, 8 vectors of 1536 terms, an AVX2-only
+   EPYC: two tiles of 4 took 0.7x the time of one of 8, whose inputs came from L2 for every weight). */
+static inline int tile_vectors(int left, int K) {
+    int n = left < 8 ? left : 8;
+    return n > 4 && (long)n * K > L1_FLOATS ? 4 : n;
+}
+
+/* The tiling of dot8 for one kind of weights W (rows: pointers to 8 rows; a blocked tile: its start),
+   their tiles NAME_RxC reached by PART (TILE_SWITCH): a tile as wide as the vectors, so no sum is
+   computed twice: one vector, the eight rows stream at once (memory-bound; eight independent sums hide
+   each one's latency); two, four rows by two; three or four, two rows by three or four; more, one row
+   by all of them (up to eight), so each weight is converted once for every vector. More vectors go in
+   tiles of tile_vectors, one after another. */
+#define DOT8(NAME, W, PART)                                                                              \
+    static void NAME##_tile(W w, const float *const *x, int n, int K, long pf, float *out) {             \
+        TILE_SWITCH(NAME, n, PART, x, K, pf)                                                             \
     }                                                                                                    \
-    static void NAME##_dot8(const T *const *w, const float *const *xs, int M, int K, long pf, float *out) { \
+    static void NAME##_dot8(W w, const float *const *xs, int M, int K, long pf, float *out) {            \
         float tile[64];                                                                                  \
-        for (int m = 0; m < M; m += 8) {                                                                 \
-            int n = M - m < 8 ? M - m : 8;                                                               \
+        for (int m = 0, n; m < M; m += n) {                                                              \
+            n = tile_vectors(M - m, K);                                                                  \
             NAME##_tile(w, xs + m, n, K, m ? 0 : pf, tile);                                              \
             for (int i = 0; i < 8; i++)                                                                  \
                 for (int j = 0; j < n; j++) out[i * M + m + j] = tile[i * n + j];                        \
         }                                                                                                \
     }
-DOT8(dots16, bf16)
-DOT8(dots8, int8_t)
-DOT8(dots32, float)
+DOT8(dots16, const bf16 *const *, ROWS)
+DOT8(dots8, const int8_t *const *, ROWS)
+DOT8(dots32, const float *const *, ROWS)
+DOT8(blocked16, const bf16 *, BLOCKED)
 
 /* Floats of scratch that rows_dot and gate_up need (per thread) for `rows` inputs of up to K terms: the
-   tiles' outputs, then where the pair tiles run the inputs' bfloat16 copies, or with blocked matrices a
-   tile's float32 rows (dot8). */
-static inline long dot_scratch(int rows, int K, int blocked) {
-    return 8L * (rows + 1) + (PAIR_DOTS ? ((long)rows * K + 1) / 2 : blocked ? 8L * K : 0);
+   tiles' outputs, then where the pair tiles run the inputs' bfloat16 copies. */
+static inline long dot_scratch(int rows, int K) {
+    return 8L * (rows + 1) + (PAIR_DOTS ? ((long)rows * K + 1) / 2 : 0);
 }
 
 /* The bfloat16 copies of rows xs[i] (K floats holding bfloat16 values) that the pair tiles read, rows
@@ -317,28 +369,8 @@ static inline const bf16 *bf16_inputs(matrix w, const float *const *xs, int rows
    tiles' copies of xs, or NULL. pf: prefetch distance in rows (0: none). */
 static inline void dot8(matrix w, const long *rows, long tile, const float *const *xs, const bf16 *xb, int M,
                         int K, long pf, float *out) {
-    if (w.blocked) { /* the tile's rows by chunks of CHUNK terms; the terms past them one row after another */
-        const bf16 *base = w.w16 + tile * w.stride;
-        if (M == 1) {
-            blocked16_8x1(&base, xs, K, pf ? BLOCKED_PF : 0, out);
-            return;
-        }
-        /* more vectors: the tile read in its one run into float32 rows (exact), which the float32 tiles
-           then read from L1, each weight converted once, as the bfloat16 ones would */
-        float *f = out + 8L * (M + 1);
-        const float *r[8];
-        int kc = K - K % CHUNK;
-        for (int c = 0; c < kc; c += CHUNK)
-            for (int i = 0; i < 8; i++) {
-                const bf16 *src = base + tile_offset(K, i, c);
-                if (pf) _mm_prefetch((const char *)(src + BLOCKED_PF), _MM_HINT_T0);
-                for (int e = 0; e < CHUNK; e += 8) _mm256_storeu_ps(f + (long)i * K + c + e, load8(src + e));
-            }
-        for (int i = 0; i < 8; i++) {
-            for (int t = kc; t < K; t++) f[(long)i * K + t] = from_bf16(base[tile_offset(K, i, t)]);
-            r[i] = f + (long)i * K;
-        }
-        dots32_dot8(r, xs, M, K, 0, out);
+    if (w.blocked) {
+        blocked16_dot8(w.w16 + tile * w.stride, xs, M, K, pf ? BLOCKED_PF : 0, out);
         return;
     }
     if (w.w8) {
@@ -375,7 +407,7 @@ static inline matrix rows_after_tiles(matrix w, long tile) {
 }
 
 /* y[i * ldy + c] = w row c . xs[i] for the rows c in [lo, hi) (in tiles of 8, lo a multiple of 8; a
-   short tile repeats its last row), K terms each. d: scratch for dot_scratch(rows, K, w.blocked) floats
+   short tile repeats its last row), K terms each. d: scratch for dot_scratch(rows, K) floats
    (8 * rows for float32 weights). */
 static inline void rows_dot(matrix w, int K, const float *const *xs, int rows, int lo, int hi, float *y, long ldy,
                      float *d) {

@@ -60,7 +60,7 @@ int pg_router_step(int B, int D, int layers, int heads, int F, float eps, int in
     int Dh = D / heads, nt = omp_get_max_threads(), longest = 0, wide = F > 3 * D ? F : 3 * D;
     for (int b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     long per_row = 3L * D + wide + F + wide; /* x, xn, att | q|k|v or gate | up | rounded inputs */
-    long per_thread = dot_scratch(B, F > D ? F : D, 0) + longest + 2 * Dh; /* products, scores, rotated q|k */
+    long per_thread = dot_scratch(B, F > D ? F : D) + longest + 2 * Dh; /* products, scores, rotated q|k */
     float *mem = malloc(sizeof(float) * ((long)B * per_row + (long)nt * per_thread));
     float **rows = malloc(sizeof(float *) * 4L * B);
     const float **ptrs = malloc(sizeof(float *) * 2L * B);
@@ -81,7 +81,7 @@ int pg_router_step(int B, int D, int layers, int heads, int F, float eps, int in
 #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), lo, hi;
-        float *d = scratch + (long)t * per_thread, *scores = d + dot_scratch(B, F > D ? F : D, 0);
+        float *d = scratch + (long)t * per_thread, *scores = d + dot_scratch(B, F > D ? F : D);
         float *rq = scores + longest, *rk = rq + Dh;
         for (int l = 0; l < layers; l++) {
             const router_block *w = blocks + l;
