@@ -180,49 +180,48 @@ static inline long tile_offset(int K, int i, int k) {
 }
 
 /* DOTS on the 8 rows of the blocked bfloat16 tile t (matrix.blocked, tile_offset's layout) and NX * G
-   vectors, the tile read once in its memory order: for each chunk, parts of NW rows by NX vectors (G
-   groups of vectors) in turn, each part's sums held in registers over the chunk and kept in `sums`
-   between chunks; then the rows' terms past the last whole chunk. Each output's terms meet its
-   accumulator in DOTS's order, so the same bits as DOTS on those rows. (A side-by-side script outside
-   the repository, an AVX2-only EPYC: 2-6 vectors, on the MLP's shapes, took 0.8-1.0x the rows' time,
-   where passes over the tile part by part took 1.1-1.3x.) pf > 0: prefetch every line of the tile's
-   run pf elements ahead. */
+   vectors, the tile read once in its memory order: for each chunk, and then for the rows' terms past
+   the last whole chunk, parts of NW rows by NX vectors (G groups of vectors) in turn (NAME_pass), each
+   part's sums held in registers over the chunk and kept in `sums` between chunks. Each output's terms
+   meet its accumulator in DOTS's order, so the same bits as DOTS on those rows. (A side-by-side script
+   outside the repository, an AVX2-only EPYC: 2-8 vectors, on the MLP's shapes, took 0.8-1.0x the rows'
+   time, where passes over the tile part by part took 1.1-1.3x.) pf > 0: prefetch every line of the
+   tile's run pf elements ahead. */
 #define BLOCKED_DOTS(NW, NX, G)                                                                           \
+    /* terms k0..k0+n (n a multiple of 8) of each row i, at w + i * stride, into sums */                \
+    static inline void blocked16_##NW##x##NX##x##G##_pass(__m256 sums[8][NX * G], const bf16 *w, int stride, \
+                                                          const float *const *x, int k0, int n) {        \
+        for (int p = 0; p < 8; p += NW)                                                                  \
+            for (int h = 0; h < NX * G; h += NX) {                                                       \
+                __m256 acc[NW][NX];                                                                      \
+                for (int i = 0; i < NW; i++)                                                             \
+                    for (int j = 0; j < NX; j++) acc[i][j] = sums[p + i][h + j];                         \
+                for (int e = 0; e < n; e += 8)                                                           \
+                    for (int i = 0; i < NW; i++) {                                                       \
+                        __m256 wv = load8(w + (p + i) * stride + e);                                     \
+                        for (int j = 0; j < NX; j++)                                                     \
+                            acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[h + j] + k0 + e), acc[i][j]); \
+                    }                                                                                    \
+                for (int i = 0; i < NW; i++)                                                             \
+                    for (int j = 0; j < NX; j++) sums[p + i][h + j] = acc[i][j];                         \
+            }                                                                                            \
+    }                                                                                                    \
     static void blocked16_##NW##x##NX##x##G(const bf16 *t, const float *const *x, int K, long pf, float *out) { \
         __m256 sums[8][NX * G];                                                                          \
         for (int i = 0; i < 8; i++)                                                                      \
             for (int j = 0; j < NX * G; j++) sums[i][j] = _mm256_setzero_ps();                           \
-        int kc = K - K % CHUNK, r = K - kc;                                                              \
+        int kc = K - K % CHUNK, r = K - kc, r8 = r - r % 8;                                              \
         for (int c = 0; c < kc; c += CHUNK) {                                                            \
             if (pf)                                                                                      \
                 for (int l = 0; l < 8; l++) _mm_prefetch((const char *)(t + 8L * c + pf + l * CHUNK), _MM_HINT_T0); \
-            for (int p = 0; p < 8; p += NW)                                                              \
-                for (int h = 0; h < NX * G; h += NX) {                                                   \
-                    const bf16 *chunk = t + 8L * c + p * CHUNK; /* row p's terms c..; row p + i's i CHUNKs on */ \
-                    __m256 acc[NW][NX];                                                                  \
-                    for (int i = 0; i < NW; i++)                                                         \
-                        for (int j = 0; j < NX; j++) acc[i][j] = sums[p + i][h + j];                     \
-                    for (int e = 0; e < CHUNK; e += 8)                                                   \
-                        for (int i = 0; i < NW; i++) {                                                   \
-                            __m256 wv = load8(chunk + i * CHUNK + e);                                    \
-                            for (int j = 0; j < NX; j++)                                                 \
-                                acc[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[h + j] + c + e), acc[i][j]); \
-                        }                                                                                \
-                    for (int i = 0; i < NW; i++)                                                         \
-                        for (int j = 0; j < NX; j++) sums[p + i][h + j] = acc[i][j];                     \
-                }                                                                                        \
+            blocked16_##NW##x##NX##x##G##_pass(sums, t + 8L * c, CHUNK, x, c, CHUNK);                   \
         }                                                                                                \
         const bf16 *rest = t + 8L * kc; /* row i's terms from kc at rest + i r */                        \
-        int k = kc;                                                                                      \
-        for (; k + 8 <= K; k += 8)                                                                       \
-            for (int i = 0; i < 8; i++) {                                                                \
-                __m256 wv = load8(rest + i * r + k - kc);                                                \
-                for (int j = 0; j < NX * G; j++) sums[i][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[j] + k), sums[i][j]); \
-            }                                                                                            \
+        blocked16_##NW##x##NX##x##G##_pass(sums, rest, r, x, kc, r8);                                    \
         for (int i = 0; i < 8; i++)                                                                      \
             for (int j = 0; j < NX * G; j++) {                                                           \
                 float s = hsum(sums[i][j]);                                                              \
-                for (int q = k; q < K; q++) s += from_bf16(rest[i * r + q - kc]) * x[j][q];              \
+                for (int q = r8; q < r; q++) s += from_bf16(rest[i * r + q]) * x[j][kc + q];             \
                 out[i * NX * G + j] = s;                                                                 \
             }                                                                                            \
     }
