@@ -77,8 +77,11 @@ STEP_MOE_NATIVE_AVX2 = "moe-native-avx2"  # with --native --avx2-products on a C
 STEP_DENSE_NATIVE_AVX2 = "dense-native-avx2"  # native copies on AVX2's products (pregate.native.pair_dots),
 STEP_MOE_INT8_NATIVE_AVX2 = "moe-int8-native-avx2"  # with --quantize int8 the int8 ones too
 STEP_DENSE_INT8_NATIVE_AVX2 = "dense-int8-native-avx2"
-STEP_MOE_NATIVE_TILES = "moe-native-tiles"  # with --native --native-tiles: the bfloat16 native copies with
-STEP_DENSE_NATIVE_TILES = "dense-native-tiles"  # their decoder weights tiled, on AVX2's products
+# with --native --native-layouts: the bfloat16 native copies in the weight layout the default does not use
+STEP_MOE_NATIVE_TILES = "moe-native-tiles"  # tiled, on AVX2's products, where the default keeps rows
+STEP_DENSE_NATIVE_TILES = "dense-native-tiles"
+STEP_MOE_NATIVE_ROWS = "moe-native-rows"  # rows, where the default tiles (pregate.native.default_tiles)
+STEP_DENSE_NATIVE_ROWS = "dense-native-rows"
 MOE_SYSTEMS = (
     STEP_MOE,
     STEP_MOE_INT8,
@@ -86,6 +89,7 @@ MOE_SYSTEMS = (
     STEP_MOE_NATIVE,
     STEP_MOE_NATIVE_AVX2,
     STEP_MOE_NATIVE_TILES,
+    STEP_MOE_NATIVE_ROWS,
     STEP_MOE_INT8_NATIVE,
     STEP_MOE_INT8_NATIVE_AVX2,
 )
@@ -108,7 +112,7 @@ class StepBenchConfig:
     unpacked: bool = False  # also the bfloat16 models with plain (not prepacked) weights
     native: bool = False  # also the models through the native decode layers (pregate.native)
     avx2_products: bool = False  # with native: also its copies on AVX2's products, where pairs run
-    native_tiles: bool = False  # with native: also its bfloat16 copies with tiled weights (native_layout)
+    native_layouts: bool = False  # with native: also its bfloat16 copies in the other weight layout
     dense: bool = True
     hf: bool = True
     llama_cpp: bool = True
@@ -148,8 +152,8 @@ class StepBenchConfig:
             raise BenchError("--native runs bfloat16 weights; drop --dtype float32")
         if self.avx2_products and not self.native:
             raise BenchError("--avx2-products compares the native layers' products; add --native")
-        if self.native_tiles and not self.native:
-            raise BenchError("--native-tiles compares the native layers' weight layouts; add --native")
+        if self.native_layouts and not self.native:
+            raise BenchError("--native-layouts compares the native layers' weight layouts; add --native")
         if not self.flag_spread > 0:
             raise BenchError(f"flag_spread={self.flag_spread!r} must be > 0")
         if self.gguf is not None and not Path(self.gguf).is_file():
@@ -550,7 +554,7 @@ def run_bench_step(
         native: bool,
         rates: dict,
         pairs=None,
-        tiles=False,
+        tiles=None,
     ) -> None:
         """Copies of the MoE (with its router) and the dense parent in another serving layout."""
         models[moe_name], routers[moe_name] = serving_layout(
@@ -587,11 +591,15 @@ def run_bench_step(
             layout_copies(STEP_MOE_NATIVE_AVX2, STEP_DENSE_NATIVE_AVX2, None, True, bw, pairs=False)
         elif cfg.avx2_products:
             notes.append("--avx2-products: nothing to compare, the native layers run AVX2's products here")
-        if cfg.native_tiles:  # AVX2's products: where the pair products run, beside their AVX2 copies
+        tiled = models[STEP_MOE_NATIVE].native.tiling is not None
+        notes.append(f"--native: bfloat16 weights in {'tiles' if tiled else 'rows'} (pregate.native_layout)")
+        if cfg.native_layouts and tiled:
+            layout_copies(STEP_MOE_NATIVE_ROWS, STEP_DENSE_NATIVE_ROWS, None, True, bw, tiles=False)
+        elif cfg.native_layouts:  # AVX2's products: where the pair products run, beside their AVX2 copies
             layout_copies(
                 STEP_MOE_NATIVE_TILES, STEP_DENSE_NATIVE_TILES, None, True, bw, pairs=False, tiles=True
             )
-            notes.append("--native-tiles: the tiled copies run AVX2's products (pregate.native_layout)")
+            notes.append("--native-layouts: the tiled copies run AVX2's products (pregate.native_layout)")
         if cfg.quantize:
             layout_copies(STEP_MOE_INT8_NATIVE, STEP_DENSE_INT8_NATIVE, cfg.quantize, True, bw_int8)
         if cfg.quantize and avx2:
@@ -613,6 +621,7 @@ def run_bench_step(
             STEP_DENSE_NATIVE,
             STEP_DENSE_NATIVE_AVX2,
             STEP_DENSE_NATIVE_TILES,
+            STEP_DENSE_NATIVE_ROWS,
             STEP_DENSE_INT8_NATIVE,
             STEP_DENSE_INT8_NATIVE_AVX2,
         )
@@ -690,10 +699,9 @@ def run_bench_step(
         for r in rows
         if r["system"] in MOE_SYSTEMS and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
     ]
-    for name in (STEP_MOE_NATIVE_TILES, STEP_DENSE_NATIVE_TILES):
-        model = models.get(name)
-        tiling = model.native.tiling if model is not None else None  # None: it could not be tiled
-        if model is not None and not (tiling and tiling.tiled):
+    for name, model in models.items():
+        tiling = getattr(getattr(model, "native", None), "tiling", None)
+        if tiling is not None and not tiling.tiled:  # a torch read put the rows back during the run
             notes.append(f"{name}: its weights were read as rows, not tiles (pregate.native_layout)")
 
     breakdown: dict = {}

@@ -56,7 +56,7 @@ def load_engine(
     prefetch: bool = False,
     quantize: str | None = None,
     native: bool = False,
-    tiles: bool = False,
+    tiles: bool | None = None,
 ) -> Engine:
     """The engine over a trained pregate MoE (`pregate train` output: MoE + router), as `serve` runs it.
 
@@ -66,7 +66,8 @@ def load_engine(
     quantize "int8": weight-only int8 (pregate.quantize); with resident_experts the routed experts stay in
     the checkpoint's dtype (the store serves them) and the rest is int8.
     native: decode rows through the native layers (pregate.native; bfloat16 or int8, experts resident);
-    tiles: with native, its bfloat16 decoder weights tiled for AVX2's products (pregate.native_layout)."""
+    tiles: with native, its bfloat16 weights tiled for AVX2's products (pregate.native_layout); None:
+    where pregate.native.default_tiles says, False: never."""
     from transformers import AutoTokenizer
 
     from pregate.checkpoint import parse_dtype
@@ -76,8 +77,9 @@ def load_engine(
     store, weights_dtype = None, parse_dtype(dtype)
     if native and resident_experts is not None:  # before any loading: the two options exclude each other
         raise PregateError("--native needs every routed expert resident; drop --resident-experts")
-    if tiles and not native:
-        raise PregateError("--native-tiles lays out the native layers' weights; add --native")
+    if tiles is not None and not native:
+        flag = "--native-tiles" if tiles else "--no-native-tiles"
+        raise PregateError(f"{flag} lays out the native layers' weights; add --native")
     if resident_experts is not None:
         from pregate.store import ExpertStore, StoreConfig
 
@@ -108,8 +110,8 @@ def load_engine(
         from pregate.native import products
 
         print(f"native decode layers: bfloat16 and int8 products on {products()} (pregate.native)")
-        if tiles and moe.native.tiling is not None:
-            print("native weights: tiled for steps of one token (pregate.native_layout)")
+        if moe.native.tiling is not None:
+            print("native weights: tiled, each call streams one run of memory (pregate.native_layout)")
         elif tiles:
             print("note: --native-tiles could not tile this model's weights in place; the kernels read rows")
     if store is not None:
@@ -141,7 +143,7 @@ def serve(
     quantize: str | None = None,
     timeout_read: float = READ_TIMEOUT_S,
     native: bool = False,
-    tiles: bool = False,
+    tiles: bool | None = None,
 ) -> None:
     """Serve a trained pregate MoE (`load_engine`) until interrupted.
 

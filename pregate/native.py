@@ -16,9 +16,10 @@ plain weights (`NativeStep` splits and merges the rows). The native rows go in c
 `NATIVE_ROWS` rows (`PAIR_ROWS` on the pair dot products), one after another. The router's decode
 step has its kernel too (`router.c`, pregate.native_router), and the LM head where it is int8, or plain
 bfloat16 (not packed: a CPU whose oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`,
-`NativeHead`). `attach_native(..., tiles=True)` (`--native-tiles`) tiles the bfloat16 decoder weights
-and LM head (a tied one with its embedding) in place for AVX2's products (pregate.native_layout):
-faster steps of one token, slower ones of several.
+`NativeHead`). `attach_native` tiles the bfloat16 decoder weights and LM head (a tied one with its
+embedding) in place for AVX2's products (pregate.native_layout) where every step runs natively
+(`default_tiles`), or as `tiles` (`--native-tiles`, `--no-native-tiles`) says: faster steps of one to
+four tokens, even ones of more.
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
@@ -689,17 +690,29 @@ def can_run_native(model: MoEForCausalLM) -> str | None:
     return None
 
 
+def default_tiles(quantized: bool, pairs: bool) -> bool:
+    """Whether the native path tiles its weights (pregate.native_layout) unless told: bfloat16 weights
+    on AVX2's products where every step runs natively (whole_rows None: oneDNN cannot pack bfloat16), so
+    torch never reads them. There tiles were faster for steps of one to four tokens and even for eight
+    and sixteen (docs/serving.md); where some steps go through torch, the first would put the rows back."""
+    return not quantized and not pairs and whole_rows(False) is None
+
+
 @torch.no_grad()
-def attach_native(model: MoEForCausalLM, pairs: bool | None = None, tiles: bool = False) -> MoEForCausalLM:
+def attach_native(
+    model: MoEForCausalLM, pairs: bool | None = None, tiles: bool | None = None
+) -> MoEForCausalLM:
     """Give a bfloat16 model with plain decoder layers, or one quantized to int8, its native decode path
     (in place; the weights stay as they are), its bfloat16 and int8 products on AVX512-BF16's pair dot
-    products or AVX2's (`pairs`, library()). `tiles`: the bfloat16 decoder weights tiled in place for
-    AVX2's products (pregate.native_layout, `--native-tiles`). Raises PregateError when `can_run_native`
-    refuses (the routed experts must be resident: no expert store), or tiles cannot run."""
+    products or AVX2's (`pairs`, library()). `tiles`: the bfloat16 decoder weights and LM head tiled in
+    place for AVX2's products (pregate.native_layout, `--native-tiles`; None: `default_tiles`). Raises
+    PregateError when `can_run_native` refuses (the routed experts must be resident: no expert store), or
+    tiles cannot run."""
     reason = can_run_native(model)
     if reason is not None:
         raise PregateError(reason)
     pairs = pair_dots() if pairs is None else pairs
+    tiles = default_tiles(bool(model.quantized), pairs) if tiles is None else tiles
     if tiles and (pairs or model.quantized):
         what = "int8 weights" if model.quantized else "AVX512-BF16's pair dot products (this CPU's default)"
         raise PregateError(

@@ -4,13 +4,14 @@ A native product reads a matrix eight rows at a time (one `dot8` call). In the r
 eight streams at once, which an AVX2-only AMD EPYC read about a third slower than one stream (2 threads,
 one bfloat16 row per call, the MLP shapes of smollm2-135m; side-by-side C scripts outside the
 repository). Tiled, the eight rows of a call lie together, a cache line of each in turn, so a call of
-one row streams one run of memory. A call of more rows converts its tile to float32 rows first (each
-weight once, as the rows' tiles do) and multiplies those: slower than the rows' own tiles, so tiles pay
-for steps of one token (single-stream use) and cost steps of several (docs/serving.md). The sums are
-the same either way (each row's terms meet its accumulator in the same order), so the tiled kernels
-give the bits of the rows' ones.
+one row streams one run of memory. A call of more rows reads its tile once too, chunk by chunk (native.h's
+BLOCKED_DOTS). Against rows, tiles made steps of one to four tokens faster and those of eight and sixteen
+even (docs/serving.md). The sums are the same either way (each row's terms meet its accumulator in the
+same order), so the tiled kernels give the bits of the rows' ones.
 
-`--native-tiles` asks for it (AVX2's bfloat16 products only). The tiles reuse each weight's own storage
+The native path tiles where every step runs natively (pregate.native.default_tiles: AVX2's bfloat16
+products, a CPU whose oneDNN cannot pack bfloat16), or as `--native-tiles` / `--no-native-tiles` says
+(AVX2's bfloat16 products only). The tiles reuse each weight's own storage
 (nothing copied, nothing added), so torch cannot read those weights: `Tiling` puts the rows back, in
 place, the first time torch would read them (a torch forward of a module that holds them or of a
 decoder layer's attention or MLP, or a state_dict), and from then on the kernels read rows. A serving

@@ -172,7 +172,7 @@ def serving_layout(
     quantize: str | None = None,
     native: bool = False,
     pairs: bool | None = None,
-    tiles: bool = False,
+    tiles: bool | None = None,
 ):
     """In place, the layout the engine serves: `quantize` ("int8") quantizes the model and its router
     (pregate.quantize); without it a bfloat16 model on CPU and its router are packed; anything else is
@@ -180,7 +180,8 @@ def serving_layout(
     else over plain bfloat16 decoder layers (the LM head packed as above), and the router routes decode
     tokens through pregate.native_router (its int8 or plain float32 weights); raises PregateError where
     that cannot run; `pairs` picks its bfloat16 products (pregate.native.library), `tiles` tiles its
-    bfloat16 decoder weights (pregate.native.attach_native). Returns (model, router)."""
+    bfloat16 weights (None: where pregate.native.default_tiles says; pregate.native.attach_native).
+    Returns (model, router)."""
     if native:
         from pregate.native import attach_native, can_run_native
         from pregate.native_router import attach_native_router

@@ -255,20 +255,29 @@ def test_native_systems_run_beside_the_packed_ones(moe_dir):
     with pytest.raises(BenchError, match="add --native"):
         StepBenchConfig(avx2_products=True)
     with pytest.raises(BenchError, match="add --native"):
-        StepBenchConfig(native_tiles=True)
+        StepBenchConfig(native_layouts=True)
 
 
 @pytest.mark.skipif(native_unavailable() is not None, reason=str(native_unavailable()))
-def test_native_tiles_run_beside_the_native_rows(moe_dir):
-    """--native --native-tiles: the tiled copies beside the others, the same bytes, and still tiled after
-    every timed step (a torch read would have put the rows back, and the notes would say so)."""
-    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, native_tiles=True, hf=False)
+def test_native_layouts_run_the_other_layout_beside_the_default(moe_dir):
+    """--native --native-layouts: beside the native copies in the layout the native path picks here
+    (pregate.native.default_tiles), copies in the other one: rows where it tiles, tiles where it keeps
+    rows; the same bytes; the tiled ones still tiled after every timed step (a torch read would have put
+    the rows back, and the notes would say so)."""
+    from pregate.native import default_tiles, pair_dots
+
+    cfg = StepBenchConfig(**{**TINY, "dtype": "bfloat16"}, native=True, native_layouts=True, hf=False)
     result = run_bench_step(moe_dir, cfg, progress=lambda _: None)
     rows = {r["system"]: r for r in result["batch_sizes"] if r["batch"] == 3}
-    assert {"moe-native-tiles", "dense-native-tiles"} <= set(rows)
-    assert rows["moe-native-tiles"]["bytes"] == rows["moe-native"]["bytes"]
-    assert rows["dense-native-tiles"]["decode_ms"]["median"] > 0
-    assert any(n.startswith("--native-tiles:") for n in result["notes"])
+    tiled = default_tiles(False, pair_dots())
+    other = "rows" if tiled else "tiles"
+    assert {f"moe-native-{other}", f"dense-native-{other}"} <= set(rows)
+    assert rows[f"moe-native-{other}"]["bytes"] == rows["moe-native"]["bytes"]
+    assert rows[f"dense-native-{other}"]["decode_ms"]["median"] > 0
+    assert (
+        f"--native: bfloat16 weights in {'tiles' if tiled else 'rows'} (pregate.native_layout)"
+        in (result["notes"])
+    )
     assert not any("read as rows, not tiles" in n for n in result["notes"])
 
 

@@ -138,13 +138,19 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
 
 
 def test_tiles_are_asked_for_and_refused_where_they_cannot_run():
-    """Tiles only with `tiles` (--native-tiles), for bfloat16 weights on AVX2's products: int8 weights,
-    and the pair dot products, are refused with the reason."""
+    """Tiles with `tiles` (--native-tiles), for bfloat16 weights on AVX2's products, and by default where
+    every step runs natively (default_tiles: oneDNN cannot pack bfloat16); int8 weights, and the pair
+    dot products, are refused with the reason, and never tiled by default."""
     from pregate.errors import PregateError
-    from pregate.packed import serving_layout
+    from pregate.packed import cpu_packs_bfloat16, serving_layout
 
     plain = tiling_moe()
-    assert native.attach_native(copy.deepcopy(plain), pairs=False).native.tiling is None
+    assert native.attach_native(copy.deepcopy(plain), pairs=False, tiles=False).native.tiling is None
+    default = native.attach_native(copy.deepcopy(plain), pairs=False).native.tiling
+    assert (default is not None) == native.default_tiles(False, False) == (not cpu_packs_bfloat16())
+    assert not native.default_tiles(True, False) and not native.default_tiles(False, True)
+    int8 = serving_layout(tiling_moe(hidden=64), quantize="int8", native=True, pairs=False)[0]
+    assert int8.native.tiling is None
     tiled = serving_layout(copy.deepcopy(plain), native=True, pairs=False, tiles=True)[0]
     assert tiled.native.tiling.tiled
     with pytest.raises(PregateError, match="not int8 weights"):
@@ -155,8 +161,8 @@ def test_tiles_are_asked_for_and_refused_where_they_cannot_run():
 
 
 def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, tmp_path, capsys):
-    """`pregate serve --native --native-tiles`: the same tokens as --native alone, the weights still tiled
-    after serving; --native-tiles without --native is refused with the reason."""
+    """`pregate serve --native --native-tiles`: the same tokens as --native --no-native-tiles, the weights
+    still tiled after serving; either flag without --native is refused with the reason."""
     from pregate.engine import SamplingParams
     from pregate.errors import PregateError
     from pregate.launch import load_engine
@@ -168,12 +174,14 @@ def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, 
             load_engine(out, dtype="bfloat16", native=True, tiles=True)
         return
     tiled = load_engine(out, dtype="bfloat16", native=True, tiles=True)
-    assert "native weights: tiled for steps of one token" in capsys.readouterr().out
-    rows = load_engine(out, dtype="bfloat16", native=True)
+    assert "native weights: tiled, each call streams one run of memory" in capsys.readouterr().out
+    rows = load_engine(out, dtype="bfloat16", native=True, tiles=False)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     prompts = ["hello", "a longer prompt", "x"]
     got, want = tiled.generate(prompts, params), rows.generate(prompts, params)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert tiled.model.native.tiling.tiled and rows.model.native.tiling is None
-    with pytest.raises(PregateError, match="add --native"):
+    with pytest.raises(PregateError, match="--native-tiles lays out"):
         load_engine(out, dtype="bfloat16", tiles=True)
+    with pytest.raises(PregateError, match="--no-native-tiles lays out"):
+        load_engine(out, dtype="bfloat16", tiles=False)

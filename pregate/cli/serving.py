@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pregate.cli.options import (
     add_dtype,
     add_json,
@@ -37,10 +39,12 @@ def add_serve(p) -> None:
     add_native(p)
     p.add_argument(
         "--native-tiles",
-        action="store_true",
-        help="with --native, bfloat16 on AVX2's products: the decoder weights tiled in place, so each "
-        "native call streams one run of memory (pregate.native_layout): faster steps of one token a "
-        "step (single-stream use), slower ones of several (docs/serving.md; default: off)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --native, bfloat16 on AVX2's products: the weights tiled in place, so each native call "
+        "streams one run of memory (pregate.native_layout): faster steps of one to four tokens, even "
+        "ones of more (docs/serving.md; default: on where oneDNN cannot pack bfloat16, so every step "
+        "runs natively, off elsewhere)",
     )
     add_resident_experts(
         p,
@@ -243,10 +247,12 @@ def add_bench_step(p) -> None:
         "dense-int8-native-avx2), beside the pair dot products they run by default",
     )
     p.add_argument(
-        "--native-tiles",
+        "--native-layouts",
         action="store_true",
-        help="with --native: also the bfloat16 native MoE and dense parent with their decoder weights tiled "
-        "for AVX2's products (moe-native-tiles, dense-native-tiles; pregate.native_layout)",
+        help="with --native: also the bfloat16 native MoE and dense parent in the weight layout the "
+        "native path does not pick here: rows where it tiles them (moe-native-rows, dense-native-rows), "
+        "tiles on AVX2's products where it keeps rows (moe-native-tiles, dense-native-tiles; "
+        "pregate.native_layout)",
     )
     p.add_argument(
         "--layerwise",
