@@ -699,11 +699,6 @@ def run_bench_step(
         for r in rows
         if r["system"] in MOE_SYSTEMS and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
     ]
-    for name, model in models.items():
-        tiling = getattr(getattr(model, "native", None), "tiling", None)
-        if tiling is not None and not tiling.tiled:  # a torch read put the rows back during the run
-            notes.append(f"{name}: its weights were read as rows, not tiles (pregate.native_layout)")
-
     breakdown: dict = {}
     if cfg.breakdown:
         hooked = {
@@ -731,6 +726,13 @@ def run_bench_step(
                 "layer-wise gate: timed with direct model.forward_packed calls (the engine serves "
                 "pre-gating routers only); its experts are its own choice, not controlled"
             )
+
+    for name, model in models.items():
+        tiling = getattr(getattr(model, "native", None), "tiling", None)
+        if (
+            tiling is not None and not tiling.tiled
+        ):  # a torch read put the rows back during the run, breakdown included
+            notes.append(f"{name}: its weights were read as rows, not tiles (pregate.native_layout)")
 
     products = None
     if cfg.breakdown:

@@ -90,7 +90,7 @@ def tiled_rows(w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @functools.cache  # one per row length: a lookup a step must not rebuild it
 def _tile_offsets(k: int, device: torch.device) -> torch.Tensor:
-    """[TILE_ROWS, k]: where term j of a tile's row i lies from the tile's start (native.h's tile_offset),
+    """[TILE_ROWS, k]: where term j of a tile's row i lies from the tile's start (native.h's CHUNK layout),
     read off `_tiled` itself."""
     where = _tiled(torch.arange(TILE_ROWS * k, device=device).view(TILE_ROWS, k))
     offsets = torch.empty_like(where)

@@ -458,9 +458,8 @@ def test_every_tile_shape_gives_a_row_its_bits_alone_on_rows_and_on_tiles(width)
     from pregate.native_layout import tile
 
     g = torch.Generator().manual_seed(3)
-    linear = (
-        torch.nn.Linear(width, 43, bias=False).to(torch.bfloat16).requires_grad_(False)
-    )  # 5 tiles + 3 rows
+    # 43 rows: 5 whole tiles, then 3 rows kept as rows
+    linear = torch.nn.Linear(width, 43, bias=False).to(torch.bfloat16).requires_grad_(False)
     rows = native.NativeHead(linear, pairs=False)
     tiled = native.NativeHead(copy.deepcopy(linear), pairs=False)
     tile(tiled.inner.weight)

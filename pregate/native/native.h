@@ -62,8 +62,9 @@ static inline float from_f32(float v) { return v; }
 /* A weight matrix as the kernels read it: rows of `stride` elements, bfloat16 (w16), float32 (w32, the
    router's) or int8 (w8, each row scaled by scale[row], torch's weight-only int8: the sum times the
    scale; the caller rounds). blocked (bfloat16 only): w16 holds tiles of the eight rows one dot8 call
-   reads, `stride` elements a tile (tile_offset says how; pregate.native_layout), so a call streams one run of
-   memory instead of eight rows at once: on an AVX2-only EPYC eight rows at once read a third slower. */
+   reads, `stride` elements a tile (CHUNK says how; pregate.native_layout), so a call streams one run
+   of memory instead of eight rows at once: on an AVX2-only EPYC eight rows at once read a third
+   slower. */
 typedef struct {
     const bf16 *w16;
     const int8_t *w8;
@@ -169,17 +170,13 @@ TILES(dots16, bf16, load8, from_bf16)
 TILES(dots8, int8_t, load8_i8, from_i8)
 TILES(dots32, float, _mm256_loadu_ps, from_f32)
 
+/* A blocked tile of 8 rows of K terms (pregate.native_layout): the rows' chunks of CHUNK terms, a chunk
+   of each row in turn (term k < kc of row i at 8 (k - k % CHUNK) + i CHUNK + k % CHUNK, kc = K - K %
+   CHUNK); then each row's terms past its last whole chunk, one row after another (term k >= kc of row i
+   at 8 kc + i (K - kc) + k - kc). */
 #define CHUNK 32 /* bfloat16 terms in a cache line */
 
-/* Where term k of row i lies in a blocked tile of 8 rows of K terms, from the tile's start
-   (pregate.native_layout): the rows' chunks of CHUNK terms, a chunk of each row in turn; then each
-   row's terms past its last whole chunk, one row after another. */
-static inline long tile_offset(int K, int i, int k) {
-    int kc = K - K % CHUNK;
-    return k < kc ? 8L * (k - k % CHUNK) + i * CHUNK + k % CHUNK : 8L * kc + (long)i * (K - kc) + k - kc;
-}
-
-/* DOTS on the 8 rows of the blocked bfloat16 tile t (matrix.blocked, tile_offset's layout) and NX * G
+/* DOTS on the 8 rows of the blocked bfloat16 tile t (matrix.blocked, CHUNK's layout) and NX * G
    vectors, the tile read once in its memory order: for each chunk, and then for the rows' terms past
    the last whole chunk, parts of NW rows by NX vectors (G groups of vectors) in turn (NAME_pass), each
    part's sums held in registers over the chunk and kept in `sums` between chunks. Each output's terms
