@@ -35,7 +35,7 @@ def tile(w: torch.Tensor, order: torch.Tensor | None = None, cols: int | None = 
     its rows `order` (None: all in order; else an order of rows 0..len(order)-1), their first `cols` terms
     (None: K). Tile t holds rows order[8t..8t+7]: their terms 0-31 one row after another, then their
     terms 32-63, and so on, then each row's terms past its last whole chunk of 32, one row after another
-    (native.h's DOTS). The rows past the last whole tile stay rows, after the tiles."""
+    (native.h's CHUNK layout). The rows past the last whole tile stay rows, after the tiles."""
     rows = (w if order is None else w[order])[:, :cols].contiguous()
     w.view(-1)[: rows.numel()].copy_(_tiled(rows))
 
@@ -158,8 +158,10 @@ class Tiling:
         self.hook(owner)
         return True
 
-    def hook(self, module: nn.Module) -> None:
-        module.register_forward_pre_hook(lambda *_: self.untile())
+    def hook(self, module: nn.Module, forward: bool = True) -> None:
+        """Put the rows back before a state_dict of module, and (forward) before a torch forward of it."""
+        if forward:
+            module.register_forward_pre_hook(lambda *_: self.untile())
         module.register_state_dict_pre_hook(lambda *_: self.untile())
 
 
@@ -172,7 +174,7 @@ class TiledEmbedding(nn.Embedding):
         super().__init__(table.num_embeddings, table.embedding_dim, table.padding_idx, device="meta")
         self.weight = table.weight  # the same parameter: nothing allocated, nothing copied
         self.tiling = tiling
-        self.register_state_dict_pre_hook(lambda *_: tiling.untile())
+        tiling.hook(self, forward=False)  # its own lookups read the tiles
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return tiled_rows(self.weight, ids) if self.tiling.tiled else super().forward(ids)

@@ -180,9 +180,9 @@ TILES(dots32, float, _mm256_loadu_ps, from_f32)
    vectors, the tile read once in its memory order: for each chunk, and then for the rows' terms past
    the last whole chunk, parts of NW rows by NX vectors (G groups of vectors) in turn (NAME_pass), each
    part's sums held in registers over the chunk and kept in `sums` between chunks. Each output's terms
-   meet its accumulator in DOTS's order, so the same bits as DOTS on those rows. (A side-by-side script
-   outside the repository, an AVX2-only EPYC: 2-8 vectors, on the MLP's shapes, took 0.8-1.0x the rows'
-   time, where passes over the tile part by part took 1.1-1.3x.) pf > 0: prefetch every line of the
+   meet its accumulator in DOTS's order, so the same bits as DOTS on those rows. (Passes over the tile part
+   by part were behind the rows' kernels, since each part takes one line of every 512 bytes; this is
+   even with them or ahead, docs/serving.md.) pf > 0: prefetch every line of the
    tile's run pf elements ahead. */
 #define BLOCKED_DOTS(NW, NX, G)                                                                           \
     /* terms k0..k0+n (n a multiple of 8) of each row i, at w + i * stride, into sums */                \
@@ -327,8 +327,8 @@ PAIR_DOT8(pairs8, int8_t, pair8)
 #define L1_FLOATS 8192
 
 /* How many of `left` vectors of K terms one tile of DOT8 takes: up to 8, or 4 where more than 4 would
-   not fit L1_FLOATS (a side-by-side script outside the repository, 8 vectors of 1536 terms, an AVX2-only
-   EPYC: two tiles of 4 took 0.7x the time of one of 8, whose inputs came from L2 for every weight). */
+   not fit L1_FLOATS (8 vectors of 1536 terms in one tile read their inputs from L2 for every weight; two tiles of
+   4 were faster in a side-by-side script outside the repository). */
 static inline int tile_vectors(int left, int K) {
     int n = left < 8 ? left : 8;
     return n > 4 && (long)n * K > L1_FLOATS ? 4 : n;
