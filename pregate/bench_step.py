@@ -78,7 +78,7 @@ STEP_DENSE_NATIVE_AVX2 = "dense-native-avx2"  # native copies on AVX2's products
 STEP_MOE_INT8_NATIVE_AVX2 = "moe-int8-native-avx2"  # with --quantize int8 the int8 ones too
 STEP_DENSE_INT8_NATIVE_AVX2 = "dense-int8-native-avx2"
 # with --native --native-layouts: the bfloat16 native copies in the weight layout the default does not use
-STEP_MOE_NATIVE_TILES = "moe-native-tiles"  # tiled, on AVX2's products, where the default keeps rows
+STEP_MOE_NATIVE_TILES = "moe-native-tiles"  # tiled, where the default keeps rows
 STEP_DENSE_NATIVE_TILES = "dense-native-tiles"
 STEP_MOE_NATIVE_ROWS = "moe-native-rows"  # rows, where the default tiles (pregate.native.default_tiles)
 STEP_DENSE_NATIVE_ROWS = "dense-native-rows"
@@ -595,11 +595,8 @@ def run_bench_step(
         notes.append(f"--native: bfloat16 weights in {'tiles' if tiled else 'rows'} (pregate.native_layout)")
         if cfg.native_layouts and tiled:
             layout_copies(STEP_MOE_NATIVE_ROWS, STEP_DENSE_NATIVE_ROWS, None, True, bw, tiles=False)
-        elif cfg.native_layouts:  # AVX2's products: where the pair products run, beside their AVX2 copies
-            layout_copies(
-                STEP_MOE_NATIVE_TILES, STEP_DENSE_NATIVE_TILES, None, True, bw, pairs=False, tiles=True
-            )
-            notes.append("--native-layouts: the tiled copies run AVX2's products (pregate.native_layout)")
+        elif cfg.native_layouts:
+            layout_copies(STEP_MOE_NATIVE_TILES, STEP_DENSE_NATIVE_TILES, None, True, bw, tiles=True)
         if cfg.quantize:
             layout_copies(STEP_MOE_INT8_NATIVE, STEP_DENSE_INT8_NATIVE, cfg.quantize, True, bw_int8)
         if cfg.quantize and avx2:

@@ -66,7 +66,7 @@ def load_engine(
     quantize "int8": weight-only int8 (pregate.quantize); with resident_experts the routed experts stay in
     the checkpoint's dtype (the store serves them) and the rest is int8.
     native: decode rows through the native layers (pregate.native; bfloat16 or int8, experts resident);
-    tiles: with native, its bfloat16 weights tiled for AVX2's products (pregate.native_layout); None:
+    tiles: with native, its bfloat16 weights tiled (pregate.native_layout); None:
     where pregate.native.default_tiles says, False: never."""
     from transformers import AutoTokenizer
 

@@ -17,7 +17,7 @@ plain weights (`NativeStep` splits and merges the rows). The native rows go in c
 step has its kernel too (`router.c`, pregate.native_router), and the LM head where it is int8, or plain
 bfloat16 (not packed: a CPU whose oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`,
 `NativeHead`). `attach_native` tiles the bfloat16 decoder weights and LM head (a tied one with its
-embedding) in place for AVX2's products (pregate.native_layout) where every step runs natively
+embedding) in place (pregate.native_layout) where every step runs natively
 (`default_tiles`), or as `tiles` (`--native-tiles`, `--no-native-tiles`) says: faster steps of one to
 four tokens, even ones of more.
 
@@ -571,8 +571,8 @@ class NativeDecoder:
         self.tiling = self._tiling(model) if tiles else None
 
     def _tiling(self, model: MoEForCausalLM) -> Tiling | None:
-        """The bfloat16 decoder weights tiled for AVX2's products (pregate.native_layout); None where
-        one cannot be tiled in place (the kernels then read rows)."""
+        """The bfloat16 decoder weights tiled (pregate.native_layout); None where one cannot be tiled in
+        place (the kernels then read rows)."""
         tiling = Tiling()
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -705,7 +705,7 @@ def attach_native(
     """Give a bfloat16 model with plain decoder layers, or one quantized to int8, its native decode path
     (in place; the weights stay as they are), its bfloat16 and int8 products on AVX512-BF16's pair dot
     products or AVX2's (`pairs`, library()). `tiles`: the bfloat16 decoder weights and LM head tiled in
-    place for AVX2's products (pregate.native_layout, `--native-tiles`; None: `default_tiles`). Raises
+    place (pregate.native_layout, `--native-tiles`; None: `default_tiles`). Raises
     PregateError when `can_run_native` refuses (the routed experts must be resident: no expert store), or
     tiles cannot run."""
     reason = can_run_native(model)
@@ -713,12 +713,8 @@ def attach_native(
         raise PregateError(reason)
     pairs = pair_dots() if pairs is None else pairs
     tiles = default_tiles(bool(model.quantized), pairs) if tiles is None else tiles
-    if tiles and (pairs or model.quantized):
-        what = "int8 weights" if model.quantized else "AVX512-BF16's pair dot products (this CPU's default)"
-        raise PregateError(
-            f"--native-tiles tiles bfloat16 weights for AVX2's products, not {what}"
-            + (f"; {ISA_ENV}=avx2 runs AVX2's" if pairs and not model.quantized else "")
-        )
+    if tiles and model.quantized:
+        raise PregateError("--native-tiles tiles bfloat16 weights, not int8 ones")
     library(pairs)  # build now, not in the first request
     for layer in model.layers:
         mlp, attn = layer.mlp, layer.self_attn

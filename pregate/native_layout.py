@@ -9,9 +9,10 @@ BLOCKED_DOTS). Against rows, tiles made steps of one to four tokens faster and t
 even (docs/serving.md). The sums are the same either way (each row's terms meet its accumulator in the
 same order), so the tiled kernels give the bits of the rows' ones.
 
-The native path tiles where every step runs natively (pregate.native.default_tiles: AVX2's bfloat16
-products, a CPU whose oneDNN cannot pack bfloat16), or as `--native-tiles` / `--no-native-tiles` says
-(AVX2's bfloat16 products only). The tiles reuse each weight's own storage
+Both kernels read tiles: AVX2's products (BLOCKED_DOTS) and AVX512-BF16's pair dot products, where a
+chunk of a row is one pair vector (PAIR_BLOCKED). The native path tiles where every step runs natively
+(pregate.native.default_tiles: a CPU whose oneDNN cannot pack bfloat16), or as `--native-tiles` /
+`--no-native-tiles` says (bfloat16 weights only). The tiles reuse each weight's own storage
 (nothing copied, nothing added), so torch cannot read those weights: `Tiling` puts the rows back, in
 place, the first time torch would read them (a torch forward of a module that holds them or of a
 decoder layer's attention or MLP, or a state_dict), and from then on the kernels read rows. A serving

@@ -449,26 +449,28 @@ def test_the_native_head_is_torchs_head_within_rounding_and_the_same_bits_in_any
     assert torch.equal(head(x), head.inner(x))  # gradients on: torch
 
 
-@pytest.mark.parametrize("width", [75, 1280])  # a short rest past the chunks; inputs past L1_FLOATS
-def test_every_tile_shape_gives_a_row_its_bits_alone_on_rows_and_on_tiles(width):
-    """AVX2's bfloat16 products (pregate/native/native.h, through the native head's kernel) over 1 to 9
-    rows, every tile shape, and at 1280 terms tiles of 4 vectors where 5 to 8 would overflow L1: each row
-    gets the bits it gets alone, from the rows' layout and from the tiled one (pregate.native_layout),
-    within one bfloat16 step of torch's product."""
+@pytest.mark.parametrize("pairs", [False] + [True] * native.cpu_pair_dots(), ids=str)
+@pytest.mark.parametrize("width", [75, 64, 1280])  # a short rest past the chunks; none; inputs past L1_FLOATS
+def test_every_tile_shape_gives_a_row_its_bits_alone_on_rows_and_on_tiles(width, pairs):
+    """The bfloat16 products (pregate/native/native.h, through the native head's kernel), AVX2's and,
+    where the CPU has them, AVX512-BF16's pair dot products, over 1 to 17 rows (every tile shape, and
+    past one tile of 8 vectors), and at 1280 terms AVX2's tiles of 4 vectors where 5 to 8 would overflow
+    L1: each row gets the bits it gets alone, from the rows' layout and from the tiled one
+    (pregate.native_layout), within one bfloat16 step of torch's product."""
     from pregate.native_layout import tile
 
     g = torch.Generator().manual_seed(3)
     # 43 rows: 5 whole tiles, then 3 rows kept as rows
     linear = torch.nn.Linear(width, 43, bias=False).to(torch.bfloat16).requires_grad_(False)
-    rows = native.NativeHead(linear, pairs=False)
-    tiled = native.NativeHead(copy.deepcopy(linear), pairs=False)
+    rows = native.NativeHead(linear, pairs=pairs)
+    tiled = native.NativeHead(copy.deepcopy(linear), pairs=pairs)
     tile(tiled.inner.weight)
     tiled.blocked = 1
-    x = torch.randn(9, width, generator=g).to(torch.bfloat16)
+    x = torch.randn(17, width, generator=g).to(torch.bfloat16)
     with torch.no_grad():
-        alone = torch.cat([rows(x[i : i + 1]) for i in range(9)])
+        alone = torch.cat([rows(x[i : i + 1]) for i in range(17)])
         want = linear(x)
-        for m in range(1, 10):
+        for m in range(1, 18):
             assert torch.equal(rows(x[:m]), alone[:m]), m
             assert torch.equal(tiled(x[:m]), alone[:m]), m
     step = want.float().abs() * 2**-7 + 1e-6

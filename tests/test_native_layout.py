@@ -86,15 +86,19 @@ def decode(model, batch: int = 3):
     return torch.cat(out)
 
 
+PAIRS = [False] + [True] * native.cpu_pair_dots()  # AVX2's products, and AVX512-BF16's where it has them
+
+
+@pytest.mark.parametrize("pairs", PAIRS, ids=str)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied + no bias; untied + q/k/v bias
-def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
-    """With tiles (AVX2's products) the decoder weights and the head are tiled at attach (a tied head
-    with its embedding, whose lookups then read the tiles); serving steps run on the tiles with the bits
-    of the same kernels on rows; a torch forward of a layer or of one projection, or a state_dict, puts
-    the rows back first, and the native steps go on with the same bits."""
+def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family, pairs):
+    """With tiles the decoder weights and the head are tiled at attach (a tied head with its embedding,
+    whose lookups then read the tiles); serving steps run on the tiles with the bits of the same kernels
+    on rows; a torch forward of a layer or of one projection, or a state_dict, puts the rows back first,
+    and the native steps go on with the same bits."""
     plain = tiling_moe(family)
-    tiled = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
-    rows = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    tiled = native.attach_native(copy.deepcopy(plain), pairs=pairs, tiles=True)
+    rows = native.attach_native(copy.deepcopy(plain), pairs=pairs, tiles=True)
     assert tiled.native.tiling is not None and tiled.native.tiling.tiled
     untied = family == "qwen2"
     assert tiled.lm_head.blocked == 1
@@ -115,12 +119,12 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
         assert not tiled.native.tiling.tiled
         assert torch.equal(got, plain.layers[1].mlp(x, plan))
         assert torch.equal(decode(tiled), want)  # and the kernels read them as rows
-    direct = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    direct = native.attach_native(copy.deepcopy(plain), pairs=pairs, tiles=True)
     with torch.inference_mode():  # a projection called on its own puts the rows back too
         x = torch.randn(2, 48, dtype=torch.bfloat16)
         assert torch.equal(direct.layers[2].self_attn.o_proj(x), plain.layers[2].self_attn.o_proj(x))
     assert not direct.native.tiling.tiled
-    again = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    again = native.attach_native(copy.deepcopy(plain), pairs=pairs, tiles=True)
     assert again.native.tiling.tiled
     state = again.state_dict()
     assert not again.native.tiling.tiled
@@ -129,7 +133,7 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
     assert torch.equal(state["embed_tokens.weight"], plain.embed_tokens.weight)
     if untied:
         assert torch.equal(state["lm_head.inner.weight"], plain.lm_head.weight)
-    tied = native.attach_native(copy.deepcopy(plain), pairs=False, tiles=True)
+    tied = native.attach_native(copy.deepcopy(plain), pairs=pairs, tiles=True)
     with torch.inference_mode():  # a torch read of the head puts the rows back
         x = torch.randn(1, 2, 48, dtype=torch.bfloat16)
         got = tied.lm_head(x)  # NativeHead leaves a 3-d product to torch
@@ -138,9 +142,9 @@ def test_a_tiled_model_gives_the_rows_bits_and_torch_gets_the_rows_back(family):
 
 
 def test_tiles_are_asked_for_and_refused_where_they_cannot_run():
-    """Tiles with `tiles` (--native-tiles), for bfloat16 weights on AVX2's products, and by default where
-    every step runs natively (default_tiles: oneDNN cannot pack bfloat16); int8 weights, and the pair
-    dot products, are refused with the reason, and never tiled by default."""
+    """Tiles with `tiles` (--native-tiles), for bfloat16 weights on either kernel, and by default where
+    every step runs natively (default_tiles: oneDNN cannot pack bfloat16); int8 weights are refused
+    with the reason, and never tiled by default."""
     from pregate.errors import PregateError
     from pregate.packed import cpu_packs_bfloat16, serving_layout
 
@@ -153,11 +157,10 @@ def test_tiles_are_asked_for_and_refused_where_they_cannot_run():
     assert int8.native.tiling is None
     tiled = serving_layout(copy.deepcopy(plain), native=True, pairs=False, tiles=True)[0]
     assert tiled.native.tiling.tiled
-    with pytest.raises(PregateError, match="not int8 weights"):
+    with pytest.raises(PregateError, match="bfloat16 weights, not int8"):
         serving_layout(tiling_moe(hidden=64), quantize="int8", native=True, pairs=False, tiles=True)
     if native.cpu_pair_dots():
-        with pytest.raises(PregateError, match="PREGATE_NATIVE_ISA=avx2"):
-            native.attach_native(copy.deepcopy(plain), pairs=True, tiles=True)
+        assert native.attach_native(copy.deepcopy(plain), pairs=True, tiles=True).native.tiling.tiled
 
 
 def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, tmp_path, capsys):
@@ -169,10 +172,6 @@ def test_serve_s_loader_tiles_and_gives_the_native_rows_tokens(tiny_checkpoint, 
     from tests.conftest import served_checkpoint
 
     out = str(served_checkpoint(tiny_checkpoint, tmp_path))
-    if native.pair_dots():  # tiles run AVX2's products, which --native does not pick on such a CPU
-        with pytest.raises(PregateError, match="PREGATE_NATIVE_ISA=avx2"):
-            load_engine(out, dtype="bfloat16", native=True, tiles=True)
-        return
     tiled = load_engine(out, dtype="bfloat16", native=True, tiles=True)
     assert "native weights: tiled, each call streams one run of memory" in capsys.readouterr().out
     rows = load_engine(out, dtype="bfloat16", native=True, tiles=False)

@@ -41,10 +41,10 @@ def add_serve(p) -> None:
         "--native-tiles",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --native, bfloat16 on AVX2's products: the weights tiled in place, so each native call "
-        "streams one run of memory (pregate.native_layout): faster steps of one to four tokens, even "
-        "ones of more (docs/serving.md; default: on where oneDNN cannot pack bfloat16, so every step "
-        "runs natively, off elsewhere)",
+        help="with --native, bfloat16: the weights tiled in place, so each native call streams one run "
+        "of memory (pregate.native_layout): faster steps of one to four tokens, even ones of more "
+        "(docs/serving.md; default: on where oneDNN cannot pack bfloat16, so every step runs "
+        "natively, off elsewhere)",
     )
     add_resident_experts(
         p,
@@ -251,7 +251,7 @@ def add_bench_step(p) -> None:
         action="store_true",
         help="with --native: also the bfloat16 native MoE and dense parent in the weight layout the "
         "native path does not pick here: rows where it tiles them (moe-native-rows, dense-native-rows), "
-        "tiles on AVX2's products where it keeps rows (moe-native-tiles, dense-native-tiles; "
+        "tiles where it keeps rows (moe-native-tiles, dense-native-tiles; "
         "pregate.native_layout)",
     )
     p.add_argument(

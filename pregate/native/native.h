@@ -319,6 +319,73 @@ static inline __m512bh pair8(const int8_t *p, __mmask32 m) {
     }
 PAIR_DOT8(pairs16, bf16, pair16)
 PAIR_DOT8(pairs8, int8_t, pair8)
+
+/* PAIRS on the 8 rows of the blocked bfloat16 tile t (matrix.blocked, CHUNK's layout) and NX vectors:
+   a chunk of a row is one pair vector, so rows p..p+NW-1 take one vector of each chunk in turn, then
+   their masked terms past the last whole chunk, the 8 rows in 8 / NW passes (accumulators NW x NX in
+   registers). Each output's vectors meet its accumulator in PAIRS's order: the bits of PAIRS on those
+   rows. The first pass touches the whole tile (its prefetch pf > 0 ahead takes every line), so the
+   later ones read it from cache. */
+#define PAIR_BLOCKED(NW, NX)                                                                              \
+    static void blocked_pairs_##NW##x##NX(const bf16 *t, const bf16 *x, long ldx, int K, long pf, float *out) { \
+        int kc = K - K % CHUNK, r = K - kc;                                                              \
+        const bf16 *rest = t + 8L * kc; /* row i's terms from kc at rest + i r */                        \
+        __mmask32 m = (__mmask32)((1ull << r) - 1);                                                      \
+        for (int p = 0; p < 8; p += NW) {                                                                \
+            __m512 acc[NW][NX];                                                                          \
+            for (int i = 0; i < NW; i++)                                                                 \
+                for (int j = 0; j < NX; j++) acc[i][j] = _mm512_setzero_ps();                            \
+            for (int c = 0; c < kc; c += CHUNK) {                                                        \
+                const bf16 *chunk = t + 8L * c;                                                          \
+                if (pf && !p)                                                                            \
+                    for (int l = 0; l < 8; l++) _mm_prefetch((const char *)(chunk + pf + l * CHUNK), _MM_HINT_T0); \
+                for (int i = 0; i < NW; i++) {                                                           \
+                    __m512bh wv = (__m512bh)_mm512_loadu_si512(chunk + (p + i) * CHUNK);                 \
+                    for (int j = 0; j < NX; j++)                                                         \
+                        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, (__m512bh)_mm512_loadu_si512(x + j * ldx + c)); \
+                }                                                                                        \
+            }                                                                                            \
+            if (r)                                                                                       \
+                for (int i = 0; i < NW; i++) {                                                           \
+                    __m512bh wv = pair16(rest + (p + i) * r, m);                                         \
+                    for (int j = 0; j < NX; j++)                                                         \
+                        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, pair16(x + j * ldx + kc, m));        \
+                }                                                                                        \
+            for (int i = 0; i < NW; i++)                                                                 \
+                for (int j = 0; j < NX; j++) out[(p + i) * NX + j] = _mm512_reduce_add_ps(acc[i][j]);    \
+        }                                                                                                \
+    }
+PAIR_BLOCKED(8, 1)
+PAIR_BLOCKED(8, 2)
+PAIR_BLOCKED(8, 3)
+PAIR_BLOCKED(4, 4)
+PAIR_BLOCKED(4, 5)
+PAIR_BLOCKED(4, 6)
+PAIR_BLOCKED(2, 7)
+PAIR_BLOCKED(2, 8)
+
+/* The blocked tile's product with n pair vectors (at most 8), x and ldx as PAIRS's; NAME_dot8 as DOT8's */
+static void blocked_pairs_tile(const bf16 *t, const bf16 *x, long ldx, int n, int K, long pf, float *out) {
+    switch (n) {
+    case 1: blocked_pairs_8x1(t, x, ldx, K, pf, out); return;
+    case 2: blocked_pairs_8x2(t, x, ldx, K, pf, out); return;
+    case 3: blocked_pairs_8x3(t, x, ldx, K, pf, out); return;
+    case 4: blocked_pairs_4x4(t, x, ldx, K, pf, out); return;
+    case 5: blocked_pairs_4x5(t, x, ldx, K, pf, out); return;
+    case 6: blocked_pairs_4x6(t, x, ldx, K, pf, out); return;
+    case 7: blocked_pairs_2x7(t, x, ldx, K, pf, out); return;
+    default: blocked_pairs_2x8(t, x, ldx, K, pf, out); return;
+    }
+}
+static void blocked_pairs_dot8(const bf16 *t, const bf16 *xb, int M, int K, long pf, float *out) {
+    float tile[64];
+    for (int m = 0; m < M; m += 8) {
+        int n = M - m < 8 ? M - m : 8;
+        blocked_pairs_tile(t, xb + (long)m * K, K, n, K, m ? 0 : pf, tile);
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < n; j++) out[i * M + m + j] = tile[i * n + j];
+    }
+}
 #else
 #define PAIR_DOTS 0
 #endif
@@ -390,7 +457,11 @@ static inline const bf16 *bf16_inputs(matrix w, const float *const *xs, int rows
 static inline void dot8(matrix w, const long *rows, long tile, const float *const *xs, const bf16 *xb, int M,
                         int K, long pf, float *out) {
     if (w.blocked) {
-        blocked16_dot8(w.w16 + tile * w.stride, xs, M, K, pf ? BLOCKED_PF : 0, out);
+#if PAIR_DOTS
+        if (xb) blocked_pairs_dot8(w.w16 + tile * w.stride, xb, M, K, pf ? BLOCKED_PF : 0, out);
+        else
+#endif
+            blocked16_dot8(w.w16 + tile * w.stride, xs, M, K, pf ? BLOCKED_PF : 0, out);
         return;
     }
     if (w.w8) {
