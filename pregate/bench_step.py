@@ -12,7 +12,9 @@ token budget holds every prompt), then `warmup_steps` decode steps are dropped a
 `decode_steps` decode steps (`engine.metrics.steps`, rows with B decode tokens and no prefill) is the
 measurement. Every measurement runs once per repeat, the order rotating each repeat so that machine
 noise spreads over all of them (odd number of repeats, >= 3); the report is the median over repeats, with
-min/max, and a repeat more than `flag_spread` away from that median is flagged.
+min/max, and a repeat more than `flag_spread` away from that median is flagged. Each MoE is also set
+against its dense parent in the same layout as the ratio of their steps within each repeat
+(`moe_vs_dense`), whose spread is the host's noise that the two did not share.
 
 HF `generate` (dense parent, greedy, its default dynamic cache): per-token decode time is
 (t(generate 1 + N new tokens) - t(generate 1 new token)) / N on the same prompts; t(generate 1) is its
@@ -696,6 +698,7 @@ def run_bench_step(
         for r in rows
         if r["system"] in MOE_SYSTEMS and r["batch"] == cfg.expert_batch and r["experts"] in dcounts
     ]
+    paired = moe_vs_dense(runs, cfg)
     breakdown: dict = {}
     if cfg.breakdown:
         hooked = {
@@ -751,11 +754,38 @@ def run_bench_step(
         "bandwidth_int8": bandwidths.get(STEP_MOE_INT8),
         "batch_sizes": batch_rows,
         "distinct_experts": expert_rows,
+        "moe_vs_dense": paired,
         "breakdown": breakdown,
         "products": products,
         "llama_cpp": llama,
         "notes": notes,
     }
+
+
+def dense_twin(system: str) -> str:
+    """The dense parent measured in the same layout as MoE system `system` (moe-int8 -> dense-int8)."""
+    return STEP_DENSE + system.removeprefix(STEP_MOE)
+
+
+def moe_vs_dense(runs: dict[tuple[str, int, int], list[dict]], cfg: StepBenchConfig) -> list[dict]:
+    """Each MoE's decode step over its dense twin's at every batch size, paired within each repeat.
+
+    The two run in the same repeat, so a slow spell of the host that lasts a repeat moves both: the
+    ratio of each repeat's pair spreads far less than either time does, and its spread is what says
+    whether the MoE is ahead (the brief: ratios measured side by side, medians of interleaved repeats)."""
+    out = []
+    for (system, b, d), rs in runs.items():
+        twin = (dense_twin(system), b, 0)
+        if system not in MOE_SYSTEMS or d != min(cfg.batch_experts, b) or b not in cfg.batch_sizes:
+            continue
+        if twin not in runs:
+            continue
+        ratios = [m["decode"] / t["decode"] for m, t in zip(rs, runs[twin], strict=True)]
+        out.append(
+            {"system": system, "dense": twin[0], "batch": b, "experts": d}
+            | {"decode_ratio": repeat_spread(ratios, cfg.flag_spread)}
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -798,6 +828,15 @@ def format_step_table(result: dict) -> str:
     lines += [_row_line(r) for r in result["batch_sizes"]]
     lines += ["", f"decode step by distinct experts (batch {result['config']['expert_batch']})", head]
     lines += [_row_line(r) for r in result["distinct_experts"]]
+    if result.get("moe_vs_dense"):
+        lines += ["", "MoE / its dense parent, decode step, paired within each repeat (median, min, max)"]
+        for r in result["moe_vs_dense"]:
+            q = r["decode_ratio"]
+            flag = "!" if q["flagged"] else " "
+            lines.append(
+                f"{r['system']:24s}/ {r['dense']:24s} batch {r['batch']:3d}"
+                f"{q['median']:8.3f}{flag}{q['min']:7.3f}{q['max']:7.3f}"
+            )
     for variant, rows in result["breakdown"].items():
         lines += ["", f"breakdown of a decode step, {variant} router (median ms)"]
         if isinstance(rows, dict):

@@ -51,10 +51,12 @@ NATIVE_SYSTEMS = {  # with --native, where pregate.native can run
 }
 
 
-def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE) -> dict[str, dict]:
+def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE) -> tuple[dict[str, dict], dict[str, dict]]:
     """The batch-1 decode step of every STEP_SYSTEMS entry, and of NATIVE_SYSTEMS where pregate.native can
     run (bfloat16, a C compiler, AVX2), by `pregate bench step` itself (one expert, int8 and native copies
-    beside the float models, interleaved repeats): {label: median_ms, min_ms, max_ms}."""
+    beside the float models, interleaved repeats): {label: median_ms, min_ms, max_ms}, and each MoE's
+    step over its dense parent's in the same layout, paired within each repeat (`bench_step.moe_vs_dense`):
+    {MoE label: median, min, max}."""
     from pregate.bench_step import StepBenchConfig, run_bench_step
     from pregate.native import unavailable_reason
 
@@ -72,12 +74,17 @@ def batch1_decode(train_dir: Path, cfg: BenchConfig = SERVE) -> dict[str, dict]:
     )
     result = run_bench_step(train_dir, step, progress=lambda msg: None)
     labels = {**STEP_SYSTEMS, **NATIVE_SYSTEMS}
-    return {
+    times = {
         labels[r["system"]]: {
             k: r["decode_ms"][k.removesuffix("_ms")] for k in ("median_ms", "min_ms", "max_ms")
         }
         for r in result["batch_sizes"]
     }
+    ratios = {
+        labels[r["system"]]: {k: r["decode_ratio"][k] for k in ("median", "min", "max")}
+        for r in result["moe_vs_dense"]
+    }
+    return times, ratios
 
 
 def _decode_step_ms(run) -> float:
@@ -107,7 +114,7 @@ def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -
     from pregate.packed import cpu_packs_bfloat16
 
     progress("  batch-1 decode step: MoE and dense parent in bf16 and int8 (default and native), HF generate")
-    batch1 = batch1_decode(train_dir, cfg)
+    batch1, batch1_vs_dense = batch1_decode(train_dir, cfg)
     cfg = native_load(cfg)
     progress(f"  {cfg.repeats} interleaved repeats of {len(cfg.policies) + cfg.dense + cfg.hf} systems")
     result = run_bench(train_dir, cfg, progress=lambda msg: None)
@@ -139,6 +146,7 @@ def serving_summary(train_dir: Path, progress=print, cfg: BenchConfig = SERVE) -
     }
     return {
         "batch1": batch1,
+        "batch1_vs_dense": batch1_vs_dense,
         "load": load,
         "hit_ratio": hits,
         "routing": how,
@@ -158,18 +166,18 @@ def format_serving(summary: dict) -> str:
     ms = {name: b1[label]["median_ms"] for name, label in STEP_SYSTEMS.items()}
     lines += [
         f"MoE int8: {ms['moe-int8'] / ms['dense']:.2f}x the dense parent's bf16 step, "
-        f"{ms['moe-int8'] / ms['hf-generate']:.2f}x HF generate's, {ms['moe-int8'] / ms['dense-int8']:.2f}x "
-        f"the parent in int8; MoE bf16: {ms['moe'] / ms['dense']:.2f}x the parent's",
+        f"{ms['moe-int8'] / ms['hf-generate']:.2f}x HF generate's",
     ]
     if all(label in b1 for label in NATIVE_SYSTEMS.values()):
         native = {name: b1[label]["median_ms"] for name, label in NATIVE_SYSTEMS.items()}
         layout = "packed" if cfg["packed"] else "plain"
         lines.append(
-            f"native: MoE bf16 {native['moe-native'] / native['dense-native']:.2f}x the parent native, "
-            f"{native['moe-native'] / ms['moe']:.2f}x the MoE {layout}; MoE int8 "
-            f"{native['moe-int8-native'] / native['dense-int8-native']:.2f}x the parent native, "
-            f"{native['moe-int8-native'] / ms['moe-int8']:.2f}x the MoE's torch int8 step"
+            f"native: MoE bf16 {native['moe-native'] / ms['moe']:.2f}x the MoE {layout}, "
+            f"MoE int8 {native['moe-int8-native'] / ms['moe-int8']:.2f}x the MoE's torch int8 step"
         )
+    lines.append("MoE / its dense parent in the same layout, paired within each repeat (median, min - max):")
+    for name, q in summary["batch1_vs_dense"].items():
+        lines.append(f"  {name:24s}{q['median']:6.2f}x {q['min']:9.2f} - {q['max']:4.2f}")
     lines += [
         "",
         f"serving: {cfg['requests']} ShareGPT requests at once, "

@@ -113,6 +113,16 @@ def test_cli_end_to_end_writes_every_section(moe_dir, layerwise_dir, tmp_path, c
         assert r["decode_ms"]["min"] <= r["decode_ms"]["median"] <= r["decode_ms"]["max"]
     for r in data["distinct_experts"]:
         assert r["unique_experts_seen"] == [r["experts"]]
+    # MoE over its dense parent, paired within each repeat: one ratio per repeat, from the same timings
+    by = {(r["system"], r["batch"]): r["decode_ms"]["repeats"] for r in data["batch_sizes"]}
+    assert [(r["system"], r["dense"], r["batch"]) for r in data["moe_vs_dense"]] == [
+        ("moe", "dense", 1),
+        ("moe", "dense", 3),
+    ]
+    for r in data["moe_vs_dense"]:
+        moe, dense = by[("moe", r["batch"])], by[("dense", r["batch"])]
+        assert r["decode_ratio"]["repeats"] == pytest.approx([m / d for m, d in zip(moe, dense)])
+    assert "paired within each repeat" in printed
     for variant in ("pregating", "layerwise"):
         rows = data["breakdown"][variant]
         assert [r["batch"] for r in rows] == [1, 3]
@@ -197,6 +207,8 @@ def test_int8_systems_run_beside_the_float_ones(moe_dir):
     expected = ("moe", "dense", "hf-generate", "moe-int8", "dense-int8")
     assert systems == {(s, b) for s in expected for b in (1, 3)}
     assert {r["system"] for r in result["distinct_experts"]} == {"moe", "moe-int8"}
+    pairs = {(r["system"], r["dense"]) for r in result["moe_vs_dense"]}
+    assert pairs == {("moe", "dense"), ("moe-int8", "dense-int8")}  # each MoE against its own layout
     assert [r["batch"] for r in result["breakdown"]["pregating_int8"]] == [1, 3]
     assert result["bandwidth_int8"]["gemv"] > 0 and result["bandwidth_int8"]["dtype"] == "int8 weights"
     by = {(r["system"], r["batch"]): r for r in result["batch_sizes"]}

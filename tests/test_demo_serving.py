@@ -26,6 +26,8 @@ def test_serving_summary_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     summary = serving_summary(trained, progress=lambda msg: None, cfg=small)
     assert set(summary["batch1"]) == set(STEP_SYSTEMS.values())
     assert all(0 < m["min_ms"] <= m["median_ms"] <= m["max_ms"] for m in summary["batch1"].values())
+    assert set(summary["batch1_vs_dense"]) == {"MoE bf16", "MoE int8"}  # float32: no native copies
+    assert all(0 < q["min"] <= q["median"] <= q["max"] for q in summary["batch1_vs_dense"].values())
     assert set(summary["load"]) == {"expert-aware", "decode-first", DENSE, HF}
     for name, m in summary["load"].items():
         assert m["throughput"] > 0 and m["range_ms"][0] <= m["norm_mean_ms"] <= m["range_ms"][1]
@@ -36,7 +38,7 @@ def test_serving_summary_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert summary["hit_ratio"]["belady"][1] <= summary["hit_ratio"]["belady"][2]
     table = format_serving(summary)
     assert "expert-aware" in table and "hit ratio" in table and "pregate bench serve" in table
-    assert "batch-1 decode step" in table and "MoE int8" in table
+    assert "batch-1 decode step" in table and "MoE int8" in table and "paired within each repeat" in table
 
 
 def test_the_load_runs_natively_at_a_budget_of_native_rows_where_it_can():
