@@ -260,6 +260,20 @@ def _measure_once(model, model_dir, reqs, steps, scfg, cfg, k: int, prefetch: bo
     }
 
 
+def perfect_overlap(on_demand: float, resident: float) -> float:
+    """The latency of loads perfectly overlapped with compute: on-demand latency is compute (the
+    all-resident latency) plus loading, both serial; the best any prefetcher could do is the longer of
+    the two (issue 8's yardstick for prefetching)."""
+    return max(resident, on_demand - resident)
+
+
+def overlap_share(on_demand: float, prefetch: float, resident: float) -> float | None:
+    """How much of the gain perfect overlap allows prefetching reached (1 = all of it); None where
+    loading cost nothing to hide."""
+    room = on_demand - perfect_overlap(on_demand, resident)
+    return (on_demand - prefetch) / room if room > 0 else None
+
+
 def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> dict:
     """Measured normalized latency with the store (Belady), prefetching off and on at every k, and the
     simulator's prediction of each setting.
@@ -286,6 +300,7 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
         first["steps"] if link else base["steps"], model.config.num_layers, slice_bytes, link or cfg.bandwidth
     )
     resident = sim.simulate(traces, cost, sim.SimConfig(capacity=E, scheduler=scfg))
+    resident_nl = base["summary"]["normalized_latency"]["mean"]
     runs = []
     for k, prefetch in settings:
         reps = got[(k, prefetch)]
@@ -311,13 +326,18 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
                 on / off - 1 for on, off in zip(values, (r["normalized_latency"] for r in got[(k, False)]))
             ]
             row.update(change=statistics.median(changes), change_min=min(changes), change_max=max(changes))
+            off = next(r for r in runs if r["k"] == k and not r["prefetch"])["normalized_latency"]
+            row.update(
+                perfect_overlap=perfect_overlap(off, resident_nl),
+                overlap_share=overlap_share(off, med, resident_nl),
+            )
         sim_cfg = sim.SimConfig(capacity=k, prefetch=prefetch, depth=cfg.depth, scheduler=scfg)
         pred = sim.simulate(traces, cost, sim_cfg)
         pnl = pred.summary["normalized_latency"]["mean"]
         row.update(sim_normalized_latency=pnl, sim_error=(pnl - med) / med, sim_stall_s=pred.stall_s)
         runs.append(row)
     return {
-        "all_resident_normalized_latency": base["summary"]["normalized_latency"]["mean"],
+        "all_resident_normalized_latency": resident_nl,
         "sim_all_resident": resident.summary["normalized_latency"]["mean"],
         "cost_model": cost.to_dict(),
         "repeats": cfg.repeats,
@@ -435,9 +455,16 @@ def format_cache_table(result: dict) -> str:
                 f"median of {block.get('repeats', 1)} interleaved repeats (ranges: min-max); change: median "
                 "of the repeats' prefetch / on-demand - 1; ! = a repeat more than 20 % off its median"
             )
+            lines.append(
+                f"all resident {block['all_resident_normalized_latency']:.4g} s/token; perfect: loads "
+                "hidden behind compute, max(all resident, on-demand - all resident); share: of the gain "
+                "perfect overlap allows, what prefetching reached"
+            )
         header = "k   on-demand    prefetch     change   stall off/on (s)"
         if key == "measured":
-            header += "   sim error off/on   on-demand range   prefetch range    change range"
+            header += (
+                "   perfect   share   sim error off/on   on-demand range   prefetch range    change range"
+            )
         lines.append(header)
         for k in ks:
             off = next(r for r in block["runs"] if r["k"] == k and not r["prefetch"])
@@ -449,6 +476,8 @@ def format_cache_table(result: dict) -> str:
                 f"{100 * change:+6.1f}%   {off['stall_s']:.3g} / {on['stall_s']:.3g}"
             )
             if key == "measured":
+                share = on.get("overlap_share")
+                line += f"   {on['perfect_overlap']:<7.4g} " + (f"{100 * share:4.0f} %" if share else "    -")
                 line += f"   {100 * off['sim_error']:+.1f}% / {100 * on['sim_error']:+.1f}%"
                 if "change" in on:
                     line += (
