@@ -630,9 +630,13 @@ class Residency:
     Physical slots: unit "expert" -> capacity * L slots (slot j*L + l holds layer l of the expert in
     unit slot j); unit "slice" -> capacity slots. `content[p]` = (layer, expert) whose bytes slot p holds
     (None: nothing valid). `want[p]` = (layer, expert, need): a load the owner should perform, `need`
-    = step * L + layer orders urgency. A load may start when need <= `horizon` (current layer plus the
-    prefetch depth; without prefetching only the current layer) and slot p is not `pinned` to other
-    content (pinned: the running layer, or for whole experts the rest of the step, still reads it).
+    = step * L + layer orders urgency. A load may start when slot p is not `pinned` to other content
+    (pinned: the running layer, or for whole experts the rest of the step, still reads it) and, for a
+    stream slot or without prefetching, need <= `horizon` (the current layer plus the prefetch depth;
+    without prefetching only the current layer). With prefetching a cache slot's load needs no horizon:
+    the slot is its unit's until the cache evicts it, so loading it early takes it from nobody, and the
+    link works through a missed expert's layers as fast as it can instead of `depth` layers ahead of the
+    compute (stream slots are shared by the layers of a ring, so theirs wait).
     The owner calls `start_load` / `finish_load` around each transfer. Decisions go through an
     `ExpertCache` over a `FutureView` of the planned steps; both forget references before the running
     step, so the bookkeeping stays bounded however many steps run.
@@ -898,7 +902,8 @@ class Residency:
         `any_need` ignores the horizon."""
         best = None
         for p, (layer, e, need) in self.want.items():
-            if (need > self.horizon and not any_need) or p in self.inflight:
+            early = any_need or (self.prefetch and p < self.cache_slots)  # see the class docstring
+            if (need > self.horizon and not early) or p in self.inflight:
                 continue
             pin = self.pinned.get(p)
             if pin is not None and pin != (layer, e):

@@ -438,3 +438,29 @@ def test_streamed_experts_are_loaded_a_layer_ahead_through_their_rings():
     assert deep.num_slots == L + (E - 1) * L  # a ring never holds more than the step's L layers
     with pytest.raises(CacheError, match="streams=-1"):
         Residency(L, "expert", 1, prefetch=True, streams=-1)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_missed_expert_loads_every_layer_as_soon_as_its_slot_is_free(prefetch):
+    """With prefetching, a cache slot's loads wait for no horizon: once step 0 has missed expert 1 at
+    layer 0, all L of its slices can load while layer 0 runs (the slot is its unit's until evicted).
+    Without prefetching only the running layer's slice may load, and a stream slot always waits for
+    the horizon (the layers of a ring share it)."""
+    res = Residency(L, "expert", 2, policy="belady", prefetch=prefetch, streams=max_streams(E))
+    res.plan([[0, 1, 2]])  # k = 2: two experts keep a slot, the third streams
+    plan = res.begin_layer(0, [0, 1, 2])
+    slotted = sorted(e for e, p in plan.items() if p is not None and p < res.cache_slots)
+    assert len(slotted) == 2
+    started = []
+    while (job := res.next_load()) is not None:
+        res.start_load(job[0], job[1], job[2])
+        res.finish_load(job[0])
+        started.append(job[1:3])
+    cached = sorted((layer, e) for layer, e in started if e in slotted)
+    streamed = sorted(layer for layer, e in started if e not in slotted)
+    if prefetch:
+        assert cached == sorted((layer, e) for layer in range(L) for e in slotted)
+        assert streamed == [0, 1]  # the running layer and depth 1 ahead, in its ring of 2
+    else:  # on demand: the running layer only, and the streamed expert has no ring
+        assert cached == [(0, e) for e in slotted] and streamed == []
+    assert res.stats.misses == 3 and res.stats.bypass == 1
