@@ -306,16 +306,20 @@ def test_bench_cache_then_trace_export(tiny_checkpoint, tmp_path, capsys, monkey
     assert all(
         len(r["repeats"]) == 3 and r["normalized_latency"] in r["repeats"] for r in result["measured"]["runs"]
     )
-    resident = result["measured"]["all_resident_normalized_latency"]
-    for on in (r for r in result["measured"]["runs"] if r["prefetch"]):  # against perfect overlap
-        off = next(r for r in result["measured"]["runs"] if r["k"] == on["k"] and not r["prefetch"])
-        nl = off["normalized_latency"]
-        assert on["perfect_overlap"] == pytest.approx(max(resident, nl - resident))
-        room = nl - on["perfect_overlap"]
-        if room > 0:
-            assert on["overlap_share"] == pytest.approx((nl - on["normalized_latency"]) / room)
-        else:  # nothing to hide: no share to report
-            assert on["overlap_share"] is None
+    measured = result["measured"]
+    for on in (r for r in measured["runs"] if r["prefetch"]):  # against perfect overlap, both metrics
+        off = next(r for r in measured["runs"] if r["k"] == on["k"] and not r["prefetch"])
+        for metric, resident, perfect, share in (
+            ("normalized_latency", "all_resident_normalized_latency", "perfect_overlap", "overlap_share"),
+            ("makespan_s", "all_resident_makespan_s", "perfect_makespan_s", "makespan_share"),
+        ):
+            v, c = off[metric], measured[resident]
+            assert on[perfect] == pytest.approx(max(c, v - c))
+            room = v - on[perfect]
+            if room > 0:
+                assert on[share] == pytest.approx((v - on[metric]) / room)
+            else:  # nothing to hide: no share to report
+                assert on[share] is None
     assert "share" in capsys.readouterr().out
     assert main(["bench", "cache", str(moe), "--repeats", "2", *small]) == 2
     assert "must be an odd integer" in capsys.readouterr().err
