@@ -488,10 +488,12 @@ def format_cache_table(result: dict) -> str:
             )
             if key == "measured":
                 share, time_share = on.get("overlap_share"), on.get("makespan_share")
-                line += f"   {on['perfect_overlap']:<7.4g} " + (f"{100 * share:4.0f} %" if share else "    -")
+                line += f"   {on['perfect_overlap']:<7.4g} " + (
+                    f"{100 * share:4.0f} %" if share is not None else "    -"
+                )
                 times = (off["makespan_s"], on["makespan_s"], on["perfect_makespan_s"])
                 line += "   " + " / ".join(f"{v:6.1f}" for v in times) + "  "
-                line += f"{100 * time_share:4.0f} %" if time_share else "    -"
+                line += f"{100 * time_share:4.0f} %" if time_share is not None else "    -"
                 line += f"   {100 * off['sim_error']:+.1f}% / {100 * on['sim_error']:+.1f}%"
                 if "change" in on:
                     line += (

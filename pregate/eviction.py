@@ -896,13 +896,11 @@ class Residency:
             self.horizon = max(self.horizon, base + self.depth)
 
     # -- the owner's side of a transfer
-    def next_load(self, any_need: bool = False) -> tuple[int, int, int, int] | None:
-        """The most urgent startable load (slot, layer, expert, need), or None.
-
-        `any_need` ignores the horizon."""
+    def next_load(self) -> tuple[int, int, int, int] | None:
+        """The most urgent startable load (slot, layer, expert, need), or None."""
         best = None
         for p, (layer, e, need) in self.want.items():
-            early = any_need or (self.prefetch and p < self.cache_slots)  # see the class docstring
+            early = self.prefetch and p < self.cache_slots  # see the class docstring
             if (need > self.horizon and not early) or p in self.inflight:
                 continue
             pin = self.pinned.get(p)
