@@ -16,10 +16,10 @@ plain weights (`NativeStep` splits and merges the rows). The native rows go in c
 `NATIVE_ROWS` rows (`PAIR_ROWS` on the pair dot products), one after another. The router's decode
 step has its kernel too (`router.c`, pregate.native_router), and the LM head where it is int8, or plain
 bfloat16 (not packed: a CPU whose oneDNN cannot pack bfloat16, pregate.packed) (`linear.c`,
-`NativeHead`). `attach_native` tiles the bfloat16 decoder weights and LM head (a tied one with its
-embedding) in place (pregate.native_layout) where every step runs natively
-(`default_tiles`), or as `tiles` (`--native-tiles`, `--no-native-tiles`) says: faster steps of one to
-four tokens, even ones of more.
+`NativeHead`); the expert store's CPU loads transpose with `transpose.c`. `attach_native` tiles the
+bfloat16 decoder weights and LM head (a tied one with its embedding) in place (pregate.native_layout)
+where every step runs natively (`default_tiles`), or as `tiles` (`--native-tiles`, `--no-native-tiles`)
+says: faster steps of one to four tokens, even ones of more.
 
 Contract (tests): a native row's result depends on its own token, position and cache slot only, not on
 the other rows of its step or the thread count, and a prompt chunk's rows give the bits of feeding its
@@ -237,6 +237,8 @@ def library(pairs: bool | None = None) -> ctypes.CDLL:
     lib.pg_router_step.restype = i32
     lib.pg_linear.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, i64, i32]
     lib.pg_linear.restype = i32
+    lib.pg_transpose16.argtypes = [ptr, ptr, i64, i64]
+    lib.pg_transpose16.restype = None
     _libraries[pairs] = lib
     return lib
 

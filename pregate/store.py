@@ -57,19 +57,35 @@ def _numpy(t: torch.Tensor):
     return t.view(ints).numpy()
 
 
-def _pack_cpu(dst, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, w: int) -> None:
-    """gate, up [R, H] and down [H, R] of one slice -> dst's fused layout (gate|up [2R, H], down.T [R, H]).
+def _transposer():
+    """(src [R, C], dst [C, R]) -> dst = src.T for numpy arrays, on the calling thread: for 2-byte ones
+    (bfloat16, float16) the native library's tiled loop (`native/transpose.c`) where it can be built,
+    else numpy's strided copy (the same bytes). Here numpy takes 0.35 ms for a bfloat16 [960, 720] and
+    the loop 0.09; for 4-byte elements numpy's copy is as fast as the loop (0.09 ms for the demo's
+    float32 [576, 600]), so it keeps them.
 
-    With numpy copies, not torch's: a torch copy this size runs on torch's OpenMP pool, and issued from the
-    loader thread while the compute thread's own OpenMP team runs it makes a second team on the same
-    cores. numpy copies on the calling thread only; same bytes either way. On 2 cores (`bench cache`,
-    2026-12-01) prefetching went from +9/+26/+24/+45 % against on demand at k = 2..5 to +8/+10/+9/-4 %."""
+    Both run on the calling thread only, not torch's: a torch copy this size runs on torch's OpenMP pool,
+    and issued from the loader thread while the compute thread's own OpenMP team runs it makes a second
+    team on the same cores. On 2 cores (`bench cache`, 2026-12-01) prefetching went from
+    +9/+26/+24/+45 % against on demand at k = 2..5 to +8/+10/+9/-4 % when numpy's copies replaced
+    torch's. The loader's own time still takes a core from the compute, so it is kept short."""
     import numpy as np
 
-    gu, dt = _numpy(dst[0]), _numpy(dst[1])
-    np.copyto(gu[:w], _numpy(gate)[:w])
-    np.copyto(gu[w : 2 * w], _numpy(up)[:w])
-    np.copyto(dt, _numpy(down).T)
+    from pregate import native
+
+    try:
+        kernel = native.library().pg_transpose16
+    except PregateError:
+        kernel = None
+
+    def transpose(src, dst) -> None:
+        assert src.flags.c_contiguous and dst.flags.c_contiguous and dst.shape == src.shape[::-1]
+        if kernel is not None and src.itemsize == 2:
+            kernel(src.ctypes.data, dst.ctypes.data, *src.shape)
+        else:
+            np.copyto(dst, src.T)
+
+    return transpose
 
 
 class StoreError(PregateError):
@@ -216,6 +232,7 @@ class ExpertStore:
             torch.zeros(r, h, dtype=dtype, device=self.device),
             torch.zeros(h, r, dtype=dtype, device=self.device),
         )  # one slice as the file holds it
+        self._transpose = _transposer()
         self._cv = threading.Condition()
         self._io = threading.Lock()  # one link: transfers never overlap each other
         self._plan: dict[int, int | None] = {}
@@ -308,27 +325,18 @@ class ExpertStore:
 
     # -- transfers
     def _copy(self, key: tuple[int, int], dst: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Read one slice from the slow tier into dst (gate|up, down transposed), honouring the bandwidth "
-        "cap."""
+        """Read one slice from the slow tier into dst (gate|up, down transposed), honouring the bandwidth
+        cap."""
         layer, e = key
         with self._io:
             t0 = time.perf_counter()
-            if self._host is not None:
+            if self._host is None:
+                self._read_cpu(key, dst)
+            else:
                 for d, s in zip(self._raw, self._host[layer]):
                     d.copy_(s[e], non_blocking=True)
-            else:  # real I/O straight into the buffer (get_slice + copy_ was 100x slower here)
-                for d, name in zip(self._raw, _KEYS):
-                    base, per = self._offsets[(layer, name)]
-                    got = os.preadv(self._fd, [d.view(-1).view(torch.uint8).numpy()], base + e * per)
-                    if got != per:
-                        raise StoreError(
-                            f"short read from {self.path} (layer {layer}, expert {e}): truncated checkpoint?"
-                        )
-            gate, up, down = self._raw
-            w = self.widths[layer][e]
-            if self._host is None:  # CPU tier, often on the loader thread: no torch ops (see _pack_cpu)
-                _pack_cpu(dst, gate, up, down, w)
-            else:
+                gate, up, down = self._raw
+                w = self.widths[layer][e]
                 dst[0][:w].copy_(gate[:w])
                 dst[0][w : 2 * w].copy_(up[:w])
                 dst[1].copy_(down.T)
@@ -337,6 +345,22 @@ class ExpertStore:
             self._load_s += time.perf_counter() - t0
             self._loads += 1
             self._bytes += self.slice_bytes
+
+    def _read_cpu(self, key: tuple[int, int], dst: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """One slice from the file into dst's layout, often on the loader thread, so with no torch ops
+        (see _transposer): gate's and up's true rows read straight into place (the rows past the width
+        are never read), down read as the file holds it and transposed. Real I/O into the buffers
+        (get_slice + copy_ was 100x slower here)."""
+        layer, e = key
+        w = self.widths[layer][e]
+        gate_up, down_t, down = _numpy(dst[0]), _numpy(dst[1]), _numpy(self._raw[2])
+        for buf, name in ((gate_up[:w], "w_gate"), (gate_up[w : 2 * w], "w_up"), (down, "w_down")):
+            base, per = self._offsets[(layer, name)]
+            if os.preadv(self._fd, [buf], base + e * per) != buf.nbytes:
+                raise StoreError(
+                    f"short read from {self.path} (layer {layer}, expert {e}): truncated checkpoint?"
+                )
+        self._transpose(down, down_t)
 
     def _transfer_into(self, p: int, key: tuple[int, int]) -> None:
         """Load `key` into slot p (already marked in flight); always clears the in-flight mark."""

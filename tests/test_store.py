@@ -13,7 +13,7 @@ from pregate.cache_bench import ReplayRequest, replay_teacher_forced
 from pregate.moe import Routing, Segment, save_moe
 from pregate.scheduler import SchedulerConfig
 from pregate.sim import CostModel, SimConfig, scheduled_steps, simulate
-from pregate.store import ExpertStore, StoreConfig, StoreError
+from pregate.store import ExpertStore, StoreConfig, StoreError, _numpy, _transposer
 from pregate.workload import WorkloadRequest
 from tests.conftest import bookkeeping_size, build, tiny_hf_model
 
@@ -63,6 +63,21 @@ def test_store_backed_forward_is_bit_exact(moe_dir, unit, k, policy, prefetch):
     assert s.misses >= (k if unit == "expert" else 0) or s.misses == len(
         {int(e) for _, x in steps for e in x}
     )
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_bfloat16_store_is_bit_exact(moe_dir, tmp_path, prefetch):
+    """bfloat16 slices load through the loader's 2-byte transpose (native where it builds)."""
+    moe = build(tiny_hf_model(seed=2), num_experts=E, shared=16).to(torch.bfloat16)
+    save_moe(moe, tmp_path)
+    steps = steps_of(seed=1)
+    with ExpertStore(tmp_path, StoreConfig(capacity=2, prefetch=prefetch, timeout_s=10)) as store:
+        store.plan(sorted(set(e.tolist())) for _, e in steps)
+        for ids, experts in steps:
+            want = moe.forward_packed(ids, [Segment(len(ids))], Routing.top1(experts))
+            got = moe.forward_packed(ids, [Segment(len(ids))], Routing.top1(experts), expert_source=store)
+            assert torch.equal(got, want)
+        assert store.stats.misses > 0
 
 
 def routed_requests(n=5, seed=0):
@@ -174,6 +189,16 @@ def test_protocol_misuse(moe_dir):
         store.plan([[0, 1]])
         with pytest.raises(StoreError, match="plan says"):
             store.begin_layer(0, [2])
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (33, 70), (960, 720)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_loaders_transpose_equals_numpys(shape, dtype):
+    """The tiled native loop (numpy's copy without the native library): edges of partial tiles too."""
+    src = torch.randn(shape).to(dtype)
+    dst = torch.empty(shape[::-1], dtype=dtype)
+    _transposer()(_numpy(src), _numpy(dst))
+    assert torch.equal(dst, src.T)
 
 
 def test_runtime_modules_never_import_the_simulator():
