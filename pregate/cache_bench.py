@@ -261,19 +261,16 @@ def _measure_once(model, model_dir, reqs, steps, scfg, cfg, k: int, prefetch: bo
     }
 
 
-def perfect_overlap(on_demand: float, resident: float) -> float:
-    """Loads perfectly overlapped with compute: on demand, a run is its compute (the all-resident run)
-    plus its loading, one after the other; the best any prefetcher could do is the longer of the two
-    (issue 8's yardstick for prefetching). For the run's whole time (makespan) that is a true bound; for
-    normalized latency, a mean over requests of each one's time per token, it is the same formula on
-    the means, not a bound (one request's loads may hide behind another's compute)."""
-    return max(resident, on_demand - resident)
+def perfect_overlap(compute: float, load: float) -> float:
+    """Loads perfectly overlapped with compute: the best any prefetcher could do is the longer of the two
+    (issue 8's yardstick for prefetching; on demand a run is the two one after the other)."""
+    return max(compute, load)
 
 
-def overlap_share(on_demand: float, prefetch: float, resident: float) -> float | None:
+def overlap_share(on_demand: float, prefetch: float, perfect: float) -> float | None:
     """How much of the gain perfect overlap allows prefetching reached (1 = all of it); None where
     loading cost nothing to hide."""
-    room = on_demand - perfect_overlap(on_demand, resident)
+    room = on_demand - perfect
     return (on_demand - prefetch) / room if room > 0 else None
 
 
@@ -331,12 +328,20 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
             ]
             row.update(change=statistics.median(changes), change_min=min(changes), change_max=max(changes))
             off = next(r for r in runs if r["k"] == k and not r["prefetch"])
+            # On the run's whole time the load is the link's time, measured: the on-demand run's stall.
+            # (Its time minus the all-resident run's would also count as load the compute that the loads'
+            # copies slow down, and a prefetching run then came out ahead of "perfect".) Normalized latency,
+            # a mean over requests of each one's time per token, has no such split: there the load is the
+            # on-demand latency minus the all-resident one, and perfect is that formula on the means, not a
+            # bound (one request's loads may hide behind another's compute).
             nl, s_off, s_on = off["normalized_latency"], off["makespan_s"], row["makespan_s"]
+            perfect_nl = perfect_overlap(resident_nl, nl - resident_nl)
+            perfect_s = perfect_overlap(resident_s, off["stall_s"])
             row.update(
-                perfect_overlap=perfect_overlap(nl, resident_nl),
-                overlap_share=overlap_share(nl, med, resident_nl),
-                perfect_makespan_s=perfect_overlap(s_off, resident_s),
-                makespan_share=overlap_share(s_off, s_on, resident_s),
+                perfect_overlap=perfect_nl,
+                overlap_share=overlap_share(nl, med, perfect_nl),
+                perfect_makespan_s=perfect_s,
+                makespan_share=overlap_share(s_off, s_on, perfect_s),
             )
         sim_cfg = sim.SimConfig(capacity=k, prefetch=prefetch, depth=cfg.depth, scheduler=scfg)
         pred = sim.simulate(traces, cost, sim_cfg)
@@ -466,9 +471,9 @@ def format_cache_table(result: dict) -> str:
             lines.append(
                 f"all resident {block['all_resident_normalized_latency']:.4g} s/token, "
                 f"{block['all_resident_makespan_s']:.3g} s in all; perfect: loads hidden behind compute, "
-                "max(all resident, on-demand - all resident); share: of the gain perfect overlap allows, "
-                "what prefetching reached, on normalized latency and on the run's whole time (on time "
-                "perfect is a true bound)"
+                "max(all resident, load), load = on-demand - all resident on normalized latency, the "
+                "on-demand run's stall on the run's whole time (there a true bound); share: of the gain "
+                "perfect overlap allows, what prefetching reached"
             )
         header = "k   on-demand    prefetch     change   stall off/on (s)"
         if key == "measured":
