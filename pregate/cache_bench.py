@@ -256,6 +256,7 @@ def _measure_once(model, model_dir, reqs, steps, scfg, cfg, k: int, prefetch: bo
         "bytes_loaded": st.bytes_loaded,
         "hit_ratio": st.hit_ratio,
         "load_s": st.load_s,
+        "copy_s": st.copy_s,
         "tokens_identical": got["tokens"] == base["tokens"],
         "steps": got["steps"],
     }
@@ -473,12 +474,13 @@ def format_cache_table(result: dict) -> str:
                 f"{block['all_resident_makespan_s']:.3g} s in all; perfect: loads hidden behind compute, "
                 "max(all resident, load), load = on-demand - all resident on normalized latency, the "
                 "on-demand run's stall on the run's whole time (there a true bound); share: of the gain "
-                "perfect overlap allows, what prefetching reached"
+                "perfect overlap allows, what prefetching reached; copy: a load's own time per slice, "
+                "the link's cap left out (on 2 cores what a prefetched load takes from the compute)"
             )
         header = "k   on-demand    prefetch     change   stall off/on (s)"
         if key == "measured":
             header += (
-                "   perfect   share   time off/on/perfect (s)  share   sim error off/on   "
+                "   perfect   share   time off/on/perfect (s)  share   copy off/on (ms)   sim error off/on   "
                 "on-demand range   prefetch range    change range"
             )
         lines.append(header)
@@ -499,6 +501,13 @@ def format_cache_table(result: dict) -> str:
                 times = (off["makespan_s"], on["makespan_s"], on["perfect_makespan_s"])
                 line += "   " + " / ".join(f"{v:6.1f}" for v in times) + "  "
                 line += f"{100 * time_share:4.0f} %" if time_share is not None else "    -"
+                copies = [
+                    r["copy_s"] / r["bytes_loaded"] * result["slice_bytes"] * 1e3
+                    if r["bytes_loaded"]
+                    else 0.0
+                    for r in (off, on)
+                ]
+                line += "   " + " / ".join(f"{v:.2f}" for v in copies) + "       "
                 line += f"   {100 * off['sim_error']:+.1f}% / {100 * on['sim_error']:+.1f}%"
                 if "change" in on:
                     line += (

@@ -140,12 +140,15 @@ class StoreConfig:
 @dataclass
 class StoreStats(ResidencyStats):
     """Counters of a store's life: the residency's (hits, misses, hit ratio...) plus its transfers.
-    stall_s: time `fetch` spent waiting for or doing loads; load_s: time the link spent on them."""
+    stall_s: time `fetch` spent waiting for or doing loads; load_s: time the link spent on them; copy_s:
+    the part of load_s the loads themselves took, the emulated link's cap (its sleep) left out: on the CPU
+    tier the cores' time that a load takes from the compute."""
 
     slice_loads: int = 0
     bytes_loaded: int = 0
     stall_s: float = 0.0
     load_s: float = 0.0
+    copy_s: float = 0.0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hit_ratio": self.hit_ratio}
@@ -240,7 +243,7 @@ class ExpertStore:
         self._error: BaseException | None = None
         self._stop = False
         self._loads = self._bytes = 0
-        self._stall = self._load_s = 0.0
+        self._stall = self._load_s = self._copy_s = 0.0
         self._host: list[tuple[torch.Tensor, ...]] | None = None
         self._thread: threading.Thread | None = None
         if self.device.type == "cuda":
@@ -340,6 +343,7 @@ class ExpertStore:
                 dst[0][:w].copy_(gate[:w])
                 dst[0][w : 2 * w].copy_(up[:w])
                 dst[1].copy_(down.T)
+            self._copy_s += time.perf_counter() - t0
             if self.config.bandwidth and self._host is None:
                 time.sleep(max(0.0, self.slice_bytes / self.config.bandwidth - (time.perf_counter() - t0)))
             self._load_s += time.perf_counter() - t0
@@ -441,6 +445,7 @@ class ExpertStore:
             bytes_loaded=self._bytes,
             stall_s=self._stall,
             load_s=self._load_s,
+            copy_s=self._copy_s,
         )
 
     def close(self) -> None:

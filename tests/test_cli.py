@@ -321,6 +321,7 @@ def test_bench_cache_then_trace_export(tiny_checkpoint, tmp_path, capsys, monkey
                 assert on[share] == pytest.approx((v - on[metric]) / room)
             else:  # nothing to hide: no share to report
                 assert on[share] is None
+        assert 0 < on["copy_s"] <= on["load_s"]  # the loads' own time, within the link's
     assert "share" in capsys.readouterr().out
     assert main(["bench", "cache", str(moe), "--repeats", "2", *small]) == 2
     assert "must be an odd integer" in capsys.readouterr().err
