@@ -283,8 +283,8 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
     noise spread over all of them); a setting reports the run with its median latency, the min and max,
     and the runs more than FLAG from the median; `change` is the median over repeats of prefetch / on
     demand - 1 within a repeat. Calibration: the first on-demand run (compute terms by least squares on
-    its steps with their stall removed; link speed = bytes / transfer time); every other run is a
-    prediction."""
+    its steps with their stall removed; link speed = bytes / transfer time; a load's cost to the
+    compute = its own copy time, the link's cap left out); every other run is a prediction."""
     E = model.num_experts
     base = replay_teacher_forced(model, reqs, scfg)
     settings = [(k, prefetch) for k in cfg.capacities for prefetch in (False, True)]
@@ -297,8 +297,13 @@ def _measure(model, model_dir, reqs, traces, steps, scfg, cfg, slice_bytes) -> d
             )
     first = got[settings[0]][0]
     link = first["bytes_loaded"] / first["load_s"] if first["load_s"] > 0 else None
+    copy = first["copy_s"] / first["bytes_loaded"] * slice_bytes if first["bytes_loaded"] else 0.0
     cost = sim.calibrate(
-        first["steps"] if link else base["steps"], model.config.num_layers, slice_bytes, link or cfg.bandwidth
+        first["steps"] if link else base["steps"],
+        model.config.num_layers,
+        slice_bytes,
+        link or cfg.bandwidth,
+        copy,
     )
     resident = sim.simulate(traces, cost, sim.SimConfig(capacity=E, scheduler=scfg))
     resident_nl = base["summary"]["normalized_latency"]["mean"]

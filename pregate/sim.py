@@ -49,7 +49,9 @@ class CostModel:
     expert_layer_s: per distinct expert per layer (reading its weights once, kernel launches);
     row_s: per output row of the LM head (an item that produces a token); step_s: per step (scheduling,
     embedding, norms, Python);
-    bandwidth: bytes/s from the slow tier; slice_bytes: bytes of one (layer, expert) slice.
+    bandwidth: bytes/s from the slow tier; slice_bytes: bytes of one (layer, expert) slice;
+    copy_s: the compute's time one prefetched load takes (0 for a DMA engine such as a GPU's copy
+    stream; on the CPU tier the loader thread's copy shares the cores: `bench cache` measures it).
     """
 
     num_layers: int
@@ -59,6 +61,7 @@ class CostModel:
     expert_layer_s: float
     row_s: float = 0.0
     step_s: float = 0.0
+    copy_s: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -68,7 +71,7 @@ class CostModel:
         bw = self.bandwidth
         if not (isinstance(bw, (int, float)) and bw > 0 and math.isfinite(bw)):
             raise SimError(f"CostModel.bandwidth={bw!r} must be a finite number of bytes/s > 0")
-        for name in ("token_layer_s", "expert_layer_s", "row_s", "step_s"):
+        for name in ("token_layer_s", "expert_layer_s", "row_s", "step_s", "copy_s"):
             if not getattr(self, name) >= 0:
                 raise SimError(f"CostModel.{name}={getattr(self, name)!r} must be >= 0 seconds")
 
@@ -109,7 +112,9 @@ def llama2_7b_a100(num_experts: int = 7) -> CostModel:
 PRESETS = {"llama2-7b-a100": llama2_7b_a100}
 
 
-def calibrate(records: Sequence[dict], num_layers: int, slice_bytes: int, bandwidth: float) -> CostModel:
+def calibrate(
+    records: Sequence[dict], num_layers: int, slice_bytes: int, bandwidth: float, copy_s: float = 0.0
+) -> CostModel:
     """Least-squares fit of the compute terms to measured steps without loads.
 
     records: dicts with `duration` (s), `tokens`, `experts` (distinct), `rows` (LM-head rows) and
@@ -135,6 +140,7 @@ def calibrate(records: Sequence[dict], num_layers: int, slice_bytes: int, bandwi
         float(coef[1]),
         float(coef[2]),
         float(coef[3]),
+        copy_s,
         source=f"non-negative least squares on {len(records)} measured steps",
     )
 
@@ -219,6 +225,7 @@ class SimResult:
     step_times: list[float]
     stall_s: float
     loads: int  # slices moved into the fast tier (bypass included)
+    prefetched: int = 0  # of those, the ones the link loaded ahead (each charged cost.copy_s of compute)
 
     def to_dict(self) -> dict:
         return {
@@ -226,6 +233,7 @@ class SimResult:
             "cache": {**asdict(self.cache), "hit_ratio": self.cache.hit_ratio},
             "stall_s": self.stall_s,
             "slice_loads": self.loads,
+            "prefetched_loads": self.prefetched,
             "num_steps": len(self.steps),
         }
 
@@ -274,6 +282,7 @@ class _VirtualTime:
     link: float = 0.0  # when the link is free again
     stall: float = 0.0  # compute time spent waiting for expert slices
     loads: int = 0
+    prefetched: int = 0
     ready: dict[int, float] = field(default_factory=dict)  # slot -> time its load completes
 
     def load(self, slot: int | None = None) -> float:
@@ -292,7 +301,7 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
     expert's work after its slice is ready. Loads use one link at `cost.bandwidth`: without
     prefetching a slice loads when its layer asks for it; with prefetching the link works ahead in
     need order as far as the Residency's horizon allows (the store's loader thread does the same), the
-    slices of streamed experts included.
+    slices of streamed experts included, and each such load costs the compute `cost.copy_s`.
     """
     reqs = _requests(trace)
     by_id = {r.request_id: r for r in reqs}
@@ -328,6 +337,8 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
                     res.start_load(job[0], job[1], job[2])
                     t.load(job[0])
                     res.finish_load(job[0])
+                    t.prefetched += 1
+                    t.now += cost.copy_s  # the loader's copy takes the cores from the compute
             t.now += cost.token_layer_s * out.num_tokens
             for e in experts:
                 p = plan[e]
@@ -359,7 +370,7 @@ def simulate(trace: Sequence[WorkloadRequest], cost: CostModel, config: SimConfi
                 rec.on_token(it.request_id, at=t.now)
         for r in finished:
             rec.on_finish(r.request_id, at=t.now)
-    return SimResult(rec.summary(), res.stats, steps, times, t.stall, t.loads)
+    return SimResult(rec.summary(), res.stats, steps, times, t.stall, t.loads, t.prefetched)
 
 
 def compare_policies(

@@ -100,6 +100,21 @@ def test_prefetch_streams_what_the_cache_cannot_hold():
     assert on.stall_s < 0.1 * off.stall_s
 
 
+def test_a_prefetched_load_costs_the_compute_its_copy_time():
+    """copy_s: each slice the link loads ahead takes that long from the compute (the CPU tier's loader
+    shares the cores); a load on demand, which the compute waits for anyway, costs nothing more."""
+    trace = routed_trace()
+    for prefetch in (False, True):
+        cfg = SimConfig(capacity=2, prefetch=prefetch, depth=2, scheduler=SCHED)
+        free, paid = simulate(trace, cost(), cfg), simulate(trace, cost(copy_s=2e-4), cfg)
+        assert paid.steps == free.steps and paid.loads == free.loads
+        assert paid.prefetched == (free.prefetched if prefetch else 0)
+        # the extra time is the copies, less the stall they hid (the link ran on meanwhile)
+        extra = sum(paid.step_times) - sum(free.step_times)
+        assert extra == pytest.approx(2e-4 * paid.prefetched - (free.stall_s - paid.stall_s))
+    assert paid.prefetched > 0
+
+
 def test_sim_with_arrivals_runs_online():
     trace = routed_trace(arrivals=True)
     r = simulate(trace, cost(), SimConfig(capacity=2, policy="lru", scheduler=SCHED))
@@ -184,6 +199,7 @@ def test_calibrate_recovers_coefficients():
         (dict(bandwidth=0), "bandwidth"),
         (dict(slice_bytes=0), "slice_bytes"),
         (dict(token_layer_s=-1), "token_layer_s"),
+        (dict(copy_s=-1), "copy_s"),
     ],
 )
 def test_bad_cost_model(kw, match):
